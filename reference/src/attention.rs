@@ -1,0 +1,113 @@
+//! Naive multi-head attention: scores, causal mask, softmax, weighted sum.
+//!
+//! Layout: q, k, v and out are (B, T, NH, HS), contiguous. The score scale is 1/sqrt(HS).
+//! Row (b, h, i) attends to keys j <= i when causal, to all keys otherwise.
+
+/// Softmax of one row in f64: out[j] = exp(x[j] - max) / sum. Entries equal to -inf get
+/// probability 0 (that is how masked scores are passed). Returns ln(sum exp(x)), the
+/// row's log-sum-exp.
+pub fn softmax_row(out: &mut [f64], x: &[f64]) -> f64 {
+    assert_eq!(out.len(), x.len());
+    let max = x.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let mut sum = 0.0;
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = (v - max).exp();
+        sum += *o;
+    }
+    for o in out.iter_mut() {
+        *o /= sum;
+    }
+    max + sum.ln()
+}
+
+/// Attention probabilities: probs[b, h, i, j] = softmax_j(q_i · k_j / sqrt(HS)), with keys after
+/// i masked when `causal`. Also returns each row's log-sum-exp of the scaled scores.
+pub fn attention_probs(
+    probs: &mut [f64], // (B, NH, T, T)
+    lse: &mut [f64],   // (B, NH, T)
+    q: &[f32],         // (B, T, NH, HS)
+    k: &[f32],         // (B, T, NH, HS)
+    b: usize,
+    t: usize,
+    nh: usize,
+    hs: usize,
+    causal: bool,
+) {
+    assert_eq!(q.len(), b * t * nh * hs);
+    assert_eq!(k.len(), b * t * nh * hs);
+    assert_eq!(probs.len(), b * nh * t * t);
+    assert_eq!(lse.len(), b * nh * t);
+    let scale = 1.0 / (hs as f64).sqrt();
+    let at = |bi: usize, ti: usize, h: usize| ((bi * t + ti) * nh + h) * hs;
+    let mut scores = vec![0f64; t];
+    for bi in 0..b {
+        for h in 0..nh {
+            for i in 0..t {
+                // 1. scores against every key; 2. the causal mask.
+                let qi = &q[at(bi, i, h)..][..hs];
+                for j in 0..t {
+                    scores[j] = if causal && j > i {
+                        f64::NEG_INFINITY
+                    } else {
+                        let kj = &k[at(bi, j, h)..][..hs];
+                        qi.iter()
+                            .zip(kj)
+                            .map(|(&a, &c)| a as f64 * c as f64)
+                            .sum::<f64>()
+                            * scale
+                    };
+                }
+                // 3. softmax along the keys.
+                let row = ((bi * nh + h) * t + i) * t;
+                lse[(bi * nh + h) * t + i] = softmax_row(&mut probs[row..row + t], &scores);
+            }
+        }
+    }
+}
+
+/// out[b, i, h, :] = sum_j probs[b, h, i, j] · v[b, j, h, :]; lse[b, h, i] as in
+/// [`attention_probs`].
+pub fn attention(
+    out: &mut [f32], // (B, T, NH, HS)
+    lse: &mut [f32], // (B, NH, T)
+    q: &[f32],       // (B, T, NH, HS)
+    k: &[f32],       // (B, T, NH, HS)
+    v: &[f32],       // (B, T, NH, HS)
+    b: usize,
+    t: usize,
+    nh: usize,
+    hs: usize,
+    causal: bool,
+) {
+    assert_eq!(v.len(), b * t * nh * hs);
+    assert_eq!(out.len(), b * t * nh * hs);
+    assert_eq!(lse.len(), b * nh * t);
+    let mut probs = vec![0f64; b * nh * t * t];
+    let mut lse64 = vec![0f64; b * nh * t];
+    attention_probs(&mut probs, &mut lse64, q, k, b, t, nh, hs, causal);
+    // 4. weighted sum of the values.
+    let mut acc = vec![0f64; hs];
+    for bi in 0..b {
+        for h in 0..nh {
+            for i in 0..t {
+                acc.fill(0.0);
+                let row = ((bi * nh + h) * t + i) * t;
+                for j in 0..t {
+                    let p = probs[row + j];
+                    if p == 0.0 {
+                        continue;
+                    }
+                    let vj = &v[((bi * t + j) * nh + h) * hs..][..hs];
+                    for (a, &x) in acc.iter_mut().zip(vj) {
+                        *a += p * x as f64;
+                    }
+                }
+                let o = &mut out[((bi * t + i) * nh + h) * hs..][..hs];
+                for (o, &a) in o.iter_mut().zip(&acc) {
+                    *o = a as f32;
+                }
+                lse[(bi * nh + h) * t + i] = lse64[(bi * nh + h) * t + i] as f32;
+            }
+        }
+    }
+}

@@ -1,0 +1,47 @@
+//! LayerNorm over the last dimension.
+
+use crate::config::LN_EPS;
+
+/// out[n, :] = (inp[n, :] - mean) · rstd · weight + bias, with the statistics in f64.
+/// Saves mean[n] and rstd[n] = 1 / sqrt(var + eps) (population variance) for the backward pass.
+pub fn layer_norm(
+    out: &mut [f32],  // (N, C)
+    mean: &mut [f32], // (N)
+    rstd: &mut [f32], // (N)
+    inp: &[f32],      // (N, C)
+    weight: &[f32],   // (C)
+    bias: &[f32],     // (C)
+    n: usize,
+    c: usize,
+) {
+    assert_eq!(out.len(), n * c);
+    assert_eq!(inp.len(), n * c);
+    assert_eq!(
+        (weight.len(), bias.len(), mean.len(), rstd.len()),
+        (c, c, n, n)
+    );
+    for row in 0..n {
+        let x = &inp[row * c..(row + 1) * c];
+        let m = x.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
+        let var = x.iter().map(|&v| (v as f64 - m).powi(2)).sum::<f64>() / c as f64;
+        let s = 1.0 / (var + LN_EPS).sqrt();
+        for i in 0..c {
+            out[row * c + i] = ((x[i] as f64 - m) * s * weight[i] as f64 + bias[i] as f64) as f32;
+        }
+        mean[row] = m as f32;
+        rstd[row] = s as f32;
+    }
+}
+
+/// LayerNorm without the saved statistics, for the forward pass.
+pub fn layer_norm_forward(
+    out: &mut [f32],
+    inp: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    n: usize,
+    c: usize,
+) {
+    let (mut mean, mut rstd) = (vec![0.0; n], vec![0.0; n]);
+    layer_norm(out, &mut mean, &mut rstd, inp, weight, bias, n, c);
+}
