@@ -1,1 +1,7 @@
+//! CubeCL kernels for MEGABYTE. Device code only: every kernel here is launched, validated and
+//! tested through its host launcher in `megabyte-ops`, generic over `cubecl::Runtime`.
+//!
+//! One kernel family per file, with the same stem as its launcher in `ops/`, its oracle in
+//! `reference/`, its tests in `tests/` and its bench in `benches/`.
 
+pub mod activation;

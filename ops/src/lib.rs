@@ -1,1 +1,21 @@
+//! Host launchers for the MEGABYTE CubeCL kernels, generic over `R: cubecl::Runtime`.
+//!
+//! Each launcher validates shapes and device features, picks vectorisation and launch geometry
+//! from `client.properties()`, and returns `Result<_, OpError>`; bad input is an error naming
+//! the offending value, never a panic.
+//!
+//! Runtime features: `wgpu` (default; Vulkan, Metal, DX12, and CPU Vulkan drivers such as
+//! lavapipe), `cuda`, `hip` (needs ROCm to link).
 
+pub mod activation;
+pub mod device;
+pub mod element;
+pub mod error;
+pub mod tensor;
+
+pub use cubecl;
+pub use device::{ensure_dtype, try_client};
+pub use element::FloatElement;
+pub use error::OpError;
+pub use megabyte_kernels::activation::ActivationKind;
+pub use tensor::Tensor;

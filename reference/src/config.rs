@@ -226,14 +226,14 @@ impl Config {
                 "must be 256 (bytes) or 257 (bytes and a pad/end id)",
             ));
         }
-        if self.context % self.patch != 0 {
+        if !self.context.is_multiple_of(self.patch) {
             return Err(bad(
                 "context",
                 self.context,
                 format!("must be a multiple of `patch` = {}", self.patch),
             ));
         }
-        if self.global_width() % self.heads_global != 0 {
+        if !self.global_width().is_multiple_of(self.heads_global) {
             return Err(bad(
                 "heads_global",
                 self.heads_global,
@@ -243,7 +243,7 @@ impl Config {
                 ),
             ));
         }
-        if self.d_local % self.heads_local != 0 {
+        if !self.d_local.is_multiple_of(self.heads_local) {
             return Err(bad(
                 "heads_local",
                 self.heads_local,

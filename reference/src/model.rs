@@ -30,7 +30,7 @@ pub fn check_input(cfg: &Config, x: &[u32], b: usize, t: usize) -> Result<(), Er
             seq: t,
         });
     }
-    if t % cfg.patch != 0 {
+    if !t.is_multiple_of(cfg.patch) {
         return Err(Error::SequenceNotPatchMultiple {
             seq: t,
             patch: cfg.patch,

@@ -1,1 +1,150 @@
+//! Shared harness for the kernel tests: device clients, seeded random data, and the one
+//! tolerance rule every kernel test applies.
+//!
+//! Tolerance rule: measured against an f64 reference, a kernel's largest absolute error may be
+//! at most `FACTOR` (2) times the largest error of a naive implementation computing in the
+//! kernel's own precision. The naive error counts as at least one unit of roundoff at the
+//! output's scale (`eps · max|ref|`): on a tensor of a handful of elements the naive code can
+//! round exactly by luck, and no implementation of a composite function is exact. For the same
+//! reason, tests of small tensors measure the naive error on at least [`NAIVE_SAMPLE`] inputs
+//! drawn from the same distribution as the case's (the case's own inputs first). NaN or
+//! infinity where the reference is finite always fails.
 
+use cubecl::prelude::*;
+use megabyte_ops::{try_client, FloatElement};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// The factor of the tolerance rule.
+pub const FACTOR: f64 = 2.0;
+
+/// Fewest inputs on which a naive implementation's error is measured.
+pub const NAIVE_SAMPLE: usize = 4096;
+
+/// Machine epsilon of an element type: the spacing of values just above 1.
+pub fn epsilon<E: FloatElement>() -> f64 {
+    match E::NAME {
+        "f32" => f32::EPSILON as f64,
+        "f16" => half::f16::EPSILON.to_f64(),
+        "bf16" => half::bf16::EPSILON.to_f64(),
+        other => panic!("no epsilon for {other}"),
+    }
+}
+
+/// Rounds an f64 to the element type and back: one roundoff in E's precision.
+pub fn round<E: FloatElement>(v: f64) -> f64 {
+    E::from_f64(v).to_f64()
+}
+
+/// What a comparison measured.
+#[derive(Clone, Debug)]
+pub struct Errors {
+    /// Largest |kernel - reference|.
+    pub kernel: f64,
+    /// Largest |naive - reference|.
+    pub naive: f64,
+    /// The bound the kernel had to meet.
+    pub allowed: f64,
+    /// Index of the kernel's worst element.
+    pub worst: usize,
+}
+
+/// Applies the tolerance rule. `case` is printed with any failure so it can be rerun.
+///
+/// `kernel` covers the first `kernel.len()` entries of `reference`; `naive` and `reference` may
+/// extend further over the naive sample (see [`NAIVE_SAMPLE`]).
+pub fn check<E: FloatElement>(
+    case: &str,
+    what: &str,
+    kernel: &[f64],
+    naive: &[f64],
+    reference: &[f64],
+) -> Result<Errors, String> {
+    assert!(
+        kernel.len() <= reference.len(),
+        "{case}: {what}: kernel output longer than the reference"
+    );
+    assert_eq!(
+        naive.len(),
+        reference.len(),
+        "{case}: {what}: naive and reference lengths differ"
+    );
+    let scale = reference[..kernel.len()]
+        .iter()
+        .fold(0f64, |m, v| m.max(v.abs()));
+    let mut errs = Errors {
+        kernel: 0.0,
+        naive: 0.0,
+        allowed: 0.0,
+        worst: 0,
+    };
+    for (i, (&k, &r)) in kernel.iter().zip(reference).enumerate() {
+        if r.is_finite() && !k.is_finite() {
+            return Err(format!(
+                "{case}: {what}[{i}] = {k} where the reference is {r}"
+            ));
+        }
+        let e = (k - r).abs();
+        if e > errs.kernel {
+            errs.kernel = e;
+            errs.worst = i;
+        }
+    }
+    errs.naive = naive
+        .iter()
+        .zip(reference)
+        .fold(0f64, |m, (&n, &r)| m.max((n - r).abs()));
+    errs.allowed = FACTOR * errs.naive.max(epsilon::<E>() * scale);
+    if errs.kernel > errs.allowed {
+        let i = errs.worst;
+        return Err(format!(
+            "{case}: {what}: max error {:.3e} at [{i}] (kernel {}, reference {}) exceeds {FACTOR} × max(naive {} error {:.3e}, eps·scale {:.3e})",
+            errs.kernel,
+            kernel[i],
+            reference[i],
+            E::NAME,
+            errs.naive,
+            epsilon::<E>() * scale,
+        ));
+    }
+    Ok(errs)
+}
+
+/// Uniform values in [lo, hi) from a seed. The seed is part of every test case's printed id.
+pub fn uniform(seed: u64, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| rng.gen_range(lo..hi)).collect()
+}
+
+/// True when running under CI (`CI=true`), where a missing device must fail, not skip.
+pub fn in_ci() -> bool {
+    std::env::var("CI")
+        .map(|v| v == "true" || v == "1")
+        .unwrap_or(false)
+}
+
+/// The client of runtime R's default device. Without a device: under CI a test failure;
+/// elsewhere `None` and a message on how to get one, so the caller can skip.
+pub fn client<R: Runtime>() -> Option<ComputeClient<R>> {
+    match try_client::<R>(&Default::default()) {
+        Ok(c) => Some(c),
+        Err(e) if in_ci() => panic!("{e}\nCI=true: kernel tests must run; install a Vulkan driver (apt-get install mesa-vulkan-drivers)"),
+        Err(e) => {
+            eprintln!("SKIPPED: {e}. Install a Vulkan driver to run kernel tests without a GPU: apt-get install mesa-vulkan-drivers");
+            None
+        }
+    }
+}
+
+#[cfg(feature = "wgpu")]
+pub type Wgpu = cubecl::wgpu::WgpuRuntime;
+
+/// Runs `$body` with `client` bound to runtime `$R`'s client, or returns early (skip) outside CI.
+#[macro_export]
+macro_rules! with_client {
+    ($R:ty, |$client:ident| $body:expr) => {{
+        if let Some($client) = $crate::client::<$R>() {
+            $body
+        }
+    }};
+}

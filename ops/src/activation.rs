@@ -1,0 +1,108 @@
+//! Launcher for the elementwise GELU / ReLU kernel.
+
+use cubecl::prelude::*;
+use cubecl::server::CubeCountSelection;
+use megabyte_kernels::activation::{activation as activation_kernel, ActivationKind};
+
+use crate::device::{ensure_dtype, vector_size_for};
+use crate::element::FloatElement;
+use crate::error::OpError;
+use crate::tensor::Tensor;
+
+const OP: &str = "activation";
+
+/// output = act(input), elementwise. Shapes must be equal; any rank, any length >= 1.
+pub fn activation_into<R: Runtime, E: FloatElement>(
+    input: &Tensor<R, E>,
+    output: &Tensor<R, E>,
+    act: ActivationKind,
+) -> Result<(), OpError> {
+    let client = input.client();
+    ensure_dtype::<R, E>(client, OP)?;
+    if input.is_empty() {
+        return Err(OpError::Empty {
+            op: OP,
+            tensor: "input",
+            shape: input.shape().to_vec(),
+        });
+    }
+    if output.shape() != input.shape() {
+        return Err(OpError::Shape {
+            op: OP,
+            tensor: "output",
+            got: output.shape().to_vec(),
+            expected: input.shape().to_vec(),
+        });
+    }
+    let n = input.len();
+    let vector = vector_size_for::<R, E>(client, &[n]);
+    let units = n / vector;
+    let cube_dim = CubeDim::new(client, units);
+    let cubes = units.div_ceil(cube_dim.num_elems() as usize) as u32;
+    let cube_count = CubeCountSelection::new(client, cubes).cube_count();
+    // SAFETY: both arrays hold exactly `n` elements of E (checked above), the kernel guards
+    // every access with `ABSOLUTE_POS < input.len()`, and `vector` divides `n`.
+    unsafe {
+        activation_kernel::launch_unchecked::<E, R>(
+            client,
+            cube_count,
+            cube_dim,
+            vector,
+            ArrayArg::from_raw_parts(input.handle().clone(), n),
+            ArrayArg::from_raw_parts(output.handle().clone(), n),
+            act.id(),
+        );
+    }
+    Ok(())
+}
+
+/// act(input) in a new tensor.
+pub fn activation<R: Runtime, E: FloatElement>(
+    input: &Tensor<R, E>,
+    act: ActivationKind,
+) -> Result<Tensor<R, E>, OpError> {
+    let output = Tensor::empty(input.client(), input.shape());
+    activation_into(input, &output, act)?;
+    Ok(output)
+}
+
+/// Exact GELU of `input` in a new tensor.
+pub fn gelu<R: Runtime, E: FloatElement>(input: &Tensor<R, E>) -> Result<Tensor<R, E>, OpError> {
+    activation(input, ActivationKind::Gelu)
+}
+
+/// ReLU of `input` in a new tensor.
+pub fn relu<R: Runtime, E: FloatElement>(input: &Tensor<R, E>) -> Result<Tensor<R, E>, OpError> {
+    activation(input, ActivationKind::Relu)
+}
+
+/// Launches the naive GELU kernel (scalar, the backend's `erf`, no care for accuracy): the
+/// baseline of the accuracy tests and benches, not for model use.
+pub fn gelu_naive<R: Runtime, E: FloatElement>(
+    input: &Tensor<R, E>,
+) -> Result<Tensor<R, E>, OpError> {
+    let client = input.client();
+    ensure_dtype::<R, E>(client, "gelu_naive")?;
+    if input.is_empty() {
+        return Err(OpError::Empty {
+            op: "gelu_naive",
+            tensor: "input",
+            shape: input.shape().to_vec(),
+        });
+    }
+    let n = input.len();
+    let output = Tensor::empty(client, input.shape());
+    let cube_dim = CubeDim::new(client, n);
+    let cubes = n.div_ceil(cube_dim.num_elems() as usize) as u32;
+    // SAFETY: both arrays hold `n` elements and the kernel bounds-checks every access.
+    unsafe {
+        megabyte_kernels::activation::gelu_naive::launch_unchecked::<E, R>(
+            client,
+            CubeCountSelection::new(client, cubes).cube_count(),
+            cube_dim,
+            ArrayArg::from_raw_parts(input.handle().clone(), n),
+            ArrayArg::from_raw_parts(output.handle().clone(), n),
+        );
+    }
+    Ok(output)
+}

@@ -1,0 +1,52 @@
+//! Compute clients and device capability checks.
+
+use cubecl::prelude::*;
+
+use crate::element::FloatElement;
+use crate::error::OpError;
+
+/// Creates the runtime's client for `device`, turning a missing adapter or driver (which the
+/// runtimes report by panicking) into an error. The runtime's panic message is still printed
+/// by the panic hook; the hook is process-global, and swapping it here would race with other
+/// threads.
+pub fn try_client<R: Runtime>(device: &R::Device) -> Result<ComputeClient<R>, OpError> {
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| R::client(device)));
+    result.map_err(|payload| {
+        let reason = payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "the runtime panicked while opening the device".to_string());
+        OpError::NoDevice {
+            runtime: std::any::type_name::<R>(),
+            reason,
+        }
+    })
+}
+
+/// Checks that the device stores and computes with `E`.
+pub fn ensure_dtype<R: Runtime, E: FloatElement>(
+    client: &ComputeClient<R>,
+    op: &'static str,
+) -> Result<(), OpError> {
+    if client.properties().supports_type(E::cube_type()) {
+        Ok(())
+    } else {
+        Err(OpError::UnsupportedDtype {
+            op,
+            dtype: E::NAME,
+            device: std::any::type_name::<R>().to_string(),
+        })
+    }
+}
+
+/// The widest vector the device loads efficiently for `E` that divides every length given.
+pub fn vector_size_for<R: Runtime, E: FloatElement>(
+    client: &ComputeClient<R>,
+    lengths: &[usize],
+) -> usize {
+    client
+        .io_optimized_vector_sizes(std::mem::size_of::<E>())
+        .find(|&v| lengths.iter().all(|&n| n % v == 0))
+        .unwrap_or(1)
+}

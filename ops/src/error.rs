@@ -1,0 +1,45 @@
+//! The error every launcher returns instead of panicking on bad input.
+
+/// Why an op refused to run. Messages name the offending values.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpError {
+    #[error("{op}: `{tensor}` has shape {got:?}, expected {expected:?}")]
+    Shape {
+        op: &'static str,
+        tensor: &'static str,
+        got: Vec<usize>,
+        expected: Vec<usize>,
+    },
+    #[error("tensor of shape {shape:?} needs {expected} elements, got {got}")]
+    DataLength {
+        shape: Vec<usize>,
+        expected: usize,
+        got: usize,
+    },
+    #[error("{op}: `{tensor}` is empty (shape {shape:?})")]
+    Empty {
+        op: &'static str,
+        tensor: &'static str,
+        shape: Vec<usize>,
+    },
+    #[error("{op}: element type {dtype} is not supported by this device ({device})")]
+    UnsupportedDtype {
+        op: &'static str,
+        dtype: &'static str,
+        device: String,
+    },
+    #[error("{op}: {what} = {value} is not supported: {reason}")]
+    Unsupported {
+        op: &'static str,
+        what: &'static str,
+        value: usize,
+        reason: String,
+    },
+    #[error("no compute device for runtime {runtime}: {reason}")]
+    NoDevice {
+        runtime: &'static str,
+        reason: String,
+    },
+    #[error("device error: {0}")]
+    Device(String),
+}

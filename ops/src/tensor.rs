@@ -1,0 +1,156 @@
+//! A typed, contiguous, row-major tensor in device memory.
+
+use std::marker::PhantomData;
+
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+
+use crate::element::FloatElement;
+use crate::error::OpError;
+
+/// A device buffer with a shape and an element type. Contiguous and row-major.
+pub struct Tensor<R: Runtime, E> {
+    client: ComputeClient<R>,
+    handle: Handle,
+    shape: Vec<usize>,
+    _elem: PhantomData<E>,
+}
+
+impl<R: Runtime, E> Clone for Tensor<R, E> {
+    /// A second reference to the same device buffer (no copy).
+    fn clone(&self) -> Self {
+        Tensor {
+            client: self.client.clone(),
+            handle: self.handle.clone(),
+            shape: self.shape.clone(),
+            _elem: PhantomData,
+        }
+    }
+}
+
+impl<R: Runtime, E> std::fmt::Debug for Tensor<R, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tensor<{}>{:?}", std::any::type_name::<E>(), self.shape)
+    }
+}
+
+impl<R: Runtime, E: FloatElement> Tensor<R, E> {
+    /// Uploads `data` (row-major) as a tensor of `shape`.
+    pub fn from_slice(
+        client: &ComputeClient<R>,
+        data: &[E],
+        shape: &[usize],
+    ) -> Result<Self, OpError> {
+        let expected: usize = shape.iter().product();
+        if data.len() != expected {
+            return Err(OpError::DataLength {
+                shape: shape.to_vec(),
+                expected,
+                got: data.len(),
+            });
+        }
+        let handle = client.create_from_slice(E::as_bytes(data));
+        Ok(Tensor {
+            client: client.clone(),
+            handle,
+            shape: shape.to_vec(),
+            _elem: PhantomData,
+        })
+    }
+
+    /// Uploads f32 data converted to `E`.
+    pub fn from_f32(
+        client: &ComputeClient<R>,
+        data: &[f32],
+        shape: &[usize],
+    ) -> Result<Self, OpError> {
+        let converted: Vec<E> = data.iter().map(|&v| E::from_f64(v as f64)).collect();
+        Self::from_slice(client, &converted, shape)
+    }
+
+    /// A tensor with every element set to `value`; tests fill outputs with NaN before a launch
+    /// so that an element a kernel forgets to write cannot pass.
+    pub fn full(client: &ComputeClient<R>, shape: &[usize], value: f64) -> Self {
+        let n: usize = shape.iter().product();
+        let data = vec![E::from_f64(value); n];
+        Self::from_slice(client, &data, shape).expect("length matches shape by construction")
+    }
+
+    /// A tensor of `shape` whose contents are unspecified until a kernel writes them.
+    pub fn empty(client: &ComputeClient<R>, shape: &[usize]) -> Self {
+        let n: usize = shape.iter().product();
+        let handle = client.empty(n.max(1) * std::mem::size_of::<E>());
+        Tensor {
+            client: client.clone(),
+            handle,
+            shape: shape.to_vec(),
+            _elem: PhantomData,
+        }
+    }
+
+    /// Reads the tensor back to the host (waits for pending work).
+    pub fn to_vec(&self) -> Result<Vec<E>, OpError> {
+        let bytes = self
+            .client
+            .read_one(self.handle.clone())
+            .map_err(|e| OpError::Device(format!("{e:?}")))?;
+        Ok(E::from_bytes(&bytes)[..self.len()].to_vec())
+    }
+
+    /// Reads the tensor back converted to f32.
+    pub fn to_f32_vec(&self) -> Result<Vec<f32>, OpError> {
+        Ok(self
+            .to_vec()?
+            .into_iter()
+            .map(|v| v.to_f64() as f32)
+            .collect())
+    }
+}
+
+impl<R: Runtime, E> Tensor<R, E> {
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn client(&self) -> &ComputeClient<R> {
+        &self.client
+    }
+
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
+    /// The same buffer seen with another shape of the same element count.
+    pub fn reshape(self, shape: &[usize]) -> Result<Self, OpError> {
+        let n: usize = shape.iter().product();
+        if n != self.len() {
+            return Err(OpError::DataLength {
+                shape: shape.to_vec(),
+                expected: n,
+                got: self.len(),
+            });
+        }
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            ..self
+        })
+    }
+
+    /// Row-major strides of the shape, in elements.
+    pub fn strides(&self) -> Vec<usize> {
+        let mut strides = vec![1; self.shape.len()];
+        for i in (0..self.shape.len().saturating_sub(1)).rev() {
+            strides[i] = strides[i + 1] * self.shape[i + 1];
+        }
+        strides
+    }
+}
