@@ -5,3 +5,4 @@
 //! `reference/`, its tests in `tests/` and its bench in `benches/`.
 
 pub mod activation;
+pub mod attention;

@@ -35,6 +35,13 @@ pub enum OpError {
         value: usize,
         reason: String,
     },
+    #[error("view at offset {offset} with shape {shape:?} and strides {strides:?} reaches past the {len} elements of its buffer")]
+    ViewOutOfBounds {
+        offset: usize,
+        shape: Vec<usize>,
+        strides: Vec<usize>,
+        len: usize,
+    },
     #[error("no compute device for runtime {runtime}: {reason}")]
     NoDevice {
         runtime: &'static str,

@@ -8,6 +8,7 @@
 //! lavapipe), `cuda`, `hip` (needs ROCm to link).
 
 pub mod activation;
+pub mod attention;
 pub mod device;
 pub mod element;
 pub mod error;
@@ -18,4 +19,4 @@ pub use device::{ensure_dtype, try_client};
 pub use element::FloatElement;
 pub use error::OpError;
 pub use megabyte_kernels::activation::ActivationKind;
-pub use tensor::Tensor;
+pub use tensor::{Tensor, TensorView};

@@ -154,3 +154,73 @@ impl<R: Runtime, E> Tensor<R, E> {
         strides
     }
 }
+
+/// A strided window onto a tensor's buffer: an element offset, a shape and element strides.
+/// Lets an op read q, k and v straight out of one fused projection without copies.
+#[derive(Debug)]
+pub struct TensorView<'a, R: Runtime, E> {
+    pub tensor: &'a Tensor<R, E>,
+    pub offset: usize,
+    pub shape: Vec<usize>,
+    pub strides: Vec<usize>,
+}
+
+impl<'a, R: Runtime, E> Clone for TensorView<'a, R, E> {
+    fn clone(&self) -> Self {
+        TensorView {
+            tensor: self.tensor,
+            offset: self.offset,
+            shape: self.shape.clone(),
+            strides: self.strides.clone(),
+        }
+    }
+}
+
+impl<R: Runtime, E> Tensor<R, E> {
+    /// The whole tensor as a contiguous view.
+    pub fn view(&self) -> TensorView<'_, R, E> {
+        TensorView {
+            tensor: self,
+            offset: 0,
+            shape: self.shape.clone(),
+            strides: self.strides(),
+        }
+    }
+
+    /// A strided view; every element it can address must lie inside the buffer.
+    pub fn strided(
+        &self,
+        offset: usize,
+        shape: &[usize],
+        strides: &[usize],
+    ) -> Result<TensorView<'_, R, E>, OpError> {
+        if shape.len() != strides.len() {
+            return Err(OpError::Shape {
+                op: "strided view",
+                tensor: "strides",
+                got: strides.to_vec(),
+                expected: vec![0; shape.len()],
+            });
+        }
+        let last = shape
+            .iter()
+            .zip(strides)
+            .map(|(&n, &s)| n.saturating_sub(1) * s)
+            .sum::<usize>()
+            + offset;
+        if shape.iter().all(|&n| n > 0) && last >= self.len() {
+            return Err(OpError::ViewOutOfBounds {
+                offset,
+                shape: shape.to_vec(),
+                strides: strides.to_vec(),
+                len: self.len(),
+            });
+        }
+        Ok(TensorView {
+            tensor: self,
+            offset,
+            shape: shape.to_vec(),
+            strides: strides.to_vec(),
+        })
+    }
+}

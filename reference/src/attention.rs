@@ -65,6 +65,45 @@ pub fn attention_probs(
     }
 }
 
+/// [`attention`] with f64 outputs, for tests that measure f32 kernels against it:
+/// returns out (B, T, NH, HS) and lse (B, NH, T).
+pub fn attention_f64(
+    q: &[f32], // (B, T, NH, HS)
+    k: &[f32], // (B, T, NH, HS)
+    v: &[f32], // (B, T, NH, HS)
+    b: usize,
+    t: usize,
+    nh: usize,
+    hs: usize,
+    causal: bool,
+) -> (Vec<f64>, Vec<f64>) {
+    assert_eq!(v.len(), b * t * nh * hs);
+    let mut probs = vec![0f64; b * nh * t * t];
+    let mut lse = vec![0f64; b * nh * t];
+    attention_probs(&mut probs, &mut lse, q, k, b, t, nh, hs, causal);
+    // 4. weighted sum of the values.
+    let mut out = vec![0f64; b * t * nh * hs];
+    for bi in 0..b {
+        for h in 0..nh {
+            for i in 0..t {
+                let row = ((bi * nh + h) * t + i) * t;
+                let o = &mut out[((bi * t + i) * nh + h) * hs..][..hs];
+                for j in 0..t {
+                    let p = probs[row + j];
+                    if p == 0.0 {
+                        continue;
+                    }
+                    let vj = &v[((bi * t + j) * nh + h) * hs..][..hs];
+                    for (a, &x) in o.iter_mut().zip(vj) {
+                        *a += p * x as f64;
+                    }
+                }
+            }
+        }
+    }
+    (out, lse)
+}
+
 /// out[b, i, h, :] = sum_j probs[b, h, i, j] · v[b, j, h, :]; lse[b, h, i] as in
 /// [`attention_probs`].
 pub fn attention(
@@ -79,35 +118,13 @@ pub fn attention(
     hs: usize,
     causal: bool,
 ) {
-    assert_eq!(v.len(), b * t * nh * hs);
     assert_eq!(out.len(), b * t * nh * hs);
     assert_eq!(lse.len(), b * nh * t);
-    let mut probs = vec![0f64; b * nh * t * t];
-    let mut lse64 = vec![0f64; b * nh * t];
-    attention_probs(&mut probs, &mut lse64, q, k, b, t, nh, hs, causal);
-    // 4. weighted sum of the values.
-    let mut acc = vec![0f64; hs];
-    for bi in 0..b {
-        for h in 0..nh {
-            for i in 0..t {
-                acc.fill(0.0);
-                let row = ((bi * nh + h) * t + i) * t;
-                for j in 0..t {
-                    let p = probs[row + j];
-                    if p == 0.0 {
-                        continue;
-                    }
-                    let vj = &v[((bi * t + j) * nh + h) * hs..][..hs];
-                    for (a, &x) in acc.iter_mut().zip(vj) {
-                        *a += p * x as f64;
-                    }
-                }
-                let o = &mut out[((bi * t + i) * nh + h) * hs..][..hs];
-                for (o, &a) in o.iter_mut().zip(&acc) {
-                    *o = a as f32;
-                }
-                lse[(bi * nh + h) * t + i] = lse64[(bi * nh + h) * t + i] as f32;
-            }
-        }
+    let (o64, l64) = attention_f64(q, k, v, b, t, nh, hs, causal);
+    for (o, x) in out.iter_mut().zip(o64) {
+        *o = x as f32;
+    }
+    for (o, x) in lse.iter_mut().zip(l64) {
+        *o = x as f32;
     }
 }

@@ -1,0 +1,337 @@
+//! Flash-style multi-head attention forward, and the naive score-materialising kernels it is
+//! measured against.
+//!
+//! Layout: q, k, v and out are (B, S, H, D) with arbitrary strides over B, S and H and a unit
+//! stride over D, so q, k and v can be views into one fused (B, S, 3, H, D) projection. Each of
+//! q, k, v also takes an element offset into its buffer for that purpose. lse is (B, H, S), f32:
+//! the natural log-sum-exp of each row's scaled scores, saved for the backward pass.
+//!
+//! One *group* of `block_q × block_k` units computes a block of `block_q` query rows of one
+//! (batch, head) pair, streaming K/V tiles of `block_k` keys through shared memory with an
+//! online softmax: running row max `m` and sum `l`, the accumulator rescaled by `exp(m_old -
+//! m_new)` each tile. The S × S score matrix is never formed; per group only a
+//! `block_q × block_k` tile of it lives in shared memory. A cube holds `groups` groups side by
+//! side (`UNIT_POS_Z`): for the local regime (a huge batch of sequences of P = 4..32 bytes) one
+//! cube processes several whole sequences at once instead of padding each to a large tile.
+//!
+//! Unit (i, j) of a group computes score (i, j) of each tile, and owns output dims
+//! j, j + block_k, j + 2·block_k, ... of row i. Everything after the loads runs in f32.
+
+use cubecl::prelude::*;
+
+/// Comptime shape of the flash kernel. The launcher picks it from the device's shared memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlashConfig {
+    /// Query rows per group.
+    pub block_q: usize,
+    /// Keys per K/V tile.
+    pub block_k: usize,
+    /// D, the head dim.
+    pub head_dim: usize,
+    /// Groups per cube.
+    pub groups: usize,
+    /// Mask keys after the query (key j visible to query i iff j <= i).
+    pub causal: bool,
+}
+
+impl FlashConfig {
+    /// f32 words of shared memory the kernel allocates.
+    pub fn shared_words(&self) -> usize {
+        self.groups
+            * (self.block_q * self.head_dim
+                + 2 * self.block_k * self.head_dim
+                + 2 * self.block_q * self.block_k)
+    }
+
+    /// Output dims each unit owns: ceil(D / block_k).
+    pub fn dims_per_unit(&self) -> usize {
+        self.head_dim.div_ceil(self.block_k)
+    }
+}
+
+/// Large negative stand-in for -inf: `exp(NEG - NEG)` stays finite where -inf would give NaN.
+const NEG: f32 = -1.0e30;
+
+#[cube(launch_unchecked)]
+pub fn flash_attention<F: Float, N: Size>(
+    q: &Tensor<Vector<F, N>>,
+    k: &Tensor<Vector<F, N>>,
+    v: &Tensor<Vector<F, N>>,
+    out: &mut Tensor<Vector<F, N>>,
+    lse: &mut Tensor<f32>,
+    q_offset: u32,
+    k_offset: u32,
+    v_offset: u32,
+    scale: f32,
+    #[comptime] cfg: FlashConfig,
+) {
+    let bq = cfg.block_q;
+    let bk = cfg.block_k;
+    let d = cfg.head_dim;
+    let nv = N::value();
+    let dv = d / nv;
+    let dpu = comptime!(cfg.dims_per_unit());
+    let group_units = bq * bk;
+
+    let batch = q.shape(0);
+    let seq = q.shape(1);
+    let heads = q.shape(2);
+    let n_qb = seq.div_ceil(bq);
+    let total = batch * heads * n_qb;
+
+    let g = UNIT_POS_Z as usize;
+    let i = UNIT_POS_Y as usize;
+    let j = UNIT_POS_X as usize;
+    let t = i * bk + j;
+
+    // This group's work item: a block of query rows of one (batch, head). Groups past the end
+    // still take part in every barrier; they just write nothing.
+    let item = CUBE_POS * cfg.groups + g;
+    let active = item < total;
+    let item_c = select(active, item, 0);
+    let qb = item_c % n_qb;
+    let bh = item_c / n_qb;
+    let h = bh % heads;
+    let b = bh / heads;
+    let q0 = qb * bq;
+    let qpos = q0 + i;
+    let row_valid = active && qpos < seq;
+
+    // Key range: causal blocks stop at their last row; tiles above the diagonal are never
+    // visited. The loop bound must be the same for the whole cube (it contains barriers), so
+    // take the furthest of the cube's groups.
+    let mut kv_len = seq;
+    if comptime!(cfg.causal) {
+        kv_len = 0;
+        #[unroll]
+        for gg in 0..cfg.groups {
+            let it = CUBE_POS * cfg.groups + gg;
+            if it < total {
+                kv_len = max(kv_len, min((it % n_qb + 1) * bq, seq));
+            }
+        }
+    }
+    let n_tiles = kv_len.div_ceil(bk);
+
+    let mut q_s = SharedMemory::<f32>::new(cfg.groups * cfg.block_q * cfg.head_dim);
+    let mut k_s = SharedMemory::<f32>::new(cfg.groups * cfg.block_k * cfg.head_dim);
+    let mut v_s = SharedMemory::<f32>::new(cfg.groups * cfg.block_k * cfg.head_dim);
+    let mut s_s = SharedMemory::<f32>::new(cfg.groups * cfg.block_q * cfg.block_k);
+    let mut p_s = SharedMemory::<f32>::new(cfg.groups * cfg.block_q * cfg.block_k);
+    let q_base = g * bq * d;
+    let kv_base = g * bk * d;
+    let s_base = g * bq * bk + i * bk;
+
+    // Q block, pre-multiplied by the score scale. Rows past the sequence are zero.
+    let q_row0 = q_offset as usize + b * q.stride(0) + h * q.stride(2);
+    let mut e = t;
+    while e < bq * dv {
+        let r = e / dv;
+        let c = e % dv;
+        let pos = q0 + r;
+        let mut val = Vector::<f32, N>::new(0.0);
+        if active && pos < seq {
+            val = Vector::<f32, N>::cast_from(q[(q_row0 + pos * q.stride(1)) / nv + c])
+                * Vector::new(scale);
+        }
+        #[unroll]
+        for l in 0..nv {
+            q_s[q_base + r * d + c * nv + l] = val[l];
+        }
+        e += group_units;
+    }
+
+    let mut m = f32::new(NEG);
+    let mut l = f32::new(0.0);
+    let mut acc = Array::<f32>::new(dpu);
+    #[unroll]
+    for c in 0..dpu {
+        acc[c] = 0.0;
+    }
+
+    let k_row0 = k_offset as usize + b * k.stride(0) + h * k.stride(2);
+    let v_row0 = v_offset as usize + b * v.stride(0) + h * v.stride(2);
+    let mut tile = 0;
+    while tile < n_tiles {
+        let k0 = tile * bk;
+        // K and V tiles; keys past the sequence are zero (and masked below).
+        let mut e = t;
+        while e < bk * dv {
+            let r = e / dv;
+            let c = e % dv;
+            let pos = k0 + r;
+            let mut kval = Vector::<f32, N>::new(0.0);
+            let mut vval = Vector::<f32, N>::new(0.0);
+            if active && pos < seq {
+                kval = Vector::<f32, N>::cast_from(k[(k_row0 + pos * k.stride(1)) / nv + c]);
+                vval = Vector::<f32, N>::cast_from(v[(v_row0 + pos * v.stride(1)) / nv + c]);
+            }
+            #[unroll]
+            for l in 0..nv {
+                k_s[kv_base + r * d + c * nv + l] = kval[l];
+                v_s[kv_base + r * d + c * nv + l] = vval[l];
+            }
+            e += group_units;
+        }
+        sync_cube();
+
+        // Score (i, j). Only tiles that cross the diagonal can fail the causal test; checking
+        // it everywhere costs one compare per score.
+        let key = k0 + j;
+        let mut valid = row_valid && key < seq;
+        if comptime!(cfg.causal) {
+            valid = valid && key <= qpos;
+        }
+        let mut s = f32::new(NEG);
+        if valid {
+            let mut dot = f32::new(0.0);
+            for x in 0..d {
+                dot += q_s[q_base + i * d + x] * k_s[kv_base + j * d + x];
+            }
+            s = dot;
+        }
+        s_s[s_base + j] = s;
+        sync_cube();
+
+        // Online softmax: every unit of row i derives the same new max from the shared row.
+        let mut tile_max = f32::new(NEG);
+        for x in 0..bk {
+            tile_max = max(tile_max, s_s[s_base + x]);
+        }
+        let m_new = max(m, tile_max);
+        let alpha = (m - m_new).exp();
+        p_s[s_base + j] = select(valid, (s - m_new).exp(), 0.0);
+        sync_cube();
+
+        let mut row_sum = f32::new(0.0);
+        for x in 0..bk {
+            row_sum += p_s[s_base + x];
+        }
+        l = l * alpha + row_sum;
+        #[unroll]
+        for c in 0..dpu {
+            let dd = j + c * bk;
+            if dd < d {
+                let mut a = acc[c] * alpha;
+                for x in 0..bk {
+                    a += p_s[s_base + x] * v_s[kv_base + x * d + dd];
+                }
+                acc[c] = a;
+            }
+        }
+        m = m_new;
+        // K/V and the score tiles are overwritten next iteration.
+        sync_cube();
+        tile += 1;
+    }
+
+    // Normalise into the Q tile (no longer needed), then store whole vectors cooperatively.
+    let inv_l = 1.0 / l;
+    #[unroll]
+    for c in 0..dpu {
+        let dd = j + c * bk;
+        if dd < d {
+            q_s[q_base + i * d + dd] = acc[c] * inv_l;
+        }
+    }
+    if row_valid && j == 0 {
+        lse[b * lse.stride(0) + h * lse.stride(1) + qpos * lse.stride(2)] = m + l.ln();
+    }
+    sync_cube();
+
+    let o_row0 = b * out.stride(0) + h * out.stride(2);
+    let mut e = t;
+    while e < bq * dv {
+        let r = e / dv;
+        let c = e % dv;
+        let pos = q0 + r;
+        if active && pos < seq {
+            let mut val = Vector::<f32, N>::empty();
+            #[unroll]
+            for l in 0..nv {
+                val[l] = q_s[q_base + r * d + c * nv + l];
+            }
+            out[(o_row0 + pos * out.stride(1)) / nv + c] = Vector::cast_from(val);
+        }
+        e += group_units;
+    }
+}
+
+/// Naive attention, step 1: scores[b, h, i, j] = q_i · k_j · scale in f32, stored in F; one unit
+/// per score. Masked scores are left as computed; [`naive_softmax`] applies the mask.
+#[cube(launch_unchecked)]
+pub fn naive_scores<F: Float>(q: &Tensor<F>, k: &Tensor<F>, scores: &mut Tensor<F>, scale: f32) {
+    let seq = q.shape(1);
+    let heads = q.shape(2);
+    let d = q.shape(3);
+    if ABSOLUTE_POS < scores.len() {
+        let j = ABSOLUTE_POS % seq;
+        let i = (ABSOLUTE_POS / seq) % seq;
+        let h = (ABSOLUTE_POS / (seq * seq)) % heads;
+        let b = ABSOLUTE_POS / (seq * seq * heads);
+        let qi = b * q.stride(0) + i * q.stride(1) + h * q.stride(2);
+        let kj = b * k.stride(0) + j * k.stride(1) + h * k.stride(2);
+        let mut dot = f32::new(0.0);
+        for x in 0..d {
+            dot += f32::cast_from(q[qi + x]) * f32::cast_from(k[kj + x]);
+        }
+        scores[ABSOLUTE_POS] = F::cast_from(dot * scale);
+    }
+}
+
+/// Naive attention, step 2: one unit per row turns scores into probabilities in place (f32
+/// arithmetic, stored in F) and writes the row's log-sum-exp.
+#[cube(launch_unchecked)]
+pub fn naive_softmax<F: Float>(
+    scores: &mut Tensor<F>,
+    lse: &mut Tensor<f32>,
+    #[comptime] causal: bool,
+) {
+    let seq = scores.shape(3);
+    if ABSOLUTE_POS < lse.len() {
+        let i = ABSOLUTE_POS % seq;
+        let row = ABSOLUTE_POS * seq;
+        let mut end = seq;
+        if comptime!(causal) {
+            end = i + 1;
+        }
+        let mut mx = f32::new(NEG);
+        for j in 0..end {
+            mx = max(mx, f32::cast_from(scores[row + j]));
+        }
+        let mut sum = f32::new(0.0);
+        for j in 0..end {
+            sum += (f32::cast_from(scores[row + j]) - mx).exp();
+        }
+        for j in 0..seq {
+            let mut p = f32::new(0.0);
+            if j < end {
+                p = (f32::cast_from(scores[row + j]) - mx).exp() / sum;
+            }
+            scores[row + j] = F::cast_from(p);
+        }
+        lse[ABSOLUTE_POS] = mx + sum.ln();
+    }
+}
+
+/// Naive attention, step 3: out[b, i, h, x] = Σ_j probs[b, h, i, j] · v[b, j, h, x], f32
+/// accumulation; one unit per output element. `out` is contiguous (B, S, H, D).
+#[cube(launch_unchecked)]
+pub fn naive_weighted_sum<F: Float>(probs: &Tensor<F>, v: &Tensor<F>, out: &mut Tensor<F>) {
+    let seq = v.shape(1);
+    let heads = v.shape(2);
+    let d = v.shape(3);
+    if ABSOLUTE_POS < out.len() {
+        let x = ABSOLUTE_POS % d;
+        let h = (ABSOLUTE_POS / d) % heads;
+        let i = (ABSOLUTE_POS / (d * heads)) % seq;
+        let b = ABSOLUTE_POS / (d * heads * seq);
+        let row = ((b * heads + h) * seq + i) * seq;
+        let mut acc = f32::new(0.0);
+        for j in 0..seq {
+            acc += f32::cast_from(probs[row + j])
+                * f32::cast_from(v[b * v.stride(0) + j * v.stride(1) + h * v.stride(2) + x]);
+        }
+        out[ABSOLUTE_POS] = F::cast_from(acc);
+    }
+}

@@ -1,0 +1,328 @@
+//! Launchers for causal (or full) multi-head attention: the flash kernel and the naive
+//! score-materialising baseline.
+//!
+//! Layout: q, k, v, out are (B, S, H, D); q, k, v may be strided views (unit stride over D),
+//! out is a contiguous tensor. lse is a contiguous (B, H, S) f32 tensor. Scores are scaled by
+//! 1/sqrt(D).
+
+use cubecl::prelude::*;
+use cubecl::server::CubeCountSelection;
+use megabyte_kernels::attention::{
+    flash_attention as flash_kernel, naive_scores, naive_softmax, naive_weighted_sum, FlashConfig,
+};
+
+use crate::device::ensure_dtype;
+use crate::element::FloatElement;
+use crate::error::OpError;
+use crate::tensor::{Tensor, TensorView};
+
+const OP: &str = "attention";
+
+/// Largest head dim the flash kernel accepts (per-unit registers and shared memory grow with D).
+pub const MAX_HEAD_DIM: usize = 256;
+
+/// The shape of an attention call, independent of data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionProblem {
+    pub batch: usize,
+    pub seq: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub causal: bool,
+}
+
+impl AttentionProblem {
+    /// Multiply-adds ×2 of QKᵀ and PV; half of them when causal.
+    pub fn flops(&self) -> f64 {
+        let full = 4.0
+            * (self.batch * self.heads) as f64
+            * (self.seq as f64).powi(2)
+            * self.head_dim as f64;
+        if self.causal {
+            full / 2.0
+        } else {
+            full
+        }
+    }
+}
+
+fn check_qkv<R: Runtime, E>(
+    q: &TensorView<R, E>,
+    k: &TensorView<R, E>,
+    v: &TensorView<R, E>,
+) -> Result<[usize; 4], OpError> {
+    if q.shape.len() != 4 {
+        return Err(OpError::Shape {
+            op: OP,
+            tensor: "q",
+            got: q.shape.clone(),
+            expected: vec![0; 4],
+        });
+    }
+    let dims = [q.shape[0], q.shape[1], q.shape[2], q.shape[3]];
+    for (name, t) in [("k", k), ("v", v)] {
+        if t.shape != q.shape {
+            return Err(OpError::Shape {
+                op: OP,
+                tensor: name,
+                got: t.shape.clone(),
+                expected: q.shape.clone(),
+            });
+        }
+    }
+    if dims.contains(&0) {
+        return Err(OpError::Empty {
+            op: OP,
+            tensor: "q",
+            shape: q.shape.clone(),
+        });
+    }
+    for (name, t) in [("q", q), ("k", k), ("v", v)] {
+        if t.strides[3] != 1 {
+            return Err(OpError::Unsupported {
+                op: OP,
+                what: "head-dim stride",
+                value: t.strides[3],
+                reason: format!("`{name}` must be contiguous along the head dim (stride 1)"),
+            });
+        }
+    }
+    Ok(dims)
+}
+
+fn check_outputs<R: Runtime, E>(
+    dims: [usize; 4],
+    out: &Tensor<R, E>,
+    lse: &Tensor<R, f32>,
+) -> Result<(), OpError> {
+    let [b, s, h, _] = dims;
+    if out.shape() != dims {
+        return Err(OpError::Shape {
+            op: OP,
+            tensor: "out",
+            got: out.shape().to_vec(),
+            expected: dims.to_vec(),
+        });
+    }
+    if lse.shape() != [b, h, s] {
+        return Err(OpError::Shape {
+            op: OP,
+            tensor: "lse",
+            got: lse.shape().to_vec(),
+            expected: vec![b, h, s],
+        });
+    }
+    Ok(())
+}
+
+/// Picks tile sizes and groups per cube for the device: the largest square tile (16, 8, 4, 2, 1)
+/// no longer than the sequence whose shared memory fits, then as many groups as fit in 256 units,
+/// the cube-dim limit and shared memory.
+pub fn plan<R: Runtime>(
+    client: &ComputeClient<R>,
+    problem: &AttentionProblem,
+) -> Result<FlashConfig, OpError> {
+    let hw = &client.properties().hardware;
+    let smem_words = hw.max_shared_memory_size / 4;
+    let d = problem.head_dim;
+    if d > MAX_HEAD_DIM {
+        return Err(OpError::Unsupported {
+            op: OP,
+            what: "head dim",
+            value: d,
+            reason: format!("the flash kernel supports head dims up to {MAX_HEAD_DIM}"),
+        });
+    }
+    let mut tile = 16usize.min(problem.seq.next_power_of_two());
+    let mut cfg = FlashConfig {
+        block_q: tile,
+        block_k: tile,
+        head_dim: d,
+        groups: 1,
+        causal: problem.causal,
+    };
+    while cfg.shared_words() > smem_words {
+        if tile == 1 {
+            return Err(OpError::Unsupported {
+                op: OP,
+                what: "head dim",
+                value: d,
+                reason: format!(
+                    "needs {} bytes of shared memory, the device has {}",
+                    4 * cfg.shared_words(),
+                    hw.max_shared_memory_size
+                ),
+            });
+        }
+        tile /= 2;
+        cfg = FlashConfig {
+            block_q: tile,
+            block_k: tile,
+            ..cfg
+        };
+    }
+    let items = problem.batch * problem.heads * problem.seq.div_ceil(tile);
+    let per_group_words = cfg.shared_words();
+    let units = (tile * tile) as u32;
+    let by_units = (256.min(hw.max_units_per_cube) / units).max(1) as usize;
+    let by_smem = smem_words / per_group_words;
+    let by_dim = hw.max_cube_dim.2 as usize;
+    cfg.groups = by_units.min(by_smem).min(by_dim).min(items).max(1);
+    Ok(cfg)
+}
+
+/// Flash attention: out = softmax(q kᵀ / sqrt(D) + mask) v, and each row's log-sum-exp.
+/// Never materialises the S × S scores.
+pub fn flash_attention<R: Runtime, E: FloatElement>(
+    q: &TensorView<R, E>,
+    k: &TensorView<R, E>,
+    v: &TensorView<R, E>,
+    out: &Tensor<R, E>,
+    lse: &Tensor<R, f32>,
+    causal: bool,
+) -> Result<(), OpError> {
+    let client = q.tensor.client();
+    ensure_dtype::<R, E>(client, OP)?;
+    let dims = check_qkv(q, k, v)?;
+    check_outputs(dims, out, lse)?;
+    let [batch, seq, heads, head_dim] = dims;
+    let problem = AttentionProblem {
+        batch,
+        seq,
+        heads,
+        head_dim,
+        causal,
+    };
+    let cfg = plan(client, &problem)?;
+
+    // Widest vector that divides the head dim, every stride and every offset.
+    let mut aligned: Vec<usize> = vec![head_dim];
+    for t in [q, k, v] {
+        aligned.extend(&t.strides[..3]);
+        aligned.push(t.offset);
+    }
+    aligned.extend(&out.strides()[..3]);
+    let vector = crate::device::vector_size_for::<R, E>(client, &aligned);
+
+    let items = batch * heads * seq.div_ceil(cfg.block_q);
+    let cubes = items.div_ceil(cfg.groups) as u32;
+    let cube_dim = CubeDim::new_3d(cfg.block_k as u32, cfg.block_q as u32, cfg.groups as u32);
+    let arg = |t: &TensorView<R, E>| {
+        // SAFETY: `strided`/`view` checked that every addressed element lies in the buffer.
+        unsafe {
+            TensorArg::from_raw_parts(
+                t.tensor.handle().clone(),
+                t.strides.clone().into(),
+                t.shape.clone().into(),
+            )
+        }
+    };
+    let offset = |t: &TensorView<R, E>| {
+        u32::try_from(t.offset).map_err(|_| OpError::Unsupported {
+            op: OP,
+            what: "view offset",
+            value: t.offset,
+            reason: "must fit in 32 bits".into(),
+        })
+    };
+    let (qo, ko, vo) = (offset(q)?, offset(k)?, offset(v)?);
+    // SAFETY: shapes were validated above; the kernel bounds-checks rows against S and groups
+    // against the item count, and `vector` divides D, all strides and all offsets.
+    unsafe {
+        flash_kernel::launch_unchecked::<E, R>(
+            client,
+            CubeCountSelection::new(client, cubes).cube_count(),
+            cube_dim,
+            vector,
+            arg(q),
+            arg(k),
+            arg(v),
+            TensorArg::from_raw_parts(
+                out.handle().clone(),
+                out.strides().into(),
+                out.shape().to_vec().into(),
+            ),
+            TensorArg::from_raw_parts(
+                lse.handle().clone(),
+                lse.strides().into(),
+                lse.shape().to_vec().into(),
+            ),
+            qo,
+            ko,
+            vo,
+            (1.0 / (head_dim as f64).sqrt()) as f32,
+            cfg,
+        );
+    }
+    Ok(())
+}
+
+/// The naive baseline: materialises the (B, H, S, S) scores in E, softmax in place, then PV.
+/// Memory O(S²): for tests and benches only. q, k, v must be contiguous (B, S, H, D).
+pub fn naive_attention<R: Runtime, E: FloatElement>(
+    q: &Tensor<R, E>,
+    k: &Tensor<R, E>,
+    v: &Tensor<R, E>,
+    out: &Tensor<R, E>,
+    lse: &Tensor<R, f32>,
+    causal: bool,
+) -> Result<(), OpError> {
+    let client = q.client();
+    ensure_dtype::<R, E>(client, OP)?;
+    let dims = check_qkv(&q.view(), &k.view(), &v.view())?;
+    check_outputs(dims, out, lse)?;
+    let [b, s, h, d] = dims;
+    let scores = Tensor::<R, E>::empty(client, &[b, h, s, s]);
+    let arg = |t: &Tensor<R, E>| unsafe {
+        TensorArg::from_raw_parts(
+            t.handle().clone(),
+            t.strides().into(),
+            t.shape().to_vec().into(),
+        )
+    };
+    let grid = |n: usize| {
+        let dim = CubeDim::new(client, n);
+        (
+            CubeCountSelection::new(client, n.div_ceil(dim.num_elems() as usize) as u32)
+                .cube_count(),
+            dim,
+        )
+    };
+    // SAFETY: all tensors are contiguous with the validated shapes; each kernel bounds-checks
+    // ABSOLUTE_POS against its output length.
+    unsafe {
+        let (count, dim) = grid(b * h * s * s);
+        naive_scores::launch_unchecked::<E, R>(
+            client,
+            count,
+            dim,
+            arg(q),
+            arg(k),
+            arg(&scores),
+            (1.0 / (d as f64).sqrt()) as f32,
+        );
+        let (count, dim) = grid(b * h * s);
+        naive_softmax::launch_unchecked::<E, R>(
+            client,
+            count,
+            dim,
+            arg(&scores),
+            TensorArg::from_raw_parts(
+                lse.handle().clone(),
+                lse.strides().into(),
+                lse.shape().to_vec().into(),
+            ),
+            causal,
+        );
+        let (count, dim) = grid(b * s * h * d);
+        naive_weighted_sum::launch_unchecked::<E, R>(
+            client,
+            count,
+            dim,
+            arg(&scores),
+            arg(v),
+            arg(out),
+        );
+    }
+    Ok(())
+}

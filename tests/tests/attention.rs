@@ -1,0 +1,260 @@
+//! Flash attention against the f64 reference, with the naive score-materialising kernel in the
+//! same precision as the tolerance baseline: proptest over shapes and dtypes, fixed sweeps of
+//! awkward sizes for the global and the local regime, strided views, and errors.
+
+use cubecl::prelude::ComputeClient;
+use megabyte_ops::attention::{flash_attention, naive_attention};
+use megabyte_ops::{FloatElement, OpError, Tensor};
+use megabyte_reference::attention::attention_f64;
+use megabyte_tests::{check, round, uniform, with_client, Wgpu};
+use proptest::prelude::*;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Layout {
+    /// Separate contiguous (B, S, H, D) tensors.
+    Contiguous,
+    /// Views into one (B, S, 3, H, D) fused projection.
+    FusedQkv,
+}
+
+fn to_f64<E: FloatElement>(t: &Tensor<Wgpu, E>) -> Vec<f64> {
+    t.to_vec()
+        .unwrap()
+        .into_iter()
+        .map(|v| v.to_f64())
+        .collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_case<E: FloatElement>(
+    client: &ComputeClient<Wgpu>,
+    b: usize,
+    s: usize,
+    h: usize,
+    d: usize,
+    causal: bool,
+    seed: u64,
+    layout: Layout,
+) {
+    let case = format!(
+        "attention({}, b={b}, s={s}, h={h}, d={d}, causal={causal}, {layout:?}, seed={seed})",
+        E::NAME
+    );
+    let n = b * s * h * d;
+    // Inputs rounded to E, so the reference sees exactly what the kernels see.
+    let gen = |sd: u64| -> Vec<f32> {
+        uniform(sd, n, -2.0, 2.0)
+            .into_iter()
+            .map(|x| round::<E>(x as f64) as f32)
+            .collect()
+    };
+    let (q, k, v) = (gen(seed), gen(seed ^ 0x9e37), gen(seed ^ 0x7f4a));
+    let (ref_out, ref_lse) = attention_f64(&q, &k, &v, b, s, h, d, causal);
+
+    let out = Tensor::<Wgpu, E>::full(client, &[b, s, h, d], f64::NAN);
+    let lse = Tensor::<Wgpu, f32>::full(client, &[b, h, s], f64::NAN);
+    match layout {
+        Layout::Contiguous => {
+            let (qt, kt, vt) = (
+                Tensor::<Wgpu, E>::from_f32(client, &q, &[b, s, h, d]).unwrap(),
+                Tensor::<Wgpu, E>::from_f32(client, &k, &[b, s, h, d]).unwrap(),
+                Tensor::<Wgpu, E>::from_f32(client, &v, &[b, s, h, d]).unwrap(),
+            );
+            flash_attention(&qt.view(), &kt.view(), &vt.view(), &out, &lse, causal).unwrap();
+        }
+        Layout::FusedQkv => {
+            let mut fused = vec![0f32; 3 * n];
+            for row in 0..b * s {
+                for (part, src) in [&q, &k, &v].into_iter().enumerate() {
+                    fused[(row * 3 + part) * h * d..][..h * d]
+                        .copy_from_slice(&src[row * h * d..][..h * d]);
+                }
+            }
+            let qkv = Tensor::<Wgpu, E>::from_f32(client, &fused, &[b, s, 3, h, d]).unwrap();
+            let strides = [s * 3 * h * d, 3 * h * d, d, 1];
+            let view = |part: usize| qkv.strided(part * h * d, &[b, s, h, d], &strides).unwrap();
+            flash_attention(&view(0), &view(1), &view(2), &out, &lse, causal).unwrap();
+        }
+    }
+
+    let naive_out = Tensor::<Wgpu, E>::full(client, &[b, s, h, d], f64::NAN);
+    let naive_lse = Tensor::<Wgpu, f32>::full(client, &[b, h, s], f64::NAN);
+    let t = |x: &[f32]| Tensor::<Wgpu, E>::from_f32(client, x, &[b, s, h, d]).unwrap();
+    naive_attention(&t(&q), &t(&k), &t(&v), &naive_out, &naive_lse, causal).unwrap();
+
+    check::<E>(&case, "out", &to_f64(&out), &to_f64(&naive_out), &ref_out)
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Both kernels keep softmax statistics in f32.
+    check::<f32>(&case, "lse", &to_f64(&lse), &to_f64(&naive_lse), &ref_lse)
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// (batch, seq, heads, head_dim): sequences of 1, 2, 7, 113, 1023, 1025; head dims 32, 64, 80,
+/// 128 and odd ones; batches of 1, 3 and 75; nothing a multiple of the 16-row tile but 64.
+const GLOBAL_SWEEP: &[(usize, usize, usize, usize)] = &[
+    (1, 1, 1, 64),
+    (1, 2, 2, 32),
+    (3, 7, 2, 80),
+    (1, 113, 1, 128),
+    (3, 113, 2, 33),
+    (1, 1023, 1, 64),
+    (1, 1025, 1, 32),
+    (75, 7, 1, 64),
+    (2, 64, 3, 80),
+];
+
+/// The local regime: many sequences of a patch's length.
+const LOCAL_SWEEP: &[(usize, usize, usize, usize)] = &[
+    (300, 8, 2, 64),
+    (75, 4, 1, 32),
+    (9, 32, 2, 64),
+    (40, 12, 1, 80),
+    (3, 192, 1, 64),
+    (500, 1, 1, 16),
+];
+
+#[test]
+fn global_sweep_f32() {
+    with_client!(
+        Wgpu,
+        |client| for (i, &(b, s, h, d)) in GLOBAL_SWEEP.iter().enumerate() {
+            for causal in [true, false] {
+                run_case::<f32>(
+                    &client,
+                    b,
+                    s,
+                    h,
+                    d,
+                    causal,
+                    100 + i as u64,
+                    Layout::Contiguous,
+                );
+            }
+        }
+    );
+}
+
+#[test]
+fn global_sweep_f16() {
+    with_client!(
+        Wgpu,
+        |client| for (i, &(b, s, h, d)) in GLOBAL_SWEEP.iter().enumerate() {
+            run_case::<half::f16>(
+                &client,
+                b,
+                s,
+                h,
+                d,
+                true,
+                200 + i as u64,
+                Layout::Contiguous,
+            );
+        }
+    );
+}
+
+#[test]
+fn local_sweep() {
+    with_client!(
+        Wgpu,
+        |client| for (i, &(b, s, h, d)) in LOCAL_SWEEP.iter().enumerate() {
+            run_case::<f32>(
+                &client,
+                b,
+                s,
+                h,
+                d,
+                true,
+                300 + i as u64,
+                Layout::Contiguous,
+            );
+            run_case::<half::f16>(&client, b, s, h, d, true, 400 + i as u64, Layout::FusedQkv);
+        }
+    );
+}
+
+#[test]
+fn fused_qkv_views() {
+    with_client!(Wgpu, |client| for (i, &(b, s, h, d)) in
+        [(2, 37, 3, 64), (1, 16, 4, 32), (5, 8, 2, 80)]
+            .iter()
+            .enumerate()
+    {
+        run_case::<f32>(&client, b, s, h, d, true, 500 + i as u64, Layout::FusedQkv);
+    });
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_shapes(b in 1usize..4, s in 1usize..150, h in 1usize..4, d in prop::sample::select(vec![8usize, 16, 24, 32, 40, 64, 80, 96, 128, 17, 33]),
+                     causal: bool, f16: bool, fused: bool, seed: u64) {
+        let layout = if fused { Layout::FusedQkv } else { Layout::Contiguous };
+        with_client!(Wgpu, |client| if f16 {
+            run_case::<half::f16>(&client, b, s, h, d, causal, seed, layout)
+        } else {
+            run_case::<f32>(&client, b, s, h, d, causal, seed, layout)
+        });
+    }
+}
+
+#[test]
+fn bad_shapes_are_errors() {
+    with_client!(Wgpu, |client| {
+        let t = |shape: &[usize]| Tensor::<Wgpu, f32>::full(&client, shape, 0.5);
+        let (q, k, v) = (t(&[1, 8, 2, 16]), t(&[1, 8, 2, 16]), t(&[1, 9, 2, 16]));
+        let (out, lse) = (
+            t(&[1, 8, 2, 16]),
+            Tensor::<Wgpu, f32>::full(&client, &[1, 2, 8], 0.0),
+        );
+        let err = flash_attention(&q.view(), &k.view(), &v.view(), &out, &lse, true).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "attention: `v` has shape [1, 9, 2, 16], expected [1, 8, 2, 16]"
+        );
+
+        let bad_lse = Tensor::<Wgpu, f32>::full(&client, &[1, 8, 2], 0.0);
+        let err =
+            flash_attention(&q.view(), &k.view(), &k.view(), &out, &bad_lse, true).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "attention: `lse` has shape [1, 8, 2], expected [1, 2, 8]"
+        );
+
+        let wide = t(&[1, 4, 1, 300]);
+        let lse1 = Tensor::<Wgpu, f32>::full(&client, &[1, 1, 4], 0.0);
+        let err = flash_attention(&wide.view(), &wide.view(), &wide.view(), &wide, &lse1, true)
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                OpError::Unsupported {
+                    what: "head dim",
+                    value: 300,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+
+        let empty = t(&[1, 0, 2, 16]);
+        let lse0 = Tensor::<Wgpu, f32>::full(&client, &[1, 2, 0], 0.0);
+        let err = flash_attention(
+            &empty.view(),
+            &empty.view(),
+            &empty.view(),
+            &empty,
+            &lse0,
+            true,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "attention: `q` is empty (shape [1, 0, 2, 16])"
+        );
+
+        let err = q.strided(8, &[1, 8, 2, 16], &[256, 32, 16, 1]).unwrap_err();
+        assert!(matches!(err, OpError::ViewOutOfBounds { .. }), "{err}");
+    });
+}
