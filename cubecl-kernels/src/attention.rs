@@ -32,6 +32,8 @@ pub struct FlashConfig {
     pub groups: usize,
     /// Mask keys after the query (key j visible to query i iff j <= i).
     pub causal: bool,
+    /// Vector width of the global loads and stores; must equal the launch's vector size N.
+    pub vector: usize,
 }
 
 impl FlashConfig {
@@ -46,6 +48,16 @@ impl FlashConfig {
     /// Output dims each unit owns: ceil(D / block_k).
     pub fn dims_per_unit(&self) -> usize {
         self.head_dim.div_ceil(self.block_k)
+    }
+
+    /// Vector loads per unit to fill a Q block (also the stores of the output block).
+    pub fn q_loads(&self) -> usize {
+        (self.block_q * self.head_dim / self.vector).div_ceil(self.block_q * self.block_k)
+    }
+
+    /// Vector loads per unit to fill one K (and one V) tile.
+    pub fn kv_loads(&self) -> usize {
+        (self.block_k * self.head_dim / self.vector).div_ceil(self.block_q * self.block_k)
     }
 }
 
@@ -68,10 +80,16 @@ pub fn flash_attention<F: Float, N: Size>(
     let bq = cfg.block_q;
     let bk = cfg.block_k;
     let d = cfg.head_dim;
-    let nv = N::value();
-    let dv = d / nv;
+    let nv = cfg.vector;
+    let dv = comptime!(cfg.head_dim / cfg.vector);
     let dpu = comptime!(cfg.dims_per_unit());
     let group_units = bq * bk;
+    // Fixed trip counts, unrolled: llvmpipe (lavapipe) caps the iterations a shader loop may run
+    // per invocation at 65,535, counted across re-entries, which a long KV loop with inner
+    // loops exceeds (seen: keys past ~15,400 silently dropped at S = 16,384). Only the KV tile
+    // loop stays a loop.
+    let q_loads = comptime!(cfg.q_loads());
+    let kv_loads = comptime!(cfg.kv_loads());
 
     let batch = q.shape(0);
     let seq = q.shape(1);
@@ -122,23 +140,25 @@ pub fn flash_attention<F: Float, N: Size>(
     let kv_base = g * bk * d;
     let s_base = g * bq * bk + i * bk;
 
-    // Q block, pre-multiplied by the score scale. Rows past the sequence are zero.
+    // Q block. Rows past the sequence are zero. The score scale is applied to each dot product,
+    // not folded into Q: rounding Q·scale element by element costs the scores several ulps.
     let q_row0 = q_offset as usize + b * q.stride(0) + h * q.stride(2);
-    let mut e = t;
-    while e < bq * dv {
-        let r = e / dv;
-        let c = e % dv;
-        let pos = q0 + r;
-        let mut val = Vector::<f32, N>::new(0.0);
-        if active && pos < seq {
-            val = Vector::<f32, N>::cast_from(q[(q_row0 + pos * q.stride(1)) / nv + c])
-                * Vector::new(scale);
+    #[unroll]
+    for it in 0..q_loads {
+        let e = t + it * group_units;
+        if e < bq * dv {
+            let r = e / dv;
+            let c = e % dv;
+            let pos = q0 + r;
+            let mut val = Vector::<f32, N>::new(0.0);
+            if active && pos < seq {
+                val = Vector::<f32, N>::cast_from(q[(q_row0 + pos * q.stride(1)) / nv + c]);
+            }
+            #[unroll]
+            for l in 0..nv {
+                q_s[q_base + r * d + c * nv + l] = val[l];
+            }
         }
-        #[unroll]
-        for l in 0..nv {
-            q_s[q_base + r * d + c * nv + l] = val[l];
-        }
-        e += group_units;
     }
 
     let mut m = f32::new(NEG);
@@ -155,23 +175,25 @@ pub fn flash_attention<F: Float, N: Size>(
     while tile < n_tiles {
         let k0 = tile * bk;
         // K and V tiles; keys past the sequence are zero (and masked below).
-        let mut e = t;
-        while e < bk * dv {
-            let r = e / dv;
-            let c = e % dv;
-            let pos = k0 + r;
-            let mut kval = Vector::<f32, N>::new(0.0);
-            let mut vval = Vector::<f32, N>::new(0.0);
-            if active && pos < seq {
-                kval = Vector::<f32, N>::cast_from(k[(k_row0 + pos * k.stride(1)) / nv + c]);
-                vval = Vector::<f32, N>::cast_from(v[(v_row0 + pos * v.stride(1)) / nv + c]);
+        #[unroll]
+        for it in 0..kv_loads {
+            let e = t + it * group_units;
+            if e < bk * dv {
+                let r = e / dv;
+                let c = e % dv;
+                let pos = k0 + r;
+                let mut kval = Vector::<f32, N>::new(0.0);
+                let mut vval = Vector::<f32, N>::new(0.0);
+                if active && pos < seq {
+                    kval = Vector::<f32, N>::cast_from(k[(k_row0 + pos * k.stride(1)) / nv + c]);
+                    vval = Vector::<f32, N>::cast_from(v[(v_row0 + pos * v.stride(1)) / nv + c]);
+                }
+                #[unroll]
+                for l in 0..nv {
+                    k_s[kv_base + r * d + c * nv + l] = kval[l];
+                    v_s[kv_base + r * d + c * nv + l] = vval[l];
+                }
             }
-            #[unroll]
-            for l in 0..nv {
-                k_s[kv_base + r * d + c * nv + l] = kval[l];
-                v_s[kv_base + r * d + c * nv + l] = vval[l];
-            }
-            e += group_units;
         }
         sync_cube();
 
@@ -185,16 +207,18 @@ pub fn flash_attention<F: Float, N: Size>(
         let mut s = f32::new(NEG);
         if valid {
             let mut dot = f32::new(0.0);
+            #[unroll]
             for x in 0..d {
                 dot += q_s[q_base + i * d + x] * k_s[kv_base + j * d + x];
             }
-            s = dot;
+            s = dot * scale;
         }
         s_s[s_base + j] = s;
         sync_cube();
 
         // Online softmax: every unit of row i derives the same new max from the shared row.
         let mut tile_max = f32::new(NEG);
+        #[unroll]
         for x in 0..bk {
             tile_max = max(tile_max, s_s[s_base + x]);
         }
@@ -204,6 +228,7 @@ pub fn flash_attention<F: Float, N: Size>(
         sync_cube();
 
         let mut row_sum = f32::new(0.0);
+        #[unroll]
         for x in 0..bk {
             row_sum += p_s[s_base + x];
         }
@@ -213,6 +238,7 @@ pub fn flash_attention<F: Float, N: Size>(
             let dd = j + c * bk;
             if dd < d {
                 let mut a = acc[c] * alpha;
+                #[unroll]
                 for x in 0..bk {
                     a += p_s[s_base + x] * v_s[kv_base + x * d + dd];
                 }
@@ -240,12 +266,13 @@ pub fn flash_attention<F: Float, N: Size>(
     sync_cube();
 
     let o_row0 = b * out.stride(0) + h * out.stride(2);
-    let mut e = t;
-    while e < bq * dv {
+    #[unroll]
+    for it in 0..q_loads {
+        let e = t + it * group_units;
         let r = e / dv;
         let c = e % dv;
         let pos = q0 + r;
-        if active && pos < seq {
+        if e < bq * dv && active && pos < seq {
             let mut val = Vector::<f32, N>::empty();
             #[unroll]
             for l in 0..nv {
@@ -253,7 +280,6 @@ pub fn flash_attention<F: Float, N: Size>(
             }
             out[(o_row0 + pos * out.stride(1)) / nv + c] = Vector::cast_from(val);
         }
-        e += group_units;
     }
 }
 

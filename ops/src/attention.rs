@@ -140,6 +140,7 @@ pub fn plan<R: Runtime>(
         head_dim: d,
         groups: 1,
         causal: problem.causal,
+        vector: 1,
     };
     while cfg.shared_words() > smem_words {
         if tile == 1 {
@@ -204,6 +205,7 @@ pub fn flash_attention<R: Runtime, E: FloatElement>(
     aligned.extend(&out.strides()[..3]);
     let vector = crate::device::vector_size_for::<R, E>(client, &aligned);
 
+    let cfg = FlashConfig { vector, ..cfg };
     let items = batch * heads * seq.div_ceil(cfg.block_q);
     let cubes = items.div_ceil(cfg.groups) as u32;
     let cube_dim = CubeDim::new_3d(cfg.block_k as u32, cfg.block_q as u32, cfg.groups as u32);

@@ -258,3 +258,78 @@ fn bad_shapes_are_errors() {
         assert!(matches!(err, OpError::ViewOutOfBounds { .. }), "{err}");
     });
 }
+
+/// The acceptance shape of the global regime: one sequence of 16,384 patches, 8 heads of 64,
+/// f32. Memory stays O(S·D): the device's reserved memory after the call is compared with the
+/// inputs and outputs (the S² scores alone would take 8 GiB). A few rows are checked against
+/// the reference. Slow on lavapipe; run with
+/// `cargo test --release -p megabyte-tests --test attention -- --ignored global_16k`.
+#[test]
+#[ignore]
+fn global_16k_runs_in_linear_memory() {
+    with_client!(Wgpu, |client| {
+        let (b, s, h, d) = (1usize, 16_384usize, 8usize, 64usize);
+        let n = b * s * h * d;
+        let (q, k, v) = (
+            uniform(1, n, -2.0, 2.0),
+            uniform(2, n, -2.0, 2.0),
+            uniform(3, n, -2.0, 2.0),
+        );
+        let t = |x: &[f32]| Tensor::<Wgpu, f32>::from_f32(&client, x, &[b, s, h, d]).unwrap();
+        let (qt, kt, vt) = (t(&q), t(&k), t(&v));
+        let out = Tensor::<Wgpu, f32>::full(&client, &[b, s, h, d], f64::NAN);
+        let lse = Tensor::<Wgpu, f32>::full(&client, &[b, h, s], f64::NAN);
+        let start = std::time::Instant::now();
+        let st = std::time::Instant::now();
+        flash_attention(&qt.view(), &kt.view(), &vt.view(), &out, &lse, false).unwrap();
+        let first = out.to_vec().unwrap();
+        println!(
+            "first read after {:?}: row 15600 = {}",
+            st.elapsed(),
+            first[15600 * 64]
+        );
+        let got = out.to_vec().unwrap();
+        println!("second read after {:?}", st.elapsed());
+        let elapsed = start.elapsed();
+        let usage = client.memory_usage().unwrap();
+        let io_bytes = (4 * n + h * s) * 4;
+        println!("seq {s}, {h} heads of {d}: {:.1} s; device memory reserved {} MiB, in use {} MiB, inputs+outputs {} MiB, S² scores would be {} MiB",
+            elapsed.as_secs_f64(), usage.bytes_reserved >> 20, usage.bytes_in_use >> 20, io_bytes >> 20, (s * s * h * 4) >> 20);
+        assert!(
+            usage.bytes_reserved < 2 * io_bytes as u64,
+            "reserved {} bytes for {} bytes of tensors",
+            usage.bytes_reserved,
+            io_bytes
+        );
+        // Rows near the start, the middle and the end, every head, in f64.
+        for &i in &[0usize, 1, 5000, 16_383] {
+            for hh in 0..h {
+                fn at(x: &[f32], j: usize, hh: usize, h: usize, d: usize) -> &[f32] {
+                    &x[(j * h + hh) * d..][..d]
+                }
+                let scores: Vec<f64> = (0..=i)
+                    .map(|j| {
+                        at(&q, i, hh, h, d)
+                            .iter()
+                            .zip(at(&k, j, hh, h, d))
+                            .map(|(&a, &c)| a as f64 * c as f64)
+                            .sum::<f64>()
+                            / (d as f64).sqrt()
+                    })
+                    .collect();
+                let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = scores.iter().map(|s| (s - mx).exp()).sum();
+                for x in 0..d {
+                    let want: f64 = (0..s)
+                        .map(|j| (scores[j] - mx).exp() / z * at(&v, j, hh, h, d)[x] as f64)
+                        .sum();
+                    let g = got[(i * h + hh) * d + x] as f64;
+                    assert!(
+                        (g - want).abs() < 1e-4,
+                        "row {i} head {hh} dim {x}: {g} vs {want}"
+                    );
+                }
+            }
+        }
+    });
+}

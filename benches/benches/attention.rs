@@ -1,0 +1,136 @@
+//! Causal attention: the flash kernel against the naive score-materialising kernels and
+//! cubek-attention 0.2.0 (its register-tile "unit" routine, the one that runs without plane
+//! ops or tensor cores) on the same runtime. Throughput counts causal FLOPs: half of
+//! 4·S²·D per (batch, head).
+//!
+//! `cargo bench -p megabyte-benches --bench attention`
+
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use cubecl::prelude::*;
+use cubecl::zspace::{Shape, Strides};
+use cubek_attention::definition::{AccumulatorPrecision, AttentionGlobalTypes, AttentionOptions};
+use cubek_attention::launch::{launch_ref, BlueprintStrategy, Strategy};
+use megabyte_benches::time_synced;
+use megabyte_ops::attention::{flash_attention, naive_attention, AttentionProblem};
+use megabyte_ops::{try_client, Tensor};
+
+type Wgpu = cubecl::wgpu::WgpuRuntime;
+
+/// (name, batch, seq, heads, head_dim). Global: one long sequence of patches of a wide model.
+/// Local: B·K independent sequences of one patch each.
+const SHAPES: &[(&str, usize, usize, usize, usize)] = &[
+    ("global_k1024", 1, 1024, 8, 64), // small preset at T = 8 KiB: K = 1024 patches
+    ("global_k2048", 1, 2048, 4, 64), // K = 2048 patches, 4 heads
+    ("local_p8", 4096, 8, 4, 64),     // P = 8: 4096 patch sequences, 4 heads of 64
+    ("local_p32", 1024, 32, 4, 64),   // P = 32 (the audio configuration)
+];
+
+fn cubek_causal<R: Runtime>(
+    client: &ComputeClient<R>,
+    q: &Tensor<R, f32>,
+    k: &Tensor<R, f32>,
+    v: &Tensor<R, f32>,
+    out: &Tensor<R, f32>,
+) {
+    // cubek-attention wants (B, H, S, D); the tensors were allocated in that order.
+    let bind = |t: &Tensor<R, f32>| unsafe {
+        TensorBinding::<R>::from_raw_parts(
+            t.handle().clone(),
+            Strides::new(&t.strides()),
+            Shape::new([t.shape()[0], t.shape()[1], t.shape()[2], t.shape()[3]]),
+        )
+    };
+    let dtypes = AttentionGlobalTypes::from_single_float_dtype(
+        f32::as_type_native_unchecked(),
+        AttentionGlobalTypes::mask_dtype(client),
+    );
+    launch_ref::<R>(
+        Strategy::Unit(BlueprintStrategy::Inferred(())),
+        client,
+        bind(q),
+        bind(k),
+        bind(v),
+        None,
+        bind(out),
+        &dtypes,
+        AttentionOptions {
+            causal: true,
+            accumulator_precision: AccumulatorPrecision::default(),
+        },
+    )
+    .expect("cubek-attention launch");
+}
+
+fn bench(c: &mut Criterion) {
+    let client = match try_client::<Wgpu>(&Default::default()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("skipping attention benches: {e}");
+            return;
+        }
+    };
+    let mut group = c.benchmark_group("attention");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4));
+    for &(name, b, s, h, d) in SHAPES {
+        let problem = AttentionProblem {
+            batch: b,
+            seq: s,
+            heads: h,
+            head_dim: d,
+            causal: true,
+        };
+        group.throughput(Throughput::Elements(problem.flops() as u64));
+        let n = b * s * h * d;
+        let data: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        let t = |shape: &[usize]| Tensor::<Wgpu, f32>::from_f32(&client, &data, shape).unwrap();
+        let (q, k, v) = (t(&[b, s, h, d]), t(&[b, s, h, d]), t(&[b, s, h, d]));
+        let out = Tensor::<Wgpu, f32>::empty(&client, &[b, s, h, d]);
+        let lse = Tensor::<Wgpu, f32>::empty(&client, &[b, h, s]);
+        group.bench_function(
+            BenchmarkId::new("wgpu_attention_f32_flash", name),
+            |bench| {
+                bench.iter_custom(|iters| {
+                    time_synced(&client, iters, || {
+                        flash_attention(&q.view(), &k.view(), &v.view(), &out, &lse, true).unwrap()
+                    })
+                })
+            },
+        );
+        // The naive kernels hold B·H·S² scores; skip where that passes 1 GiB.
+        if b * h * s * s * 4 <= 1 << 30 {
+            group.bench_function(
+                BenchmarkId::new("wgpu_attention_f32_naive", name),
+                |bench| {
+                    bench.iter_custom(|iters| {
+                        time_synced(&client, iters, || {
+                            naive_attention(&q, &k, &v, &out, &lse, true).unwrap()
+                        })
+                    })
+                },
+            );
+        }
+        let (qc, kc, vc) = (t(&[b, h, s, d]), t(&[b, h, s, d]), t(&[b, h, s, d]));
+        let outc = Tensor::<Wgpu, f32>::empty(&client, &[b, h, s, d]);
+        group.bench_function(
+            BenchmarkId::new("wgpu_attention_f32_cubek_unit", name),
+            |bench| {
+                bench.iter_custom(|iters| {
+                    time_synced(&client, iters, || {
+                        cubek_causal(&client, &qc, &kc, &vc, &outc)
+                    })
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
