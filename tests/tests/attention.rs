@@ -320,7 +320,7 @@ fn global_16k_runs_in_linear_memory() {
                 let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let z: f64 = scores.iter().map(|s| (s - mx).exp()).sum();
                 for x in 0..d {
-                    let want: f64 = (0..s)
+                    let want: f64 = (0..=i)
                         .map(|j| (scores[j] - mx).exp() / z * at(&v, j, hh, h, d)[x] as f64)
                         .sum();
                     let g = got[(i * h + hh) * d + x] as f64;
