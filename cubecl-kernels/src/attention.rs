@@ -361,3 +361,125 @@ pub fn naive_weighted_sum<F: Float>(probs: &Tensor<F>, v: &Tensor<F>, out: &mut 
         out[ABSOLUTE_POS] = F::cast_from(acc);
     }
 }
+
+/// Comptime shape of [`flash_attention_rows`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RowsConfig {
+    pub head_dim: usize,
+    /// Vector width of the global loads; must equal the launch's vector size N.
+    pub vector: usize,
+    pub causal: bool,
+    /// Keys scored per softmax rescale.
+    pub chunk: usize,
+}
+
+/// Flash attention with one query row per unit and no shared memory or barriers: the unit keeps
+/// q and the output accumulator in registers and streams its keys from global memory, `chunk` at
+/// a time (one rescale of the accumulator per chunk). Rows are numbered (b, h, i) with i fastest,
+/// so neighbouring units read the same K/V rows from cache.
+///
+/// This suits devices where barriers are expensive and caches are large (CPU Vulkan drivers such
+/// as lavapipe), and the local regime anywhere; on GPUs the tiled [`flash_attention`] reuses K/V
+/// through shared memory instead.
+#[cube(launch_unchecked)]
+pub fn flash_attention_rows<F: Float, N: Size>(
+    q: &Tensor<Vector<F, N>>,
+    k: &Tensor<Vector<F, N>>,
+    v: &Tensor<Vector<F, N>>,
+    out: &mut Tensor<Vector<F, N>>,
+    lse: &mut Tensor<f32>,
+    q_offset: u32,
+    k_offset: u32,
+    v_offset: u32,
+    scale: f32,
+    #[comptime] cfg: RowsConfig,
+) {
+    let nv = cfg.vector;
+    let dv = comptime!(cfg.head_dim / cfg.vector);
+    let ch = cfg.chunk;
+    let batch = q.shape(0);
+    let seq = q.shape(1);
+    let heads = q.shape(2);
+    if ABSOLUTE_POS < batch * heads * seq {
+        let i = ABSOLUTE_POS % seq;
+        let bh = ABSOLUTE_POS / seq;
+        let h = bh % heads;
+        let b = bh / heads;
+
+        let q_at = (q_offset as usize + b * q.stride(0) + i * q.stride(1) + h * q.stride(2)) / nv;
+        let mut qr = Array::<Vector<f32, N>>::new(dv);
+        let mut acc = Array::<Vector<f32, N>>::new(dv);
+        #[unroll]
+        for c in 0..dv {
+            qr[c] = Vector::<f32, N>::cast_from(q[q_at + c]);
+            acc[c] = Vector::<f32, N>::new(0.0);
+        }
+        let k_row0 = k_offset as usize + b * k.stride(0) + h * k.stride(2);
+        let v_row0 = v_offset as usize + b * v.stride(0) + h * v.stride(2);
+
+        let mut end = seq;
+        if comptime!(cfg.causal) {
+            end = i + 1;
+        }
+        let n_chunks = end.div_ceil(ch);
+        let mut m = f32::new(NEG);
+        let mut l = f32::new(0.0);
+        let mut scores = Array::<f32>::new(ch);
+        let mut chunk = 0;
+        while chunk < n_chunks {
+            let j0 = chunk * ch;
+            let mut chunk_max = f32::new(NEG);
+            #[unroll]
+            for u in 0..ch {
+                let j = j0 + u;
+                let mut s = f32::new(NEG);
+                if j < end {
+                    let k_at = (k_row0 + j * k.stride(1)) / nv;
+                    let mut dot = Vector::<f32, N>::new(0.0);
+                    #[unroll]
+                    for c in 0..dv {
+                        dot += qr[c] * Vector::<f32, N>::cast_from(k[k_at + c]);
+                    }
+                    let mut total = f32::new(0.0);
+                    #[unroll]
+                    for lane in 0..nv {
+                        total += dot[lane];
+                    }
+                    s = total * scale;
+                }
+                scores[u] = s;
+                chunk_max = max(chunk_max, s);
+            }
+            let m_new = max(m, chunk_max);
+            let alpha = (m - m_new).exp();
+            l *= alpha;
+            #[unroll]
+            for c in 0..dv {
+                acc[c] = acc[c] * Vector::new(alpha);
+            }
+            #[unroll]
+            for u in 0..ch {
+                let j = j0 + u;
+                if j < end {
+                    let p = (scores[u] - m_new).exp();
+                    l += p;
+                    let v_at = (v_row0 + j * v.stride(1)) / nv;
+                    #[unroll]
+                    for c in 0..dv {
+                        acc[c] += Vector::new(p) * Vector::<f32, N>::cast_from(v[v_at + c]);
+                    }
+                }
+            }
+            m = m_new;
+            chunk += 1;
+        }
+
+        let inv_l = Vector::<f32, N>::new(1.0 / l);
+        let o_at = (b * out.stride(0) + i * out.stride(1) + h * out.stride(2)) / nv;
+        #[unroll]
+        for c in 0..dv {
+            out[o_at + c] = Vector::cast_from(acc[c] * inv_l);
+        }
+        lse[b * lse.stride(0) + h * lse.stride(1) + i * lse.stride(2)] = m + l.ln();
+    }
+}

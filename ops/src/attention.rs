@@ -5,10 +5,12 @@
 //! out is a contiguous tensor. lse is a contiguous (B, H, S) f32 tensor. Scores are scaled by
 //! 1/sqrt(D).
 
+use cubecl::ir::features::Plane;
 use cubecl::prelude::*;
 use cubecl::server::CubeCountSelection;
 use megabyte_kernels::attention::{
-    flash_attention as flash_kernel, naive_scores, naive_softmax, naive_weighted_sum, FlashConfig,
+    flash_attention as flash_kernel, flash_attention_rows, naive_scores, naive_softmax,
+    naive_weighted_sum, FlashConfig, RowsConfig,
 };
 
 use crate::device::ensure_dtype;
@@ -20,6 +22,23 @@ const OP: &str = "attention";
 
 /// Largest head dim the flash kernel accepts (per-unit registers and shared memory grow with D).
 pub const MAX_HEAD_DIM: usize = 256;
+
+/// Which flash kernel runs. Both compute the same function with the same online softmax.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionKernel {
+    /// `Tiled` on devices with plane (warp) operations, `Rows` on devices without them, which
+    /// in practice are CPU drivers such as lavapipe (cubecl's wgpu runtime hides plane ops on
+    /// CPU adapters), where barriers are expensive and caches large.
+    Auto,
+    /// Groups of units share Q/K/V tiles through shared memory; several short sequences per
+    /// cube in the local regime.
+    Tiled,
+    /// One query row per unit, registers only, no barriers.
+    Rows,
+}
+
+/// Keys per softmax rescale in the `Rows` kernel.
+const ROWS_CHUNK: usize = 8;
 
 /// The shape of an attention call, independent of data.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -173,8 +192,21 @@ pub fn plan<R: Runtime>(
 }
 
 /// Flash attention: out = softmax(q kᵀ / sqrt(D) + mask) v, and each row's log-sum-exp.
-/// Never materialises the S × S scores.
+/// Never materialises the S × S scores. Picks the kernel with [`AttentionKernel::Auto`].
 pub fn flash_attention<R: Runtime, E: FloatElement>(
+    q: &TensorView<R, E>,
+    k: &TensorView<R, E>,
+    v: &TensorView<R, E>,
+    out: &Tensor<R, E>,
+    lse: &Tensor<R, f32>,
+    causal: bool,
+) -> Result<(), OpError> {
+    flash_attention_with(AttentionKernel::Auto, q, k, v, out, lse, causal)
+}
+
+/// [`flash_attention`] with an explicit kernel choice.
+pub fn flash_attention_with<R: Runtime, E: FloatElement>(
+    kernel: AttentionKernel,
     q: &TensorView<R, E>,
     k: &TensorView<R, E>,
     v: &TensorView<R, E>,
@@ -205,10 +237,13 @@ pub fn flash_attention<R: Runtime, E: FloatElement>(
     aligned.extend(&out.strides()[..3]);
     let vector = crate::device::vector_size_for::<R, E>(client, &aligned);
 
-    let cfg = FlashConfig { vector, ..cfg };
-    let items = batch * heads * seq.div_ceil(cfg.block_q);
-    let cubes = items.div_ceil(cfg.groups) as u32;
-    let cube_dim = CubeDim::new_3d(cfg.block_k as u32, cfg.block_q as u32, cfg.groups as u32);
+    let kernel = match kernel {
+        AttentionKernel::Auto if client.properties().features.plane.contains(Plane::Ops) => {
+            AttentionKernel::Tiled
+        }
+        AttentionKernel::Auto => AttentionKernel::Rows,
+        chosen => chosen,
+    };
     let arg = |t: &TensorView<R, E>| {
         // SAFETY: `strided`/`view` checked that every addressed element lies in the buffer.
         unsafe {
@@ -228,8 +263,60 @@ pub fn flash_attention<R: Runtime, E: FloatElement>(
         })
     };
     let (qo, ko, vo) = (offset(q)?, offset(k)?, offset(v)?);
-    // SAFETY: shapes were validated above; the kernel bounds-checks rows against S and groups
-    // against the item count, and `vector` divides D, all strides and all offsets.
+    let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
+    // SAFETY (both launches): shapes were validated above; the kernels bounds-check rows
+    // against S and work items against their count, and `vector` divides D, all strides and
+    // all offsets.
+    let out_arg = || unsafe {
+        TensorArg::from_raw_parts(
+            out.handle().clone(),
+            out.strides().into(),
+            out.shape().to_vec().into(),
+        )
+    };
+    let lse_arg = || unsafe {
+        TensorArg::from_raw_parts(
+            lse.handle().clone(),
+            lse.strides().into(),
+            lse.shape().to_vec().into(),
+        )
+    };
+
+    if kernel == AttentionKernel::Rows {
+        let rows = batch * heads * seq;
+        let cube_dim = CubeDim::new(client, rows);
+        let cubes = rows.div_ceil(cube_dim.num_elems() as usize) as u32;
+        let cfg = RowsConfig {
+            head_dim,
+            vector,
+            causal,
+            chunk: ROWS_CHUNK,
+        };
+        unsafe {
+            flash_attention_rows::launch_unchecked::<E, R>(
+                client,
+                CubeCountSelection::new(client, cubes).cube_count(),
+                cube_dim,
+                vector,
+                arg(q),
+                arg(k),
+                arg(v),
+                out_arg(),
+                lse_arg(),
+                qo,
+                ko,
+                vo,
+                scale,
+                cfg,
+            );
+        }
+        return Ok(());
+    }
+
+    let cfg = FlashConfig { vector, ..cfg };
+    let items = batch * heads * seq.div_ceil(cfg.block_q);
+    let cubes = items.div_ceil(cfg.groups) as u32;
+    let cube_dim = CubeDim::new_3d(cfg.block_k as u32, cfg.block_q as u32, cfg.groups as u32);
     unsafe {
         flash_kernel::launch_unchecked::<E, R>(
             client,
@@ -239,20 +326,12 @@ pub fn flash_attention<R: Runtime, E: FloatElement>(
             arg(q),
             arg(k),
             arg(v),
-            TensorArg::from_raw_parts(
-                out.handle().clone(),
-                out.strides().into(),
-                out.shape().to_vec().into(),
-            ),
-            TensorArg::from_raw_parts(
-                lse.handle().clone(),
-                lse.strides().into(),
-                lse.shape().to_vec().into(),
-            ),
+            out_arg(),
+            lse_arg(),
             qo,
             ko,
             vo,
-            (1.0 / (head_dim as f64).sqrt()) as f32,
+            scale,
             cfg,
         );
     }

@@ -14,6 +14,7 @@ pub mod element;
 pub mod error;
 pub mod tensor;
 
+pub use attention::AttentionKernel;
 pub use cubecl;
 pub use device::{ensure_dtype, try_client};
 pub use element::FloatElement;

@@ -3,7 +3,8 @@
 //! awkward sizes for the global and the local regime, strided views, and errors.
 
 use cubecl::prelude::ComputeClient;
-use megabyte_ops::attention::{flash_attention, naive_attention};
+use megabyte_ops::attention::{flash_attention, flash_attention_with, naive_attention};
+use megabyte_ops::AttentionKernel;
 use megabyte_ops::{FloatElement, OpError, Tensor};
 use megabyte_reference::attention::attention_f64;
 use megabyte_tests::{check, round, uniform, with_client, Wgpu};
@@ -51,42 +52,53 @@ fn run_case<E: FloatElement>(
     let (q, k, v) = (gen(seed), gen(seed ^ 0x9e37), gen(seed ^ 0x7f4a));
     let (ref_out, ref_lse) = attention_f64(&q, &k, &v, b, s, h, d, causal);
 
-    let out = Tensor::<Wgpu, E>::full(client, &[b, s, h, d], f64::NAN);
-    let lse = Tensor::<Wgpu, f32>::full(client, &[b, h, s], f64::NAN);
-    match layout {
-        Layout::Contiguous => {
-            let (qt, kt, vt) = (
-                Tensor::<Wgpu, E>::from_f32(client, &q, &[b, s, h, d]).unwrap(),
-                Tensor::<Wgpu, E>::from_f32(client, &k, &[b, s, h, d]).unwrap(),
-                Tensor::<Wgpu, E>::from_f32(client, &v, &[b, s, h, d]).unwrap(),
-            );
-            flash_attention(&qt.view(), &kt.view(), &vt.view(), &out, &lse, causal).unwrap();
-        }
-        Layout::FusedQkv => {
-            let mut fused = vec![0f32; 3 * n];
-            for row in 0..b * s {
-                for (part, src) in [&q, &k, &v].into_iter().enumerate() {
-                    fused[(row * 3 + part) * h * d..][..h * d]
-                        .copy_from_slice(&src[row * h * d..][..h * d]);
-                }
-            }
-            let qkv = Tensor::<Wgpu, E>::from_f32(client, &fused, &[b, s, 3, h, d]).unwrap();
-            let strides = [s * 3 * h * d, 3 * h * d, d, 1];
-            let view = |part: usize| qkv.strided(part * h * d, &[b, s, h, d], &strides).unwrap();
-            flash_attention(&view(0), &view(1), &view(2), &out, &lse, causal).unwrap();
-        }
-    }
-
     let naive_out = Tensor::<Wgpu, E>::full(client, &[b, s, h, d], f64::NAN);
     let naive_lse = Tensor::<Wgpu, f32>::full(client, &[b, h, s], f64::NAN);
     let t = |x: &[f32]| Tensor::<Wgpu, E>::from_f32(client, x, &[b, s, h, d]).unwrap();
     naive_attention(&t(&q), &t(&k), &t(&v), &naive_out, &naive_lse, causal).unwrap();
+    let (naive_out, naive_lse) = (to_f64(&naive_out), to_f64(&naive_lse));
 
-    check::<E>(&case, "out", &to_f64(&out), &to_f64(&naive_out), &ref_out)
-        .unwrap_or_else(|e| panic!("{e}"));
-    // Both kernels keep softmax statistics in f32.
-    check::<f32>(&case, "lse", &to_f64(&lse), &to_f64(&naive_lse), &ref_lse)
-        .unwrap_or_else(|e| panic!("{e}"));
+    for kernel in [AttentionKernel::Tiled, AttentionKernel::Rows] {
+        let case = format!("{case} {kernel:?}");
+        // Poisoned outputs: an element the kernel never writes stays NaN and fails.
+        let out = Tensor::<Wgpu, E>::full(client, &[b, s, h, d], f64::NAN);
+        let lse = Tensor::<Wgpu, f32>::full(client, &[b, h, s], f64::NAN);
+        match layout {
+            Layout::Contiguous => {
+                let (qt, kt, vt) = (t(&q), t(&k), t(&v));
+                flash_attention_with(
+                    kernel,
+                    &qt.view(),
+                    &kt.view(),
+                    &vt.view(),
+                    &out,
+                    &lse,
+                    causal,
+                )
+                .unwrap();
+            }
+            Layout::FusedQkv => {
+                let mut fused = vec![0f32; 3 * n];
+                for row in 0..b * s {
+                    for (part, src) in [&q, &k, &v].into_iter().enumerate() {
+                        fused[(row * 3 + part) * h * d..][..h * d]
+                            .copy_from_slice(&src[row * h * d..][..h * d]);
+                    }
+                }
+                let qkv = Tensor::<Wgpu, E>::from_f32(client, &fused, &[b, s, 3, h, d]).unwrap();
+                let strides = [s * 3 * h * d, 3 * h * d, d, 1];
+                let view =
+                    |part: usize| qkv.strided(part * h * d, &[b, s, h, d], &strides).unwrap();
+                flash_attention_with(kernel, &view(0), &view(1), &view(2), &out, &lse, causal)
+                    .unwrap();
+            }
+        }
+        check::<E>(&case, "out", &to_f64(&out), &naive_out, &ref_out)
+            .unwrap_or_else(|e| panic!("{e}"));
+        // Both kernels keep softmax statistics in f32.
+        check::<f32>(&case, "lse", &to_f64(&lse), &naive_lse, &ref_lse)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
 }
 
 /// (batch, seq, heads, head_dim): sequences of 1, 2, 7, 113, 1023, 1025; head dims 32, 64, 80,
