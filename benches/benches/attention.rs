@@ -13,7 +13,8 @@ use cubecl::zspace::{Shape, Strides};
 use cubek_attention::definition::{AccumulatorPrecision, AttentionGlobalTypes, AttentionOptions};
 use cubek_attention::launch::{launch_ref, BlueprintStrategy, Strategy};
 use megabyte_benches::time_synced;
-use megabyte_ops::attention::{flash_attention, naive_attention, AttentionProblem};
+use megabyte_ops::attention::{flash_attention_with, naive_attention, AttentionProblem};
+use megabyte_ops::AttentionKernel;
 use megabyte_ops::{try_client, Tensor};
 
 type Wgpu = cubecl::wgpu::WgpuRuntime;
@@ -93,16 +94,27 @@ fn bench(c: &mut Criterion) {
         let (q, k, v) = (t(&[b, s, h, d]), t(&[b, s, h, d]), t(&[b, s, h, d]));
         let out = Tensor::<Wgpu, f32>::empty(&client, &[b, s, h, d]);
         let lse = Tensor::<Wgpu, f32>::empty(&client, &[b, h, s]);
-        group.bench_function(
-            BenchmarkId::new("wgpu_attention_f32_flash", name),
-            |bench| {
+        for (label, kernel) in [
+            ("wgpu_attention_f32_flash_tiled", AttentionKernel::Tiled),
+            ("wgpu_attention_f32_flash_rows", AttentionKernel::Rows),
+        ] {
+            group.bench_function(BenchmarkId::new(label, name), |bench| {
                 bench.iter_custom(|iters| {
                     time_synced(&client, iters, || {
-                        flash_attention(&q.view(), &k.view(), &v.view(), &out, &lse, true).unwrap()
+                        flash_attention_with(
+                            kernel,
+                            &q.view(),
+                            &k.view(),
+                            &v.view(),
+                            &out,
+                            &lse,
+                            true,
+                        )
+                        .unwrap()
                     })
                 })
-            },
-        );
+            });
+        }
         // The naive kernels hold B·H·S² scores; skip where that passes 1 GiB.
         if b * h * s * s * 4 <= 1 << 30 {
             group.bench_function(
