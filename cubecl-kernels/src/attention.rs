@@ -371,16 +371,19 @@ pub struct RowsConfig {
     pub causal: bool,
     /// Keys scored per softmax rescale.
     pub chunk: usize,
+    /// Query rows per unit: each K/V vector loaded serves this many rows.
+    pub rows: usize,
 }
 
-/// Flash attention with one query row per unit and no shared memory or barriers: the unit keeps
-/// q and the output accumulator in registers and streams its keys from global memory, `chunk` at
-/// a time (one rescale of the accumulator per chunk). Rows are numbered (b, h, i) with i fastest,
-/// so neighbouring units read the same K/V rows from cache.
+/// Flash attention with a few query rows per unit and no shared memory or barriers: the unit
+/// keeps its rows' q and output accumulators in registers and streams keys from global memory,
+/// `chunk` at a time (one rescale of the accumulators per chunk); each loaded K/V vector serves
+/// all `rows` rows. Units are numbered (b, h, row block) with the row block fastest, so
+/// neighbouring units read the same K/V rows from cache.
 ///
-/// This suits devices where barriers are expensive and caches are large (CPU Vulkan drivers such
-/// as lavapipe), and the local regime anywhere; on GPUs the tiled [`flash_attention`] reuses K/V
-/// through shared memory instead.
+/// This suits devices where barriers are expensive and caches large (CPU Vulkan drivers such as
+/// lavapipe), and the local regime; on GPUs the tiled [`flash_attention`] reuses K/V through
+/// shared memory instead.
 #[cube(launch_unchecked)]
 pub fn flash_attention_rows<F: Float, N: Size>(
     q: &Tensor<Vector<F, N>>,
@@ -397,89 +400,134 @@ pub fn flash_attention_rows<F: Float, N: Size>(
     let nv = cfg.vector;
     let dv = comptime!(cfg.head_dim / cfg.vector);
     let ch = cfg.chunk;
+    let rr = cfg.rows;
     let batch = q.shape(0);
     let seq = q.shape(1);
     let heads = q.shape(2);
-    if ABSOLUTE_POS < batch * heads * seq {
-        let i = ABSOLUTE_POS % seq;
-        let bh = ABSOLUTE_POS / seq;
+    let n_rb = seq.div_ceil(rr);
+    if ABSOLUTE_POS < batch * heads * n_rb {
+        let i0 = (ABSOLUTE_POS % n_rb) * rr;
+        let bh = ABSOLUTE_POS / n_rb;
         let h = bh % heads;
         let b = bh / heads;
 
-        let q_at = (q_offset as usize + b * q.stride(0) + i * q.stride(1) + h * q.stride(2)) / nv;
-        let mut qr = Array::<Vector<f32, N>>::new(dv);
-        let mut acc = Array::<Vector<f32, N>>::new(dv);
+        let q_row0 = q_offset as usize + b * q.stride(0) + h * q.stride(2);
+        let mut qr = Array::<Vector<f32, N>>::new(comptime!(cfg.rows * cfg.head_dim / cfg.vector));
+        let mut acc = Array::<Vector<f32, N>>::new(comptime!(cfg.rows * cfg.head_dim / cfg.vector));
+        let mut m = Array::<f32>::new(rr);
+        let mut l = Array::<f32>::new(rr);
         #[unroll]
-        for c in 0..dv {
-            qr[c] = Vector::<f32, N>::cast_from(q[q_at + c]);
-            acc[c] = Vector::<f32, N>::new(0.0);
+        for r in 0..rr {
+            let i = min(i0 + r, seq - 1);
+            let q_at = (q_row0 + i * q.stride(1)) / nv;
+            #[unroll]
+            for c in 0..dv {
+                qr[r * dv + c] = Vector::<f32, N>::cast_from(q[q_at + c]);
+                acc[r * dv + c] = Vector::<f32, N>::new(0.0);
+            }
+            m[r] = NEG;
+            l[r] = 0.0;
         }
         let k_row0 = k_offset as usize + b * k.stride(0) + h * k.stride(2);
         let v_row0 = v_offset as usize + b * v.stride(0) + h * v.stride(2);
 
         let mut end = seq;
         if comptime!(cfg.causal) {
-            end = i + 1;
+            end = min(i0 + rr, seq);
         }
         let n_chunks = end.div_ceil(ch);
-        let mut m = f32::new(NEG);
-        let mut l = f32::new(0.0);
-        let mut scores = Array::<f32>::new(ch);
+        // Scores of the chunk, then (in place) their probabilities: (rows, chunk).
+        let mut sp = Array::<f32>::new(comptime!(cfg.rows * cfg.chunk));
+        // Loops over the keys of a chunk stay loops (each runs at most S times per unit, inside
+        // llvmpipe's per-loop iteration cap for S < 65,536); loops over rows and head-dim
+        // vectors are unrolled.
         let mut chunk = 0;
         while chunk < n_chunks {
             let j0 = chunk * ch;
-            let mut chunk_max = f32::new(NEG);
-            #[unroll]
             for u in 0..ch {
                 let j = j0 + u;
-                let mut s = f32::new(NEG);
+                let mut dots = Array::<Vector<f32, N>>::new(rr);
+                #[unroll]
+                for r in 0..rr {
+                    dots[r] = Vector::<f32, N>::new(0.0);
+                }
                 if j < end {
                     let k_at = (k_row0 + j * k.stride(1)) / nv;
-                    let mut dot = Vector::<f32, N>::new(0.0);
                     #[unroll]
                     for c in 0..dv {
-                        dot += qr[c] * Vector::<f32, N>::cast_from(k[k_at + c]);
+                        let kc = Vector::<f32, N>::cast_from(k[k_at + c]);
+                        #[unroll]
+                        for r in 0..rr {
+                            dots[r] += qr[r * dv + c] * kc;
+                        }
                     }
+                }
+                #[unroll]
+                for r in 0..rr {
                     let mut total = f32::new(0.0);
                     #[unroll]
                     for lane in 0..nv {
-                        total += dot[lane];
+                        total += dots[r][lane];
                     }
-                    s = total * scale;
+                    let mut visible = j < end;
+                    if comptime!(cfg.causal) {
+                        visible = visible && j <= i0 + r;
+                    }
+                    sp[r * ch + u] = select(visible, total * scale, f32::new(NEG));
                 }
-                scores[u] = s;
-                chunk_max = max(chunk_max, s);
-            }
-            let m_new = max(m, chunk_max);
-            let alpha = (m - m_new).exp();
-            l *= alpha;
-            #[unroll]
-            for c in 0..dv {
-                acc[c] = acc[c] * Vector::new(alpha);
             }
             #[unroll]
+            for r in 0..rr {
+                let mut chunk_max = f32::new(NEG);
+                for u in 0..ch {
+                    chunk_max = max(chunk_max, sp[r * ch + u]);
+                }
+                let m_new = max(m[r], chunk_max);
+                let alpha = (m[r] - m_new).exp();
+                let mut sum = f32::new(0.0);
+                for u in 0..ch {
+                    // Masked scores sit at -1e30: their exp underflows to exactly 0.
+                    let p = (sp[r * ch + u] - m_new).exp();
+                    sp[r * ch + u] = p;
+                    sum += p;
+                }
+                l[r] = l[r] * alpha + sum;
+                m[r] = m_new;
+                #[unroll]
+                for c in 0..dv {
+                    acc[r * dv + c] = acc[r * dv + c] * Vector::new(alpha);
+                }
+            }
             for u in 0..ch {
                 let j = j0 + u;
                 if j < end {
-                    let p = (scores[u] - m_new).exp();
-                    l += p;
                     let v_at = (v_row0 + j * v.stride(1)) / nv;
                     #[unroll]
                     for c in 0..dv {
-                        acc[c] += Vector::new(p) * Vector::<f32, N>::cast_from(v[v_at + c]);
+                        let vc = Vector::<f32, N>::cast_from(v[v_at + c]);
+                        #[unroll]
+                        for r in 0..rr {
+                            acc[r * dv + c] += Vector::new(sp[r * ch + u]) * vc;
+                        }
                     }
                 }
             }
-            m = m_new;
             chunk += 1;
         }
 
-        let inv_l = Vector::<f32, N>::new(1.0 / l);
-        let o_at = (b * out.stride(0) + i * out.stride(1) + h * out.stride(2)) / nv;
+        let o_row0 = b * out.stride(0) + h * out.stride(2);
         #[unroll]
-        for c in 0..dv {
-            out[o_at + c] = Vector::cast_from(acc[c] * inv_l);
+        for r in 0..rr {
+            let i = i0 + r;
+            if i < seq {
+                let inv_l = Vector::<f32, N>::new(1.0 / l[r]);
+                let o_at = (o_row0 + i * out.stride(1)) / nv;
+                #[unroll]
+                for c in 0..dv {
+                    out[o_at + c] = Vector::cast_from(acc[r * dv + c] * inv_l);
+                }
+                lse[b * lse.stride(0) + h * lse.stride(1) + i * lse.stride(2)] = m[r] + l[r].ln();
+            }
         }
-        lse[b * lse.stride(0) + h * lse.stride(1) + i * lse.stride(2)] = m + l.ln();
     }
 }

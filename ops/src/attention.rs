@@ -37,8 +37,16 @@ pub enum AttentionKernel {
     Rows,
 }
 
+/// Longest sequence `Auto` gives the `Rows` kernel on devices without plane ops.
+pub const ROWS_MAX_SEQ: usize = 65_536;
+
 /// Keys per softmax rescale in the `Rows` kernel.
 const ROWS_CHUNK: usize = 8;
+/// Most query rows per unit in the `Rows` kernel: each K/V vector loaded serves this many rows.
+const ROWS_PER_UNIT: usize = 8;
+/// Bound on rows × head-dim vectors per unit in the `Rows` kernel. Its loops are unrolled, so
+/// this bounds code size (and JIT time) as well as registers.
+const ROWS_VECTORS: usize = 128;
 
 /// The shape of an attention call, independent of data.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -241,7 +249,10 @@ pub fn flash_attention_with<R: Runtime, E: FloatElement>(
         AttentionKernel::Auto if client.properties().features.plane.contains(Plane::Ops) => {
             AttentionKernel::Tiled
         }
-        AttentionKernel::Auto => AttentionKernel::Rows,
+        // llvmpipe caps a shader loop at 65,535 iterations per unit; the `Rows` kernel's key
+        // loops run S times, the tiled kernel's S / 16.
+        AttentionKernel::Auto if seq < ROWS_MAX_SEQ => AttentionKernel::Rows,
+        AttentionKernel::Auto => AttentionKernel::Tiled,
         chosen => chosen,
     };
     let arg = |t: &TensorView<R, E>| {
@@ -283,7 +294,10 @@ pub fn flash_attention_with<R: Runtime, E: FloatElement>(
     };
 
     if kernel == AttentionKernel::Rows {
-        let rows = batch * heads * seq;
+        let rows_per_unit = (ROWS_VECTORS / (head_dim / vector))
+            .clamp(1, ROWS_PER_UNIT)
+            .min(seq);
+        let rows = batch * heads * seq.div_ceil(rows_per_unit);
         let cube_dim = CubeDim::new(client, rows);
         let cubes = rows.div_ceil(cube_dim.num_elems() as usize) as u32;
         let cfg = RowsConfig {
@@ -291,6 +305,7 @@ pub fn flash_attention_with<R: Runtime, E: FloatElement>(
             vector,
             causal,
             chunk: ROWS_CHUNK,
+            rows: rows_per_unit,
         };
         unsafe {
             flash_attention_rows::launch_unchecked::<E, R>(
