@@ -6,3 +6,4 @@
 
 pub mod activation;
 pub mod attention;
+pub mod layer_norm;

@@ -12,6 +12,7 @@ pub mod attention;
 pub mod device;
 pub mod element;
 pub mod error;
+pub mod layer_norm;
 pub mod tensor;
 
 pub use attention::AttentionKernel;

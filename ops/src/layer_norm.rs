@@ -1,0 +1,111 @@
+//! Launcher for LayerNorm over the last dimension.
+
+use cubecl::prelude::*;
+use cubecl::server::CubeCountSelection;
+use megabyte_kernels::layer_norm::{layer_norm as layer_norm_kernel, LayerNormConfig};
+
+use crate::device::{ensure_dtype, vector_size_for};
+use crate::element::FloatElement;
+use crate::error::OpError;
+use crate::tensor::Tensor;
+
+const OP: &str = "layer_norm";
+
+/// LayerNorm epsilon of the model (the reference uses the same value).
+pub const EPS: f32 = 1e-5;
+
+/// out = LN(input) · weight + bias over the last dim of a contiguous (rows, C) input; writes the
+/// per-row mean and rstd (f32, (rows)) for the backward pass.
+pub fn layer_norm<R: Runtime, E: FloatElement>(
+    input: &Tensor<R, E>,
+    weight: &Tensor<R, E>,
+    bias: &Tensor<R, E>,
+    out: &Tensor<R, E>,
+    mean: &Tensor<R, f32>,
+    rstd: &Tensor<R, f32>,
+) -> Result<(), OpError> {
+    let client = input.client();
+    ensure_dtype::<R, E>(client, OP)?;
+    if input.shape().len() != 2 {
+        return Err(OpError::Shape {
+            op: OP,
+            tensor: "input",
+            got: input.shape().to_vec(),
+            expected: vec![0, 0],
+        });
+    }
+    let (rows, width) = (input.shape()[0], input.shape()[1]);
+    if rows == 0 || width == 0 {
+        return Err(OpError::Empty {
+            op: OP,
+            tensor: "input",
+            shape: input.shape().to_vec(),
+        });
+    }
+    for (name, t, expected) in [
+        ("weight", weight, vec![width]),
+        ("bias", bias, vec![width]),
+        ("out", out, vec![rows, width]),
+    ] {
+        if t.shape() != expected.as_slice() {
+            return Err(OpError::Shape {
+                op: OP,
+                tensor: name,
+                got: t.shape().to_vec(),
+                expected,
+            });
+        }
+    }
+    for (name, t) in [("mean", mean), ("rstd", rstd)] {
+        if t.shape() != [rows] {
+            return Err(OpError::Shape {
+                op: OP,
+                tensor: name,
+                got: t.shape().to_vec(),
+                expected: vec![rows],
+            });
+        }
+    }
+    let vector = vector_size_for::<R, E>(client, &[width]);
+    // Enough units per row to cover it in a few strides, at most 256 per cube.
+    let units = (width / vector).next_power_of_two().clamp(1, 128);
+    let rows_per_cube = (256 / units).clamp(1, rows.next_power_of_two());
+    let cfg = LayerNormConfig {
+        units,
+        rows: rows_per_cube,
+    };
+    let cubes = rows.div_ceil(rows_per_cube) as u32;
+    let arg = |t: &Tensor<R, E>| unsafe {
+        TensorArg::from_raw_parts(
+            t.handle().clone(),
+            t.strides().into(),
+            t.shape().to_vec().into(),
+        )
+    };
+    let arg32 = |t: &Tensor<R, f32>| unsafe {
+        TensorArg::from_raw_parts(
+            t.handle().clone(),
+            t.strides().into(),
+            t.shape().to_vec().into(),
+        )
+    };
+    // SAFETY: shapes validated above; rows past the end are masked in the kernel, `vector`
+    // divides the row width, and every unit reaches every barrier.
+    unsafe {
+        layer_norm_kernel::launch_unchecked::<E, R>(
+            client,
+            CubeCountSelection::new(client, cubes).cube_count(),
+            CubeDim::new_2d(units as u32, rows_per_cube as u32),
+            vector,
+            arg(input),
+            arg(weight),
+            arg(bias),
+            arg(out),
+            arg32(mean),
+            arg32(rstd),
+            EPS,
+            cfg,
+        );
+    }
+    Ok(())
+}

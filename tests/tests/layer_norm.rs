@@ -1,0 +1,177 @@
+//! LayerNorm kernel against an f64 reference (the reference crate's formula in f64 outputs),
+//! with a naive f32 host implementation as the tolerance baseline; proptest and a sweep of row
+//! widths 1..8192, including widths that are not a multiple of the vector width.
+
+use cubecl::prelude::ComputeClient;
+use megabyte_ops::layer_norm::{layer_norm, EPS};
+use megabyte_ops::{FloatElement, OpError, Tensor};
+use megabyte_tests::{check, round, uniform, with_client, Wgpu, NAIVE_SAMPLE};
+use proptest::prelude::*;
+
+/// LayerNorm of one row in f64: (out, mean, rstd).
+fn reference(x: &[f32], w: &[f32], b: &[f32]) -> (Vec<f64>, f64, f64) {
+    let c = x.len() as f64;
+    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / c;
+    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / c;
+    let rstd = 1.0 / (var + EPS as f64).sqrt();
+    (
+        x.iter()
+            .zip(w)
+            .zip(b)
+            .map(|((&v, &w), &b)| (v as f64 - mean) * rstd * w as f64 + b as f64)
+            .collect(),
+        mean,
+        rstd,
+    )
+}
+
+/// The straightforward f32 implementation: sequential f32 sums, output rounded to E.
+fn naive<E: FloatElement>(x: &[f32], w: &[f32], b: &[f32]) -> (Vec<f64>, f64, f64) {
+    let c = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / c;
+    let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / c;
+    let rstd = 1.0 / (var + EPS).sqrt();
+    (
+        x.iter()
+            .zip(w)
+            .zip(b)
+            .map(|((&v, &w), &b)| round::<E>(((v - mean) * rstd * w + b) as f64))
+            .collect(),
+        mean as f64,
+        rstd as f64,
+    )
+}
+
+fn run_case<E: FloatElement>(client: &ComputeClient<Wgpu>, rows: usize, width: usize, seed: u64) {
+    let case = format!(
+        "layer_norm({}, rows={rows}, width={width}, seed={seed})",
+        E::NAME
+    );
+    let r =
+        |v: Vec<f32>| -> Vec<f32> { v.into_iter().map(|x| round::<E>(x as f64) as f32).collect() };
+    // An offset mean (3.0) makes the one-pass variance formula visibly wrong. The kernel gets
+    // `rows` rows; the naive error is measured on at least NAIVE_SAMPLE values (more rows from
+    // the same distribution), see the tolerance rule.
+    let sample_rows = rows.max(NAIVE_SAMPLE.div_ceil(width));
+    let x = r(uniform(seed, sample_rows * width, 2.0, 4.0));
+    let w = r(uniform(seed ^ 1, width, 0.5, 1.5));
+    let b = r(uniform(seed ^ 2, width, -0.5, 0.5));
+    let input = Tensor::<Wgpu, E>::from_f32(client, &x[..rows * width], &[rows, width]).unwrap();
+    let (wt, bt) = (
+        Tensor::<Wgpu, E>::from_f32(client, &w, &[width]).unwrap(),
+        Tensor::<Wgpu, E>::from_f32(client, &b, &[width]).unwrap(),
+    );
+    let out = Tensor::<Wgpu, E>::full(client, &[rows, width], f64::NAN);
+    let (mean, rstd) = (
+        Tensor::<Wgpu, f32>::full(client, &[rows], f64::NAN),
+        Tensor::<Wgpu, f32>::full(client, &[rows], f64::NAN),
+    );
+    layer_norm(&input, &wt, &bt, &out, &mean, &rstd).unwrap();
+
+    let (mut ro, mut rm, mut rr, mut no, mut nm, mut nr) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for row in x.chunks(width) {
+        let (o, m, s) = reference(row, &w, &b);
+        ro.extend(o);
+        rm.push(m);
+        rr.push(s);
+        let (o, m, s) = naive::<E>(row, &w, &b);
+        no.extend(o);
+        nm.push(m);
+        nr.push(s);
+    }
+    let f = |t: &Tensor<Wgpu, E>| -> Vec<f64> {
+        t.to_vec()
+            .unwrap()
+            .into_iter()
+            .map(|v| v.to_f64())
+            .collect()
+    };
+    let f32v = |t: &Tensor<Wgpu, f32>| -> Vec<f64> {
+        t.to_vec().unwrap().into_iter().map(|v| v as f64).collect()
+    };
+    check::<E>(&case, "out", &f(&out), &no, &ro).unwrap_or_else(|e| panic!("{e}"));
+    check::<f32>(&case, "mean", &f32v(&mean), &nm, &rm).unwrap_or_else(|e| panic!("{e}"));
+    check::<f32>(&case, "rstd", &f32v(&rstd), &nr, &rr).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Widths 8..8192, odd ones and ones off the vector width; row counts 1, 3, 75, 1000.
+const SWEEP: &[(usize, usize)] = &[
+    (1, 8),
+    (3, 7),
+    (75, 33),
+    (1, 8192),
+    (2, 8191),
+    (1000, 64),
+    (5, 1000),
+    (3, 1),
+    (7, 4097),
+];
+
+#[test]
+fn sweep() {
+    with_client!(
+        Wgpu,
+        |client| for (i, &(rows, width)) in SWEEP.iter().enumerate() {
+            run_case::<f32>(&client, rows, width, 700 + i as u64);
+            run_case::<half::f16>(&client, rows, width, 800 + i as u64);
+        }
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_shapes(rows in 1usize..300, width in 1usize..3000, f16: bool, seed: u64) {
+        with_client!(Wgpu, |client| if f16 {
+            run_case::<half::f16>(&client, rows, width, seed)
+        } else {
+            run_case::<f32>(&client, rows, width, seed)
+        });
+    }
+}
+
+#[test]
+fn bad_shapes_are_errors() {
+    with_client!(Wgpu, |client| {
+        let t = |shape: &[usize]| Tensor::<Wgpu, f32>::full(&client, shape, 1.0);
+        let s = |shape: &[usize]| Tensor::<Wgpu, f32>::full(&client, shape, 0.0);
+        let err = layer_norm(
+            &t(&[4, 8]),
+            &t(&[7]),
+            &t(&[8]),
+            &t(&[4, 8]),
+            &s(&[4]),
+            &s(&[4]),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "layer_norm: `weight` has shape [7], expected [8]"
+        );
+        let err = layer_norm(
+            &t(&[4, 8]),
+            &t(&[8]),
+            &t(&[8]),
+            &t(&[4, 8]),
+            &s(&[3]),
+            &s(&[4]),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "layer_norm: `mean` has shape [3], expected [4]"
+        );
+        let err = layer_norm(
+            &t(&[0, 8]),
+            &t(&[8]),
+            &t(&[8]),
+            &t(&[0, 8]),
+            &s(&[0]),
+            &s(&[0]),
+        )
+        .unwrap_err();
+        assert!(matches!(err, OpError::Empty { .. }), "{err}");
+    });
+}
