@@ -2,6 +2,32 @@
 
 use crate::config::LN_EPS;
 
+/// [`layer_norm`] with f64 outputs, for tests that measure f32 kernels against it:
+/// returns out (N, C), mean (N) and rstd (N).
+pub fn layer_norm_f64(
+    inp: &[f32],    // (N, C)
+    weight: &[f32], // (C)
+    bias: &[f32],   // (C)
+    n: usize,
+    c: usize,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    assert_eq!(inp.len(), n * c);
+    assert_eq!((weight.len(), bias.len()), (c, c));
+    let (mut out, mut mean, mut rstd) = (vec![0f64; n * c], vec![0f64; n], vec![0f64; n]);
+    for row in 0..n {
+        let x = &inp[row * c..(row + 1) * c];
+        let m = x.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
+        let var = x.iter().map(|&v| (v as f64 - m).powi(2)).sum::<f64>() / c as f64;
+        let s = 1.0 / (var + LN_EPS).sqrt();
+        for i in 0..c {
+            out[row * c + i] = (x[i] as f64 - m) * s * weight[i] as f64 + bias[i] as f64;
+        }
+        mean[row] = m;
+        rstd[row] = s;
+    }
+    (out, mean, rstd)
+}
+
 /// out[n, :] = (inp[n, :] - mean) · rstd · weight + bias, with the statistics in f64.
 /// Saves mean[n] and rstd[n] = 1 / sqrt(var + eps) (population variance) for the backward pass.
 pub fn layer_norm(
@@ -15,21 +41,16 @@ pub fn layer_norm(
     c: usize,
 ) {
     assert_eq!(out.len(), n * c);
-    assert_eq!(inp.len(), n * c);
-    assert_eq!(
-        (weight.len(), bias.len(), mean.len(), rstd.len()),
-        (c, c, n, n)
-    );
-    for row in 0..n {
-        let x = &inp[row * c..(row + 1) * c];
-        let m = x.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
-        let var = x.iter().map(|&v| (v as f64 - m).powi(2)).sum::<f64>() / c as f64;
-        let s = 1.0 / (var + LN_EPS).sqrt();
-        for i in 0..c {
-            out[row * c + i] = ((x[i] as f64 - m) * s * weight[i] as f64 + bias[i] as f64) as f32;
-        }
-        mean[row] = m as f32;
-        rstd[row] = s as f32;
+    assert_eq!((mean.len(), rstd.len()), (n, n));
+    let (o, m, s) = layer_norm_f64(inp, weight, bias, n, c);
+    for (dst, v) in out.iter_mut().zip(o) {
+        *dst = v as f32;
+    }
+    for (dst, v) in mean.iter_mut().zip(m) {
+        *dst = v as f32;
+    }
+    for (dst, v) in rstd.iter_mut().zip(s) {
+        *dst = v as f32;
     }
 }
 

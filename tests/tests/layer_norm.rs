@@ -1,29 +1,13 @@
-//! LayerNorm kernel against an f64 reference (the reference crate's formula in f64 outputs),
+//! LayerNorm kernel against the reference (`layer_norm_f64`, f64 outputs),
 //! with a naive f32 host implementation as the tolerance baseline; proptest and a sweep of row
 //! widths 1..8192, including widths that are not a multiple of the vector width.
 
 use cubecl::prelude::ComputeClient;
 use megabyte_ops::layer_norm::{layer_norm, EPS};
 use megabyte_ops::{FloatElement, OpError, Tensor};
+use megabyte_reference::layer_norm::layer_norm_f64;
 use megabyte_tests::{check, round, uniform, with_client, Wgpu, NAIVE_SAMPLE};
 use proptest::prelude::*;
-
-/// LayerNorm of one row in f64: (out, mean, rstd).
-fn reference(x: &[f32], w: &[f32], b: &[f32]) -> (Vec<f64>, f64, f64) {
-    let c = x.len() as f64;
-    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / c;
-    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / c;
-    let rstd = 1.0 / (var + EPS as f64).sqrt();
-    (
-        x.iter()
-            .zip(w)
-            .zip(b)
-            .map(|((&v, &w), &b)| (v as f64 - mean) * rstd * w as f64 + b as f64)
-            .collect(),
-        mean,
-        rstd,
-    )
-}
 
 /// The straightforward f32 implementation: sequential f32 sums, output rounded to E.
 fn naive<E: FloatElement>(x: &[f32], w: &[f32], b: &[f32]) -> (Vec<f64>, f64, f64) {
@@ -68,13 +52,9 @@ fn run_case<E: FloatElement>(client: &ComputeClient<Wgpu>, rows: usize, width: u
     );
     layer_norm(&input, &wt, &bt, &out, &mean, &rstd).unwrap();
 
-    let (mut ro, mut rm, mut rr, mut no, mut nm, mut nr) =
-        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (ro, rm, rr) = layer_norm_f64(&x, &w, &b, sample_rows, width);
+    let (mut no, mut nm, mut nr) = (vec![], vec![], vec![]);
     for row in x.chunks(width) {
-        let (o, m, s) = reference(row, &w, &b);
-        ro.extend(o);
-        rm.push(m);
-        rr.push(s);
         let (o, m, s) = naive::<E>(row, &w, &b);
         no.extend(o);
         nm.push(m);
