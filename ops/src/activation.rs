@@ -1,10 +1,9 @@
 //! Launcher for the elementwise GELU / ReLU kernel.
 
 use cubecl::prelude::*;
-use cubecl::server::CubeCountSelection;
 use megabyte_kernels::activation::{activation as activation_kernel, ActivationKind};
 
-use crate::device::{ensure_dtype, vector_size_for};
+use crate::device::{ensure_dtype, grid_1d, vector_size_for};
 use crate::element::FloatElement;
 use crate::error::OpError;
 use crate::tensor::Tensor;
@@ -37,9 +36,7 @@ pub fn activation_into<R: Runtime, E: FloatElement>(
     let n = input.len();
     let vector = vector_size_for::<R, E>(client, &[n]);
     let units = n / vector;
-    let cube_dim = CubeDim::new(client, units);
-    let cubes = units.div_ceil(cube_dim.num_elems() as usize) as u32;
-    let cube_count = CubeCountSelection::new(client, cubes).cube_count();
+    let (cube_count, cube_dim) = grid_1d(client, units);
     // SAFETY: both arrays hold exactly `n` elements of E (checked above), the kernel guards
     // every access with `ABSOLUTE_POS < input.len()`, and `vector` divides `n`.
     unsafe {
@@ -92,13 +89,12 @@ pub fn gelu_naive<R: Runtime, E: FloatElement>(
     }
     let n = input.len();
     let output = Tensor::empty(client, input.shape());
-    let cube_dim = CubeDim::new(client, n);
-    let cubes = n.div_ceil(cube_dim.num_elems() as usize) as u32;
+    let (cube_count, cube_dim) = grid_1d(client, n);
     // SAFETY: both arrays hold `n` elements and the kernel bounds-checks every access.
     unsafe {
         megabyte_kernels::activation::gelu_naive::launch_unchecked::<E, R>(
             client,
-            CubeCountSelection::new(client, cubes).cube_count(),
+            cube_count,
             cube_dim,
             ArrayArg::from_raw_parts(input.handle().clone(), n),
             ArrayArg::from_raw_parts(output.handle().clone(), n),

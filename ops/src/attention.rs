@@ -13,7 +13,7 @@ use megabyte_kernels::attention::{
     naive_weighted_sum, FlashConfig, RowsConfig,
 };
 
-use crate::device::ensure_dtype;
+use crate::device::{ensure_dtype, grid_1d};
 use crate::element::FloatElement;
 use crate::error::OpError;
 use crate::tensor::{Tensor, TensorView};
@@ -255,16 +255,6 @@ pub fn flash_attention_with<R: Runtime, E: FloatElement>(
         AttentionKernel::Auto => AttentionKernel::Tiled,
         chosen => chosen,
     };
-    let arg = |t: &TensorView<R, E>| {
-        // SAFETY: `strided`/`view` checked that every addressed element lies in the buffer.
-        unsafe {
-            TensorArg::from_raw_parts(
-                t.tensor.handle().clone(),
-                t.strides.clone().into(),
-                t.shape.clone().into(),
-            )
-        }
-    };
     let offset = |t: &TensorView<R, E>| {
         u32::try_from(t.offset).map_err(|_| OpError::Unsupported {
             op: OP,
@@ -278,28 +268,12 @@ pub fn flash_attention_with<R: Runtime, E: FloatElement>(
     // SAFETY (both launches): shapes were validated above; the kernels bounds-check rows
     // against S and work items against their count, and `vector` divides D, all strides and
     // all offsets.
-    let out_arg = || unsafe {
-        TensorArg::from_raw_parts(
-            out.handle().clone(),
-            out.strides().into(),
-            out.shape().to_vec().into(),
-        )
-    };
-    let lse_arg = || unsafe {
-        TensorArg::from_raw_parts(
-            lse.handle().clone(),
-            lse.strides().into(),
-            lse.shape().to_vec().into(),
-        )
-    };
-
     if kernel == AttentionKernel::Rows {
         let rows_per_unit = (ROWS_VECTORS / (head_dim / vector))
             .clamp(1, ROWS_PER_UNIT)
             .min(seq);
         let rows = batch * heads * seq.div_ceil(rows_per_unit);
-        let cube_dim = CubeDim::new(client, rows);
-        let cubes = rows.div_ceil(cube_dim.num_elems() as usize) as u32;
+        let (cube_count, cube_dim) = grid_1d(client, rows);
         let cfg = RowsConfig {
             head_dim,
             vector,
@@ -310,14 +284,14 @@ pub fn flash_attention_with<R: Runtime, E: FloatElement>(
         unsafe {
             flash_attention_rows::launch_unchecked::<E, R>(
                 client,
-                CubeCountSelection::new(client, cubes).cube_count(),
+                cube_count,
                 cube_dim,
                 vector,
-                arg(q),
-                arg(k),
-                arg(v),
-                out_arg(),
-                lse_arg(),
+                q.arg(),
+                k.arg(),
+                v.arg(),
+                out.arg(),
+                lse.arg(),
                 qo,
                 ko,
                 vo,
@@ -338,11 +312,11 @@ pub fn flash_attention_with<R: Runtime, E: FloatElement>(
             CubeCountSelection::new(client, cubes).cube_count(),
             cube_dim,
             vector,
-            arg(q),
-            arg(k),
-            arg(v),
-            out_arg(),
-            lse_arg(),
+            q.arg(),
+            k.arg(),
+            v.arg(),
+            out.arg(),
+            lse.arg(),
             qo,
             ko,
             vo,
@@ -369,55 +343,36 @@ pub fn naive_attention<R: Runtime, E: FloatElement>(
     check_outputs(dims, out, lse)?;
     let [b, s, h, d] = dims;
     let scores = Tensor::<R, E>::empty(client, &[b, h, s, s]);
-    let arg = |t: &Tensor<R, E>| unsafe {
-        TensorArg::from_raw_parts(
-            t.handle().clone(),
-            t.strides().into(),
-            t.shape().to_vec().into(),
-        )
-    };
-    let grid = |n: usize| {
-        let dim = CubeDim::new(client, n);
-        (
-            CubeCountSelection::new(client, n.div_ceil(dim.num_elems() as usize) as u32)
-                .cube_count(),
-            dim,
-        )
-    };
     // SAFETY: all tensors are contiguous with the validated shapes; each kernel bounds-checks
     // ABSOLUTE_POS against its output length.
     unsafe {
-        let (count, dim) = grid(b * h * s * s);
+        let (count, dim) = grid_1d(client, b * h * s * s);
         naive_scores::launch_unchecked::<E, R>(
             client,
             count,
             dim,
-            arg(q),
-            arg(k),
-            arg(&scores),
+            q.arg(),
+            k.arg(),
+            scores.arg(),
             (1.0 / (d as f64).sqrt()) as f32,
         );
-        let (count, dim) = grid(b * h * s);
+        let (count, dim) = grid_1d(client, b * h * s);
         naive_softmax::launch_unchecked::<E, R>(
             client,
             count,
             dim,
-            arg(&scores),
-            TensorArg::from_raw_parts(
-                lse.handle().clone(),
-                lse.strides().into(),
-                lse.shape().to_vec().into(),
-            ),
+            scores.arg(),
+            lse.arg(),
             causal,
         );
-        let (count, dim) = grid(b * s * h * d);
+        let (count, dim) = grid_1d(client, b * s * h * d);
         naive_weighted_sum::launch_unchecked::<E, R>(
             client,
             count,
             dim,
-            arg(&scores),
-            arg(v),
-            arg(out),
+            scores.arg(),
+            v.arg(),
+            out.arg(),
         );
     }
     Ok(())

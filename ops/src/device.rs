@@ -1,6 +1,7 @@
 //! Compute clients and device capability checks.
 
 use cubecl::prelude::*;
+use cubecl::server::CubeCountSelection;
 
 use crate::element::FloatElement;
 use crate::error::OpError;
@@ -49,4 +50,13 @@ pub fn vector_size_for<R: Runtime, E: FloatElement>(
         .io_optimized_vector_sizes(std::mem::size_of::<E>())
         .find(|&v| lengths.iter().all(|&n| n % v == 0))
         .unwrap_or(1)
+}
+
+/// Launch geometry for `units` independent units in one dimension: the runtime's default cube
+/// size for that much work, and enough cubes (spread over x, y, z within the device limits) to
+/// cover them. Kernels bounds-check `ABSOLUTE_POS`, since the count may overshoot.
+pub fn grid_1d<R: Runtime>(client: &ComputeClient<R>, units: usize) -> (CubeCount, CubeDim) {
+    let dim = CubeDim::new(client, units);
+    let cubes = units.div_ceil(dim.num_elems() as usize) as u32;
+    (CubeCountSelection::new(client, cubes).cube_count(), dim)
 }

@@ -75,20 +75,6 @@ pub fn layer_norm<R: Runtime, E: FloatElement>(
         rows: rows_per_cube,
     };
     let cubes = rows.div_ceil(rows_per_cube) as u32;
-    let arg = |t: &Tensor<R, E>| unsafe {
-        TensorArg::from_raw_parts(
-            t.handle().clone(),
-            t.strides().into(),
-            t.shape().to_vec().into(),
-        )
-    };
-    let arg32 = |t: &Tensor<R, f32>| unsafe {
-        TensorArg::from_raw_parts(
-            t.handle().clone(),
-            t.strides().into(),
-            t.shape().to_vec().into(),
-        )
-    };
     // SAFETY: shapes validated above; rows past the end are masked in the kernel, `vector`
     // divides the row width, and every unit reaches every barrier.
     unsafe {
@@ -97,12 +83,12 @@ pub fn layer_norm<R: Runtime, E: FloatElement>(
             CubeCountSelection::new(client, cubes).cube_count(),
             CubeDim::new_2d(units as u32, rows_per_cube as u32),
             vector,
-            arg(input),
-            arg(weight),
-            arg(bias),
-            arg(out),
-            arg32(mean),
-            arg32(rstd),
+            input.arg(),
+            weight.arg(),
+            bias.arg(),
+            out.arg(),
+            mean.arg(),
+            rstd.arg(),
             EPS,
             cfg,
         );

@@ -224,3 +224,33 @@ impl<R: Runtime, E> Tensor<R, E> {
         })
     }
 }
+
+impl<R: Runtime, E> Tensor<R, E> {
+    /// The kernel argument for this tensor: its buffer, row-major strides and shape.
+    pub(crate) fn arg(&self) -> TensorArg<R> {
+        // SAFETY: the buffer holds exactly `len()` elements laid out row-major, which is what
+        // these strides and shape describe.
+        unsafe {
+            TensorArg::from_raw_parts(
+                self.handle.clone(),
+                self.strides().into(),
+                self.shape.clone().into(),
+            )
+        }
+    }
+}
+
+impl<R: Runtime, E> TensorView<'_, R, E> {
+    /// The kernel argument for this view (its offset travels separately).
+    pub(crate) fn arg(&self) -> TensorArg<R> {
+        // SAFETY: `Tensor::strided`/`Tensor::view` checked that every element the shape and
+        // strides address lies inside the buffer.
+        unsafe {
+            TensorArg::from_raw_parts(
+                self.tensor.handle().clone(),
+                self.strides.clone().into(),
+                self.shape.clone().into(),
+            )
+        }
+    }
+}

@@ -110,6 +110,15 @@ pub fn check<E: FloatElement>(
     Ok(errs)
 }
 
+/// Reads a device tensor back as f64 values, for [`check`].
+pub fn read_f64<R: Runtime, E: FloatElement>(t: &megabyte_ops::Tensor<R, E>) -> Vec<f64> {
+    t.to_vec()
+        .expect("read back a device tensor")
+        .into_iter()
+        .map(|v| v.to_f64())
+        .collect()
+}
+
 /// Uniform values in [lo, hi) from a seed. The seed is part of every test case's printed id.
 pub fn uniform(seed: u64, n: usize, lo: f32, hi: f32) -> Vec<f32> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);

@@ -3,7 +3,7 @@
 use megabyte_ops::activation::{activation, gelu_naive};
 use megabyte_ops::{ActivationKind, FloatElement, Tensor};
 use megabyte_reference::activation::{gelu_scalar, relu_scalar};
-use megabyte_tests::{check, round, uniform, with_client, Wgpu, NAIVE_SAMPLE};
+use megabyte_tests::{check, read_f64, round, uniform, with_client, Wgpu, NAIVE_SAMPLE};
 use proptest::prelude::*;
 
 /// Input ranges: the whole useful range, and near zero, where outputs are small and an
@@ -40,22 +40,14 @@ fn run_range<E: FloatElement>(
     // Poison the output: any element the kernel skips stays NaN and fails the check.
     let output = Tensor::<Wgpu, E>::full(client, &[n], f64::NAN);
     megabyte_ops::activation::activation_into(&input, &output, act).unwrap();
-    let got: Vec<f64> = output
-        .to_vec()
-        .unwrap()
-        .into_iter()
-        .map(|v| v.to_f64())
-        .collect();
+    let got = read_f64(&output);
     // The reference sees exactly the values the kernel saw (rounded to E).
     let (reference, naive): (Vec<f64>, Vec<f64>) = match act {
         // The naive GELU is the straightforward kernel on the same device in the same precision.
         ActivationKind::Gelu => {
             let all = Tensor::<Wgpu, E>::from_f32(client, &sample, &[sample.len()]).unwrap();
-            let naive = gelu_naive(&all).unwrap().to_vec().unwrap();
-            xs.iter()
-                .zip(naive)
-                .map(|(&x, nv)| (gelu_scalar(x), nv.to_f64()))
-                .unzip()
+            let naive = read_f64(&gelu_naive(&all).unwrap());
+            xs.iter().map(|&x| gelu_scalar(x)).zip(naive).unzip()
         }
         // max(x, 0) is exact in any precision.
         ActivationKind::Relu => xs

@@ -7,7 +7,7 @@ use megabyte_ops::attention::{flash_attention, flash_attention_with, naive_atten
 use megabyte_ops::AttentionKernel;
 use megabyte_ops::{FloatElement, OpError, Tensor};
 use megabyte_reference::attention::attention_f64;
-use megabyte_tests::{check, round, uniform, with_client, Wgpu};
+use megabyte_tests::{check, read_f64, round, uniform, with_client, Wgpu};
 use proptest::prelude::*;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -16,14 +16,6 @@ enum Layout {
     Contiguous,
     /// Views into one (B, S, 3, H, D) fused projection.
     FusedQkv,
-}
-
-fn to_f64<E: FloatElement>(t: &Tensor<Wgpu, E>) -> Vec<f64> {
-    t.to_vec()
-        .unwrap()
-        .into_iter()
-        .map(|v| v.to_f64())
-        .collect()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -56,7 +48,7 @@ fn run_case<E: FloatElement>(
     let naive_lse = Tensor::<Wgpu, f32>::full(client, &[b, h, s], f64::NAN);
     let t = |x: &[f32]| Tensor::<Wgpu, E>::from_f32(client, x, &[b, s, h, d]).unwrap();
     naive_attention(&t(&q), &t(&k), &t(&v), &naive_out, &naive_lse, causal).unwrap();
-    let (naive_out, naive_lse) = (to_f64(&naive_out), to_f64(&naive_lse));
+    let (naive_out, naive_lse) = (read_f64(&naive_out), read_f64(&naive_lse));
 
     for kernel in [AttentionKernel::Tiled, AttentionKernel::Rows] {
         let case = format!("{case} {kernel:?}");
@@ -93,10 +85,10 @@ fn run_case<E: FloatElement>(
                     .unwrap();
             }
         }
-        check::<E>(&case, "out", &to_f64(&out), &naive_out, &ref_out)
+        check::<E>(&case, "out", &read_f64(&out), &naive_out, &ref_out)
             .unwrap_or_else(|e| panic!("{e}"));
         // Both kernels keep softmax statistics in f32.
-        check::<f32>(&case, "lse", &to_f64(&lse), &naive_lse, &ref_lse)
+        check::<f32>(&case, "lse", &read_f64(&lse), &naive_lse, &ref_lse)
             .unwrap_or_else(|e| panic!("{e}"));
     }
 }

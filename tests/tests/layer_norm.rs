@@ -6,7 +6,7 @@ use cubecl::prelude::ComputeClient;
 use megabyte_ops::layer_norm::{layer_norm, EPS};
 use megabyte_ops::{FloatElement, OpError, Tensor};
 use megabyte_reference::layer_norm::layer_norm_f64;
-use megabyte_tests::{check, round, uniform, with_client, Wgpu, NAIVE_SAMPLE};
+use megabyte_tests::{check, read_f64, round, uniform, with_client, Wgpu, NAIVE_SAMPLE};
 use proptest::prelude::*;
 
 /// The straightforward f32 implementation: sequential f32 sums, output rounded to E.
@@ -60,19 +60,9 @@ fn run_case<E: FloatElement>(client: &ComputeClient<Wgpu>, rows: usize, width: u
         nm.push(m);
         nr.push(s);
     }
-    let f = |t: &Tensor<Wgpu, E>| -> Vec<f64> {
-        t.to_vec()
-            .unwrap()
-            .into_iter()
-            .map(|v| v.to_f64())
-            .collect()
-    };
-    let f32v = |t: &Tensor<Wgpu, f32>| -> Vec<f64> {
-        t.to_vec().unwrap().into_iter().map(|v| v as f64).collect()
-    };
-    check::<E>(&case, "out", &f(&out), &no, &ro).unwrap_or_else(|e| panic!("{e}"));
-    check::<f32>(&case, "mean", &f32v(&mean), &nm, &rm).unwrap_or_else(|e| panic!("{e}"));
-    check::<f32>(&case, "rstd", &f32v(&rstd), &nr, &rr).unwrap_or_else(|e| panic!("{e}"));
+    check::<E>(&case, "out", &read_f64(&out), &no, &ro).unwrap_or_else(|e| panic!("{e}"));
+    check::<f32>(&case, "mean", &read_f64(&mean), &nm, &rm).unwrap_or_else(|e| panic!("{e}"));
+    check::<f32>(&case, "rstd", &read_f64(&rstd), &nr, &rr).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// Widths 8..8192, odd ones and ones off the vector width; row counts 1, 3, 75, 1000.
