@@ -15,6 +15,28 @@ pub struct LayerNormConfig {
     pub units: usize,
     /// Rows per cube.
     pub rows: usize,
+    /// Normalise `input + residual` and write that sum to `sum`.
+    pub residual: bool,
+}
+
+/// Row element i as normalised: `input[i]`, or with the residual add `F(input[i] +
+/// residual[i])`, rounded to F as it is stored in `sum`, so the statistics are those of the
+/// stored residual stream.
+#[cube]
+fn load<F: Float, N: Size>(
+    input: &Tensor<Vector<F, N>>,
+    residual: &Tensor<Vector<F, N>>,
+    at: usize,
+    #[comptime] add: bool,
+) -> Vector<f32, N> {
+    if comptime!(add) {
+        let s = Vector::<F, N>::cast_from(
+            Vector::<f32, N>::cast_from(input[at]) + Vector::<f32, N>::cast_from(residual[at]),
+        );
+        Vector::<f32, N>::cast_from(s)
+    } else {
+        Vector::<f32, N>::cast_from(input[at])
+    }
 }
 
 /// Tree-sums `smem[base .. base + CUBE_DIM_X]` into `smem[base]`; every unit of the cube calls
@@ -36,10 +58,16 @@ fn tree_sum(smem: &mut SharedMemory<f32>, base: usize, x: usize) -> f32 {
     total
 }
 
-/// out[r, :] = (x[r, :] - mean) · rstd · weight + bias; mean[r], rstd[r] = 1/sqrt(var + eps).
+/// out[r, :] = (x[r, :] - mean) · rstd · weight + bias; mean[r], rstd[r] = 1/sqrt(var + eps),
+/// where x = input, or x = input + residual (then also written to `sum`) when `cfg.residual`.
+/// `residual` and `sum` are placeholders otherwise. Input, residual, sum and out share one
+/// row stride.
 #[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
 pub fn layer_norm<F: Float, N: Size>(
     input: &Tensor<Vector<F, N>>,
+    residual: &Tensor<Vector<F, N>>,
+    sum_out: &mut Tensor<Vector<F, N>>,
     weight: &Tensor<Vector<F, N>>,
     bias: &Tensor<Vector<F, N>>,
     out: &mut Tensor<Vector<F, N>>,
@@ -65,7 +93,7 @@ pub fn layer_norm<F: Float, N: Size>(
     let mut sum = f32::new(0.0);
     let mut i = x;
     while i < cv {
-        let v = Vector::<f32, N>::cast_from(input[in_at + i]);
+        let v = load::<F, N>(input, residual, in_at + i, cfg.residual);
         #[unroll]
         for l in 0..nv {
             sum += v[l];
@@ -78,7 +106,7 @@ pub fn layer_norm<F: Float, N: Size>(
     let mut sq = f32::new(0.0);
     let mut i = x;
     while i < cv {
-        let d = Vector::<f32, N>::cast_from(input[in_at + i]) - Vector::new(mu);
+        let d = load::<F, N>(input, residual, in_at + i, cfg.residual) - Vector::new(mu);
         #[unroll]
         for l in 0..nv {
             sq += d[l] * d[l];
@@ -92,7 +120,10 @@ pub fn layer_norm<F: Float, N: Size>(
     if active {
         let mut i = x;
         while i < cv {
-            let v = Vector::<f32, N>::cast_from(input[in_at + i]);
+            let v = load::<F, N>(input, residual, in_at + i, cfg.residual);
+            if comptime!(cfg.residual) {
+                sum_out[out_at + i] = Vector::cast_from(v);
+            }
             let w = Vector::<f32, N>::cast_from(weight[i]);
             let b = Vector::<f32, N>::cast_from(bias[i]);
             out[out_at + i] = Vector::cast_from((v - Vector::new(mu)) * Vector::new(rs) * w + b);

@@ -6,4 +6,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod cross_entropy;
+pub mod gemm;
 pub mod layer_norm;
+pub mod patch_embed;

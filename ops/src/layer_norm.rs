@@ -24,6 +24,35 @@ pub fn layer_norm<R: Runtime, E: FloatElement>(
     mean: &Tensor<R, f32>,
     rstd: &Tensor<R, f32>,
 ) -> Result<(), OpError> {
+    launch(input, None, weight, bias, out, mean, rstd)
+}
+
+/// The pre-LN residual step fused into one pass: sum = input + residual (rounded to E, the
+/// new residual stream), out = LN(sum) · weight + bias, with mean and rstd as in
+/// [`layer_norm`]. All (rows, C) tensors are contiguous and distinct.
+#[allow(clippy::too_many_arguments)]
+pub fn add_layer_norm<R: Runtime, E: FloatElement>(
+    input: &Tensor<R, E>,
+    residual: &Tensor<R, E>,
+    weight: &Tensor<R, E>,
+    bias: &Tensor<R, E>,
+    sum: &Tensor<R, E>,
+    out: &Tensor<R, E>,
+    mean: &Tensor<R, f32>,
+    rstd: &Tensor<R, f32>,
+) -> Result<(), OpError> {
+    launch(input, Some((residual, sum)), weight, bias, out, mean, rstd)
+}
+
+fn launch<R: Runtime, E: FloatElement>(
+    input: &Tensor<R, E>,
+    residual: Option<(&Tensor<R, E>, &Tensor<R, E>)>,
+    weight: &Tensor<R, E>,
+    bias: &Tensor<R, E>,
+    out: &Tensor<R, E>,
+    mean: &Tensor<R, f32>,
+    rstd: &Tensor<R, f32>,
+) -> Result<(), OpError> {
     let client = input.client();
     ensure_dtype::<R, E>(client, OP)?;
     if input.shape().len() != 2 {
@@ -46,6 +75,8 @@ pub fn layer_norm<R: Runtime, E: FloatElement>(
         ("weight", weight, vec![width]),
         ("bias", bias, vec![width]),
         ("out", out, vec![rows, width]),
+        ("residual", residual.map_or(out, |r| r.0), vec![rows, width]),
+        ("sum", residual.map_or(out, |r| r.1), vec![rows, width]),
     ] {
         if t.shape() != expected.as_slice() {
             return Err(OpError::Shape {
@@ -73,6 +104,7 @@ pub fn layer_norm<R: Runtime, E: FloatElement>(
     let cfg = LayerNormConfig {
         units,
         rows: rows_per_cube,
+        residual: residual.is_some(),
     };
     let cubes = rows.div_ceil(rows_per_cube) as u32;
     // SAFETY: shapes validated above; rows past the end are masked in the kernel, `vector`
@@ -84,6 +116,8 @@ pub fn layer_norm<R: Runtime, E: FloatElement>(
             CubeDim::new_2d(units as u32, rows_per_cube as u32),
             vector,
             input.arg(),
+            residual.map_or(input, |r| r.0).arg(),
+            residual.map_or(out, |r| r.1).arg(),
             weight.arg(),
             bias.arg(),
             out.arg(),

@@ -9,10 +9,13 @@
 
 pub mod activation;
 pub mod attention;
+pub mod cross_entropy;
 pub mod device;
 pub mod element;
 pub mod error;
+pub mod gemm;
 pub mod layer_norm;
+pub mod patch_embed;
 pub mod tensor;
 
 pub use attention::AttentionKernel;
@@ -20,5 +23,6 @@ pub use cubecl;
 pub use device::{ensure_dtype, try_client};
 pub use element::FloatElement;
 pub use error::OpError;
+pub use gemm::{Epilogue, GemmProblem};
 pub use megabyte_kernels::activation::ActivationKind;
 pub use tensor::{Tensor, TensorView};

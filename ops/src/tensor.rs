@@ -107,6 +107,40 @@ impl<R: Runtime, E: FloatElement> Tensor<R, E> {
     }
 }
 
+impl<R: Runtime> Tensor<R, u32> {
+    /// Uploads token ids (bytes, or 256 for the end id) as a u32 tensor of `shape`.
+    pub fn from_ids(
+        client: &ComputeClient<R>,
+        data: &[u32],
+        shape: &[usize],
+    ) -> Result<Self, OpError> {
+        let expected: usize = shape.iter().product();
+        if data.len() != expected {
+            return Err(OpError::DataLength {
+                shape: shape.to_vec(),
+                expected,
+                got: data.len(),
+            });
+        }
+        let handle = client.create_from_slice(u32::as_bytes(data));
+        Ok(Tensor {
+            client: client.clone(),
+            handle,
+            shape: shape.to_vec(),
+            _elem: PhantomData,
+        })
+    }
+
+    /// Reads the ids back to the host.
+    pub fn to_ids(&self) -> Result<Vec<u32>, OpError> {
+        let bytes = self
+            .client
+            .read_one(self.handle.clone())
+            .map_err(|e| OpError::Device(format!("{e:?}")))?;
+        Ok(u32::from_bytes(&bytes)[..self.len()].to_vec())
+    }
+}
+
 impl<R: Runtime, E> Tensor<R, E> {
     pub fn shape(&self) -> &[usize] {
         &self.shape
@@ -240,7 +274,18 @@ impl<R: Runtime, E> Tensor<R, E> {
     }
 }
 
-impl<R: Runtime, E> TensorView<'_, R, E> {
+impl<'a, R: Runtime, E> TensorView<'a, R, E> {
+    /// The view with its last two dims swapped: a transpose without a copy.
+    pub fn t(&self) -> TensorView<'a, R, E> {
+        let mut v = self.clone();
+        let r = v.shape.len();
+        if r >= 2 {
+            v.shape.swap(r - 2, r - 1);
+            v.strides.swap(r - 2, r - 1);
+        }
+        v
+    }
+
     /// The kernel argument for this view (its offset travels separately).
     pub(crate) fn arg(&self) -> TensorArg<R> {
         // SAFETY: `Tensor::strided`/`Tensor::view` checked that every element the shape and

@@ -3,7 +3,7 @@
 //! widths 1..8192, including widths that are not a multiple of the vector width.
 
 use cubecl::prelude::ComputeClient;
-use megabyte_ops::layer_norm::{layer_norm, EPS};
+use megabyte_ops::layer_norm::{add_layer_norm, layer_norm, EPS};
 use megabyte_ops::{FloatElement, OpError, Tensor};
 use megabyte_reference::layer_norm::layer_norm_f64;
 use megabyte_tests::{check, read_f64, round, uniform, with_client, Wgpu, NAIVE_SAMPLE};
@@ -26,9 +26,15 @@ fn naive<E: FloatElement>(x: &[f32], w: &[f32], b: &[f32]) -> (Vec<f64>, f64, f6
     )
 }
 
-fn run_case<E: FloatElement>(client: &ComputeClient<Wgpu>, rows: usize, width: usize, seed: u64) {
+fn run_case<E: FloatElement>(
+    client: &ComputeClient<Wgpu>,
+    rows: usize,
+    width: usize,
+    residual: bool,
+    seed: u64,
+) {
     let case = format!(
-        "layer_norm({}, rows={rows}, width={width}, seed={seed})",
+        "layer_norm({}, rows={rows}, width={width}, residual={residual}, seed={seed})",
         E::NAME
     );
     let r =
@@ -37,10 +43,17 @@ fn run_case<E: FloatElement>(client: &ComputeClient<Wgpu>, rows: usize, width: u
     // `rows` rows; the naive error is measured on at least NAIVE_SAMPLE values (more rows from
     // the same distribution), see the tolerance rule.
     let sample_rows = rows.max(NAIVE_SAMPLE.div_ceil(width));
-    let x = r(uniform(seed, sample_rows * width, 2.0, 4.0));
+    let x_in = r(uniform(seed, sample_rows * width, 2.0, 4.0));
+    // With the residual add, the normalised row is the sum as stored in E.
+    let res = r(uniform(seed ^ 3, sample_rows * width, -1.0, 1.0));
+    let x: Vec<f32> = if residual {
+        r(x_in.iter().zip(&res).map(|(a, b)| a + b).collect())
+    } else {
+        x_in.clone()
+    };
     let w = r(uniform(seed ^ 1, width, 0.5, 1.5));
     let b = r(uniform(seed ^ 2, width, -0.5, 0.5));
-    let input = Tensor::<Wgpu, E>::from_f32(client, &x[..rows * width], &[rows, width]).unwrap();
+    let input = Tensor::<Wgpu, E>::from_f32(client, &x_in[..rows * width], &[rows, width]).unwrap();
     let (wt, bt) = (
         Tensor::<Wgpu, E>::from_f32(client, &w, &[width]).unwrap(),
         Tensor::<Wgpu, E>::from_f32(client, &b, &[width]).unwrap(),
@@ -50,7 +63,19 @@ fn run_case<E: FloatElement>(client: &ComputeClient<Wgpu>, rows: usize, width: u
         Tensor::<Wgpu, f32>::full(client, &[rows], f64::NAN),
         Tensor::<Wgpu, f32>::full(client, &[rows], f64::NAN),
     );
-    layer_norm(&input, &wt, &bt, &out, &mean, &rstd).unwrap();
+    let sum = Tensor::<Wgpu, E>::full(client, &[rows, width], f64::NAN);
+    if residual {
+        let res_t =
+            Tensor::<Wgpu, E>::from_f32(client, &res[..rows * width], &[rows, width]).unwrap();
+        add_layer_norm(&input, &res_t, &wt, &bt, &sum, &out, &mean, &rstd).unwrap();
+        // One f32 add of two E values rounded to E: the kernel must store exactly that.
+        let got = read_f64(&sum);
+        for (i, (&g, &e)) in got.iter().zip(&x).enumerate() {
+            assert_eq!(g, e as f64, "{case}: sum[{i}]");
+        }
+    } else {
+        layer_norm(&input, &wt, &bt, &out, &mean, &rstd).unwrap();
+    }
 
     let (ro, rm, rr) = layer_norm_f64(&x, &w, &b, sample_rows, width);
     let (mut no, mut nm, mut nr) = (vec![], vec![], vec![]);
@@ -83,8 +108,10 @@ fn sweep() {
     with_client!(
         Wgpu,
         |client| for (i, &(rows, width)) in SWEEP.iter().enumerate() {
-            run_case::<f32>(&client, rows, width, 700 + i as u64);
-            run_case::<half::f16>(&client, rows, width, 800 + i as u64);
+            for residual in [false, true] {
+                run_case::<f32>(&client, rows, width, residual, 700 + i as u64);
+                run_case::<half::f16>(&client, rows, width, residual, 800 + i as u64);
+            }
         }
     );
 }
@@ -93,11 +120,11 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 16, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
-    fn random_shapes(rows in 1usize..300, width in 1usize..3000, f16: bool, seed: u64) {
+    fn random_shapes(rows in 1usize..300, width in 1usize..3000, f16: bool, residual: bool, seed: u64) {
         with_client!(Wgpu, |client| if f16 {
-            run_case::<half::f16>(&client, rows, width, seed)
+            run_case::<half::f16>(&client, rows, width, residual, seed)
         } else {
-            run_case::<f32>(&client, rows, width, seed)
+            run_case::<f32>(&client, rows, width, residual, seed)
         });
     }
 }

@@ -1,0 +1,144 @@
+//! FFN GEMMs: both main loops (registers, the one `Auto` picks on lavapipe, and tiled) with the
+//! fused epilogue (fc1: bias + GELU, fc2: bias + residual)
+//! against the naive one-unit-per-output kernel and cubek-matmul 0.2.0 (plain A·B, no
+//! epilogue, so the comparison favours it) on the same runtime. cubek's register-tile "unit"
+//! routines are the ones that run without plane ops or tensor cores; both are measured.
+//! Throughput counts 2·M·N·K FLOPs.
+//!
+//! `cargo bench -p megabyte-benches --bench gemm` (a filter such as `tiny` picks shapes).
+
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use cubecl::prelude::*;
+use cubecl::zspace::{Shape, Strides};
+use cubek_matmul::definition::MatmulElems;
+use cubek_matmul::launch::{launch_ref, Strategy};
+use cubek_std::InputBinding;
+use megabyte_benches::time_synced;
+use megabyte_ops::gemm::{gemm_naive, gemm_with, GemmKernel};
+use megabyte_ops::{try_client, ActivationKind, Epilogue, GemmProblem, Tensor};
+
+type Wgpu = cubecl::wgpu::WgpuRuntime;
+
+/// (name, M rows, K in, N out, fc1). fc1 is the up projection (bias + GELU), fc2 the down
+/// projection (bias + residual). Rows: `tiny` at batch 8 (8·16 patches globally, 8·64 bytes
+/// locally); the paper's text model (global width 2048, local 1024) over 512 rows, half of
+/// one 8 KiB sequence's patches.
+const SHAPES: &[(&str, usize, usize, usize, bool)] = &[
+    ("tiny_global_fc1", 128, 64, 256, true),
+    ("tiny_global_fc2", 128, 256, 64, false),
+    ("tiny_local_fc1", 512, 32, 128, true),
+    ("tiny_local_fc2", 512, 128, 32, false),
+    ("text_global_fc1", 512, 2048, 8192, true),
+    ("text_global_fc2", 512, 8192, 2048, false),
+    ("text_local_fc1", 512, 1024, 4096, true),
+    ("text_local_fc2", 512, 4096, 1024, false),
+];
+
+/// Largest problem the naive kernel is timed on (it runs at a few hundred MFLOP/s here).
+const NAIVE_MAX_FLOPS: f64 = 5e9;
+
+fn cubek<R: Runtime>(
+    client: &ComputeClient<R>,
+    strategy: &Strategy,
+    a: &Tensor<R, f32>,
+    b: &Tensor<R, f32>,
+    out: &Tensor<R, f32>,
+) {
+    let bind = |t: &Tensor<R, f32>| unsafe {
+        TensorBinding::<R>::from_raw_parts(
+            t.handle().clone(),
+            Strides::new(&t.strides()),
+            Shape::new([t.shape()[0], t.shape()[1]]),
+        )
+    };
+    let dtype = f32::as_type_native_unchecked();
+    let mut elems = MatmulElems::from_single_dtype(dtype);
+    launch_ref::<R>(
+        strategy,
+        client,
+        InputBinding::Normal(bind(a), dtype.storage_type()),
+        InputBinding::Normal(bind(b), dtype.storage_type()),
+        bind(out),
+        &mut elems,
+    )
+    .expect("cubek-matmul launch");
+}
+
+fn bench(c: &mut Criterion) {
+    let client = match try_client::<Wgpu>(&Default::default()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("skipping gemm benches: {e}");
+            return;
+        }
+    };
+    let mut group = c.benchmark_group("gemm");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4));
+    for &(name, m, k, n, fc1) in SHAPES {
+        let problem = GemmProblem { batch: 1, m, n, k };
+        group.throughput(Throughput::Elements(problem.flops() as u64));
+        let data = |len: usize, salt: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| (((i + salt) * 7919) % 1000) as f32 / 500.0 - 1.0)
+                .collect()
+        };
+        let a = Tensor::<Wgpu, f32>::from_f32(&client, &data(m * k, 1), &[m, k]).unwrap();
+        let b = Tensor::<Wgpu, f32>::from_f32(&client, &data(k * n, 2), &[k, n]).unwrap();
+        let bias = Tensor::<Wgpu, f32>::from_f32(&client, &data(n, 3), &[n]).unwrap();
+        let residual = Tensor::<Wgpu, f32>::from_f32(&client, &data(m * n, 4), &[m, n]).unwrap();
+        let out = Tensor::<Wgpu, f32>::empty(&client, &[m, n]);
+        let epi = if fc1 {
+            Epilogue::none()
+                .bias(&bias)
+                .activation(ActivationKind::Gelu)
+        } else {
+            Epilogue::none().bias(&bias).residual(&residual)
+        };
+        for (label, kernel) in [
+            ("wgpu_gemm_f32_registers_fused", GemmKernel::Registers),
+            ("wgpu_gemm_f32_tiled_fused", GemmKernel::Tiled),
+        ] {
+            group.bench_function(BenchmarkId::new(label, name), |bench| {
+                bench.iter_custom(|iters| {
+                    time_synced(&client, iters, || {
+                        gemm_with(kernel, &a.view(), &b.view(), &out, &epi).unwrap()
+                    })
+                })
+            });
+        }
+        for (label, strategy) in [
+            (
+                "wgpu_gemm_f32_cubek_simple_unit",
+                Strategy::SimpleUnit(Default::default()),
+            ),
+            (
+                "wgpu_gemm_f32_cubek_double_unit",
+                Strategy::DoubleUnit(Default::default()),
+            ),
+        ] {
+            group.bench_function(BenchmarkId::new(label, name), |bench| {
+                bench.iter_custom(|iters| {
+                    time_synced(&client, iters, || cubek(&client, &strategy, &a, &b, &out))
+                })
+            });
+        }
+        if problem.flops() <= NAIVE_MAX_FLOPS {
+            group.bench_function(BenchmarkId::new("wgpu_gemm_f32_naive", name), |bench| {
+                bench.iter_custom(|iters| {
+                    time_synced(&client, iters, || {
+                        gemm_naive(&a.view(), &b.view(), &out).unwrap()
+                    })
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

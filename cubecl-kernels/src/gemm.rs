@@ -1,0 +1,524 @@
+//! Tiled GEMM with register blocking and a fused epilogue, and the naive one-unit-per-output
+//! GEMM it is measured against.
+//!
+//! out[b] = act(scale · (A[b] · B[b]) + bias) + residual[b], where A[b] is (M, K), B[b] is
+//! (K, N) and out[b] is (M, N), for b in 0..batch. A and B are read through arbitrary element
+//! strides over (batch, rows, cols) plus an element offset, so transposed operands, a weight
+//! broadcast over the batch (stride 0) or a slice of a fused projection need no copy. The
+//! output and the residual are contiguous.
+//!
+//! A cube computes a `block_m × block_n` block of the output. It walks K in steps of
+//! `block_k`: the units load an A tile and a B tile into shared memory (as f32, converted
+//! once), synchronise, and each unit accumulates its own `tile_m × tile_n` register tile from
+//! them, `tile_m + tile_n` shared loads per `tile_m · tile_n` FMAs. Global loads are vectors
+//! along whichever dimension of an operand is contiguous (`a_along_k`, `b_along_n`); out of range
+//! rows and columns load as zero, so no size needs to divide a tile.
+
+use cubecl::prelude::*;
+
+use crate::activation::{apply_activation, ActivationKind};
+
+/// Width of the shared-memory vectors, and the granularity of register tiles.
+pub const STAGE_VECTOR: usize = 4;
+
+/// Comptime shape and epilogue of [`gemm`]. The launcher picks it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GemmConfig {
+    /// Output rows per cube.
+    pub block_m: usize,
+    /// Output columns per cube.
+    pub block_n: usize,
+    /// Depth of one shared-memory step.
+    pub block_k: usize,
+    /// Output rows per unit (register tile), a multiple of [`STAGE_VECTOR`].
+    pub tile_m: usize,
+    /// Output columns per unit (register tile), a multiple of [`STAGE_VECTOR`].
+    pub tile_n: usize,
+    /// Vector width of A's loads; equals the launch's vector size NA.
+    pub vector_a: usize,
+    /// A's vectors run along K (A row-major) rather than along M (A transposed).
+    pub a_along_k: bool,
+    /// Vector width of B's loads; equals NB.
+    pub vector_b: usize,
+    /// B's vectors run along K (B transposed) rather than along N (B row-major).
+    pub b_along_k: bool,
+    /// Vector width of the output, bias and residual; equals NO and divides `tile_n`.
+    pub vector_out: usize,
+    /// Add `bias[n]`.
+    pub bias: bool,
+    /// Apply an activation after the bias.
+    pub activation: Option<ActivationKind>,
+    /// Add `residual[b, m, n]` last.
+    pub residual: bool,
+}
+
+impl GemmConfig {
+    /// Units per cube.
+    pub fn units(&self) -> usize {
+        (self.block_m / self.tile_m) * (self.block_n / self.tile_n)
+    }
+
+    /// f32 words of shared memory.
+    pub fn shared_words(&self) -> usize {
+        self.block_k * (self.block_m + self.block_n)
+    }
+
+    /// True when the tiles split evenly into units, stage vectors and load vectors, as the
+    /// kernel requires.
+    pub fn is_valid(&self) -> bool {
+        let sv = STAGE_VECTOR;
+        let fits =
+            |along_k: bool, v: usize| v <= sv && sv % v == 0 && (!along_k || self.block_k % v == 0);
+        self.block_m % self.tile_m == 0
+            && self.block_n % self.tile_n == 0
+            && self.tile_m % sv == 0
+            && self.tile_n % sv == 0
+            && self.tile_n % self.vector_out == 0
+            && self.vector_out <= sv
+            && fits(self.a_along_k, self.vector_a)
+            && fits(self.b_along_k, self.vector_b)
+    }
+}
+
+/// Where a cube's block lies: the batch index and the first output row and column.
+#[derive(CubeType, Clone, Copy)]
+pub struct BlockPos {
+    pub batch: usize,
+    pub m0: usize,
+    pub n0: usize,
+}
+
+/// The cube's block, from a grid of (N blocks, M blocks × batch spread over y and z). Past the
+/// end (the y·z spread may overshoot) `batch` comes back equal to the batch count.
+#[cube]
+pub fn block_pos(m: usize, batch: usize, #[comptime] cfg: GemmConfig) -> BlockPos {
+    let m_blocks = m.div_ceil(cfg.block_m);
+    let yz = CUBE_POS_Z as usize * CUBE_COUNT_Y as usize + CUBE_POS_Y as usize;
+    let b = yz / m_blocks;
+    BlockPos {
+        batch: select(b < batch, b, batch),
+        m0: (yz % m_blocks) * cfg.block_m,
+        n0: CUBE_POS_X as usize * cfg.block_n,
+    }
+}
+
+/// Stages a `block_k × block_o` tile of an operand into shared memory as f32 vectors of
+/// [`STAGE_VECTOR`] along o: `smem[k · block_o/S + o/S]`. Element (o, k) of the operand is at
+/// scalar index `base + o·s_o + k·s_k`; out of range elements stage as zero. Global loads are
+/// vectors of NV along k (`along_k`) or along o. Along o, `o_len` must be a multiple of NV.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_tile<F: Float, NV: Size, S: Size>(
+    t: &Tensor<Vector<F, NV>>,
+    smem: &mut SharedMemory<Vector<f32, S>>,
+    base: usize,
+    s_o: usize,
+    s_k: usize,
+    o0: usize,
+    o_len: usize,
+    k0: usize,
+    k_len: usize,
+    #[comptime] block_o: usize,
+    #[comptime] block_k: usize,
+    #[comptime] nv: usize,
+    #[comptime] along_k: bool,
+    #[comptime] units: usize,
+) {
+    let sv = STAGE_VECTOR;
+    let quads = comptime!(block_o / STAGE_VECTOR);
+    let unit = UNIT_POS as usize;
+    if comptime!(along_k) {
+        // A task: one quad of o × nv consecutive k, from STAGE_VECTOR loads along k.
+        let groups = comptime!(block_k / nv);
+        let tasks = comptime!(quads * (block_k / nv));
+        #[unroll]
+        for l in 0..comptime!(tasks.div_ceil(units)) {
+            let id = l * units + unit;
+            if id < tasks {
+                let q = id / groups;
+                let kg = (id % groups) * nv;
+                let gk = k0 + kg;
+                let mut rows = Array::<Vector<f32, NV>>::new(sv);
+                #[unroll]
+                for r in 0..sv {
+                    let go = o0 + q * sv + r;
+                    let mut v = Vector::<f32, NV>::new(0.0);
+                    if go < o_len && gk < k_len {
+                        v = Vector::cast_from(t[(base + go * s_o + gk * s_k) / nv]);
+                    }
+                    rows[r] = v;
+                }
+                #[unroll]
+                for e in 0..nv {
+                    let mut quad = Vector::<f32, S>::new(0.0);
+                    #[unroll]
+                    for r in 0..sv {
+                        quad[r] = rows[r][e];
+                    }
+                    smem[(kg + e) * quads + q] = quad;
+                }
+            }
+        }
+    } else {
+        // A task: one quad of o at one k, from STAGE_VECTOR / nv loads along o.
+        let tasks = comptime!(quads * block_k);
+        #[unroll]
+        for l in 0..comptime!(tasks.div_ceil(units)) {
+            let id = l * units + unit;
+            if id < tasks {
+                let kk = id / quads;
+                let q = id % quads;
+                let gk = k0 + kk;
+                let mut quad = Vector::<f32, S>::new(0.0);
+                #[unroll]
+                for r in 0..comptime!(STAGE_VECTOR / nv) {
+                    let go = o0 + q * sv + r * nv;
+                    let mut v = Vector::<f32, NV>::new(0.0);
+                    if go < o_len && gk < k_len {
+                        v = Vector::cast_from(t[(base + go * s_o + gk * s_k) / nv]);
+                    }
+                    #[unroll]
+                    for e in 0..nv {
+                        quad[r * nv + e] = v[e];
+                    }
+                }
+                smem[kk * quads + q] = quad;
+            }
+        }
+    }
+}
+
+/// The main loop: accumulates this unit's `tile_m × tile_n` register tile of A[b]·B[b] for the
+/// block at (m0, n0) into `acc`: `tile_m` rows of `tile_n / S` vectors along n, zeroed here.
+/// `a` is (batch, M, K), `b` is (batch, K, N), both with element offsets. Every unit of the
+/// cube must call it.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_main_loop<F: Float, NA: Size, NB: Size, S: Size>(
+    a: &Tensor<Vector<F, NA>>,
+    b: &Tensor<Vector<F, NB>>,
+    a_offset: usize,
+    b_offset: usize,
+    pos: BlockPos,
+    acc: &mut Array<Vector<f32, S>>,
+    #[comptime] cfg: GemmConfig,
+) {
+    let sv = STAGE_VECTOR;
+    let units = comptime!(cfg.units());
+    let qm = comptime!(cfg.block_m / STAGE_VECTOR);
+    let qn = comptime!(cfg.block_n / STAGE_VECTOR);
+    let tqm = comptime!(cfg.tile_m / STAGE_VECTOR);
+    let tqn = comptime!(cfg.tile_n / STAGE_VECTOR);
+    let m = a.shape(1);
+    let k_len = a.shape(2);
+    let n = b.shape(2);
+    let tx = UNIT_POS_X as usize;
+    let ty = UNIT_POS_Y as usize;
+
+    let a_base = a_offset + pos.batch * a.stride(0);
+    let b_base = b_offset + pos.batch * b.stride(0);
+
+    let mut a_s =
+        SharedMemory::<Vector<f32, S>>::new(comptime!(cfg.block_k * cfg.block_m / STAGE_VECTOR));
+    let mut b_s =
+        SharedMemory::<Vector<f32, S>>::new(comptime!(cfg.block_k * cfg.block_n / STAGE_VECTOR));
+    let mut bq = Array::<Vector<f32, S>>::new(tqn);
+
+    #[unroll]
+    for i in 0..comptime!(cfg.tile_m * cfg.tile_n / STAGE_VECTOR) {
+        acc[i] = Vector::new(0.0);
+    }
+
+    let steps = k_len.div_ceil(cfg.block_k);
+    let mut step = 0;
+    while step < steps {
+        let k0 = step * cfg.block_k;
+        stage_tile::<F, NA, S>(
+            a,
+            &mut a_s,
+            a_base,
+            a.stride(1),
+            a.stride(2),
+            pos.m0,
+            m,
+            k0,
+            k_len,
+            cfg.block_m,
+            cfg.block_k,
+            cfg.vector_a,
+            cfg.a_along_k,
+            units,
+        );
+        stage_tile::<F, NB, S>(
+            b,
+            &mut b_s,
+            b_base,
+            b.stride(2),
+            b.stride(1),
+            pos.n0,
+            n,
+            k0,
+            k_len,
+            cfg.block_n,
+            cfg.block_k,
+            cfg.vector_b,
+            cfg.b_along_k,
+            units,
+        );
+        sync_cube();
+
+        // Row quad by row quad, the whole stage depth at a time: a quad's accumulators stay
+        // in registers across the k loop (on SIMD CPU drivers every lane's tile lives in vector
+        // registers, and a whole tile does not fit).
+        #[unroll]
+        for iq in 0..tqm {
+            #[unroll]
+            for kk in 0..cfg.block_k {
+                let a4 = a_s[kk * qm + ty * tqm + iq];
+                #[unroll]
+                for j in 0..tqn {
+                    bq[j] = b_s[kk * qn + tx * tqn + j];
+                }
+                #[unroll]
+                for r in 0..sv {
+                    let av = Vector::<f32, S>::new(a4[r]);
+                    #[unroll]
+                    for j in 0..tqn {
+                        acc[(iq * sv + r) * tqn + j] += av * bq[j];
+                    }
+                }
+            }
+        }
+        sync_cube();
+        step += 1;
+    }
+}
+
+/// The fused epilogue: writes a unit's register tile (as left by [`gemm_main_loop`]) to
+/// out[b, m, n] = act(scale · acc + bias[n]) + residual[b, m, n].
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn write_tile<F: Float, NO: Size, S: Size>(
+    acc: &Array<Vector<f32, S>>,
+    bias: &Tensor<Vector<F, NO>>,
+    residual: &Tensor<Vector<F, NO>>,
+    out: &mut Tensor<Vector<F, NO>>,
+    pos: BlockPos,
+    m: usize,
+    n: usize,
+    scale: f32,
+    #[comptime] cfg: GemmConfig,
+) {
+    let tqn = comptime!(cfg.tile_n / STAGE_VECTOR);
+    let vo = cfg.vector_out;
+    let sv = STAGE_VECTOR;
+    let row0 = pos.m0 + UNIT_POS_Y as usize * cfg.tile_m;
+    let col0 = pos.n0 + UNIT_POS_X as usize * cfg.tile_n;
+    let out_base = pos.batch * out.stride(0);
+    #[unroll]
+    for i in 0..cfg.tile_m {
+        let gm = row0 + i;
+        #[unroll]
+        for jv in 0..comptime!(cfg.tile_n / cfg.vector_out) {
+            let gn = col0 + jv * vo;
+            // N is a multiple of the output vector: a vector is wholly in or out.
+            if gm < m && gn < n {
+                let mut v = Vector::<f32, NO>::new(0.0);
+                #[unroll]
+                for e in 0..vo {
+                    let j = jv * vo + e;
+                    v[e] = acc[i * tqn + j / sv][j % sv];
+                }
+                v *= Vector::new(scale);
+                if comptime!(cfg.bias) {
+                    v += Vector::cast_from(bias[gn / vo]);
+                }
+                if comptime!(cfg.activation.is_some()) {
+                    v = apply_activation::<f32, NO>(v, comptime!(cfg.activation.unwrap().id()));
+                }
+                let at = (out_base + gm * out.stride(1) + gn) / vo;
+                if comptime!(cfg.residual) {
+                    v += Vector::cast_from(residual[at]);
+                }
+                out[at] = Vector::cast_from(v);
+            }
+        }
+    }
+}
+
+/// out[b, m, n] = act(scale · Σ_k A[b, m, k] · B[b, k, n] + bias[n]) + residual[b, m, n].
+/// `bias` and `residual` are read only when the config enables them (the launcher passes
+/// placeholders otherwise). The grid is (N blocks, M blocks × batch over y and z).
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn gemm<F: Float, NA: Size, NB: Size, NO: Size, S: Size>(
+    a: &Tensor<Vector<F, NA>>,
+    b: &Tensor<Vector<F, NB>>,
+    bias: &Tensor<Vector<F, NO>>,
+    residual: &Tensor<Vector<F, NO>>,
+    out: &mut Tensor<Vector<F, NO>>,
+    a_offset: usize,
+    b_offset: usize,
+    scale: f32,
+    #[comptime] cfg: GemmConfig,
+) {
+    let m = a.shape(1);
+    let n = b.shape(2);
+    let batch = out.shape(0);
+    let pos = block_pos(m, batch, cfg);
+    // A cube wholly past the end returns before any barrier, as a whole.
+    if pos.batch < batch {
+        let mut acc =
+            Array::<Vector<f32, S>>::new(comptime!(cfg.tile_m * cfg.tile_n / STAGE_VECTOR));
+        gemm_main_loop::<F, NA, NB, S>(a, b, a_offset, b_offset, pos, &mut acc, cfg);
+
+        write_tile::<F, NO, S>(&acc, bias, residual, out, pos, m, n, scale, cfg);
+    }
+}
+
+/// The naive GEMM: one unit per output element, a sequential f32 dot product over K, no
+/// epilogue. `a` is (batch, M, K), `b` (batch, K, N), both strided with offsets; `out` is
+/// contiguous (batch, M, N).
+#[cube(launch_unchecked)]
+pub fn gemm_naive<F: Float>(
+    a: &Tensor<F>,
+    b: &Tensor<F>,
+    out: &mut Tensor<F>,
+    a_offset: usize,
+    b_offset: usize,
+) {
+    let m = a.shape(1);
+    let k_len = a.shape(2);
+    let n = b.shape(2);
+    if ABSOLUTE_POS < out.len() {
+        let j = ABSOLUTE_POS % n;
+        let i = (ABSOLUTE_POS / n) % m;
+        let bi = ABSOLUTE_POS / (n * m);
+        let a_at = a_offset + bi * a.stride(0) + i * a.stride(1);
+        let b_at = b_offset + bi * b.stride(0) + j * b.stride(2);
+        let mut dot = f32::new(0.0);
+        for k in 0..k_len {
+            dot += f32::cast_from(a[a_at + k * a.stride(2)])
+                * f32::cast_from(b[b_at + k * b.stride(1)]);
+        }
+        out[ABSOLUTE_POS] = F::cast_from(dot);
+    }
+}
+
+/// The main loop of [`gemm_registers`]: no shared memory and no barriers; each unit streams
+/// its rows of A (vectors along k) and its columns of B (vectors along n) straight from
+/// global memory, four k at a time, and accumulates its register tile. Neighbouring units
+/// read the same rows and columns, which caches serve; on CPU drivers, where barriers are
+/// expensive and caches large, this beats staging through shared memory.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn register_main_loop<F: Float, NA: Size, NB: Size, S: Size>(
+    a: &Tensor<Vector<F, NA>>,
+    b: &Tensor<Vector<F, NB>>,
+    a_offset: usize,
+    b_offset: usize,
+    pos: BlockPos,
+    acc: &mut Array<Vector<f32, S>>,
+    #[comptime] cfg: GemmConfig,
+) {
+    let sv = STAGE_VECTOR;
+    let tqn = comptime!(cfg.tile_n / STAGE_VECTOR);
+    let va = cfg.vector_a;
+    let vb = cfg.vector_b;
+    let m = a.shape(1);
+    let k_len = a.shape(2);
+    let n = b.shape(2);
+    let row0 = pos.m0 + UNIT_POS_Y as usize * cfg.tile_m;
+    let col0 = pos.n0 + UNIT_POS_X as usize * cfg.tile_n;
+    let a_base = a_offset + pos.batch * a.stride(0);
+    let b_base = b_offset + pos.batch * b.stride(0);
+    let sam = a.stride(1);
+    let sbk = b.stride(1);
+    #[unroll]
+    for i in 0..comptime!(cfg.tile_m * cfg.tile_n / STAGE_VECTOR) {
+        acc[i] = Vector::new(0.0);
+    }
+    let mut ak = Array::<Vector<f32, S>>::new(cfg.tile_m);
+    let mut bq = Array::<Vector<f32, S>>::new(tqn);
+    let steps = k_len.div_ceil(sv);
+    let mut step = 0;
+    while step < steps {
+        let k0 = step * sv;
+        #[unroll]
+        for r in 0..cfg.tile_m {
+            let gm = row0 + r;
+            let mut quad = Vector::<f32, S>::new(0.0);
+            #[unroll]
+            for c in 0..comptime!(STAGE_VECTOR / cfg.vector_a) {
+                let gk = k0 + c * va;
+                let mut v = Vector::<f32, NA>::new(0.0);
+                if gm < m && gk < k_len {
+                    v = Vector::cast_from(a[(a_base + gm * sam + gk) / va]);
+                }
+                #[unroll]
+                for e in 0..va {
+                    quad[c * va + e] = v[e];
+                }
+            }
+            ak[r] = quad;
+        }
+        #[unroll]
+        for kk in 0..sv {
+            let gk = k0 + kk;
+            #[unroll]
+            for j in 0..tqn {
+                let mut quad = Vector::<f32, S>::new(0.0);
+                #[unroll]
+                for c in 0..comptime!(STAGE_VECTOR / cfg.vector_b) {
+                    let gn = col0 + j * sv + c * vb;
+                    let mut v = Vector::<f32, NB>::new(0.0);
+                    if gk < k_len && gn < n {
+                        v = Vector::cast_from(b[(b_base + gk * sbk + gn) / vb]);
+                    }
+                    #[unroll]
+                    for e in 0..vb {
+                        quad[c * vb + e] = v[e];
+                    }
+                }
+                bq[j] = quad;
+            }
+            #[unroll]
+            for r in 0..cfg.tile_m {
+                let av = Vector::<f32, S>::new(ak[r][kk]);
+                #[unroll]
+                for j in 0..tqn {
+                    acc[r * tqn + j] += av * bq[j];
+                }
+            }
+        }
+        step += 1;
+    }
+}
+
+/// The same GEMM and epilogue as [`gemm`] through [`register_main_loop`]: A must be read with
+/// vectors along K (`a_along_k`) and B with vectors along N (`!b_along_k`); the tile needs no
+/// multiple of [`STAGE_VECTOR`] rows.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_registers<F: Float, NA: Size, NB: Size, NO: Size, S: Size>(
+    a: &Tensor<Vector<F, NA>>,
+    b: &Tensor<Vector<F, NB>>,
+    bias: &Tensor<Vector<F, NO>>,
+    residual: &Tensor<Vector<F, NO>>,
+    out: &mut Tensor<Vector<F, NO>>,
+    a_offset: usize,
+    b_offset: usize,
+    scale: f32,
+    #[comptime] cfg: GemmConfig,
+) {
+    let m = a.shape(1);
+    let n = b.shape(2);
+    let batch = out.shape(0);
+    let pos = block_pos(m, batch, cfg);
+    if pos.batch < batch {
+        let mut acc =
+            Array::<Vector<f32, S>>::new(comptime!(cfg.tile_m * cfg.tile_n / STAGE_VECTOR));
+        register_main_loop::<F, NA, NB, S>(a, b, a_offset, b_offset, pos, &mut acc, cfg);
+        write_tile::<F, NO, S>(&acc, bias, residual, out, pos, m, n, scale, cfg);
+    }
+}

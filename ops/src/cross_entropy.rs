@@ -1,0 +1,106 @@
+//! Launcher for the fused tied-head logits + cross-entropy, and the bits-per-byte mean.
+
+use cubecl::prelude::*;
+use cubecl::server::CubeCountSelection;
+use megabyte_kernels::cross_entropy::{tied_cross_entropy as ce_kernel, CrossEntropyConfig};
+
+use crate::device::{ensure_dtype, vector_size_for};
+use crate::element::FloatElement;
+use crate::error::OpError;
+use crate::tensor::Tensor;
+
+const OP: &str = "cross_entropy";
+
+/// For each row r of x (rows, D): the logits z = x[r] · tableᵀ against the (V, D) embedding
+/// table, lse[r] = log Σ exp z and loss[r] = lse[r] - z[targets[r]] in nats (both f32, (rows)).
+/// `logits` (rows, V), when given, receives z; otherwise the logits are never stored.
+/// Targets are not checked on the host; a target >= V gives a NaN loss.
+pub fn tied_cross_entropy<R: Runtime, E: FloatElement>(
+    x: &Tensor<R, E>,
+    table: &Tensor<R, E>,
+    targets: &Tensor<R, u32>,
+    loss: &Tensor<R, f32>,
+    lse: &Tensor<R, f32>,
+    logits: Option<&Tensor<R, E>>,
+) -> Result<(), OpError> {
+    let client = x.client();
+    ensure_dtype::<R, E>(client, OP)?;
+    let shape_err = |tensor, got: &[usize], expected: Vec<usize>| OpError::Shape {
+        op: OP,
+        tensor,
+        got: got.to_vec(),
+        expected,
+    };
+    if x.shape().len() != 2 {
+        return Err(shape_err("x", x.shape(), vec![0, 0]));
+    }
+    let (rows, d) = (x.shape()[0], x.shape()[1]);
+    if table.shape().len() != 2 || table.shape()[1] != d {
+        return Err(shape_err("table", table.shape(), vec![256, d]));
+    }
+    let vocab = table.shape()[0];
+    if rows == 0 || d == 0 || vocab == 0 {
+        let (name, shape) = if vocab == 0 {
+            ("table", table.shape())
+        } else {
+            ("x", x.shape())
+        };
+        return Err(OpError::Empty {
+            op: OP,
+            tensor: name,
+            shape: shape.to_vec(),
+        });
+    }
+    for (name, t) in [("loss", loss), ("lse", lse)] {
+        if t.shape() != [rows] {
+            return Err(shape_err(name, t.shape(), vec![rows]));
+        }
+    }
+    if targets.shape() != [rows] {
+        return Err(shape_err("targets", targets.shape(), vec![rows]));
+    }
+    if let Some(l) = logits {
+        if l.shape() != [rows, vocab] {
+            return Err(shape_err("logits", l.shape(), vec![rows, vocab]));
+        }
+    }
+    let vector = vector_size_for::<R, E>(client, &[d]);
+    let cfg = CrossEntropyConfig {
+        units: vocab.next_power_of_two().min(256),
+        write_logits: logits.is_some(),
+    };
+    let count = CubeCountSelection::new(client, rows as u32).cube_count();
+    // SAFETY: shapes checked above; `vector` divides D; rows past the end are skipped by whole
+    // cubes, so every unit of a working cube reaches every barrier; table rows are read only
+    // for v < V.
+    unsafe {
+        ce_kernel::launch_unchecked::<E, R>(
+            client,
+            count,
+            CubeDim::new_1d(cfg.units as u32),
+            vector,
+            x.arg(),
+            table.arg(),
+            targets.arg(),
+            loss.arg(),
+            lse.arg(),
+            logits.unwrap_or(x).arg(),
+            cfg,
+        );
+    }
+    Ok(())
+}
+
+/// The mean of per-position losses (nats), read back and summed in f64, in bits per byte.
+pub fn bits_per_byte<R: Runtime>(loss: &Tensor<R, f32>) -> Result<f64, OpError> {
+    if loss.is_empty() {
+        return Err(OpError::Empty {
+            op: OP,
+            tensor: "loss",
+            shape: loss.shape().to_vec(),
+        });
+    }
+    let values = loss.to_f32_vec()?;
+    let nats = values.iter().map(|&v| v as f64).sum::<f64>() / values.len() as f64;
+    Ok(nats / std::f64::consts::LN_2)
+}

@@ -1,0 +1,458 @@
+//! Launchers for the GEMM with a fused epilogue, its naive baseline, and the linear layer built
+//! on it.
+//!
+//! Operands: `a` is (M, K) or (batch, M, K), `b` is (K, N) or (batch, K, N), each a
+//! [`TensorView`] with any element strides, so a transpose is a view with swapped strides
+//! ([`TensorView::t`]) and a rank-2 operand is broadcast over the other's batch. The output
+//! (and the residual, when given) is a contiguous (M, N) or (batch, M, N) tensor; the bias is
+//! (N). Accumulation and the epilogue run in f32; the result is rounded once to E.
+
+use cubecl::ir::features::Plane;
+use cubecl::prelude::*;
+use megabyte_kernels::activation::ActivationKind;
+use megabyte_kernels::gemm::{
+    gemm as gemm_kernel, gemm_naive as naive_kernel, gemm_registers as registers_kernel,
+    GemmConfig, STAGE_VECTOR,
+};
+
+use crate::device::{ensure_dtype, grid_1d};
+use crate::element::FloatElement;
+use crate::error::OpError;
+use crate::tensor::{Tensor, TensorView};
+
+const OP: &str = "gemm";
+
+/// What the GEMM applies to each output element, in this order:
+/// `act(scale · acc + bias[n]) + residual[b, m, n]`.
+pub struct Epilogue<'a, R: Runtime, E> {
+    pub scale: f32,
+    pub bias: Option<&'a Tensor<R, E>>,
+    pub activation: Option<ActivationKind>,
+    pub residual: Option<&'a Tensor<R, E>>,
+}
+
+impl<R: Runtime, E> Default for Epilogue<'_, R, E> {
+    fn default() -> Self {
+        Epilogue {
+            scale: 1.0,
+            bias: None,
+            activation: None,
+            residual: None,
+        }
+    }
+}
+
+impl<'a, R: Runtime, E> Epilogue<'a, R, E> {
+    /// No epilogue: out = A · B.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    pub fn scale(self, scale: f32) -> Self {
+        Epilogue { scale, ..self }
+    }
+
+    pub fn bias(self, bias: &'a Tensor<R, E>) -> Self {
+        Epilogue {
+            bias: Some(bias),
+            ..self
+        }
+    }
+
+    pub fn activation(self, act: ActivationKind) -> Self {
+        Epilogue {
+            activation: Some(act),
+            ..self
+        }
+    }
+
+    pub fn residual(self, residual: &'a Tensor<R, E>) -> Self {
+        Epilogue {
+            residual: Some(residual),
+            ..self
+        }
+    }
+}
+
+/// The shape of a GEMM call, independent of data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemmProblem {
+    pub batch: usize,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+}
+
+impl GemmProblem {
+    /// 2·M·N·K per batch entry.
+    pub fn flops(&self) -> f64 {
+        2.0 * self.batch as f64 * self.m as f64 * self.n as f64 * self.k as f64
+    }
+}
+
+/// An operand seen as rank 3 (batch, rows, cols), a broadcast batch having stride 0.
+struct Operand<'a, R: Runtime, E> {
+    view: TensorView<'a, R, E>,
+    rows: usize,
+    cols: usize,
+}
+
+fn operand<'a, R: Runtime, E>(v: &TensorView<'a, R, E>, batch: usize) -> Operand<'a, R, E> {
+    let r = v.shape.len();
+    let (rows, cols) = (v.shape[r - 2], v.shape[r - 1]);
+    let (bstride, rs, cs) = if r == 3 {
+        (v.strides[0], v.strides[1], v.strides[2])
+    } else {
+        (0, v.strides[0], v.strides[1])
+    };
+    Operand {
+        view: TensorView {
+            tensor: v.tensor,
+            offset: v.offset,
+            shape: vec![batch, rows, cols],
+            strides: vec![bstride, rs, cs],
+        },
+        rows,
+        cols,
+    }
+}
+
+/// Validates a, b and out; returns the problem and the output shape.
+fn check_operands<R: Runtime, E>(
+    a: &TensorView<R, E>,
+    b: &TensorView<R, E>,
+) -> Result<(GemmProblem, Vec<usize>), OpError> {
+    for (name, t) in [("a", a), ("b", b)] {
+        if t.shape.len() != 2 && t.shape.len() != 3 {
+            return Err(OpError::Shape {
+                op: OP,
+                tensor: name,
+                got: t.shape.clone(),
+                expected: vec![0; 2],
+            });
+        }
+        if t.shape.contains(&0) {
+            return Err(OpError::Empty {
+                op: OP,
+                tensor: name,
+                shape: t.shape.clone(),
+            });
+        }
+    }
+    let (ra, rb) = (a.shape.len(), b.shape.len());
+    let (m, k) = (a.shape[ra - 2], a.shape[ra - 1]);
+    let n = b.shape[rb - 1];
+    let batch = match (ra, rb) {
+        (3, 3) if a.shape[0] != b.shape[0] => {
+            return Err(OpError::Shape {
+                op: OP,
+                tensor: "b",
+                got: b.shape.clone(),
+                expected: vec![a.shape[0], k, n],
+            })
+        }
+        (3, _) => a.shape[0],
+        (_, 3) => b.shape[0],
+        _ => 1,
+    };
+    if b.shape[rb - 2] != k {
+        let mut expected = b.shape.clone();
+        expected[rb - 2] = k;
+        return Err(OpError::Shape {
+            op: OP,
+            tensor: "b",
+            got: b.shape.clone(),
+            expected,
+        });
+    }
+    let out_shape = if ra == 3 || rb == 3 {
+        vec![batch, m, n]
+    } else {
+        vec![m, n]
+    };
+    Ok((GemmProblem { batch, m, n, k }, out_shape))
+}
+
+fn check_shape<R: Runtime, E>(
+    name: &'static str,
+    t: &Tensor<R, E>,
+    expected: &[usize],
+) -> Result<(), OpError> {
+    if t.shape() == expected {
+        Ok(())
+    } else {
+        Err(OpError::Shape {
+            op: OP,
+            tensor: name,
+            got: t.shape().to_vec(),
+            expected: expected.to_vec(),
+        })
+    }
+}
+
+/// Most cubes along one grid dimension (the WebGPU and CUDA y/z limit).
+const MAX_GRID: usize = 65_535;
+
+/// Picks the widest device vector width dividing everything a vectorised operand needs.
+fn widest<R: Runtime, E: FloatElement>(client: &ComputeClient<R>, lengths: &[usize]) -> usize {
+    client
+        .io_optimized_vector_sizes(std::mem::size_of::<E>())
+        .filter(|&v| v <= 4)
+        .find(|&v| lengths.iter().all(|&n| n % v == 0))
+        .unwrap_or(1)
+}
+
+/// Which GEMM main loop runs. Both compute the same function with the same epilogue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmKernel {
+    /// `Registers` for row-major operands on devices without plane (warp) operations, which in
+    /// practice are CPU drivers such as lavapipe; `Tiled` otherwise.
+    Auto,
+    /// Operand tiles staged through shared memory, a register tile per unit.
+    Tiled,
+    /// No shared memory: each unit streams its rows and columns from global memory. Needs A
+    /// contiguous along K and B contiguous along N.
+    Registers,
+}
+
+/// Cubes below which `Registers` shrinks its blocks (two cubes per CPU thread is too few).
+const MIN_CUBES: usize = 32;
+
+/// Chooses the kernel, its tiles and the operands' vector widths.
+fn plan<R: Runtime, E: FloatElement>(
+    client: &ComputeClient<R>,
+    kind: GemmKernel,
+    p: &GemmProblem,
+    a: &Operand<R, E>,
+    b: &Operand<R, E>,
+    epi: &Epilogue<R, E>,
+) -> Result<(GemmKernel, GemmConfig), OpError> {
+    let (sa, sb) = (&a.view.strides, &b.view.strides);
+    let row_major = sa[2] == 1 && sb[2] == 1;
+    let kind = match kind {
+        GemmKernel::Auto
+            if row_major && !client.properties().features.plane.contains(Plane::Ops) =>
+        {
+            GemmKernel::Registers
+        }
+        GemmKernel::Auto => GemmKernel::Tiled,
+        GemmKernel::Registers if !row_major => {
+            return Err(OpError::Unsupported {
+                op: OP,
+                what: "operand column stride",
+                value: if sa[2] != 1 { sa[2] } else { sb[2] },
+                reason: "the registers GEMM needs `a` and `b` contiguous along their last dim; \
+                         use GemmKernel::Tiled"
+                    .into(),
+            })
+        }
+        other => other,
+    };
+    let cubes = |bm: usize, bn: usize| p.m.div_ceil(bm) * p.n.div_ceil(bn) * p.batch;
+    let (block_m, block_n, block_k, tile_m, tile_n) = match kind {
+        GemmKernel::Registers if p.m <= 16 => (16, 64, 4, 4, 8),
+        GemmKernel::Registers if cubes(64, 128) >= MIN_CUBES => (64, 128, 4, 8, 16),
+        GemmKernel::Registers => (32, 64, 4, 8, 8),
+        // Few rows (generation, small batches): thin blocks so a cube does not mostly compute
+        // padding.
+        _ if p.m <= 16 => (16, 64, 16, 4, 4),
+        _ => (128, 64, 16, 16, 8),
+    };
+
+    // Vectors along an operand's unit-stride dimension, when lengths, strides and offset all
+    // divide; otherwise scalar loads.
+    let sa = &a.view.strides;
+    let a_along_k = sa[1] != 1 || sa[2] == 1;
+    let va = if a_along_k && sa[2] == 1 {
+        widest::<R, E>(client, &[p.k, sa[1], sa[0], a.view.offset])
+    } else if !a_along_k {
+        widest::<R, E>(client, &[p.m, sa[2], sa[0], a.view.offset])
+    } else {
+        1
+    };
+    let sb = &b.view.strides;
+    let b_along_k = sb[2] != 1 && sb[1] == 1;
+    let vb = if b_along_k {
+        widest::<R, E>(client, &[p.k, sb[2], sb[0], b.view.offset])
+    } else if sb[2] == 1 {
+        widest::<R, E>(client, &[p.n, sb[1], sb[0], b.view.offset])
+    } else {
+        1
+    };
+    let vo = widest::<R, E>(client, &[p.n]);
+    let cfg = GemmConfig {
+        block_m,
+        block_n,
+        block_k,
+        tile_m,
+        tile_n,
+        vector_a: va,
+        a_along_k,
+        vector_b: vb,
+        b_along_k,
+        vector_out: vo,
+        bias: epi.bias.is_some(),
+        activation: epi.activation,
+        residual: epi.residual.is_some(),
+    };
+    debug_assert!(cfg.is_valid(), "{cfg:?}");
+    Ok((kind, cfg))
+}
+/// out = act(scale · a·b + bias) + residual, see the module docs for shapes. `out` must not
+/// alias `a`, `b` or the residual.
+pub fn gemm<R: Runtime, E: FloatElement>(
+    a: &TensorView<R, E>,
+    b: &TensorView<R, E>,
+    out: &Tensor<R, E>,
+    epilogue: &Epilogue<R, E>,
+) -> Result<(), OpError> {
+    gemm_with(GemmKernel::Auto, a, b, out, epilogue)
+}
+
+/// [`gemm`] with a chosen main loop.
+pub fn gemm_with<R: Runtime, E: FloatElement>(
+    kind: GemmKernel,
+    a: &TensorView<R, E>,
+    b: &TensorView<R, E>,
+    out: &Tensor<R, E>,
+    epilogue: &Epilogue<R, E>,
+) -> Result<(), OpError> {
+    let client = out.client();
+    ensure_dtype::<R, E>(client, OP)?;
+    let (p, out_shape) = check_operands(a, b)?;
+    check_shape("out", out, &out_shape)?;
+    if let Some(bias) = epilogue.bias {
+        check_shape("bias", bias, &[p.n])?;
+    }
+    if let Some(res) = epilogue.residual {
+        check_shape("residual", res, &out_shape)?;
+    }
+    let a3 = operand(a, p.batch);
+    let b3 = operand(b, p.batch);
+    debug_assert_eq!((a3.rows, a3.cols, b3.cols), (p.m, p.k, p.n));
+    let (kind, cfg) = plan(client, kind, &p, &a3, &b3, epilogue)?;
+    let smem = cfg.shared_words() * 4;
+    let max_smem = client.properties().hardware.max_shared_memory_size;
+    if smem > max_smem {
+        return Err(OpError::Unsupported {
+            op: OP,
+            what: "shared memory bytes",
+            value: smem,
+            reason: format!("the device allows {max_smem} per cube"),
+        });
+    }
+    let yz = p.m.div_ceil(cfg.block_m) * p.batch;
+    let (y, z) = if yz <= MAX_GRID {
+        (yz, 1)
+    } else {
+        (MAX_GRID, yz.div_ceil(MAX_GRID))
+    };
+    if z > MAX_GRID {
+        return Err(OpError::Unsupported {
+            op: OP,
+            what: "row blocks × batch",
+            value: yz,
+            reason: format!("at most {} fit in one launch", MAX_GRID * MAX_GRID),
+        });
+    }
+    let count = CubeCount::Static(p.n.div_ceil(cfg.block_n) as u32, y as u32, z as u32);
+    let dim = CubeDim::new_2d(
+        (cfg.block_n / cfg.tile_n) as u32,
+        (cfg.block_m / cfg.tile_m) as u32,
+    );
+    let out3 = out.view();
+    let out3 = operand(&out3, p.batch);
+    // SAFETY: operands were shape-checked and their views bounds-checked when made; vector
+    // widths divide every length, stride and offset they step over (see `plan`); loads outside
+    // (M, N, K) are masked in the kernel and stores outside (M, N) skipped; every unit of a cube
+    // reaches every barrier.
+    let launch = match kind {
+        GemmKernel::Registers => registers_kernel::launch_unchecked::<E, R>,
+        _ => gemm_kernel::launch_unchecked::<E, R>,
+    };
+    unsafe {
+        launch(
+            client,
+            count,
+            dim,
+            cfg.vector_a,
+            cfg.vector_b,
+            cfg.vector_out,
+            STAGE_VECTOR,
+            a3.view.arg(),
+            b3.view.arg(),
+            epilogue.bias.unwrap_or(out).arg(),
+            epilogue
+                .residual
+                .map_or_else(|| out3.view.arg(), |r| r.arg()),
+            out3.view.arg(),
+            a3.view.offset,
+            b3.view.offset,
+            epilogue.scale,
+            cfg,
+        );
+    }
+    Ok(())
+}
+
+/// a·b into a new tensor (shapes as in [`gemm`]).
+pub fn matmul<R: Runtime, E: FloatElement>(
+    a: &TensorView<R, E>,
+    b: &TensorView<R, E>,
+) -> Result<Tensor<R, E>, OpError> {
+    let (_, shape) = check_operands(a, b)?;
+    let out = Tensor::empty(a.tensor.client(), &shape);
+    gemm(a, b, &out, &Epilogue::none())?;
+    Ok(out)
+}
+
+/// A linear layer over the last dim: x (rows, in) · weight (in, out) + bias, then the
+/// activation, into a new (rows, out) tensor.
+pub fn linear<R: Runtime, E: FloatElement>(
+    x: &Tensor<R, E>,
+    weight: &Tensor<R, E>,
+    bias: Option<&Tensor<R, E>>,
+    activation: Option<ActivationKind>,
+) -> Result<Tensor<R, E>, OpError> {
+    let (_, shape) = check_operands(&x.view(), &weight.view())?;
+    let out = Tensor::empty(x.client(), &shape);
+    let epi = Epilogue {
+        scale: 1.0,
+        bias,
+        activation,
+        residual: None,
+    };
+    gemm(&x.view(), &weight.view(), &out, &epi)?;
+    Ok(out)
+}
+
+/// The naive baseline: one unit per output element, f32 dot products, no epilogue.
+pub fn gemm_naive<R: Runtime, E: FloatElement>(
+    a: &TensorView<R, E>,
+    b: &TensorView<R, E>,
+    out: &Tensor<R, E>,
+) -> Result<(), OpError> {
+    let client = out.client();
+    ensure_dtype::<R, E>(client, OP)?;
+    let (p, out_shape) = check_operands(a, b)?;
+    check_shape("out", out, &out_shape)?;
+    let a3 = operand(a, p.batch);
+    let b3 = operand(b, p.batch);
+    let out_view = out.view();
+    let out3 = operand(&out_view, p.batch);
+    let (count, dim) = grid_1d(client, out.len());
+    // SAFETY: shapes checked; every unit guards on `out.len()` and reads inside the views.
+    unsafe {
+        naive_kernel::launch_unchecked::<E, R>(
+            client,
+            count,
+            dim,
+            a3.view.arg(),
+            b3.view.arg(),
+            out3.view.arg(),
+            a3.view.offset,
+            b3.view.offset,
+        );
+    }
+    Ok(())
+}

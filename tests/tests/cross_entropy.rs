@@ -1,0 +1,173 @@
+//! Fused tied-head logits + cross-entropy against an f64 reference, with a naive f32 host
+//! implementation (sequential f32 dot products, f32 max and sum of exponentials) as the
+//! tolerance baseline; V = 256 and 257, odd widths, with and without stored logits.
+
+use cubecl::prelude::ComputeClient;
+use megabyte_ops::cross_entropy::{bits_per_byte, tied_cross_entropy};
+use megabyte_ops::{FloatElement, OpError, Tensor};
+use megabyte_tests::{check, read_f64, round, uniform, with_client, Wgpu, NAIVE_SAMPLE};
+use proptest::prelude::*;
+use rand::{Rng, SeedableRng};
+
+fn run_case<E: FloatElement>(
+    client: &ComputeClient<Wgpu>,
+    rows: usize,
+    d: usize,
+    vocab: usize,
+    write_logits: bool,
+    seed: u64,
+) {
+    let case = format!(
+        "cross_entropy({}, rows={rows}, D={d}, V={vocab}, logits={write_logits}, seed={seed})",
+        E::NAME
+    );
+    let r =
+        |v: Vec<f32>| -> Vec<f32> { v.into_iter().map(|x| round::<E>(x as f64) as f32).collect() };
+    // The naive error is measured on at least NAIVE_SAMPLE losses (more rows, same law).
+    let sample = rows.max(NAIVE_SAMPLE);
+    let x = r(uniform(seed, sample * d, -1.0, 1.0));
+    let table = r(uniform(seed ^ 1, vocab * d, -2.0, 2.0));
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 2);
+    let targets: Vec<u32> = (0..sample)
+        .map(|_| rng.gen_range(0..vocab as u32))
+        .collect();
+
+    let loss = Tensor::<Wgpu, f32>::full(client, &[rows], f64::NAN);
+    let lse = Tensor::<Wgpu, f32>::full(client, &[rows], f64::NAN);
+    let logits = Tensor::<Wgpu, E>::full(client, &[rows, vocab], f64::NAN);
+    tied_cross_entropy(
+        &Tensor::<Wgpu, E>::from_f32(client, &x[..rows * d], &[rows, d]).unwrap(),
+        &Tensor::<Wgpu, E>::from_f32(client, &table, &[vocab, d]).unwrap(),
+        &Tensor::from_ids(client, &targets[..rows], &[rows]).unwrap(),
+        &loss,
+        &lse,
+        write_logits.then_some(&logits),
+    )
+    .unwrap();
+
+    let (mut ref_z, mut ref_loss, mut ref_lse) = (vec![], vec![], vec![]);
+    let (mut nv_z, mut nv_loss, mut nv_lse) = (vec![], vec![], vec![]);
+    for row in 0..sample {
+        let xr = &x[row * d..][..d];
+        let z64: Vec<f64> = (0..vocab)
+            .map(|v| {
+                xr.iter()
+                    .zip(&table[v * d..][..d])
+                    .map(|(&a, &b)| a as f64 * b as f64)
+                    .sum()
+            })
+            .collect();
+        let z32: Vec<f32> = (0..vocab)
+            .map(|v| {
+                xr.iter()
+                    .zip(&table[v * d..][..d])
+                    .fold(0f32, |s, (&a, &b)| s + a * b)
+            })
+            .collect();
+        let m64 = z64.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let l64 = m64 + z64.iter().map(|z| (z - m64).exp()).sum::<f64>().ln();
+        let m32 = z32.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let l32 = m32 + z32.iter().map(|z| (z - m32).exp()).sum::<f32>().ln();
+        let t = targets[row] as usize;
+        ref_loss.push(l64 - z64[t]);
+        ref_lse.push(l64);
+        nv_loss.push((l32 - z32[t]) as f64);
+        nv_lse.push(l32 as f64);
+        ref_z.extend(z64);
+        nv_z.extend(z32.iter().map(|&z| round::<E>(z as f64)));
+    }
+    // Losses and lse are f32 outputs computed from E inputs: the f32 rule applies.
+    check::<f32>(&case, "loss", &read_f64(&loss), &nv_loss, &ref_loss)
+        .unwrap_or_else(|e| panic!("{e}"));
+    check::<f32>(&case, "lse", &read_f64(&lse), &nv_lse, &ref_lse)
+        .unwrap_or_else(|e| panic!("{e}"));
+    if write_logits {
+        check::<E>(&case, "logits", &read_f64(&logits), &nv_z, &ref_z)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+const SWEEP: &[(usize, usize, usize)] = &[
+    (1, 1, 256),
+    (3, 7, 257),
+    (75, 32, 256),
+    (2, 33, 257),
+    (5, 128, 256),
+];
+
+#[test]
+fn sweep() {
+    with_client!(
+        Wgpu,
+        |client| for (i, &(rows, d, v)) in SWEEP.iter().enumerate() {
+            run_case::<f32>(&client, rows, d, v, i % 2 == 0, 1100 + i as u64);
+            run_case::<half::f16>(&client, rows, d, v, i % 2 == 1, 1200 + i as u64);
+        }
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 8, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_shapes(rows in 1usize..200, d in 1usize..70, pad_id: bool, logits: bool, f16: bool, seed: u64) {
+        let v = if pad_id { 257 } else { 256 };
+        with_client!(Wgpu, |client| if f16 {
+            run_case::<half::f16>(&client, rows, d, v, logits, seed)
+        } else {
+            run_case::<f32>(&client, rows, d, v, logits, seed)
+        });
+    }
+}
+
+/// A uniform predictor (all logits equal) costs exactly 8 bits per byte at V = 256.
+#[test]
+fn uniform_predictor_is_eight_bits_per_byte() {
+    with_client!(Wgpu, |client| {
+        let (rows, d) = (10, 8);
+        let loss = Tensor::<Wgpu, f32>::full(&client, &[rows], f64::NAN);
+        let lse = Tensor::<Wgpu, f32>::full(&client, &[rows], f64::NAN);
+        let targets: Vec<u32> = (0..rows as u32).map(|i| i * 25).collect();
+        tied_cross_entropy(
+            &Tensor::<Wgpu, f32>::from_f32(&client, &uniform(5, rows * d, -1.0, 1.0), &[rows, d])
+                .unwrap(),
+            &Tensor::<Wgpu, f32>::full(&client, &[256, d], 0.0),
+            &Tensor::from_ids(&client, &targets, &[rows]).unwrap(),
+            &loss,
+            &lse,
+            None,
+        )
+        .unwrap();
+        let bpb = bits_per_byte(&loss).unwrap();
+        assert!((bpb - 8.0).abs() < 1e-6, "{bpb}");
+    });
+}
+
+#[test]
+fn bad_input_is_an_error_or_nan() {
+    with_client!(Wgpu, |client| {
+        let f = |shape: &[usize]| Tensor::<Wgpu, f32>::full(&client, shape, 0.5);
+        let t = Tensor::from_ids(&client, &[1, 2, 999], &[3]).unwrap();
+        let err = tied_cross_entropy(&f(&[3, 8]), &f(&[256, 7]), &t, &f(&[3]), &f(&[3]), None)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "cross_entropy: `table` has shape [256, 7], expected [256, 8]"
+        );
+        let err = tied_cross_entropy(&f(&[3, 8]), &f(&[256, 8]), &t, &f(&[2]), &f(&[3]), None)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "cross_entropy: `loss` has shape [2], expected [3]"
+        );
+        let e = Tensor::from_ids(&client, &[], &[0]).unwrap();
+        let err = tied_cross_entropy(&f(&[0, 8]), &f(&[256, 8]), &e, &f(&[0]), &f(&[0]), None)
+            .unwrap_err();
+        assert!(matches!(err, OpError::Empty { .. }), "{err}");
+        // A target outside the vocabulary: NaN loss, never a plausible number.
+        let loss = f(&[3]);
+        tied_cross_entropy(&f(&[3, 8]), &f(&[256, 8]), &t, &loss, &f(&[3]), None).unwrap();
+        let got = loss.to_vec().unwrap();
+        assert!(got[2].is_nan() && got[0].is_finite(), "{got:?}");
+    });
+}

@@ -1,0 +1,167 @@
+//! The fused global input (bytes → (B, K, P·D_G)) against the reference `global_input`,
+//! proptest and a sweep of awkward sizes; a bad id must show up as NaN, never as a number.
+
+use cubecl::prelude::ComputeClient;
+use megabyte_ops::patch_embed::patch_embed;
+use megabyte_ops::{FloatElement, OpError, Tensor};
+use megabyte_reference::patch_embed::global_input;
+use megabyte_tests::{check, read_f64, round, uniform, with_client, Wgpu};
+use proptest::prelude::*;
+use rand::{Rng, SeedableRng};
+
+const VOCAB: usize = 257;
+
+fn ids(seed: u64, n: usize) -> Vec<u32> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| rng.gen_range(0..VOCAB as u32)).collect()
+}
+
+fn run_case<E: FloatElement>(
+    client: &ComputeClient<Wgpu>,
+    b: usize,
+    k: usize,
+    p: usize,
+    d: usize,
+    seed: u64,
+) {
+    let case = format!(
+        "patch_embed({}, B={b}, K={k}, P={p}, D={d}, seed={seed})",
+        E::NAME
+    );
+    let t = k * p;
+    let r =
+        |v: Vec<f32>| -> Vec<f32> { v.into_iter().map(|x| round::<E>(x as f64) as f32).collect() };
+    let x = ids(seed, b * t);
+    let wte = r(uniform(seed ^ 1, VOCAB * d, -1.0, 1.0));
+    let wpe = r(uniform(seed ^ 2, (t + 3) * d, -1.0, 1.0));
+    let pad = r(uniform(seed ^ 3, p * d, -1.0, 1.0));
+    let out = Tensor::<Wgpu, E>::full(client, &[b, k, p * d], f64::NAN);
+    patch_embed(
+        &Tensor::from_ids(client, &x, &[b, t]).unwrap(),
+        &Tensor::<Wgpu, E>::from_f32(client, &wte, &[VOCAB, d]).unwrap(),
+        &Tensor::<Wgpu, E>::from_f32(client, &wpe, &[t + 3, d]).unwrap(),
+        &Tensor::<Wgpu, E>::from_f32(client, &pad, &[p * d]).unwrap(),
+        &out,
+        p,
+    )
+    .unwrap();
+    let mut expected = vec![0f32; b * t * d];
+    global_input(&mut expected, &x, &wte, &wpe, &pad, b, t, p, d);
+    // The reference adds in f64 and rounds to f32 (exact to half an f32 ulp); the naive
+    // implementation's one f32 add, rounded to E, is that value rounded to E.
+    let reference: Vec<f64> = expected.iter().map(|&v| v as f64).collect();
+    let naive: Vec<f64> = expected.iter().map(|&v| round::<E>(v as f64)).collect();
+    check::<E>(&case, "out", &read_f64(&out), &naive, &reference).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Length-1 sequences, one patch, odd widths, P not a power of two.
+const SWEEP: &[(usize, usize, usize, usize)] = &[
+    (1, 1, 1, 1),
+    (1, 1, 4, 3),
+    (3, 5, 3, 7),
+    (2, 16, 8, 32),
+    (1, 7, 12, 33),
+    (4, 3, 1, 64),
+];
+
+#[test]
+fn sweep() {
+    with_client!(
+        Wgpu,
+        |client| for (i, &(b, k, p, d)) in SWEEP.iter().enumerate() {
+            run_case::<f32>(&client, b, k, p, d, 900 + i as u64);
+            run_case::<half::f16>(&client, b, k, p, d, 950 + i as u64);
+        }
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_shapes(b in 1usize..4, k in 1usize..12, p in 1usize..10, d in 1usize..40, f16: bool, seed: u64) {
+        with_client!(Wgpu, |client| if f16 {
+            run_case::<half::f16>(&client, b, k, p, d, seed)
+        } else {
+            run_case::<f32>(&client, b, k, p, d, seed)
+        });
+    }
+}
+
+#[test]
+fn out_of_vocabulary_id_is_nan_not_a_number() {
+    with_client!(Wgpu, |client| {
+        let (p, d) = (2, 4);
+        let x = [1u32, 2, 300, 4, 5, 6];
+        let out = Tensor::<Wgpu, f32>::full(&client, &[1, 3, p * d], 0.0);
+        patch_embed(
+            &Tensor::from_ids(&client, &x, &[1, 6]).unwrap(),
+            &Tensor::<Wgpu, f32>::full(&client, &[VOCAB, d], 0.5),
+            &Tensor::<Wgpu, f32>::full(&client, &[6, d], 0.25),
+            &Tensor::<Wgpu, f32>::full(&client, &[p * d], -1.0),
+            &out,
+            p,
+        )
+        .unwrap();
+        let got = out.to_vec().unwrap();
+        // Byte 2 (id 300) lands in patch 2, slot 0.
+        assert!(got[2 * p * d..][..d].iter().all(|v| v.is_nan()), "{got:?}");
+        assert!(got[..p * d].iter().all(|&v| v == -1.0), "{got:?}");
+        assert!(got[p * d..2 * p * d].iter().all(|&v| v == 0.75), "{got:?}");
+    });
+}
+
+#[test]
+fn bad_shapes_are_errors() {
+    with_client!(Wgpu, |client| {
+        let f = |shape: &[usize]| Tensor::<Wgpu, f32>::full(&client, shape, 0.0);
+        let x = Tensor::from_ids(&client, &[1, 2, 3, 4, 5, 6], &[1, 6]).unwrap();
+        let err = patch_embed(
+            &x,
+            &f(&[VOCAB, 4]),
+            &f(&[6, 4]),
+            &f(&[16]),
+            &f(&[1, 1, 16]),
+            4,
+        )
+        .unwrap_err();
+        assert_eq!(err.to_string(), "patch_embed: sequence length = 6 is not supported: must be a multiple of the patch size 4");
+        let err = patch_embed(
+            &x,
+            &f(&[VOCAB, 4]),
+            &f(&[5, 4]),
+            &f(&[12]),
+            &f(&[1, 2, 12]),
+            3,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "patch_embed: `wpe` has shape [5, 4], expected [6, 4]"
+        );
+        let err = patch_embed(
+            &x,
+            &f(&[VOCAB, 4]),
+            &f(&[6, 4]),
+            &f(&[12]),
+            &f(&[1, 3, 12]),
+            3,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "patch_embed: `out` has shape [1, 3, 12], expected [1, 2, 12]"
+        );
+        let e = Tensor::from_ids(&client, &[], &[1, 0]).unwrap();
+        let err = patch_embed(
+            &e,
+            &f(&[VOCAB, 4]),
+            &f(&[6, 4]),
+            &f(&[12]),
+            &f(&[1, 0, 12]),
+            3,
+        )
+        .unwrap_err();
+        assert!(matches!(err, OpError::Empty { .. }), "{err}");
+    });
+}
