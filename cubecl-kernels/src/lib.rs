@@ -9,4 +9,5 @@ pub mod attention;
 pub mod cross_entropy;
 pub mod gemm;
 pub mod layer_norm;
+pub mod local_input;
 pub mod patch_embed;

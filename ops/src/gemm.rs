@@ -91,13 +91,16 @@ impl GemmProblem {
 }
 
 /// An operand seen as rank 3 (batch, rows, cols), a broadcast batch having stride 0.
-struct Operand<'a, R: Runtime, E> {
-    view: TensorView<'a, R, E>,
+pub(crate) struct Operand<'a, R: Runtime, E> {
+    pub(crate) view: TensorView<'a, R, E>,
     rows: usize,
     cols: usize,
 }
 
-fn operand<'a, R: Runtime, E>(v: &TensorView<'a, R, E>, batch: usize) -> Operand<'a, R, E> {
+pub(crate) fn operand<'a, R: Runtime, E>(
+    v: &TensorView<'a, R, E>,
+    batch: usize,
+) -> Operand<'a, R, E> {
     let r = v.shape.len();
     let (rows, cols) = (v.shape[r - 2], v.shape[r - 1]);
     let (bstride, rs, cs) = if r == 3 {
@@ -190,6 +193,44 @@ fn check_shape<R: Runtime, E>(
     }
 }
 
+/// The grid and cube shape for a planned GEMM: (N blocks, M blocks × batch over y and z).
+pub(crate) fn geometry<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GemmProblem,
+    cfg: &GemmConfig,
+) -> Result<(CubeCount, CubeDim), OpError> {
+    let smem = cfg.shared_words() * 4;
+    let max_smem = client.properties().hardware.max_shared_memory_size;
+    if smem > max_smem {
+        return Err(OpError::Unsupported {
+            op: OP,
+            what: "shared memory bytes",
+            value: smem,
+            reason: format!("the device allows {max_smem} per cube"),
+        });
+    }
+    let yz = p.m.div_ceil(cfg.block_m) * p.batch;
+    let (y, z) = if yz <= MAX_GRID {
+        (yz, 1)
+    } else {
+        (MAX_GRID, yz.div_ceil(MAX_GRID))
+    };
+    if z > MAX_GRID {
+        return Err(OpError::Unsupported {
+            op: OP,
+            what: "row blocks × batch",
+            value: yz,
+            reason: format!("at most {} fit in one launch", MAX_GRID * MAX_GRID),
+        });
+    }
+    let count = CubeCount::Static(p.n.div_ceil(cfg.block_n) as u32, y as u32, z as u32);
+    let dim = CubeDim::new_2d(
+        (cfg.block_n / cfg.tile_n) as u32,
+        (cfg.block_m / cfg.tile_m) as u32,
+    );
+    Ok((count, dim))
+}
+
 /// Most cubes along one grid dimension (the WebGPU and CUDA y/z limit).
 const MAX_GRID: usize = 65_535;
 
@@ -219,7 +260,7 @@ pub enum GemmKernel {
 const MIN_CUBES: usize = 32;
 
 /// Chooses the kernel, its tiles and the operands' vector widths.
-fn plan<R: Runtime, E: FloatElement>(
+pub(crate) fn plan<R: Runtime, E: FloatElement>(
     client: &ComputeClient<R>,
     kind: GemmKernel,
     p: &GemmProblem,
@@ -331,35 +372,7 @@ pub fn gemm_with<R: Runtime, E: FloatElement>(
     let b3 = operand(b, p.batch);
     debug_assert_eq!((a3.rows, a3.cols, b3.cols), (p.m, p.k, p.n));
     let (kind, cfg) = plan(client, kind, &p, &a3, &b3, epilogue)?;
-    let smem = cfg.shared_words() * 4;
-    let max_smem = client.properties().hardware.max_shared_memory_size;
-    if smem > max_smem {
-        return Err(OpError::Unsupported {
-            op: OP,
-            what: "shared memory bytes",
-            value: smem,
-            reason: format!("the device allows {max_smem} per cube"),
-        });
-    }
-    let yz = p.m.div_ceil(cfg.block_m) * p.batch;
-    let (y, z) = if yz <= MAX_GRID {
-        (yz, 1)
-    } else {
-        (MAX_GRID, yz.div_ceil(MAX_GRID))
-    };
-    if z > MAX_GRID {
-        return Err(OpError::Unsupported {
-            op: OP,
-            what: "row blocks × batch",
-            value: yz,
-            reason: format!("at most {} fit in one launch", MAX_GRID * MAX_GRID),
-        });
-    }
-    let count = CubeCount::Static(p.n.div_ceil(cfg.block_n) as u32, y as u32, z as u32);
-    let dim = CubeDim::new_2d(
-        (cfg.block_n / cfg.tile_n) as u32,
-        (cfg.block_m / cfg.tile_m) as u32,
-    );
+    let (count, dim) = geometry(client, &p, &cfg)?;
     let out3 = out.view();
     let out3 = operand(&out3, p.batch);
     // SAFETY: operands were shape-checked and their views bounds-checked when made; vector

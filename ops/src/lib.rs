@@ -15,6 +15,7 @@ pub mod element;
 pub mod error;
 pub mod gemm;
 pub mod layer_norm;
+pub mod local_input;
 pub mod patch_embed;
 pub mod tensor;
 

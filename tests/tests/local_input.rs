@@ -1,0 +1,202 @@
+//! The fused global→local input (a GEMM with a gather epilogue) against the reference
+//! `local_input` (f64), with a naive f32 pipeline as the tolerance baseline: a sequential f32
+//! dot product, then the gathered embedding and the position embedding added in f32.
+
+use cubecl::prelude::ComputeClient;
+use megabyte_ops::gemm::GemmKernel;
+use megabyte_ops::local_input::{local_input, local_input_with};
+use megabyte_ops::{FloatElement, Tensor};
+use megabyte_reference::local_input::local_input as reference;
+use megabyte_tests::{check, read_f64, round, uniform, with_client, Wgpu, NAIVE_SAMPLE};
+use proptest::prelude::*;
+use rand::{Rng, SeedableRng};
+
+const VOCAB: usize = 257;
+
+#[allow(clippy::too_many_arguments)]
+fn run_case<E: FloatElement>(
+    client: &ComputeClient<Wgpu>,
+    kind: GemmKernel,
+    b: usize,
+    k: usize,
+    p: usize,
+    dg: usize,
+    dl: usize,
+    positions: bool,
+    seed: u64,
+) {
+    let case = format!(
+        "local_input({}, {kind:?}, B={b}, K={k}, P={p}, D_G={dg}, D_L={dl}, positions={positions}, seed={seed})",
+        E::NAME
+    );
+    let r =
+        |v: Vec<f32>| -> Vec<f32> { v.into_iter().map(|x| round::<E>(x as f64) as f32).collect() };
+    // The kernel sees B sequences; the naive error is measured on at least NAIVE_SAMPLE outputs
+    // (more sequences from the same distribution).
+    let t = k * p;
+    let sb = b.max(NAIVE_SAMPLE.div_ceil(t * dl));
+    let g = r(uniform(seed, sb * t * dg, -1.0, 1.0));
+    let w = r(uniform(seed ^ 1, dg * dl, -1.0, 1.0));
+    let e_l = r(uniform(seed ^ 2, VOCAB * dl, -1.0, 1.0));
+    let lpad = r(uniform(seed ^ 3, dl, -1.0, 1.0));
+    let lpos = r(uniform(seed ^ 4, p * dl, -1.0, 1.0));
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 5);
+    let ids: Vec<u32> = (0..sb * t)
+        .map(|_| rng.gen_range(0..VOCAB as u32))
+        .collect();
+
+    let out = Tensor::<Wgpu, E>::full(client, &[b, t, dl], f64::NAN);
+    let lpos_t = Tensor::<Wgpu, E>::from_f32(client, &lpos, &[p, dl]).unwrap();
+    local_input_with(
+        kind,
+        &Tensor::<Wgpu, E>::from_f32(client, &g[..b * t * dg], &[b, k, p * dg]).unwrap(),
+        &Tensor::from_ids(client, &ids[..b * t], &[b, t]).unwrap(),
+        &Tensor::<Wgpu, E>::from_f32(client, &w, &[dg, dl]).unwrap(),
+        &Tensor::<Wgpu, E>::from_f32(client, &e_l, &[VOCAB, dl]).unwrap(),
+        &Tensor::<Wgpu, E>::from_f32(client, &lpad, &[dl]).unwrap(),
+        positions.then_some(&lpos_t),
+        &out,
+    )
+    .unwrap();
+
+    // The reference accumulates in f64 and rounds to f32 once: half an f32 ulp, below the
+    // naive error (K-term f32 sums) that the tolerance is built on.
+    let mut expected = vec![0f32; sb * t * dl];
+    reference(
+        &mut expected,
+        &g,
+        &ids,
+        &w,
+        &e_l,
+        &lpad,
+        positions.then_some(&lpos[..]),
+        sb,
+        k,
+        p,
+        dg,
+        dl,
+    );
+    let reference: Vec<f64> = expected.iter().map(|&v| v as f64).collect();
+    let mut naive = Vec::with_capacity(sb * t * dl);
+    for row in 0..sb * t {
+        let pi = row % p;
+        let prev = if pi == 0 {
+            &lpad[..]
+        } else {
+            &e_l[ids[row - 1] as usize * dl..][..dl]
+        };
+        for o in 0..dl {
+            let dot = (0..dg).fold(0f32, |s, i| s + g[row * dg + i] * w[i * dl + o]);
+            let pos = if positions { lpos[pi * dl + o] } else { 0.0 };
+            naive.push(round::<E>((dot + prev[o] + pos) as f64));
+        }
+    }
+    check::<E>(&case, "out", &read_f64(&out), &naive, &reference).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// One patch, P = 1, odd widths, widths not a multiple of the vector or tile.
+const SWEEP: &[(usize, usize, usize, usize, usize)] = &[
+    (1, 1, 1, 1, 1),
+    (1, 1, 4, 3, 5),
+    (3, 5, 3, 7, 33),
+    (2, 16, 8, 32, 64),
+    (1, 7, 12, 33, 20),
+    (2, 3, 4, 64, 128),
+];
+
+#[test]
+fn sweep() {
+    with_client!(
+        Wgpu,
+        |client| for (i, &(b, k, p, dg, dl)) in SWEEP.iter().enumerate() {
+            for kind in [GemmKernel::Tiled, GemmKernel::Registers] {
+                run_case::<f32>(&client, kind, b, k, p, dg, dl, i % 2 == 0, 1300 + i as u64);
+                run_case::<half::f16>(&client, kind, b, k, p, dg, dl, i % 2 == 1, 1400 + i as u64);
+            }
+        }
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 10, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_shapes(b in 1usize..4, k in 1usize..8, p in 1usize..9, dg in 1usize..48, dl in 1usize..80, positions: bool, f16: bool, tiled: bool, seed: u64) {
+        let kind = if tiled { GemmKernel::Tiled } else { GemmKernel::Auto };
+        with_client!(Wgpu, |client| if f16 {
+            run_case::<half::f16>(&client, kind, b, k, p, dg, dl, positions, seed)
+        } else {
+            run_case::<f32>(&client, kind, b, k, p, dg, dl, positions, seed)
+        });
+    }
+}
+
+#[test]
+fn bad_input_is_an_error_or_nan() {
+    with_client!(Wgpu, |client| {
+        let f = |shape: &[usize]| Tensor::<Wgpu, f32>::full(&client, shape, 0.5);
+        let ids = Tensor::from_ids(&client, &[1, 2, 300, 4, 5, 6], &[1, 6]).unwrap();
+        let err = local_input(
+            &f(&[1, 3, 8]),
+            &ids,
+            &f(&[4, 8]),
+            &f(&[VOCAB, 8]),
+            &f(&[8]),
+            Some(&f(&[3, 8])),
+            &f(&[1, 6, 8]),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "local_input: `lpos` has shape [3, 8], expected [2, 8]"
+        );
+        let err = local_input(
+            &f(&[1, 3, 8]),
+            &ids,
+            &f(&[4, 8]),
+            &f(&[VOCAB, 7]),
+            &f(&[8]),
+            None,
+            &f(&[1, 6, 8]),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "local_input: `e_l` has shape [257, 7], expected [256, 8]"
+        );
+        let err = local_input(
+            &f(&[1, 2, 8]),
+            &ids,
+            &f(&[4, 8]),
+            &f(&[VOCAB, 8]),
+            &f(&[8]),
+            None,
+            &f(&[1, 6, 8]),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "local_input: `g` has shape [1, 2, 8], expected [1, 3, 8]"
+        );
+        // Id 300 sits at t = 2 and is gathered by row t = 3 only.
+        let out = f(&[1, 6, 8]);
+        local_input(
+            &f(&[1, 3, 8]),
+            &ids,
+            &f(&[4, 8]),
+            &f(&[VOCAB, 8]),
+            &f(&[8]),
+            None,
+            &out,
+        )
+        .unwrap();
+        let got = out.to_vec().unwrap();
+        for (row, chunk) in got.chunks(8).enumerate() {
+            assert_eq!(
+                chunk.iter().all(|v| v.is_nan()),
+                row == 3,
+                "row {row}: {chunk:?}"
+            );
+        }
+    });
+}
