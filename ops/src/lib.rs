@@ -13,6 +13,7 @@ pub mod cross_entropy;
 pub mod device;
 pub mod element;
 pub mod error;
+pub mod ffn;
 pub mod gemm;
 pub mod layer_norm;
 pub mod local_input;
