@@ -256,8 +256,8 @@ pub enum GemmKernel {
     Registers,
 }
 
-/// Cubes below which `Registers` shrinks its blocks (two cubes per CPU thread is too few).
-const MIN_CUBES: usize = 32;
+/// Cubes below which `Registers` shrinks its blocks (a handful per CPU thread is too few).
+const MIN_CUBES: usize = 16;
 
 /// Chooses the kernel, its tiles and the operands' vector widths.
 pub(crate) fn plan<R: Runtime, E: FloatElement>(
@@ -290,8 +290,13 @@ pub(crate) fn plan<R: Runtime, E: FloatElement>(
         other => other,
     };
     let cubes = |bm: usize, bn: usize| p.m.div_ceil(bm) * p.n.div_ceil(bn) * p.batch;
+    // (block_m, block_n, block_k, tile_m, tile_n). Registers: a SIMD batch of units on a CPU
+    // driver shares each A load across its lanes and each B load across the unit's rows, so
+    // tall unit tiles pay (32×16 measured best on lavapipe), as long as there are cubes enough
+    // for every thread.
     let (block_m, block_n, block_k, tile_m, tile_n) = match kind {
         GemmKernel::Registers if p.m <= 16 => (16, 64, 4, 4, 8),
+        GemmKernel::Registers if cubes(256, 128) >= MIN_CUBES => (256, 128, 4, 32, 16),
         GemmKernel::Registers if cubes(64, 128) >= MIN_CUBES => (64, 128, 4, 8, 16),
         GemmKernel::Registers => (32, 64, 4, 8, 8),
         // Few rows (generation, small batches): thin blocks so a cube does not mostly compute
