@@ -296,6 +296,8 @@ pub(crate) fn plan<R: Runtime, E: FloatElement>(
     // for every thread.
     let (block_m, block_n, block_k, tile_m, tile_n) = match kind {
         GemmKernel::Registers if p.m <= 16 => (16, 64, 4, 4, 8),
+        // Narrow outputs: still 8 units across, so a SIMD batch of lanes shares its A rows.
+        GemmKernel::Registers if p.n <= 32 => (32, 32, 4, 8, 4),
         GemmKernel::Registers if cubes(256, 128) >= MIN_CUBES => (256, 128, 4, 32, 16),
         GemmKernel::Registers if cubes(64, 128) >= MIN_CUBES => (64, 128, 4, 8, 16),
         GemmKernel::Registers => (32, 64, 4, 8, 8),

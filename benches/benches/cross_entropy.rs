@@ -1,0 +1,80 @@
+//! Fused tied logits + cross-entropy against the unfused route: the logits as a GEMM against
+//! the transposed embedding table (a view, no copy), written to memory. FLOPs = 2·rows·V·D.
+//!
+//! `cargo bench -p megabyte-benches --bench cross_entropy`
+
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use megabyte_benches::time_synced;
+use megabyte_ops::cross_entropy::tied_cross_entropy;
+use megabyte_ops::gemm::{gemm, Epilogue};
+use megabyte_ops::{try_client, Tensor};
+
+type Wgpu = cubecl::wgpu::WgpuRuntime;
+
+/// (name, rows = B·T, D_L): `tiny` at batch 8, and the paper's text model over 2048 bytes.
+const SHAPES: &[(&str, usize, usize)] = &[("tiny", 512, 32), ("text", 2048, 1024)];
+const VOCAB: usize = 256;
+
+fn bench(c: &mut Criterion) {
+    let client = match try_client::<Wgpu>(&Default::default()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("skipping cross_entropy benches: {e}");
+            return;
+        }
+    };
+    let mut group = c.benchmark_group("cross_entropy");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    for &(name, rows, d) in SHAPES {
+        group.throughput(Throughput::Elements((2 * rows * VOCAB * d) as u64));
+        let data = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+                .collect()
+        };
+        let x = Tensor::<Wgpu, f32>::from_f32(&client, &data(rows * d), &[rows, d]).unwrap();
+        let table = Tensor::<Wgpu, f32>::from_f32(&client, &data(VOCAB * d), &[VOCAB, d]).unwrap();
+        let targets: Vec<u32> = (0..rows as u32).map(|i| (i * 31) % VOCAB as u32).collect();
+        let targets = Tensor::from_ids(&client, &targets, &[rows]).unwrap();
+        let loss = Tensor::<Wgpu, f32>::empty(&client, &[rows]);
+        let lse = Tensor::<Wgpu, f32>::empty(&client, &[rows]);
+        let logits = Tensor::<Wgpu, f32>::empty(&client, &[rows, VOCAB]);
+        group.bench_function(BenchmarkId::new("wgpu_ce_f32_fused", name), |bench| {
+            bench.iter_custom(|iters| {
+                time_synced(&client, iters, || {
+                    tied_cross_entropy(&x, &table, &targets, &loss, &lse, None).unwrap()
+                })
+            })
+        });
+        group.bench_function(
+            BenchmarkId::new("wgpu_ce_f32_fused_with_logits", name),
+            |bench| {
+                bench.iter_custom(|iters| {
+                    time_synced(&client, iters, || {
+                        tied_cross_entropy(&x, &table, &targets, &loss, &lse, Some(&logits))
+                            .unwrap()
+                    })
+                })
+            },
+        );
+        group.bench_function(
+            BenchmarkId::new("wgpu_logits_f32_gemm_only", name),
+            |bench| {
+                bench.iter_custom(|iters| {
+                    time_synced(&client, iters, || {
+                        gemm(&x.view(), &table.view().t(), &logits, &Epilogue::none()).unwrap()
+                    })
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

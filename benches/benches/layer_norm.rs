@@ -1,0 +1,70 @@
+//! LayerNorm, plain and fused with the residual add, in GB/s of row data moved (reads of the
+//! input and residual, writes of the output and the sum; the (C) parameters are not counted).
+//!
+//! `cargo bench -p megabyte-benches --bench layer_norm`
+
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use megabyte_benches::time_synced;
+use megabyte_ops::layer_norm::{add_layer_norm, layer_norm};
+use megabyte_ops::{try_client, Tensor};
+
+type Wgpu = cubecl::wgpu::WgpuRuntime;
+
+/// (name, rows, C): the global widths of `tiny` and of the paper's text model (one 8 KiB
+/// sequence: 1024 patches), and its local width over 8192 bytes.
+const SHAPES: &[(&str, usize, usize)] = &[
+    ("tiny_global", 128, 64),
+    ("text_global", 1024, 2048),
+    ("text_local", 8192, 1024),
+];
+
+fn bench(c: &mut Criterion) {
+    let client = match try_client::<Wgpu>(&Default::default()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("skipping layer_norm benches: {e}");
+            return;
+        }
+    };
+    let mut group = c.benchmark_group("layer_norm");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    for &(name, rows, width) in SHAPES {
+        let data: Vec<f32> = (0..rows * width)
+            .map(|i| ((i * 7919) % 1000) as f32 / 250.0)
+            .collect();
+        let x = Tensor::<Wgpu, f32>::from_f32(&client, &data, &[rows, width]).unwrap();
+        let r = Tensor::<Wgpu, f32>::from_f32(&client, &data, &[rows, width]).unwrap();
+        let w = Tensor::<Wgpu, f32>::full(&client, &[width], 1.0);
+        let b = Tensor::<Wgpu, f32>::full(&client, &[width], 0.0);
+        let out = Tensor::<Wgpu, f32>::empty(&client, &[rows, width]);
+        let sum = Tensor::<Wgpu, f32>::empty(&client, &[rows, width]);
+        let mean = Tensor::<Wgpu, f32>::empty(&client, &[rows]);
+        let rstd = Tensor::<Wgpu, f32>::empty(&client, &[rows]);
+        let bytes = (rows * width * 4) as u64;
+        group.throughput(Throughput::Bytes(2 * bytes));
+        group.bench_function(BenchmarkId::new("wgpu_layer_norm_f32", name), |bench| {
+            bench.iter_custom(|iters| {
+                time_synced(&client, iters, || {
+                    layer_norm(&x, &w, &b, &out, &mean, &rstd).unwrap()
+                })
+            })
+        });
+        group.throughput(Throughput::Bytes(4 * bytes));
+        group.bench_function(BenchmarkId::new("wgpu_add_layer_norm_f32", name), |bench| {
+            bench.iter_custom(|iters| {
+                time_synced(&client, iters, || {
+                    add_layer_norm(&x, &r, &w, &b, &sum, &out, &mean, &rstd).unwrap()
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,94 @@
+//! The fused global input (bytes → shifted patches) in GB/s of output written, and the fused
+//! global→local input (a GEMM with a gather epilogue) against the plain GEMM of the same shape,
+//! in FLOP/s (2·B·T·D_G·D_L).
+//!
+//! `cargo bench -p megabyte-benches --bench patch_embed`
+
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use megabyte_benches::time_synced;
+use megabyte_ops::gemm::{gemm, Epilogue};
+use megabyte_ops::local_input::local_input;
+use megabyte_ops::patch_embed::patch_embed;
+use megabyte_ops::{try_client, Tensor};
+
+type Wgpu = cubecl::wgpu::WgpuRuntime;
+
+/// (name, B, T, P, D_G, D_L): `tiny` at batch 8; the paper's text model over one 2 KiB
+/// sequence.
+const SHAPES: &[(&str, usize, usize, usize, usize, usize)] =
+    &[("tiny", 8, 64, 4, 16, 32), ("text", 1, 2048, 8, 256, 1024)];
+const VOCAB: usize = 256;
+
+fn bench(c: &mut Criterion) {
+    let client = match try_client::<Wgpu>(&Default::default()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("skipping patch_embed benches: {e}");
+            return;
+        }
+    };
+    let mut group = c.benchmark_group("patch_embed");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    for &(name, b, t, p, dg, dl) in SHAPES {
+        let k = t / p;
+        let data = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+                .collect()
+        };
+        let ids: Vec<u32> = (0..(b * t) as u32)
+            .map(|i| (i * 31) % VOCAB as u32)
+            .collect();
+        let ids = Tensor::from_ids(&client, &ids, &[b, t]).unwrap();
+        let wte = Tensor::<Wgpu, f32>::from_f32(&client, &data(VOCAB * dg), &[VOCAB, dg]).unwrap();
+        let wpe = Tensor::<Wgpu, f32>::from_f32(&client, &data(t * dg), &[t, dg]).unwrap();
+        let pad = Tensor::<Wgpu, f32>::from_f32(&client, &data(p * dg), &[p * dg]).unwrap();
+        let g = Tensor::<Wgpu, f32>::empty(&client, &[b, k, p * dg]);
+        group.throughput(Throughput::Bytes((b * t * dg * 4) as u64));
+        group.bench_function(BenchmarkId::new("wgpu_patch_embed_f32", name), |bench| {
+            bench.iter_custom(|iters| {
+                time_synced(&client, iters, || {
+                    patch_embed(&ids, &wte, &wpe, &pad, &g, p).unwrap()
+                })
+            })
+        });
+
+        let w_gl = Tensor::<Wgpu, f32>::from_f32(&client, &data(dg * dl), &[dg, dl]).unwrap();
+        let e_l = Tensor::<Wgpu, f32>::from_f32(&client, &data(VOCAB * dl), &[VOCAB, dl]).unwrap();
+        let lpad = Tensor::<Wgpu, f32>::from_f32(&client, &data(dl), &[dl]).unwrap();
+        let lpos = Tensor::<Wgpu, f32>::from_f32(&client, &data(p * dl), &[p, dl]).unwrap();
+        let out = Tensor::<Wgpu, f32>::empty(&client, &[b, t, dl]);
+        group.throughput(Throughput::Elements((2 * b * t * dg * dl) as u64));
+        group.bench_function(
+            BenchmarkId::new("wgpu_local_input_f32_fused", name),
+            |bench| {
+                bench.iter_custom(|iters| {
+                    time_synced(&client, iters, || {
+                        local_input(&g, &ids, &w_gl, &e_l, &lpad, Some(&lpos), &out).unwrap()
+                    })
+                })
+            },
+        );
+        let g_rows = g.clone().reshape(&[b * t, dg]).unwrap();
+        let out_rows = out.clone().reshape(&[b * t, dl]).unwrap();
+        group.bench_function(
+            BenchmarkId::new("wgpu_local_input_f32_gemm_only", name),
+            |bench| {
+                bench.iter_custom(|iters| {
+                    time_synced(&client, iters, || {
+                        gemm(&g_rows.view(), &w_gl.view(), &out_rows, &Epilogue::none()).unwrap()
+                    })
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
