@@ -5,7 +5,7 @@ use megabyte_benches::time_synced;
 use megabyte_ops::activation::{gelu, gelu_naive};
 use megabyte_ops::{try_client, Tensor};
 
-type Wgpu = cubecl::wgpu::WgpuRuntime;
+type Rt = megabyte_benches::BenchRuntime;
 
 /// Named shapes: the FFN hidden activation of one global layer, (B·K, 4·P·D_G).
 const SHAPES: &[(&str, usize, usize)] = &[
@@ -15,7 +15,7 @@ const SHAPES: &[(&str, usize, usize)] = &[
 ];
 
 fn bench(c: &mut Criterion) {
-    let client = match try_client::<Wgpu>(&Default::default()) {
+    let client = match try_client::<Rt>(&Default::default()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("skipping activation benches: {e}");
@@ -28,15 +28,21 @@ fn bench(c: &mut Criterion) {
         let data: Vec<f32> = (0..n)
             .map(|i| ((i * 7919) % 2000) as f32 / 250.0 - 4.0)
             .collect();
-        let input = Tensor::<Wgpu, f32>::from_f32(&client, &data, &[rows, cols]).unwrap();
+        let input = Tensor::<Rt, f32>::from_f32(&client, &data, &[rows, cols]).unwrap();
         // Read n elements and write n elements.
         group.throughput(Throughput::Bytes((2 * n * 4) as u64));
-        group.bench_function(BenchmarkId::new("wgpu_gelu_f32", name), |b| {
-            b.iter_custom(|iters| time_synced(&client, iters, || drop(gelu(&input).unwrap())))
-        });
-        group.bench_function(BenchmarkId::new("wgpu_gelu_naive_f32", name), |b| {
-            b.iter_custom(|iters| time_synced(&client, iters, || drop(gelu_naive(&input).unwrap())))
-        });
+        group.bench_function(
+            BenchmarkId::new(megabyte_benches::label("wgpu_gelu_f32"), name),
+            |b| b.iter_custom(|iters| time_synced(&client, iters, || drop(gelu(&input).unwrap()))),
+        );
+        group.bench_function(
+            BenchmarkId::new(megabyte_benches::label("wgpu_gelu_naive_f32"), name),
+            |b| {
+                b.iter_custom(|iters| {
+                    time_synced(&client, iters, || drop(gelu_naive(&input).unwrap()))
+                })
+            },
+        );
     }
     group.finish();
 }

@@ -17,7 +17,7 @@ use megabyte_ops::attention::{flash_attention_with, naive_attention, AttentionPr
 use megabyte_ops::AttentionKernel;
 use megabyte_ops::{try_client, Tensor};
 
-type Wgpu = cubecl::wgpu::WgpuRuntime;
+type Rt = megabyte_benches::BenchRuntime;
 
 /// (name, batch, seq, heads, head_dim). Global: one long sequence of patches of a wide model.
 /// Local: B·K independent sequences of one patch each.
@@ -65,7 +65,7 @@ fn cubek_causal<R: Runtime>(
 }
 
 fn bench(c: &mut Criterion) {
-    let client = match try_client::<Wgpu>(&Default::default()) {
+    let client = match try_client::<Rt>(&Default::default()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("skipping attention benches: {e}");
@@ -90,35 +90,38 @@ fn bench(c: &mut Criterion) {
         let data: Vec<f32> = (0..n)
             .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
             .collect();
-        let t = |shape: &[usize]| Tensor::<Wgpu, f32>::from_f32(&client, &data, shape).unwrap();
+        let t = |shape: &[usize]| Tensor::<Rt, f32>::from_f32(&client, &data, shape).unwrap();
         let (q, k, v) = (t(&[b, s, h, d]), t(&[b, s, h, d]), t(&[b, s, h, d]));
-        let out = Tensor::<Wgpu, f32>::empty(&client, &[b, s, h, d]);
-        let lse = Tensor::<Wgpu, f32>::empty(&client, &[b, h, s]);
+        let out = Tensor::<Rt, f32>::empty(&client, &[b, s, h, d]);
+        let lse = Tensor::<Rt, f32>::empty(&client, &[b, h, s]);
         for (label, kernel) in [
             ("wgpu_attention_f32_flash_tiled", AttentionKernel::Tiled),
             ("wgpu_attention_f32_flash_rows", AttentionKernel::Rows),
         ] {
-            group.bench_function(BenchmarkId::new(label, name), |bench| {
-                bench.iter_custom(|iters| {
-                    time_synced(&client, iters, || {
-                        flash_attention_with(
-                            kernel,
-                            &q.view(),
-                            &k.view(),
-                            &v.view(),
-                            &out,
-                            &lse,
-                            true,
-                        )
-                        .unwrap()
+            group.bench_function(
+                BenchmarkId::new(megabyte_benches::label(label), name),
+                |bench| {
+                    bench.iter_custom(|iters| {
+                        time_synced(&client, iters, || {
+                            flash_attention_with(
+                                kernel,
+                                &q.view(),
+                                &k.view(),
+                                &v.view(),
+                                &out,
+                                &lse,
+                                true,
+                            )
+                            .unwrap()
+                        })
                     })
-                })
-            });
+                },
+            );
         }
         // The naive kernels hold B·H·S² scores; skip where that passes 1 GiB.
         if b * h * s * s * 4 <= 1 << 30 {
             group.bench_function(
-                BenchmarkId::new("wgpu_attention_f32_naive", name),
+                BenchmarkId::new(megabyte_benches::label("wgpu_attention_f32_naive"), name),
                 |bench| {
                     bench.iter_custom(|iters| {
                         time_synced(&client, iters, || {
@@ -129,9 +132,12 @@ fn bench(c: &mut Criterion) {
             );
         }
         let (qc, kc, vc) = (t(&[b, h, s, d]), t(&[b, h, s, d]), t(&[b, h, s, d]));
-        let outc = Tensor::<Wgpu, f32>::empty(&client, &[b, h, s, d]);
+        let outc = Tensor::<Rt, f32>::empty(&client, &[b, h, s, d]);
         group.bench_function(
-            BenchmarkId::new("wgpu_attention_f32_cubek_unit", name),
+            BenchmarkId::new(
+                megabyte_benches::label("wgpu_attention_f32_cubek_unit"),
+                name,
+            ),
             |bench| {
                 bench.iter_custom(|iters| {
                     time_synced(&client, iters, || {

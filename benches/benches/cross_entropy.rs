@@ -11,14 +11,14 @@ use megabyte_ops::cross_entropy::tied_cross_entropy;
 use megabyte_ops::gemm::{gemm, Epilogue};
 use megabyte_ops::{try_client, Tensor};
 
-type Wgpu = cubecl::wgpu::WgpuRuntime;
+type Rt = megabyte_benches::BenchRuntime;
 
 /// (name, rows = B·T, D_L): `tiny` at batch 8, and the paper's text model over 2048 bytes.
 const SHAPES: &[(&str, usize, usize)] = &[("tiny", 512, 32), ("text", 2048, 1024)];
 const VOCAB: usize = 256;
 
 fn bench(c: &mut Criterion) {
-    let client = match try_client::<Wgpu>(&Default::default()) {
+    let client = match try_client::<Rt>(&Default::default()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("skipping cross_entropy benches: {e}");
@@ -37,22 +37,28 @@ fn bench(c: &mut Criterion) {
                 .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
                 .collect()
         };
-        let x = Tensor::<Wgpu, f32>::from_f32(&client, &data(rows * d), &[rows, d]).unwrap();
-        let table = Tensor::<Wgpu, f32>::from_f32(&client, &data(VOCAB * d), &[VOCAB, d]).unwrap();
+        let x = Tensor::<Rt, f32>::from_f32(&client, &data(rows * d), &[rows, d]).unwrap();
+        let table = Tensor::<Rt, f32>::from_f32(&client, &data(VOCAB * d), &[VOCAB, d]).unwrap();
         let targets: Vec<u32> = (0..rows as u32).map(|i| (i * 31) % VOCAB as u32).collect();
         let targets = Tensor::from_ids(&client, &targets, &[rows]).unwrap();
-        let loss = Tensor::<Wgpu, f32>::empty(&client, &[rows]);
-        let lse = Tensor::<Wgpu, f32>::empty(&client, &[rows]);
-        let logits = Tensor::<Wgpu, f32>::empty(&client, &[rows, VOCAB]);
-        group.bench_function(BenchmarkId::new("wgpu_ce_f32_fused", name), |bench| {
-            bench.iter_custom(|iters| {
-                time_synced(&client, iters, || {
-                    tied_cross_entropy(&x, &table, &targets, &loss, &lse, None).unwrap()
-                })
-            })
-        });
+        let loss = Tensor::<Rt, f32>::empty(&client, &[rows]);
+        let lse = Tensor::<Rt, f32>::empty(&client, &[rows]);
+        let logits = Tensor::<Rt, f32>::empty(&client, &[rows, VOCAB]);
         group.bench_function(
-            BenchmarkId::new("wgpu_ce_f32_fused_with_logits", name),
+            BenchmarkId::new(megabyte_benches::label("wgpu_ce_f32_fused"), name),
+            |bench| {
+                bench.iter_custom(|iters| {
+                    time_synced(&client, iters, || {
+                        tied_cross_entropy(&x, &table, &targets, &loss, &lse, None).unwrap()
+                    })
+                })
+            },
+        );
+        group.bench_function(
+            BenchmarkId::new(
+                megabyte_benches::label("wgpu_ce_f32_fused_with_logits"),
+                name,
+            ),
             |bench| {
                 bench.iter_custom(|iters| {
                     time_synced(&client, iters, || {
@@ -63,7 +69,7 @@ fn bench(c: &mut Criterion) {
             },
         );
         group.bench_function(
-            BenchmarkId::new("wgpu_logits_f32_gemm_only", name),
+            BenchmarkId::new(megabyte_benches::label("wgpu_logits_f32_gemm_only"), name),
             |bench| {
                 bench.iter_custom(|iters| {
                     time_synced(&client, iters, || {

@@ -19,7 +19,7 @@ use megabyte_benches::time_synced;
 use megabyte_ops::gemm::{gemm_naive, gemm_with, GemmKernel};
 use megabyte_ops::{try_client, ActivationKind, Epilogue, GemmProblem, Tensor};
 
-type Wgpu = cubecl::wgpu::WgpuRuntime;
+type Rt = megabyte_benches::BenchRuntime;
 
 /// (name, M rows, K in, N out, fc1). fc1 is the up projection (bias + GELU), fc2 the down
 /// projection (bias + residual). Rows: `tiny` at batch 8 (8·16 patches globally, 8·64 bytes
@@ -67,7 +67,7 @@ fn cubek<R: Runtime>(
 }
 
 fn bench(c: &mut Criterion) {
-    let client = match try_client::<Wgpu>(&Default::default()) {
+    let client = match try_client::<Rt>(&Default::default()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("skipping gemm benches: {e}");
@@ -87,11 +87,11 @@ fn bench(c: &mut Criterion) {
                 .map(|i| (((i + salt) * 7919) % 1000) as f32 / 500.0 - 1.0)
                 .collect()
         };
-        let a = Tensor::<Wgpu, f32>::from_f32(&client, &data(m * k, 1), &[m, k]).unwrap();
-        let b = Tensor::<Wgpu, f32>::from_f32(&client, &data(k * n, 2), &[k, n]).unwrap();
-        let bias = Tensor::<Wgpu, f32>::from_f32(&client, &data(n, 3), &[n]).unwrap();
-        let residual = Tensor::<Wgpu, f32>::from_f32(&client, &data(m * n, 4), &[m, n]).unwrap();
-        let out = Tensor::<Wgpu, f32>::empty(&client, &[m, n]);
+        let a = Tensor::<Rt, f32>::from_f32(&client, &data(m * k, 1), &[m, k]).unwrap();
+        let b = Tensor::<Rt, f32>::from_f32(&client, &data(k * n, 2), &[k, n]).unwrap();
+        let bias = Tensor::<Rt, f32>::from_f32(&client, &data(n, 3), &[n]).unwrap();
+        let residual = Tensor::<Rt, f32>::from_f32(&client, &data(m * n, 4), &[m, n]).unwrap();
+        let out = Tensor::<Rt, f32>::empty(&client, &[m, n]);
         let epi = if fc1 {
             Epilogue::none()
                 .bias(&bias)
@@ -103,13 +103,16 @@ fn bench(c: &mut Criterion) {
             ("wgpu_gemm_f32_registers_fused", GemmKernel::Registers),
             ("wgpu_gemm_f32_tiled_fused", GemmKernel::Tiled),
         ] {
-            group.bench_function(BenchmarkId::new(label, name), |bench| {
-                bench.iter_custom(|iters| {
-                    time_synced(&client, iters, || {
-                        gemm_with(kernel, &a.view(), &b.view(), &out, &epi).unwrap()
+            group.bench_function(
+                BenchmarkId::new(megabyte_benches::label(label), name),
+                |bench| {
+                    bench.iter_custom(|iters| {
+                        time_synced(&client, iters, || {
+                            gemm_with(kernel, &a.view(), &b.view(), &out, &epi).unwrap()
+                        })
                     })
-                })
-            });
+                },
+            );
         }
         for (label, strategy) in [
             (
@@ -120,21 +123,33 @@ fn bench(c: &mut Criterion) {
                 "wgpu_gemm_f32_cubek_double_unit",
                 Strategy::DoubleUnit(Default::default()),
             ),
+            // cubek's own pick: tensor-core routines where the device has them.
+            ("wgpu_gemm_f32_cubek_auto", Strategy::Auto),
         ] {
-            group.bench_function(BenchmarkId::new(label, name), |bench| {
-                bench.iter_custom(|iters| {
-                    time_synced(&client, iters, || cubek(&client, &strategy, &a, &b, &out))
-                })
-            });
+            // Without tensor cores cubek's pick is SimpleUnit, already measured.
+            if matches!(strategy, Strategy::Auto) && megabyte_benches::RUNTIME == "wgpu" {
+                continue;
+            }
+            group.bench_function(
+                BenchmarkId::new(megabyte_benches::label(label), name),
+                |bench| {
+                    bench.iter_custom(|iters| {
+                        time_synced(&client, iters, || cubek(&client, &strategy, &a, &b, &out))
+                    })
+                },
+            );
         }
         if problem.flops() <= NAIVE_MAX_FLOPS {
-            group.bench_function(BenchmarkId::new("wgpu_gemm_f32_naive", name), |bench| {
-                bench.iter_custom(|iters| {
-                    time_synced(&client, iters, || {
-                        gemm_naive(&a.view(), &b.view(), &out).unwrap()
+            group.bench_function(
+                BenchmarkId::new(megabyte_benches::label("wgpu_gemm_f32_naive"), name),
+                |bench| {
+                    bench.iter_custom(|iters| {
+                        time_synced(&client, iters, || {
+                            gemm_naive(&a.view(), &b.view(), &out).unwrap()
+                        })
                     })
-                })
-            });
+                },
+            );
         }
     }
     group.finish();

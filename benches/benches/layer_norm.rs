@@ -10,7 +10,7 @@ use megabyte_benches::time_synced;
 use megabyte_ops::layer_norm::{add_layer_norm, layer_norm};
 use megabyte_ops::{try_client, Tensor};
 
-type Wgpu = cubecl::wgpu::WgpuRuntime;
+type Rt = megabyte_benches::BenchRuntime;
 
 /// (name, rows, C): the global widths of `tiny` and of the paper's text model (one 8 KiB
 /// sequence: 1024 patches), and its local width over 8192 bytes.
@@ -21,7 +21,7 @@ const SHAPES: &[(&str, usize, usize)] = &[
 ];
 
 fn bench(c: &mut Criterion) {
-    let client = match try_client::<Wgpu>(&Default::default()) {
+    let client = match try_client::<Rt>(&Default::default()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("skipping layer_norm benches: {e}");
@@ -37,31 +37,37 @@ fn bench(c: &mut Criterion) {
         let data: Vec<f32> = (0..rows * width)
             .map(|i| ((i * 7919) % 1000) as f32 / 250.0)
             .collect();
-        let x = Tensor::<Wgpu, f32>::from_f32(&client, &data, &[rows, width]).unwrap();
-        let r = Tensor::<Wgpu, f32>::from_f32(&client, &data, &[rows, width]).unwrap();
-        let w = Tensor::<Wgpu, f32>::full(&client, &[width], 1.0);
-        let b = Tensor::<Wgpu, f32>::full(&client, &[width], 0.0);
-        let out = Tensor::<Wgpu, f32>::empty(&client, &[rows, width]);
-        let sum = Tensor::<Wgpu, f32>::empty(&client, &[rows, width]);
-        let mean = Tensor::<Wgpu, f32>::empty(&client, &[rows]);
-        let rstd = Tensor::<Wgpu, f32>::empty(&client, &[rows]);
+        let x = Tensor::<Rt, f32>::from_f32(&client, &data, &[rows, width]).unwrap();
+        let r = Tensor::<Rt, f32>::from_f32(&client, &data, &[rows, width]).unwrap();
+        let w = Tensor::<Rt, f32>::full(&client, &[width], 1.0);
+        let b = Tensor::<Rt, f32>::full(&client, &[width], 0.0);
+        let out = Tensor::<Rt, f32>::empty(&client, &[rows, width]);
+        let sum = Tensor::<Rt, f32>::empty(&client, &[rows, width]);
+        let mean = Tensor::<Rt, f32>::empty(&client, &[rows]);
+        let rstd = Tensor::<Rt, f32>::empty(&client, &[rows]);
         let bytes = (rows * width * 4) as u64;
         group.throughput(Throughput::Bytes(2 * bytes));
-        group.bench_function(BenchmarkId::new("wgpu_layer_norm_f32", name), |bench| {
-            bench.iter_custom(|iters| {
-                time_synced(&client, iters, || {
-                    layer_norm(&x, &w, &b, &out, &mean, &rstd).unwrap()
+        group.bench_function(
+            BenchmarkId::new(megabyte_benches::label("wgpu_layer_norm_f32"), name),
+            |bench| {
+                bench.iter_custom(|iters| {
+                    time_synced(&client, iters, || {
+                        layer_norm(&x, &w, &b, &out, &mean, &rstd).unwrap()
+                    })
                 })
-            })
-        });
+            },
+        );
         group.throughput(Throughput::Bytes(4 * bytes));
-        group.bench_function(BenchmarkId::new("wgpu_add_layer_norm_f32", name), |bench| {
-            bench.iter_custom(|iters| {
-                time_synced(&client, iters, || {
-                    add_layer_norm(&x, &r, &w, &b, &sum, &out, &mean, &rstd).unwrap()
+        group.bench_function(
+            BenchmarkId::new(megabyte_benches::label("wgpu_add_layer_norm_f32"), name),
+            |bench| {
+                bench.iter_custom(|iters| {
+                    time_synced(&client, iters, || {
+                        add_layer_norm(&x, &r, &w, &b, &sum, &out, &mean, &rstd).unwrap()
+                    })
                 })
-            })
-        });
+            },
+        );
     }
     group.finish();
 }

@@ -13,7 +13,7 @@ use megabyte_ops::local_input::local_input;
 use megabyte_ops::patch_embed::patch_embed;
 use megabyte_ops::{try_client, Tensor};
 
-type Wgpu = cubecl::wgpu::WgpuRuntime;
+type Rt = megabyte_benches::BenchRuntime;
 
 /// (name, B, T, P, D_G, D_L): `tiny` at batch 8; the paper's text model over one 2 KiB
 /// sequence.
@@ -22,7 +22,7 @@ const SHAPES: &[(&str, usize, usize, usize, usize, usize)] =
 const VOCAB: usize = 256;
 
 fn bench(c: &mut Criterion) {
-    let client = match try_client::<Wgpu>(&Default::default()) {
+    let client = match try_client::<Rt>(&Default::default()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("skipping patch_embed benches: {e}");
@@ -45,27 +45,30 @@ fn bench(c: &mut Criterion) {
             .map(|i| (i * 31) % VOCAB as u32)
             .collect();
         let ids = Tensor::from_ids(&client, &ids, &[b, t]).unwrap();
-        let wte = Tensor::<Wgpu, f32>::from_f32(&client, &data(VOCAB * dg), &[VOCAB, dg]).unwrap();
-        let wpe = Tensor::<Wgpu, f32>::from_f32(&client, &data(t * dg), &[t, dg]).unwrap();
-        let pad = Tensor::<Wgpu, f32>::from_f32(&client, &data(p * dg), &[p * dg]).unwrap();
-        let g = Tensor::<Wgpu, f32>::empty(&client, &[b, k, p * dg]);
+        let wte = Tensor::<Rt, f32>::from_f32(&client, &data(VOCAB * dg), &[VOCAB, dg]).unwrap();
+        let wpe = Tensor::<Rt, f32>::from_f32(&client, &data(t * dg), &[t, dg]).unwrap();
+        let pad = Tensor::<Rt, f32>::from_f32(&client, &data(p * dg), &[p * dg]).unwrap();
+        let g = Tensor::<Rt, f32>::empty(&client, &[b, k, p * dg]);
         group.throughput(Throughput::Bytes((b * t * dg * 4) as u64));
-        group.bench_function(BenchmarkId::new("wgpu_patch_embed_f32", name), |bench| {
-            bench.iter_custom(|iters| {
-                time_synced(&client, iters, || {
-                    patch_embed(&ids, &wte, &wpe, &pad, &g, p).unwrap()
+        group.bench_function(
+            BenchmarkId::new(megabyte_benches::label("wgpu_patch_embed_f32"), name),
+            |bench| {
+                bench.iter_custom(|iters| {
+                    time_synced(&client, iters, || {
+                        patch_embed(&ids, &wte, &wpe, &pad, &g, p).unwrap()
+                    })
                 })
-            })
-        });
+            },
+        );
 
-        let w_gl = Tensor::<Wgpu, f32>::from_f32(&client, &data(dg * dl), &[dg, dl]).unwrap();
-        let e_l = Tensor::<Wgpu, f32>::from_f32(&client, &data(VOCAB * dl), &[VOCAB, dl]).unwrap();
-        let lpad = Tensor::<Wgpu, f32>::from_f32(&client, &data(dl), &[dl]).unwrap();
-        let lpos = Tensor::<Wgpu, f32>::from_f32(&client, &data(p * dl), &[p, dl]).unwrap();
-        let out = Tensor::<Wgpu, f32>::empty(&client, &[b, t, dl]);
+        let w_gl = Tensor::<Rt, f32>::from_f32(&client, &data(dg * dl), &[dg, dl]).unwrap();
+        let e_l = Tensor::<Rt, f32>::from_f32(&client, &data(VOCAB * dl), &[VOCAB, dl]).unwrap();
+        let lpad = Tensor::<Rt, f32>::from_f32(&client, &data(dl), &[dl]).unwrap();
+        let lpos = Tensor::<Rt, f32>::from_f32(&client, &data(p * dl), &[p, dl]).unwrap();
+        let out = Tensor::<Rt, f32>::empty(&client, &[b, t, dl]);
         group.throughput(Throughput::Elements((2 * b * t * dg * dl) as u64));
         group.bench_function(
-            BenchmarkId::new("wgpu_local_input_f32_fused", name),
+            BenchmarkId::new(megabyte_benches::label("wgpu_local_input_f32_fused"), name),
             |bench| {
                 bench.iter_custom(|iters| {
                     time_synced(&client, iters, || {
@@ -77,7 +80,10 @@ fn bench(c: &mut Criterion) {
         let g_rows = g.clone().reshape(&[b * t, dg]).unwrap();
         let out_rows = out.clone().reshape(&[b * t, dl]).unwrap();
         group.bench_function(
-            BenchmarkId::new("wgpu_local_input_f32_gemm_only", name),
+            BenchmarkId::new(
+                megabyte_benches::label("wgpu_local_input_f32_gemm_only"),
+                name,
+            ),
             |bench| {
                 bench.iter_custom(|iters| {
                     time_synced(&client, iters, || {

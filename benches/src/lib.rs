@@ -20,3 +20,21 @@ pub fn time_synced<R: Runtime>(
     cubecl::future::block_on(client.sync()).expect("device sync");
     start.elapsed()
 }
+
+/// The runtime the benches run on: wgpu, or CUDA with the `cuda` feature
+/// (`cargo bench -p megabyte-benches --features cuda`).
+#[cfg(not(feature = "cuda"))]
+pub type BenchRuntime = cubecl::wgpu::WgpuRuntime;
+#[cfg(feature = "cuda")]
+pub type BenchRuntime = cubecl::cuda::CudaRuntime;
+
+/// The runtime's name, the prefix of every bench id.
+#[cfg(not(feature = "cuda"))]
+pub const RUNTIME: &str = "wgpu";
+#[cfg(feature = "cuda")]
+pub const RUNTIME: &str = "cuda";
+
+/// A bench label written with the `wgpu_` prefix, renamed for the runtime in use.
+pub fn label(name: &str) -> String {
+    name.replacen("wgpu", RUNTIME, 1)
+}

@@ -145,8 +145,12 @@ pub fn client<R: Runtime>() -> Option<ComputeClient<R>> {
     }
 }
 
-#[cfg(feature = "wgpu")]
-pub type Wgpu = cubecl::wgpu::WgpuRuntime;
+/// The runtime the kernel tests run on: wgpu, or CUDA with the `cuda` feature
+/// (`cargo test -p megabyte-tests --features cuda`).
+#[cfg(not(feature = "cuda"))]
+pub type TestRuntime = cubecl::wgpu::WgpuRuntime;
+#[cfg(feature = "cuda")]
+pub type TestRuntime = cubecl::cuda::CudaRuntime;
 
 /// Runs `$body` with `client` bound to runtime `$R`'s client, or returns early (skip) outside CI.
 #[macro_export]

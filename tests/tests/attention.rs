@@ -7,7 +7,7 @@ use megabyte_ops::attention::{flash_attention, flash_attention_with, naive_atten
 use megabyte_ops::AttentionKernel;
 use megabyte_ops::{FloatElement, OpError, Tensor};
 use megabyte_reference::attention::attention_f64;
-use megabyte_tests::{check, read_f64, round, uniform, with_client, Wgpu};
+use megabyte_tests::{check, read_f64, round, uniform, with_client, TestRuntime};
 use proptest::prelude::*;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -20,7 +20,7 @@ enum Layout {
 
 #[allow(clippy::too_many_arguments)]
 fn run_case<E: FloatElement>(
-    client: &ComputeClient<Wgpu>,
+    client: &ComputeClient<TestRuntime>,
     b: usize,
     s: usize,
     h: usize,
@@ -44,17 +44,17 @@ fn run_case<E: FloatElement>(
     let (q, k, v) = (gen(seed), gen(seed ^ 0x9e37), gen(seed ^ 0x7f4a));
     let (ref_out, ref_lse) = attention_f64(&q, &k, &v, b, s, h, d, causal);
 
-    let naive_out = Tensor::<Wgpu, E>::full(client, &[b, s, h, d], f64::NAN);
-    let naive_lse = Tensor::<Wgpu, f32>::full(client, &[b, h, s], f64::NAN);
-    let t = |x: &[f32]| Tensor::<Wgpu, E>::from_f32(client, x, &[b, s, h, d]).unwrap();
+    let naive_out = Tensor::<TestRuntime, E>::full(client, &[b, s, h, d], f64::NAN);
+    let naive_lse = Tensor::<TestRuntime, f32>::full(client, &[b, h, s], f64::NAN);
+    let t = |x: &[f32]| Tensor::<TestRuntime, E>::from_f32(client, x, &[b, s, h, d]).unwrap();
     naive_attention(&t(&q), &t(&k), &t(&v), &naive_out, &naive_lse, causal).unwrap();
     let (naive_out, naive_lse) = (read_f64(&naive_out), read_f64(&naive_lse));
 
     for kernel in [AttentionKernel::Tiled, AttentionKernel::Rows] {
         let case = format!("{case} {kernel:?}");
         // Poisoned outputs: an element the kernel never writes stays NaN and fails.
-        let out = Tensor::<Wgpu, E>::full(client, &[b, s, h, d], f64::NAN);
-        let lse = Tensor::<Wgpu, f32>::full(client, &[b, h, s], f64::NAN);
+        let out = Tensor::<TestRuntime, E>::full(client, &[b, s, h, d], f64::NAN);
+        let lse = Tensor::<TestRuntime, f32>::full(client, &[b, h, s], f64::NAN);
         match layout {
             Layout::Contiguous => {
                 let (qt, kt, vt) = (t(&q), t(&k), t(&v));
@@ -77,7 +77,8 @@ fn run_case<E: FloatElement>(
                             .copy_from_slice(&src[row * h * d..][..h * d]);
                     }
                 }
-                let qkv = Tensor::<Wgpu, E>::from_f32(client, &fused, &[b, s, 3, h, d]).unwrap();
+                let qkv =
+                    Tensor::<TestRuntime, E>::from_f32(client, &fused, &[b, s, 3, h, d]).unwrap();
                 let strides = [s * 3 * h * d, 3 * h * d, d, 1];
                 let view =
                     |part: usize| qkv.strided(part * h * d, &[b, s, h, d], &strides).unwrap();
@@ -120,7 +121,7 @@ const LOCAL_SWEEP: &[(usize, usize, usize, usize)] = &[
 #[test]
 fn global_sweep_f32() {
     with_client!(
-        Wgpu,
+        TestRuntime,
         |client| for (i, &(b, s, h, d)) in GLOBAL_SWEEP.iter().enumerate() {
             for causal in [true, false] {
                 run_case::<f32>(
@@ -141,7 +142,7 @@ fn global_sweep_f32() {
 #[test]
 fn global_sweep_f16() {
     with_client!(
-        Wgpu,
+        TestRuntime,
         |client| for (i, &(b, s, h, d)) in GLOBAL_SWEEP.iter().enumerate() {
             run_case::<half::f16>(
                 &client,
@@ -160,7 +161,7 @@ fn global_sweep_f16() {
 #[test]
 fn local_sweep() {
     with_client!(
-        Wgpu,
+        TestRuntime,
         |client| for (i, &(b, s, h, d)) in LOCAL_SWEEP.iter().enumerate() {
             run_case::<f32>(
                 &client,
@@ -179,7 +180,7 @@ fn local_sweep() {
 
 #[test]
 fn fused_qkv_views() {
-    with_client!(Wgpu, |client| for (i, &(b, s, h, d)) in
+    with_client!(TestRuntime, |client| for (i, &(b, s, h, d)) in
         [(2, 37, 3, 64), (1, 16, 4, 32), (5, 8, 2, 80)]
             .iter()
             .enumerate()
@@ -195,7 +196,7 @@ proptest! {
     fn random_shapes(b in 1usize..4, s in 1usize..150, h in 1usize..4, d in prop::sample::select(vec![8usize, 16, 24, 32, 40, 64, 80, 96, 128, 17, 33]),
                      causal: bool, f16: bool, fused: bool, seed: u64) {
         let layout = if fused { Layout::FusedQkv } else { Layout::Contiguous };
-        with_client!(Wgpu, |client| if f16 {
+        with_client!(TestRuntime, |client| if f16 {
             run_case::<half::f16>(&client, b, s, h, d, causal, seed, layout)
         } else {
             run_case::<f32>(&client, b, s, h, d, causal, seed, layout)
@@ -205,12 +206,12 @@ proptest! {
 
 #[test]
 fn bad_shapes_are_errors() {
-    with_client!(Wgpu, |client| {
-        let t = |shape: &[usize]| Tensor::<Wgpu, f32>::full(&client, shape, 0.5);
+    with_client!(TestRuntime, |client| {
+        let t = |shape: &[usize]| Tensor::<TestRuntime, f32>::full(&client, shape, 0.5);
         let (q, k, v) = (t(&[1, 8, 2, 16]), t(&[1, 8, 2, 16]), t(&[1, 9, 2, 16]));
         let (out, lse) = (
             t(&[1, 8, 2, 16]),
-            Tensor::<Wgpu, f32>::full(&client, &[1, 2, 8], 0.0),
+            Tensor::<TestRuntime, f32>::full(&client, &[1, 2, 8], 0.0),
         );
         let err = flash_attention(&q.view(), &k.view(), &v.view(), &out, &lse, true).unwrap_err();
         assert_eq!(
@@ -218,7 +219,7 @@ fn bad_shapes_are_errors() {
             "attention: `v` has shape [1, 9, 2, 16], expected [1, 8, 2, 16]"
         );
 
-        let bad_lse = Tensor::<Wgpu, f32>::full(&client, &[1, 8, 2], 0.0);
+        let bad_lse = Tensor::<TestRuntime, f32>::full(&client, &[1, 8, 2], 0.0);
         let err =
             flash_attention(&q.view(), &k.view(), &k.view(), &out, &bad_lse, true).unwrap_err();
         assert_eq!(
@@ -227,7 +228,7 @@ fn bad_shapes_are_errors() {
         );
 
         let wide = t(&[1, 4, 1, 300]);
-        let lse1 = Tensor::<Wgpu, f32>::full(&client, &[1, 1, 4], 0.0);
+        let lse1 = Tensor::<TestRuntime, f32>::full(&client, &[1, 1, 4], 0.0);
         let err = flash_attention(&wide.view(), &wide.view(), &wide.view(), &wide, &lse1, true)
             .unwrap_err();
         assert!(
@@ -243,7 +244,7 @@ fn bad_shapes_are_errors() {
         );
 
         let empty = t(&[1, 0, 2, 16]);
-        let lse0 = Tensor::<Wgpu, f32>::full(&client, &[1, 2, 0], 0.0);
+        let lse0 = Tensor::<TestRuntime, f32>::full(&client, &[1, 2, 0], 0.0);
         let err = flash_attention(
             &empty.view(),
             &empty.view(),
@@ -271,7 +272,7 @@ fn bad_shapes_are_errors() {
 #[test]
 #[ignore]
 fn global_16k_runs_in_linear_memory() {
-    with_client!(Wgpu, |client| {
+    with_client!(TestRuntime, |client| {
         let (b, s, h, d) = (1usize, 16_384usize, 8usize, 64usize);
         let n = b * s * h * d;
         let (q, k, v) = (
@@ -279,10 +280,11 @@ fn global_16k_runs_in_linear_memory() {
             uniform(2, n, -2.0, 2.0),
             uniform(3, n, -2.0, 2.0),
         );
-        let t = |x: &[f32]| Tensor::<Wgpu, f32>::from_f32(&client, x, &[b, s, h, d]).unwrap();
+        let t =
+            |x: &[f32]| Tensor::<TestRuntime, f32>::from_f32(&client, x, &[b, s, h, d]).unwrap();
         let (qt, kt, vt) = (t(&q), t(&k), t(&v));
-        let out = Tensor::<Wgpu, f32>::full(&client, &[b, s, h, d], f64::NAN);
-        let lse = Tensor::<Wgpu, f32>::full(&client, &[b, h, s], f64::NAN);
+        let out = Tensor::<TestRuntime, f32>::full(&client, &[b, s, h, d], f64::NAN);
+        let lse = Tensor::<TestRuntime, f32>::full(&client, &[b, h, s], f64::NAN);
         let start = std::time::Instant::now();
         flash_attention(&qt.view(), &kt.view(), &vt.view(), &out, &lse, true).unwrap();
         let got = out.to_vec().unwrap();

@@ -5,12 +5,12 @@
 use cubecl::prelude::ComputeClient;
 use megabyte_ops::cross_entropy::{bits_per_byte, tied_cross_entropy};
 use megabyte_ops::{FloatElement, OpError, Tensor};
-use megabyte_tests::{check, read_f64, round, uniform, with_client, Wgpu, NAIVE_SAMPLE};
+use megabyte_tests::{check, read_f64, round, uniform, with_client, TestRuntime, NAIVE_SAMPLE};
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 
 fn run_case<E: FloatElement>(
-    client: &ComputeClient<Wgpu>,
+    client: &ComputeClient<TestRuntime>,
     rows: usize,
     d: usize,
     vocab: usize,
@@ -32,12 +32,12 @@ fn run_case<E: FloatElement>(
         .map(|_| rng.gen_range(0..vocab as u32))
         .collect();
 
-    let loss = Tensor::<Wgpu, f32>::full(client, &[rows], f64::NAN);
-    let lse = Tensor::<Wgpu, f32>::full(client, &[rows], f64::NAN);
-    let logits = Tensor::<Wgpu, E>::full(client, &[rows, vocab], f64::NAN);
+    let loss = Tensor::<TestRuntime, f32>::full(client, &[rows], f64::NAN);
+    let lse = Tensor::<TestRuntime, f32>::full(client, &[rows], f64::NAN);
+    let logits = Tensor::<TestRuntime, E>::full(client, &[rows, vocab], f64::NAN);
     tied_cross_entropy(
-        &Tensor::<Wgpu, E>::from_f32(client, &x[..rows * d], &[rows, d]).unwrap(),
-        &Tensor::<Wgpu, E>::from_f32(client, &table, &[vocab, d]).unwrap(),
+        &Tensor::<TestRuntime, E>::from_f32(client, &x[..rows * d], &[rows, d]).unwrap(),
+        &Tensor::<TestRuntime, E>::from_f32(client, &table, &[vocab, d]).unwrap(),
         &Tensor::from_ids(client, &targets[..rows], &[rows]).unwrap(),
         &loss,
         &lse,
@@ -98,7 +98,7 @@ const SWEEP: &[(usize, usize, usize)] = &[
 #[test]
 fn sweep() {
     with_client!(
-        Wgpu,
+        TestRuntime,
         |client| for (i, &(rows, d, v)) in SWEEP.iter().enumerate() {
             run_case::<f32>(&client, rows, d, v, i % 2 == 0, 1100 + i as u64);
             run_case::<half::f16>(&client, rows, d, v, i % 2 == 1, 1200 + i as u64);
@@ -112,7 +112,7 @@ proptest! {
     #[test]
     fn random_shapes(rows in 1usize..200, d in 1usize..70, pad_id: bool, logits: bool, f16: bool, seed: u64) {
         let v = if pad_id { 257 } else { 256 };
-        with_client!(Wgpu, |client| if f16 {
+        with_client!(TestRuntime, |client| if f16 {
             run_case::<half::f16>(&client, rows, d, v, logits, seed)
         } else {
             run_case::<f32>(&client, rows, d, v, logits, seed)
@@ -123,15 +123,19 @@ proptest! {
 /// A uniform predictor (all logits equal) costs exactly 8 bits per byte at V = 256.
 #[test]
 fn uniform_predictor_is_eight_bits_per_byte() {
-    with_client!(Wgpu, |client| {
+    with_client!(TestRuntime, |client| {
         let (rows, d) = (10, 8);
-        let loss = Tensor::<Wgpu, f32>::full(&client, &[rows], f64::NAN);
-        let lse = Tensor::<Wgpu, f32>::full(&client, &[rows], f64::NAN);
+        let loss = Tensor::<TestRuntime, f32>::full(&client, &[rows], f64::NAN);
+        let lse = Tensor::<TestRuntime, f32>::full(&client, &[rows], f64::NAN);
         let targets: Vec<u32> = (0..rows as u32).map(|i| i * 25).collect();
         tied_cross_entropy(
-            &Tensor::<Wgpu, f32>::from_f32(&client, &uniform(5, rows * d, -1.0, 1.0), &[rows, d])
-                .unwrap(),
-            &Tensor::<Wgpu, f32>::full(&client, &[256, d], 0.0),
+            &Tensor::<TestRuntime, f32>::from_f32(
+                &client,
+                &uniform(5, rows * d, -1.0, 1.0),
+                &[rows, d],
+            )
+            .unwrap(),
+            &Tensor::<TestRuntime, f32>::full(&client, &[256, d], 0.0),
             &Tensor::from_ids(&client, &targets, &[rows]).unwrap(),
             &loss,
             &lse,
@@ -145,8 +149,8 @@ fn uniform_predictor_is_eight_bits_per_byte() {
 
 #[test]
 fn bad_input_is_an_error_or_nan() {
-    with_client!(Wgpu, |client| {
-        let f = |shape: &[usize]| Tensor::<Wgpu, f32>::full(&client, shape, 0.5);
+    with_client!(TestRuntime, |client| {
+        let f = |shape: &[usize]| Tensor::<TestRuntime, f32>::full(&client, shape, 0.5);
         let t = Tensor::from_ids(&client, &[1, 2, 999], &[3]).unwrap();
         let err = tied_cross_entropy(&f(&[3, 8]), &f(&[256, 7]), &t, &f(&[3]), &f(&[3]), None)
             .unwrap_err();

@@ -10,10 +10,10 @@ use megabyte_ops::{ActivationKind, Tensor};
 use megabyte_reference::activation::activation_scalar;
 use megabyte_reference::config::Activation;
 use megabyte_reference::layer_norm::layer_norm_f64;
-use megabyte_tests::{check, read_f64, uniform, with_client, Wgpu, NAIVE_SAMPLE};
+use megabyte_tests::{check, read_f64, uniform, with_client, TestRuntime, NAIVE_SAMPLE};
 
 fn run_case(
-    client: &ComputeClient<Wgpu>,
+    client: &ComputeClient<TestRuntime>,
     rows: usize,
     c: usize,
     h: usize,
@@ -36,7 +36,9 @@ fn run_case(
     let w2 = uniform(seed ^ 5, h * c, -scale2, scale2);
     let b2 = uniform(seed ^ 6, c, -0.1, 0.1);
 
-    let up = |v: &[f32], shape: &[usize]| Tensor::<Wgpu, f32>::from_f32(client, v, shape).unwrap();
+    let up = |v: &[f32], shape: &[usize]| {
+        Tensor::<TestRuntime, f32>::from_f32(client, v, shape).unwrap()
+    };
     let (lw_t, lb_t, w1_t, b1_t, w2_t, b2_t) = (
         up(&lw, &[c]),
         up(&lb, &[c]),
@@ -109,7 +111,7 @@ fn run_case(
 
 #[test]
 fn ffn_matches_reference() {
-    with_client!(Wgpu, |client| {
+    with_client!(TestRuntime, |client| {
         // The tiny preset's global (C = 64) and local (C = 32) widths, odd sizes, one row.
         run_case(&client, 16, 64, 256, Activation::Gelu, 1);
         run_case(&client, 64, 32, 128, Activation::Gelu, 2);

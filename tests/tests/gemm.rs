@@ -11,7 +11,7 @@ use megabyte_ops::activation::gelu_naive;
 use megabyte_ops::gemm::{gemm, gemm_naive, gemm_with, linear, matmul, GemmKernel};
 use megabyte_ops::{ActivationKind, Epilogue, FloatElement, OpError, Tensor};
 use megabyte_reference::activation::{gelu_scalar, relu_scalar};
-use megabyte_tests::{check, read_f64, round, uniform, with_client, Wgpu, NAIVE_SAMPLE};
+use megabyte_tests::{check, read_f64, round, uniform, with_client, TestRuntime, NAIVE_SAMPLE};
 use proptest::prelude::*;
 
 /// How an operand is stored.
@@ -79,7 +79,7 @@ fn activation(act: ActivationKind, x: f64) -> f64 {
     }
 }
 
-fn run_case<E: FloatElement>(client: &ComputeClient<Wgpu>, c: Case, seed: u64) {
+fn run_case<E: FloatElement>(client: &ComputeClient<TestRuntime>, c: Case, seed: u64) {
     let name = format!("gemm({}, {c:?}, seed={seed})", E::NAME);
     let r =
         |v: Vec<f32>| -> Vec<f32> { v.into_iter().map(|x| round::<E>(x as f64) as f32).collect() };
@@ -115,8 +115,8 @@ fn run_case<E: FloatElement>(client: &ComputeClient<Wgpu>, c: Case, seed: u64) {
     };
     let (a_data, (a_off, a_vs, a_st)) = stack(&a_kernel, batch, m, k, c.a);
     let (b_data, (b_off, b_vs, b_st)) = stack(&b_all, b_batch, k, n, c.b);
-    let a_t = Tensor::<Wgpu, E>::from_f32(client, &a_data, &[a_data.len()]).unwrap();
-    let b_t = Tensor::<Wgpu, E>::from_f32(client, &b_data, &[b_data.len()]).unwrap();
+    let a_t = Tensor::<TestRuntime, E>::from_f32(client, &a_data, &[a_data.len()]).unwrap();
+    let b_t = Tensor::<TestRuntime, E>::from_f32(client, &b_data, &[b_data.len()]).unwrap();
     let a_entry = a_data.len() / batch;
     let b_entry = b_data.len() / b_batch;
     let a_view = if batch > 1 {
@@ -144,9 +144,9 @@ fn run_case<E: FloatElement>(client: &ComputeClient<Wgpu>, c: Case, seed: u64) {
     } else {
         vec![m, n]
     };
-    let out = Tensor::<Wgpu, E>::full(client, &out_shape, f64::NAN);
-    let bias_t = Tensor::<Wgpu, E>::from_f32(client, &bias, &[n]).unwrap();
-    let res_t = Tensor::<Wgpu, E>::from_f32(client, &res_kernel, &out_shape).unwrap();
+    let out = Tensor::<TestRuntime, E>::full(client, &out_shape, f64::NAN);
+    let bias_t = Tensor::<TestRuntime, E>::from_f32(client, &bias, &[n]).unwrap();
+    let res_t = Tensor::<TestRuntime, E>::from_f32(client, &res_kernel, &out_shape).unwrap();
     let mut epi = Epilogue::none().scale(c.scale);
     if c.bias {
         epi = epi.bias(&bias_t);
@@ -195,7 +195,8 @@ fn run_case<E: FloatElement>(client: &ComputeClient<Wgpu>, c: Case, seed: u64) {
     }
     let naive_act: Vec<f32> = match c.act {
         Some(ActivationKind::Gelu) => {
-            let t = Tensor::<Wgpu, E>::from_f32(client, &naive_pre, &[naive_pre.len()]).unwrap();
+            let t =
+                Tensor::<TestRuntime, E>::from_f32(client, &naive_pre, &[naive_pre.len()]).unwrap();
             read_f64(&gelu_naive(&t).unwrap())
                 .into_iter()
                 .map(|v| v as f32)
@@ -259,7 +260,7 @@ const SIZES: &[(usize, usize, usize)] = &[
 #[test]
 fn sweep_sizes() {
     with_client!(
-        Wgpu,
+        TestRuntime,
         |client| for (i, &(m, n, k)) in SIZES.iter().enumerate() {
             run_case::<f32>(&client, plain(m, n, k), 100 + i as u64);
             run_case::<half::f16>(&client, plain(m, n, k), 200 + i as u64);
@@ -270,7 +271,7 @@ fn sweep_sizes() {
 #[test]
 fn sweep_layouts_and_epilogues() {
     use Layout::*;
-    with_client!(Wgpu, |client| {
+    with_client!(TestRuntime, |client| {
         let mut seed = 300;
         for a in [Plain, Transposed, Slice] {
             for b in [Plain, Transposed, Slice] {
@@ -350,7 +351,7 @@ proptest! {
         // Auto picks the registers kernel for row-major operands on this device.
         let kernel = if tiled { GemmKernel::Tiled } else { GemmKernel::Auto };
         let c = Case { batch, broadcast_b: broadcast_b && batch > 1, m, n, k, a, b, bias, act, residual, scale, kernel };
-        with_client!(Wgpu, |client| if f16 {
+        with_client!(TestRuntime, |client| if f16 {
             run_case::<half::f16>(&client, c, seed)
         } else {
             run_case::<f32>(&client, c, seed)
@@ -361,13 +362,13 @@ proptest! {
 /// The naive kernel is the bench baseline: it must compute the same product.
 #[test]
 fn naive_kernel_agrees() {
-    with_client!(Wgpu, |client| {
+    with_client!(TestRuntime, |client| {
         let (m, n, k) = (37, 29, 41);
         let a = uniform(7, m * k, -1.0, 1.0);
         let b = uniform(8, k * n, -1.0, 1.0);
-        let at = Tensor::<Wgpu, f32>::from_f32(&client, &a, &[m, k]).unwrap();
-        let bt = Tensor::<Wgpu, f32>::from_f32(&client, &b, &[k, n]).unwrap();
-        let out = Tensor::<Wgpu, f32>::full(&client, &[m, n], f64::NAN);
+        let at = Tensor::<TestRuntime, f32>::from_f32(&client, &a, &[m, k]).unwrap();
+        let bt = Tensor::<TestRuntime, f32>::from_f32(&client, &b, &[k, n]).unwrap();
+        let out = Tensor::<TestRuntime, f32>::full(&client, &[m, n], f64::NAN);
         gemm_naive(&at.view(), &bt.view(), &out).unwrap();
         let tiled = read_f64(&matmul(&at.view(), &bt.view()).unwrap());
         for (i, (x, y)) in read_f64(&out).iter().zip(&tiled).enumerate() {
@@ -378,22 +379,22 @@ fn naive_kernel_agrees() {
 
 #[test]
 fn linear_matches_gemm_with_bias_and_activation() {
-    with_client!(Wgpu, |client| {
+    with_client!(TestRuntime, |client| {
         let (rows, cin, cout) = (9, 16, 24);
-        let x = Tensor::<Wgpu, f32>::from_f32(
+        let x = Tensor::<TestRuntime, f32>::from_f32(
             &client,
             &uniform(1, rows * cin, -1.0, 1.0),
             &[rows, cin],
         )
         .unwrap();
-        let w = Tensor::<Wgpu, f32>::from_f32(
+        let w = Tensor::<TestRuntime, f32>::from_f32(
             &client,
             &uniform(2, cin * cout, -1.0, 1.0),
             &[cin, cout],
         )
         .unwrap();
         let bias_v = uniform(3, cout, -1.0, 1.0);
-        let b = Tensor::<Wgpu, f32>::from_f32(&client, &bias_v, &[cout]).unwrap();
+        let b = Tensor::<TestRuntime, f32>::from_f32(&client, &bias_v, &[cout]).unwrap();
         let y = read_f64(&linear(&x, &w, Some(&b), Some(ActivationKind::Relu)).unwrap());
         let mut expected = vec![0f32; rows * cout];
         megabyte_reference::gemm::linear(
@@ -414,8 +415,8 @@ fn linear_matches_gemm_with_bias_and_activation() {
 
 #[test]
 fn bad_shapes_are_errors() {
-    with_client!(Wgpu, |client| {
-        let t = |shape: &[usize]| Tensor::<Wgpu, f32>::full(&client, shape, 1.0);
+    with_client!(TestRuntime, |client| {
+        let t = |shape: &[usize]| Tensor::<TestRuntime, f32>::full(&client, shape, 1.0);
         let (a, b) = (t(&[4, 8]), t(&[7, 5]));
         let err = gemm(&a.view(), &b.view(), &t(&[4, 5]), &Epilogue::none()).unwrap_err();
         assert_eq!(

@@ -6,7 +6,7 @@ use cubecl::prelude::ComputeClient;
 use megabyte_ops::layer_norm::{add_layer_norm, layer_norm, EPS};
 use megabyte_ops::{FloatElement, OpError, Tensor};
 use megabyte_reference::layer_norm::layer_norm_f64;
-use megabyte_tests::{check, read_f64, round, uniform, with_client, Wgpu, NAIVE_SAMPLE};
+use megabyte_tests::{check, read_f64, round, uniform, with_client, TestRuntime, NAIVE_SAMPLE};
 use proptest::prelude::*;
 
 /// The straightforward f32 implementation: sequential f32 sums, output rounded to E.
@@ -27,7 +27,7 @@ fn naive<E: FloatElement>(x: &[f32], w: &[f32], b: &[f32]) -> (Vec<f64>, f64, f6
 }
 
 fn run_case<E: FloatElement>(
-    client: &ComputeClient<Wgpu>,
+    client: &ComputeClient<TestRuntime>,
     rows: usize,
     width: usize,
     residual: bool,
@@ -53,20 +53,22 @@ fn run_case<E: FloatElement>(
     };
     let w = r(uniform(seed ^ 1, width, 0.5, 1.5));
     let b = r(uniform(seed ^ 2, width, -0.5, 0.5));
-    let input = Tensor::<Wgpu, E>::from_f32(client, &x_in[..rows * width], &[rows, width]).unwrap();
+    let input =
+        Tensor::<TestRuntime, E>::from_f32(client, &x_in[..rows * width], &[rows, width]).unwrap();
     let (wt, bt) = (
-        Tensor::<Wgpu, E>::from_f32(client, &w, &[width]).unwrap(),
-        Tensor::<Wgpu, E>::from_f32(client, &b, &[width]).unwrap(),
+        Tensor::<TestRuntime, E>::from_f32(client, &w, &[width]).unwrap(),
+        Tensor::<TestRuntime, E>::from_f32(client, &b, &[width]).unwrap(),
     );
-    let out = Tensor::<Wgpu, E>::full(client, &[rows, width], f64::NAN);
+    let out = Tensor::<TestRuntime, E>::full(client, &[rows, width], f64::NAN);
     let (mean, rstd) = (
-        Tensor::<Wgpu, f32>::full(client, &[rows], f64::NAN),
-        Tensor::<Wgpu, f32>::full(client, &[rows], f64::NAN),
+        Tensor::<TestRuntime, f32>::full(client, &[rows], f64::NAN),
+        Tensor::<TestRuntime, f32>::full(client, &[rows], f64::NAN),
     );
-    let sum = Tensor::<Wgpu, E>::full(client, &[rows, width], f64::NAN);
+    let sum = Tensor::<TestRuntime, E>::full(client, &[rows, width], f64::NAN);
     if residual {
         let res_t =
-            Tensor::<Wgpu, E>::from_f32(client, &res[..rows * width], &[rows, width]).unwrap();
+            Tensor::<TestRuntime, E>::from_f32(client, &res[..rows * width], &[rows, width])
+                .unwrap();
         add_layer_norm(&input, &res_t, &wt, &bt, &sum, &out, &mean, &rstd).unwrap();
         // One f32 add of two E values rounded to E: the kernel must store exactly that.
         let got = read_f64(&sum);
@@ -106,7 +108,7 @@ const SWEEP: &[(usize, usize)] = &[
 #[test]
 fn sweep() {
     with_client!(
-        Wgpu,
+        TestRuntime,
         |client| for (i, &(rows, width)) in SWEEP.iter().enumerate() {
             for residual in [false, true] {
                 run_case::<f32>(&client, rows, width, residual, 700 + i as u64);
@@ -121,7 +123,7 @@ proptest! {
 
     #[test]
     fn random_shapes(rows in 1usize..300, width in 1usize..3000, f16: bool, residual: bool, seed: u64) {
-        with_client!(Wgpu, |client| if f16 {
+        with_client!(TestRuntime, |client| if f16 {
             run_case::<half::f16>(&client, rows, width, residual, seed)
         } else {
             run_case::<f32>(&client, rows, width, residual, seed)
@@ -131,9 +133,9 @@ proptest! {
 
 #[test]
 fn bad_shapes_are_errors() {
-    with_client!(Wgpu, |client| {
-        let t = |shape: &[usize]| Tensor::<Wgpu, f32>::full(&client, shape, 1.0);
-        let s = |shape: &[usize]| Tensor::<Wgpu, f32>::full(&client, shape, 0.0);
+    with_client!(TestRuntime, |client| {
+        let t = |shape: &[usize]| Tensor::<TestRuntime, f32>::full(&client, shape, 1.0);
+        let s = |shape: &[usize]| Tensor::<TestRuntime, f32>::full(&client, shape, 0.0);
         let err = layer_norm(
             &t(&[4, 8]),
             &t(&[7]),

@@ -7,7 +7,7 @@ use megabyte_ops::gemm::GemmKernel;
 use megabyte_ops::local_input::{local_input, local_input_with};
 use megabyte_ops::{FloatElement, Tensor};
 use megabyte_reference::local_input::local_input as reference;
-use megabyte_tests::{check, read_f64, round, uniform, with_client, Wgpu, NAIVE_SAMPLE};
+use megabyte_tests::{check, read_f64, round, uniform, with_client, TestRuntime, NAIVE_SAMPLE};
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 
@@ -15,7 +15,7 @@ const VOCAB: usize = 257;
 
 #[allow(clippy::too_many_arguments)]
 fn run_case<E: FloatElement>(
-    client: &ComputeClient<Wgpu>,
+    client: &ComputeClient<TestRuntime>,
     kind: GemmKernel,
     b: usize,
     k: usize,
@@ -45,15 +45,15 @@ fn run_case<E: FloatElement>(
         .map(|_| rng.gen_range(0..VOCAB as u32))
         .collect();
 
-    let out = Tensor::<Wgpu, E>::full(client, &[b, t, dl], f64::NAN);
-    let lpos_t = Tensor::<Wgpu, E>::from_f32(client, &lpos, &[p, dl]).unwrap();
+    let out = Tensor::<TestRuntime, E>::full(client, &[b, t, dl], f64::NAN);
+    let lpos_t = Tensor::<TestRuntime, E>::from_f32(client, &lpos, &[p, dl]).unwrap();
     local_input_with(
         kind,
-        &Tensor::<Wgpu, E>::from_f32(client, &g[..b * t * dg], &[b, k, p * dg]).unwrap(),
+        &Tensor::<TestRuntime, E>::from_f32(client, &g[..b * t * dg], &[b, k, p * dg]).unwrap(),
         &Tensor::from_ids(client, &ids[..b * t], &[b, t]).unwrap(),
-        &Tensor::<Wgpu, E>::from_f32(client, &w, &[dg, dl]).unwrap(),
-        &Tensor::<Wgpu, E>::from_f32(client, &e_l, &[VOCAB, dl]).unwrap(),
-        &Tensor::<Wgpu, E>::from_f32(client, &lpad, &[dl]).unwrap(),
+        &Tensor::<TestRuntime, E>::from_f32(client, &w, &[dg, dl]).unwrap(),
+        &Tensor::<TestRuntime, E>::from_f32(client, &e_l, &[VOCAB, dl]).unwrap(),
+        &Tensor::<TestRuntime, E>::from_f32(client, &lpad, &[dl]).unwrap(),
         positions.then_some(&lpos_t),
         &out,
     )
@@ -107,7 +107,7 @@ const SWEEP: &[(usize, usize, usize, usize, usize)] = &[
 #[test]
 fn sweep() {
     with_client!(
-        Wgpu,
+        TestRuntime,
         |client| for (i, &(b, k, p, dg, dl)) in SWEEP.iter().enumerate() {
             for kind in [GemmKernel::Tiled, GemmKernel::Registers] {
                 run_case::<f32>(&client, kind, b, k, p, dg, dl, i % 2 == 0, 1300 + i as u64);
@@ -123,7 +123,7 @@ proptest! {
     #[test]
     fn random_shapes(b in 1usize..4, k in 1usize..8, p in 1usize..9, dg in 1usize..48, dl in 1usize..80, positions: bool, f16: bool, tiled: bool, seed: u64) {
         let kind = if tiled { GemmKernel::Tiled } else { GemmKernel::Auto };
-        with_client!(Wgpu, |client| if f16 {
+        with_client!(TestRuntime, |client| if f16 {
             run_case::<half::f16>(&client, kind, b, k, p, dg, dl, positions, seed)
         } else {
             run_case::<f32>(&client, kind, b, k, p, dg, dl, positions, seed)
@@ -133,8 +133,8 @@ proptest! {
 
 #[test]
 fn bad_input_is_an_error_or_nan() {
-    with_client!(Wgpu, |client| {
-        let f = |shape: &[usize]| Tensor::<Wgpu, f32>::full(&client, shape, 0.5);
+    with_client!(TestRuntime, |client| {
+        let f = |shape: &[usize]| Tensor::<TestRuntime, f32>::full(&client, shape, 0.5);
         let ids = Tensor::from_ids(&client, &[1, 2, 300, 4, 5, 6], &[1, 6]).unwrap();
         let err = local_input(
             &f(&[1, 3, 8]),

@@ -5,7 +5,7 @@ use cubecl::prelude::ComputeClient;
 use megabyte_ops::patch_embed::patch_embed;
 use megabyte_ops::{FloatElement, OpError, Tensor};
 use megabyte_reference::patch_embed::global_input;
-use megabyte_tests::{check, read_f64, round, uniform, with_client, Wgpu};
+use megabyte_tests::{check, read_f64, round, uniform, with_client, TestRuntime};
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 
@@ -17,7 +17,7 @@ fn ids(seed: u64, n: usize) -> Vec<u32> {
 }
 
 fn run_case<E: FloatElement>(
-    client: &ComputeClient<Wgpu>,
+    client: &ComputeClient<TestRuntime>,
     b: usize,
     k: usize,
     p: usize,
@@ -35,12 +35,12 @@ fn run_case<E: FloatElement>(
     let wte = r(uniform(seed ^ 1, VOCAB * d, -1.0, 1.0));
     let wpe = r(uniform(seed ^ 2, (t + 3) * d, -1.0, 1.0));
     let pad = r(uniform(seed ^ 3, p * d, -1.0, 1.0));
-    let out = Tensor::<Wgpu, E>::full(client, &[b, k, p * d], f64::NAN);
+    let out = Tensor::<TestRuntime, E>::full(client, &[b, k, p * d], f64::NAN);
     patch_embed(
         &Tensor::from_ids(client, &x, &[b, t]).unwrap(),
-        &Tensor::<Wgpu, E>::from_f32(client, &wte, &[VOCAB, d]).unwrap(),
-        &Tensor::<Wgpu, E>::from_f32(client, &wpe, &[t + 3, d]).unwrap(),
-        &Tensor::<Wgpu, E>::from_f32(client, &pad, &[p * d]).unwrap(),
+        &Tensor::<TestRuntime, E>::from_f32(client, &wte, &[VOCAB, d]).unwrap(),
+        &Tensor::<TestRuntime, E>::from_f32(client, &wpe, &[t + 3, d]).unwrap(),
+        &Tensor::<TestRuntime, E>::from_f32(client, &pad, &[p * d]).unwrap(),
         &out,
         p,
     )
@@ -67,7 +67,7 @@ const SWEEP: &[(usize, usize, usize, usize)] = &[
 #[test]
 fn sweep() {
     with_client!(
-        Wgpu,
+        TestRuntime,
         |client| for (i, &(b, k, p, d)) in SWEEP.iter().enumerate() {
             run_case::<f32>(&client, b, k, p, d, 900 + i as u64);
             run_case::<half::f16>(&client, b, k, p, d, 950 + i as u64);
@@ -80,7 +80,7 @@ proptest! {
 
     #[test]
     fn random_shapes(b in 1usize..4, k in 1usize..12, p in 1usize..10, d in 1usize..40, f16: bool, seed: u64) {
-        with_client!(Wgpu, |client| if f16 {
+        with_client!(TestRuntime, |client| if f16 {
             run_case::<half::f16>(&client, b, k, p, d, seed)
         } else {
             run_case::<f32>(&client, b, k, p, d, seed)
@@ -90,15 +90,15 @@ proptest! {
 
 #[test]
 fn out_of_vocabulary_id_is_nan_not_a_number() {
-    with_client!(Wgpu, |client| {
+    with_client!(TestRuntime, |client| {
         let (p, d) = (2, 4);
         let x = [1u32, 2, 300, 4, 5, 6];
-        let out = Tensor::<Wgpu, f32>::full(&client, &[1, 3, p * d], 0.0);
+        let out = Tensor::<TestRuntime, f32>::full(&client, &[1, 3, p * d], 0.0);
         patch_embed(
             &Tensor::from_ids(&client, &x, &[1, 6]).unwrap(),
-            &Tensor::<Wgpu, f32>::full(&client, &[VOCAB, d], 0.5),
-            &Tensor::<Wgpu, f32>::full(&client, &[6, d], 0.25),
-            &Tensor::<Wgpu, f32>::full(&client, &[p * d], -1.0),
+            &Tensor::<TestRuntime, f32>::full(&client, &[VOCAB, d], 0.5),
+            &Tensor::<TestRuntime, f32>::full(&client, &[6, d], 0.25),
+            &Tensor::<TestRuntime, f32>::full(&client, &[p * d], -1.0),
             &out,
             p,
         )
@@ -113,8 +113,8 @@ fn out_of_vocabulary_id_is_nan_not_a_number() {
 
 #[test]
 fn bad_shapes_are_errors() {
-    with_client!(Wgpu, |client| {
-        let f = |shape: &[usize]| Tensor::<Wgpu, f32>::full(&client, shape, 0.0);
+    with_client!(TestRuntime, |client| {
+        let f = |shape: &[usize]| Tensor::<TestRuntime, f32>::full(&client, shape, 0.0);
         let x = Tensor::from_ids(&client, &[1, 2, 3, 4, 5, 6], &[1, 6]).unwrap();
         let err = patch_embed(
             &x,
