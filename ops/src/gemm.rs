@@ -290,6 +290,12 @@ pub(crate) fn plan<R: Runtime, E: FloatElement>(
         other => other,
     };
     let cubes = |bm: usize, bn: usize| p.m.div_ceil(bm) * p.n.div_ceil(bn) * p.batch;
+    // Drivers that report no multiprocessor count (lavapipe) count as 8.
+    let sms = client
+        .properties()
+        .hardware
+        .num_streaming_multiprocessors
+        .map_or(8, |n| n as usize);
     // (block_m, block_n, block_k, tile_m, tile_n). Registers: a SIMD batch of units on a CPU
     // driver shares each A load across its lanes and each B load across the unit's rows, so
     // tall unit tiles pay (32×16 measured best on lavapipe), as long as there are cubes enough
@@ -304,6 +310,8 @@ pub(crate) fn plan<R: Runtime, E: FloatElement>(
         // Few rows (generation, small batches): thin blocks so a cube does not mostly compute
         // padding.
         _ if p.m <= 16 => (16, 64, 16, 4, 4),
+        // Too few large blocks to fill the device's multiprocessors: smaller ones.
+        _ if cubes(128, 64) < sms => (64, 64, 16, 8, 8),
         _ => (128, 64, 16, 16, 8),
     };
 
