@@ -11,6 +11,9 @@ use crate::tensor::Tensor;
 
 const OP: &str = "cross_entropy";
 
+/// Rows per cube: each table vector a unit loads serves this many rows.
+const CE_ROWS: usize = 8;
+
 /// For each row r of x (rows, D): the logits z = x[r] · tableᵀ against the (V, D) embedding
 /// table, lse[r] = log Σ exp z and loss[r] = lse[r] - z[targets[r]] in nats (both f32, (rows)).
 /// `logits` (rows, V), when given, receives z; otherwise the logits are never stored.
@@ -65,19 +68,22 @@ pub fn tied_cross_entropy<R: Runtime, E: FloatElement>(
         }
     }
     let vector = vector_size_for::<R, E>(client, &[d]);
+    let units = vocab.next_power_of_two().clamp(CE_ROWS, 64);
     let cfg = CrossEntropyConfig {
-        units: vocab.next_power_of_two().min(256),
+        units,
+        rows: CE_ROWS,
+        per_unit: vocab.div_ceil(units),
         write_logits: logits.is_some(),
     };
-    let count = CubeCountSelection::new(client, rows as u32).cube_count();
-    // SAFETY: shapes checked above; `vector` divides D; rows past the end are skipped by whole
-    // cubes, so every unit of a working cube reaches every barrier; table rows are read only
-    // for v < V.
+    let count = CubeCountSelection::new(client, rows.div_ceil(CE_ROWS) as u32).cube_count();
+    // SAFETY: shapes checked above; `vector` divides D; cubes wholly past the end skip every
+    // barrier together, rows and vocabulary entries past the end are clamped on reads and
+    // skipped on writes.
     unsafe {
         ce_kernel::launch_unchecked::<E, R>(
             client,
             count,
-            CubeDim::new_1d(cfg.units as u32),
+            CubeDim::new_1d(units as u32),
             vector,
             x.arg(),
             table.arg(),
