@@ -50,6 +50,9 @@ pub struct GemmConfig {
     pub activation: Option<ActivationKind>,
     /// Add `residual[b, m, n]` last.
     pub residual: bool,
+    /// Run [`register_main_loop`] instead of the shared-memory [`gemm_main_loop`] (A must be read
+    /// with vectors along K and B with vectors along N).
+    pub registers: bool,
 }
 
 impl GemmConfig {
@@ -346,9 +349,10 @@ pub fn write_tile<F: Float, NO: Size, S: Size>(
     }
 }
 
-/// out[b, m, n] = act(scale · Σ_k A[b, m, k] · B[b, k, n] + bias[n]) + residual[b, m, n].
-/// `bias` and `residual` are read only when the config enables them (the launcher passes
-/// placeholders otherwise). The grid is (N blocks, M blocks × batch over y and z).
+/// out[b, m, n] = act(scale · Σ_k A[b, m, k] · B[b, k, n] + bias[n]) + residual[b, m, n],
+/// through the main loop the config names. `bias` and `residual` are read only when the config
+/// enables them (the launcher passes placeholders otherwise). The grid is (N blocks, M blocks ×
+/// batch over y and z).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn gemm<F: Float, NA: Size, NB: Size, NO: Size, S: Size>(
@@ -370,8 +374,7 @@ pub fn gemm<F: Float, NA: Size, NB: Size, NO: Size, S: Size>(
     if pos.batch < batch {
         let mut acc =
             Array::<Vector<f32, S>>::new(comptime!(cfg.tile_m * cfg.tile_n / STAGE_VECTOR));
-        gemm_main_loop::<F, NA, NB, S>(a, b, a_offset, b_offset, pos, &mut acc, cfg);
-
+        main_loop::<F, NA, NB, S>(a, b, a_offset, b_offset, pos, &mut acc, cfg);
         write_tile::<F, NO, S>(&acc, bias, residual, out, pos, m, n, scale, cfg);
     }
 }
@@ -405,7 +408,7 @@ pub fn gemm_naive<F: Float>(
     }
 }
 
-/// The main loop of [`gemm_registers`]: no shared memory and no barriers; each unit streams
+/// The main loop of [`gemm`] with `cfg.registers`: no shared memory and no barriers; each unit streams
 /// its rows of A (vectors along k) and its columns of B (vectors along n) straight from
 /// global memory, four k at a time, and accumulates its register tile. Neighbouring units
 /// read the same rows and columns, which caches serve; on CPU drivers, where barriers are
@@ -495,30 +498,21 @@ pub fn register_main_loop<F: Float, NA: Size, NB: Size, S: Size>(
     }
 }
 
-/// The same GEMM and epilogue as [`gemm`] through [`register_main_loop`]: A must be read with
-/// vectors along K (`a_along_k`) and B with vectors along N (`!b_along_k`); the tile needs no
-/// multiple of [`STAGE_VECTOR`] rows.
-#[cube(launch_unchecked)]
+/// The main loop the config names: [`register_main_loop`] or [`gemm_main_loop`].
+#[cube]
 #[allow(clippy::too_many_arguments)]
-pub fn gemm_registers<F: Float, NA: Size, NB: Size, NO: Size, S: Size>(
+pub fn main_loop<F: Float, NA: Size, NB: Size, S: Size>(
     a: &Tensor<Vector<F, NA>>,
     b: &Tensor<Vector<F, NB>>,
-    bias: &Tensor<Vector<F, NO>>,
-    residual: &Tensor<Vector<F, NO>>,
-    out: &mut Tensor<Vector<F, NO>>,
     a_offset: usize,
     b_offset: usize,
-    scale: f32,
+    pos: BlockPos,
+    acc: &mut Array<Vector<f32, S>>,
     #[comptime] cfg: GemmConfig,
 ) {
-    let m = a.shape(1);
-    let n = b.shape(2);
-    let batch = out.shape(0);
-    let pos = block_pos(m, batch, cfg);
-    if pos.batch < batch {
-        let mut acc =
-            Array::<Vector<f32, S>>::new(comptime!(cfg.tile_m * cfg.tile_n / STAGE_VECTOR));
-        register_main_loop::<F, NA, NB, S>(a, b, a_offset, b_offset, pos, &mut acc, cfg);
-        write_tile::<F, NO, S>(&acc, bias, residual, out, pos, m, n, scale, cfg);
+    if comptime!(cfg.registers) {
+        register_main_loop::<F, NA, NB, S>(a, b, a_offset, b_offset, pos, acc, cfg);
+    } else {
+        gemm_main_loop::<F, NA, NB, S>(a, b, a_offset, b_offset, pos, acc, cfg);
     }
 }

@@ -4,13 +4,13 @@
 
 use cubecl::prelude::*;
 
-use crate::gemm::{block_pos, gemm_main_loop, register_main_loop, GemmConfig, STAGE_VECTOR};
+use crate::gemm::{block_pos, main_loop, GemmConfig, STAGE_VECTOR};
 
 /// out[r, :] = g[r, :] · W_GL + (p == 0 ? lpad : E_L[ids[r - 1]]) + lpos[p] for each byte row
 /// r = b·T + t, p = t mod P. `g` is (1, B·T, D_G), i.e. (B, K, P·D_G) seen per byte, `w` is
 /// (1, D_G, D_L), `ids` (B·T), `e_l` (V, D_L), `lpad` (D_L), `lpos` (P, D_L) (a placeholder
-/// unless `positions`), `out` (1, B·T, D_L). The main loop is [`register_main_loop`] when
-/// `registers`, else the shared-memory [`gemm_main_loop`]. An id >= V gives a NaN row.
+/// unless `positions`), `out` (1, B·T, D_L). The main loop is the one `cfg` names. An id >= V
+/// gives a NaN row.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn local_input<F: Float, NA: Size, NB: Size, NO: Size, S: Size>(
@@ -24,7 +24,6 @@ pub fn local_input<F: Float, NA: Size, NB: Size, NO: Size, S: Size>(
     patch: usize,
     #[comptime] cfg: GemmConfig,
     #[comptime] positions: bool,
-    #[comptime] registers: bool,
 ) {
     let m = g.shape(1);
     let n = w.shape(2);
@@ -32,11 +31,7 @@ pub fn local_input<F: Float, NA: Size, NB: Size, NO: Size, S: Size>(
     if pos.batch < 1 {
         let mut acc =
             Array::<Vector<f32, S>>::new(comptime!(cfg.tile_m * cfg.tile_n / STAGE_VECTOR));
-        if comptime!(registers) {
-            register_main_loop::<F, NA, NB, S>(g, w, 0, 0, pos, &mut acc, cfg);
-        } else {
-            gemm_main_loop::<F, NA, NB, S>(g, w, 0, 0, pos, &mut acc, cfg);
-        }
+        main_loop::<F, NA, NB, S>(g, w, 0, 0, pos, &mut acc, cfg);
 
         let tqn = comptime!(cfg.tile_n / STAGE_VECTOR);
         let vo = cfg.vector_out;

@@ -11,8 +11,7 @@ use cubecl::ir::features::Plane;
 use cubecl::prelude::*;
 use megabyte_kernels::activation::ActivationKind;
 use megabyte_kernels::gemm::{
-    gemm as gemm_kernel, gemm_naive as naive_kernel, gemm_registers as registers_kernel,
-    GemmConfig, STAGE_VECTOR,
+    gemm as gemm_kernel, gemm_naive as naive_kernel, GemmConfig, STAGE_VECTOR,
 };
 
 use crate::device::{ensure_dtype, grid_1d};
@@ -91,16 +90,10 @@ impl GemmProblem {
 }
 
 /// An operand seen as rank 3 (batch, rows, cols), a broadcast batch having stride 0.
-pub(crate) struct Operand<'a, R: Runtime, E> {
-    pub(crate) view: TensorView<'a, R, E>,
-    rows: usize,
-    cols: usize,
-}
-
 pub(crate) fn operand<'a, R: Runtime, E>(
     v: &TensorView<'a, R, E>,
     batch: usize,
-) -> Operand<'a, R, E> {
+) -> TensorView<'a, R, E> {
     let r = v.shape.len();
     let (rows, cols) = (v.shape[r - 2], v.shape[r - 1]);
     let (bstride, rs, cs) = if r == 3 {
@@ -108,15 +101,11 @@ pub(crate) fn operand<'a, R: Runtime, E>(
     } else {
         (0, v.strides[0], v.strides[1])
     };
-    Operand {
-        view: TensorView {
-            tensor: v.tensor,
-            offset: v.offset,
-            shape: vec![batch, rows, cols],
-            strides: vec![bstride, rs, cs],
-        },
-        rows,
-        cols,
+    TensorView {
+        tensor: v.tensor,
+        offset: v.offset,
+        shape: vec![batch, rows, cols],
+        strides: vec![bstride, rs, cs],
     }
 }
 
@@ -264,11 +253,11 @@ pub(crate) fn plan<R: Runtime, E: FloatElement>(
     client: &ComputeClient<R>,
     kind: GemmKernel,
     p: &GemmProblem,
-    a: &Operand<R, E>,
-    b: &Operand<R, E>,
+    a: &TensorView<R, E>,
+    b: &TensorView<R, E>,
     epi: &Epilogue<R, E>,
-) -> Result<(GemmKernel, GemmConfig), OpError> {
-    let (sa, sb) = (&a.view.strides, &b.view.strides);
+) -> Result<GemmConfig, OpError> {
+    let (sa, sb) = (&a.strides, &b.strides);
     let row_major = sa[2] == 1 && sb[2] == 1;
     let kind = match kind {
         GemmKernel::Auto
@@ -317,21 +306,21 @@ pub(crate) fn plan<R: Runtime, E: FloatElement>(
 
     // Vectors along an operand's unit-stride dimension, when lengths, strides and offset all
     // divide; otherwise scalar loads.
-    let sa = &a.view.strides;
+    let sa = &a.strides;
     let a_along_k = sa[1] != 1 || sa[2] == 1;
     let va = if a_along_k && sa[2] == 1 {
-        widest::<R, E>(client, &[p.k, sa[1], sa[0], a.view.offset])
+        widest::<R, E>(client, &[p.k, sa[1], sa[0], a.offset])
     } else if !a_along_k {
-        widest::<R, E>(client, &[p.m, sa[2], sa[0], a.view.offset])
+        widest::<R, E>(client, &[p.m, sa[2], sa[0], a.offset])
     } else {
         1
     };
-    let sb = &b.view.strides;
+    let sb = &b.strides;
     let b_along_k = sb[2] != 1 && sb[1] == 1;
     let vb = if b_along_k {
-        widest::<R, E>(client, &[p.k, sb[2], sb[0], b.view.offset])
+        widest::<R, E>(client, &[p.k, sb[2], sb[0], b.offset])
     } else if sb[2] == 1 {
-        widest::<R, E>(client, &[p.n, sb[1], sb[0], b.view.offset])
+        widest::<R, E>(client, &[p.n, sb[1], sb[0], b.offset])
     } else {
         1
     };
@@ -350,9 +339,10 @@ pub(crate) fn plan<R: Runtime, E: FloatElement>(
         bias: epi.bias.is_some(),
         activation: epi.activation,
         residual: epi.residual.is_some(),
+        registers: kind == GemmKernel::Registers,
     };
     debug_assert!(cfg.is_valid(), "{cfg:?}");
-    Ok((kind, cfg))
+    Ok(cfg)
 }
 /// out = act(scale · a·b + bias) + residual, see the module docs for shapes. `out` must not
 /// alias `a`, `b` or the residual.
@@ -385,8 +375,7 @@ pub fn gemm_with<R: Runtime, E: FloatElement>(
     }
     let a3 = operand(a, p.batch);
     let b3 = operand(b, p.batch);
-    debug_assert_eq!((a3.rows, a3.cols, b3.cols), (p.m, p.k, p.n));
-    let (kind, cfg) = plan(client, kind, &p, &a3, &b3, epilogue)?;
+    let cfg = plan(client, kind, &p, &a3, &b3, epilogue)?;
     let (count, dim) = geometry(client, &p, &cfg)?;
     let out3 = out.view();
     let out3 = operand(&out3, p.batch);
@@ -394,12 +383,8 @@ pub fn gemm_with<R: Runtime, E: FloatElement>(
     // widths divide every length, stride and offset they step over (see `plan`); loads outside
     // (M, N, K) are masked in the kernel and stores outside (M, N) skipped; every unit of a cube
     // reaches every barrier.
-    let launch = match kind {
-        GemmKernel::Registers => registers_kernel::launch_unchecked::<E, R>,
-        _ => gemm_kernel::launch_unchecked::<E, R>,
-    };
     unsafe {
-        launch(
+        gemm_kernel::launch_unchecked::<E, R>(
             client,
             count,
             dim,
@@ -407,15 +392,13 @@ pub fn gemm_with<R: Runtime, E: FloatElement>(
             cfg.vector_b,
             cfg.vector_out,
             STAGE_VECTOR,
-            a3.view.arg(),
-            b3.view.arg(),
+            a3.arg(),
+            b3.arg(),
             epilogue.bias.unwrap_or(out).arg(),
-            epilogue
-                .residual
-                .map_or_else(|| out3.view.arg(), |r| r.arg()),
-            out3.view.arg(),
-            a3.view.offset,
-            b3.view.offset,
+            epilogue.residual.map_or_else(|| out3.arg(), |r| r.arg()),
+            out3.arg(),
+            a3.offset,
+            b3.offset,
             epilogue.scale,
             cfg,
         );
@@ -475,11 +458,11 @@ pub fn gemm_naive<R: Runtime, E: FloatElement>(
             client,
             count,
             dim,
-            a3.view.arg(),
-            b3.view.arg(),
-            out3.view.arg(),
-            a3.view.offset,
-            b3.view.offset,
+            a3.arg(),
+            b3.arg(),
+            out3.arg(),
+            a3.offset,
+            b3.offset,
         );
     }
     Ok(())

@@ -112,7 +112,7 @@ pub fn local_input_with<R: Runtime, E: FloatElement>(
     };
     let a3 = operand(&gv, 1);
     let b3 = operand(&w_gl.view(), 1);
-    let (kind, cfg) = plan(client, kind, &problem, &a3, &b3, &Epilogue::none())?;
+    let cfg = plan(client, kind, &problem, &a3, &b3, &Epilogue::none())?;
     let (count, dim) = geometry(client, &problem, &cfg)?;
     let outv = TensorView {
         tensor: out,
@@ -134,17 +134,16 @@ pub fn local_input_with<R: Runtime, E: FloatElement>(
             cfg.vector_b,
             cfg.vector_out,
             STAGE_VECTOR,
-            a3.view.arg(),
-            b3.view.arg(),
+            a3.arg(),
+            b3.arg(),
             ids.arg(),
             e_l.arg(),
             lpad.arg(),
             lpos.unwrap_or(lpad).arg(),
-            out3.view.arg(),
+            out3.arg(),
             p,
             cfg,
             lpos.is_some(),
-            kind == GemmKernel::Registers,
         );
     }
     Ok(())
