@@ -28,18 +28,12 @@ pub fn tied_cross_entropy<R: Runtime, E: FloatElement>(
 ) -> Result<(), OpError> {
     let client = x.client();
     ensure_dtype::<R, E>(client, OP)?;
-    let shape_err = |tensor, got: &[usize], expected: Vec<usize>| OpError::Shape {
-        op: OP,
-        tensor,
-        got: got.to_vec(),
-        expected,
-    };
     if x.shape().len() != 2 {
-        return Err(shape_err("x", x.shape(), vec![0, 0]));
+        return Err(OpError::shape(OP, "x", x.shape(), vec![0, 0]));
     }
     let (rows, d) = (x.shape()[0], x.shape()[1]);
     if table.shape().len() != 2 || table.shape()[1] != d {
-        return Err(shape_err("table", table.shape(), vec![256, d]));
+        return Err(OpError::shape(OP, "table", table.shape(), vec![256, d]));
     }
     let vocab = table.shape()[0];
     if rows == 0 || d == 0 || vocab == 0 {
@@ -54,18 +48,11 @@ pub fn tied_cross_entropy<R: Runtime, E: FloatElement>(
             shape: shape.to_vec(),
         });
     }
-    for (name, t) in [("loss", loss), ("lse", lse)] {
-        if t.shape() != [rows] {
-            return Err(shape_err(name, t.shape(), vec![rows]));
-        }
-    }
-    if targets.shape() != [rows] {
-        return Err(shape_err("targets", targets.shape(), vec![rows]));
-    }
+    loss.expect_shape(OP, "loss", &[rows])?;
+    lse.expect_shape(OP, "lse", &[rows])?;
+    targets.expect_shape(OP, "targets", &[rows])?;
     if let Some(l) = logits {
-        if l.shape() != [rows, vocab] {
-            return Err(shape_err("logits", l.shape(), vec![rows, vocab]));
-        }
+        l.expect_shape(OP, "logits", &[rows, vocab])?;
     }
     let vector = vector_size_for::<R, E>(client, &[d]);
     let units = vocab.next_power_of_two().clamp(CE_ROWS, 64);

@@ -50,3 +50,20 @@ pub enum OpError {
     #[error("device error: {0}")]
     Device(String),
 }
+
+impl OpError {
+    /// `tensor` of `op` has shape `got` where `expected` was wanted.
+    pub fn shape(
+        op: &'static str,
+        tensor: &'static str,
+        got: &[usize],
+        expected: Vec<usize>,
+    ) -> Self {
+        OpError::Shape {
+            op,
+            tensor,
+            got: got.to_vec(),
+            expected,
+        }
+    }
+}

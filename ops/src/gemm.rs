@@ -109,19 +109,14 @@ pub(crate) fn operand<'a, R: Runtime, E>(
     }
 }
 
-/// Validates a, b and out; returns the problem and the output shape.
+/// Validates a and b; returns the problem and the output shape.
 fn check_operands<R: Runtime, E>(
     a: &TensorView<R, E>,
     b: &TensorView<R, E>,
 ) -> Result<(GemmProblem, Vec<usize>), OpError> {
     for (name, t) in [("a", a), ("b", b)] {
         if t.shape.len() != 2 && t.shape.len() != 3 {
-            return Err(OpError::Shape {
-                op: OP,
-                tensor: name,
-                got: t.shape.clone(),
-                expected: vec![0; 2],
-            });
+            return Err(OpError::shape(OP, name, &t.shape, vec![0; 2]));
         }
         if t.shape.contains(&0) {
             return Err(OpError::Empty {
@@ -136,12 +131,7 @@ fn check_operands<R: Runtime, E>(
     let n = b.shape[rb - 1];
     let batch = match (ra, rb) {
         (3, 3) if a.shape[0] != b.shape[0] => {
-            return Err(OpError::Shape {
-                op: OP,
-                tensor: "b",
-                got: b.shape.clone(),
-                expected: vec![a.shape[0], k, n],
-            })
+            return Err(OpError::shape(OP, "b", &b.shape, vec![a.shape[0], k, n]))
         }
         (3, _) => a.shape[0],
         (_, 3) => b.shape[0],
@@ -150,12 +140,7 @@ fn check_operands<R: Runtime, E>(
     if b.shape[rb - 2] != k {
         let mut expected = b.shape.clone();
         expected[rb - 2] = k;
-        return Err(OpError::Shape {
-            op: OP,
-            tensor: "b",
-            got: b.shape.clone(),
-            expected,
-        });
+        return Err(OpError::shape(OP, "b", &b.shape, expected));
     }
     let out_shape = if ra == 3 || rb == 3 {
         vec![batch, m, n]
@@ -163,23 +148,6 @@ fn check_operands<R: Runtime, E>(
         vec![m, n]
     };
     Ok((GemmProblem { batch, m, n, k }, out_shape))
-}
-
-fn check_shape<R: Runtime, E>(
-    name: &'static str,
-    t: &Tensor<R, E>,
-    expected: &[usize],
-) -> Result<(), OpError> {
-    if t.shape() == expected {
-        Ok(())
-    } else {
-        Err(OpError::Shape {
-            op: OP,
-            tensor: name,
-            got: t.shape().to_vec(),
-            expected: expected.to_vec(),
-        })
-    }
 }
 
 /// The grid and cube shape for a planned GEMM: (N blocks, M blocks × batch over y and z).
@@ -366,12 +334,12 @@ pub fn gemm_with<R: Runtime, E: FloatElement>(
     let client = out.client();
     ensure_dtype::<R, E>(client, OP)?;
     let (p, out_shape) = check_operands(a, b)?;
-    check_shape("out", out, &out_shape)?;
+    out.expect_shape(OP, "out", &out_shape)?;
     if let Some(bias) = epilogue.bias {
-        check_shape("bias", bias, &[p.n])?;
+        bias.expect_shape(OP, "bias", &[p.n])?;
     }
     if let Some(res) = epilogue.residual {
-        check_shape("residual", res, &out_shape)?;
+        res.expect_shape(OP, "residual", &out_shape)?;
     }
     let a3 = operand(a, p.batch);
     let b3 = operand(b, p.batch);
@@ -446,7 +414,7 @@ pub fn gemm_naive<R: Runtime, E: FloatElement>(
     let client = out.client();
     ensure_dtype::<R, E>(client, OP)?;
     let (p, out_shape) = check_operands(a, b)?;
-    check_shape("out", out, &out_shape)?;
+    out.expect_shape(OP, "out", &out_shape)?;
     let a3 = operand(a, p.batch);
     let b3 = operand(b, p.batch);
     let out_view = out.view();

@@ -56,12 +56,7 @@ fn launch<R: Runtime, E: FloatElement>(
     let client = input.client();
     ensure_dtype::<R, E>(client, OP)?;
     if input.shape().len() != 2 {
-        return Err(OpError::Shape {
-            op: OP,
-            tensor: "input",
-            got: input.shape().to_vec(),
-            expected: vec![0, 0],
-        });
+        return Err(OpError::shape(OP, "input", input.shape(), vec![0, 0]));
     }
     let (rows, width) = (input.shape()[0], input.shape()[1]);
     if rows == 0 || width == 0 {
@@ -78,25 +73,10 @@ fn launch<R: Runtime, E: FloatElement>(
         ("residual", residual.map_or(out, |r| r.0), vec![rows, width]),
         ("sum", residual.map_or(out, |r| r.1), vec![rows, width]),
     ] {
-        if t.shape() != expected.as_slice() {
-            return Err(OpError::Shape {
-                op: OP,
-                tensor: name,
-                got: t.shape().to_vec(),
-                expected,
-            });
-        }
+        t.expect_shape(OP, name, &expected)?;
     }
-    for (name, t) in [("mean", mean), ("rstd", rstd)] {
-        if t.shape() != [rows] {
-            return Err(OpError::Shape {
-                op: OP,
-                tensor: name,
-                got: t.shape().to_vec(),
-                expected: vec![rows],
-            });
-        }
-    }
+    mean.expect_shape(OP, "mean", &[rows])?;
+    rstd.expect_shape(OP, "rstd", &[rows])?;
     let vector = vector_size_for::<R, E>(client, &[width]);
     // Enough units per row to cover it in a few strides, at most 256 per cube.
     let units = (width / vector).next_power_of_two().clamp(1, 128);

@@ -47,24 +47,18 @@ pub fn local_input_with<R: Runtime, E: FloatElement>(
 ) -> Result<(), OpError> {
     let client = out.client();
     ensure_dtype::<R, E>(client, OP)?;
-    let shape_err = |tensor, got: &[usize], expected: Vec<usize>| OpError::Shape {
-        op: OP,
-        tensor,
-        got: got.to_vec(),
-        expected,
-    };
     for (name, t) in [("w_gl", w_gl), ("e_l", e_l)] {
         if t.shape().len() != 2 {
-            return Err(shape_err(name, t.shape(), vec![0, 0]));
+            return Err(OpError::shape(OP, name, t.shape(), vec![0, 0]));
         }
     }
     let (dg, dl) = (w_gl.shape()[0], w_gl.shape()[1]);
     if ids.shape().len() != 2 {
-        return Err(shape_err("ids", ids.shape(), vec![0, 0]));
+        return Err(OpError::shape(OP, "ids", ids.shape(), vec![0, 0]));
     }
     let (b, t) = (ids.shape()[0], ids.shape()[1]);
     if g.shape().len() != 3 || g.shape()[0] != b || g.shape()[2] % dg.max(1) != 0 {
-        return Err(shape_err("g", g.shape(), vec![b, 0, dg]));
+        return Err(OpError::shape(OP, "g", g.shape(), vec![b, 0, dg]));
     }
     let (k, width) = (g.shape()[1], g.shape()[2]);
     let p = width / dg.max(1);
@@ -80,22 +74,21 @@ pub fn local_input_with<R: Runtime, E: FloatElement>(
         });
     }
     if k * p != t {
-        return Err(shape_err("g", g.shape(), vec![b, t / p.max(1), p * dg]));
+        return Err(OpError::shape(
+            OP,
+            "g",
+            g.shape(),
+            vec![b, t / p.max(1), p * dg],
+        ));
     }
     if e_l.shape()[1] != dl {
-        return Err(shape_err("e_l", e_l.shape(), vec![256, dl]));
+        return Err(OpError::shape(OP, "e_l", e_l.shape(), vec![256, dl]));
     }
-    if lpad.shape() != [dl] {
-        return Err(shape_err("lpad", lpad.shape(), vec![dl]));
-    }
+    lpad.expect_shape(OP, "lpad", &[dl])?;
     if let Some(lpos) = lpos {
-        if lpos.shape() != [p, dl] {
-            return Err(shape_err("lpos", lpos.shape(), vec![p, dl]));
-        }
+        lpos.expect_shape(OP, "lpos", &[p, dl])?;
     }
-    if out.shape() != [b, t, dl] {
-        return Err(shape_err("out", out.shape(), vec![b, t, dl]));
-    }
+    out.expect_shape(OP, "out", &[b, t, dl])?;
 
     let rows = b * t;
     let problem = GemmProblem {

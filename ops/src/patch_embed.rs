@@ -26,17 +26,11 @@ pub fn patch_embed<R: Runtime, E: FloatElement>(
 ) -> Result<(), OpError> {
     let client = out.client();
     ensure_dtype::<R, E>(client, OP)?;
-    let shape_err = |tensor, got: &[usize], expected: Vec<usize>| OpError::Shape {
-        op: OP,
-        tensor,
-        got: got.to_vec(),
-        expected,
-    };
     if ids.shape().len() != 2 {
-        return Err(shape_err("ids", ids.shape(), vec![0, 0]));
+        return Err(OpError::shape(OP, "ids", ids.shape(), vec![0, 0]));
     }
     if wte.shape().len() != 2 {
-        return Err(shape_err("wte", wte.shape(), vec![0, 0]));
+        return Err(OpError::shape(OP, "wte", wte.shape(), vec![0, 0]));
     }
     let (b, t) = (ids.shape()[0], ids.shape()[1]);
     let d = wte.shape()[1];
@@ -61,15 +55,10 @@ pub fn patch_embed<R: Runtime, E: FloatElement>(
         });
     }
     if wpe.shape().len() != 2 || wpe.shape()[1] != d || wpe.shape()[0] < t {
-        return Err(shape_err("wpe", wpe.shape(), vec![t, d]));
+        return Err(OpError::shape(OP, "wpe", wpe.shape(), vec![t, d]));
     }
-    if pad.shape() != [patch * d] {
-        return Err(shape_err("pad", pad.shape(), vec![patch * d]));
-    }
-    let expected = vec![b, t / patch, patch * d];
-    if out.shape() != expected.as_slice() {
-        return Err(shape_err("out", out.shape(), expected));
-    }
+    pad.expect_shape(OP, "pad", &[patch * d])?;
+    out.expect_shape(OP, "out", &[b, t / patch, patch * d])?;
     let vector = vector_size_for::<R, E>(client, &[d]);
     let (count, dim) = grid_1d(client, out.len() / vector);
     // SAFETY: shapes checked above; `vector` divides D so no vector straddles two rows; the

@@ -155,6 +155,20 @@ impl<R: Runtime, E> Tensor<R, E> {
         self.len() == 0
     }
 
+    /// Checks that the tensor has exactly `expected` shape; the error names `op` and `name`.
+    pub fn expect_shape(
+        &self,
+        op: &'static str,
+        name: &'static str,
+        expected: &[usize],
+    ) -> Result<(), OpError> {
+        if self.shape == expected {
+            Ok(())
+        } else {
+            Err(OpError::shape(op, name, &self.shape, expected.to_vec()))
+        }
+    }
+
     pub fn client(&self) -> &ComputeClient<R> {
         &self.client
     }
