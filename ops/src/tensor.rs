@@ -41,21 +41,7 @@ impl<R: Runtime, E: FloatElement> Tensor<R, E> {
         data: &[E],
         shape: &[usize],
     ) -> Result<Self, OpError> {
-        let expected: usize = shape.iter().product();
-        if data.len() != expected {
-            return Err(OpError::DataLength {
-                shape: shape.to_vec(),
-                expected,
-                got: data.len(),
-            });
-        }
-        let handle = client.create_from_slice(E::as_bytes(data));
-        Ok(Tensor {
-            client: client.clone(),
-            handle,
-            shape: shape.to_vec(),
-            _elem: PhantomData,
-        })
+        Self::upload(client, E::as_bytes(data), data.len(), shape)
     }
 
     /// Uploads f32 data converted to `E`.
@@ -90,11 +76,7 @@ impl<R: Runtime, E: FloatElement> Tensor<R, E> {
 
     /// Reads the tensor back to the host (waits for pending work).
     pub fn to_vec(&self) -> Result<Vec<E>, OpError> {
-        let bytes = self
-            .client
-            .read_one(self.handle.clone())
-            .map_err(|e| OpError::Device(format!("{e:?}")))?;
-        Ok(E::from_bytes(&bytes)[..self.len()].to_vec())
+        Ok(E::from_bytes(&self.read_bytes()?)[..self.len()].to_vec())
     }
 
     /// Reads the tensor back converted to f32.
@@ -114,30 +96,44 @@ impl<R: Runtime> Tensor<R, u32> {
         data: &[u32],
         shape: &[usize],
     ) -> Result<Self, OpError> {
+        Self::upload(client, u32::as_bytes(data), data.len(), shape)
+    }
+
+    /// Reads the ids back to the host.
+    pub fn to_ids(&self) -> Result<Vec<u32>, OpError> {
+        Ok(u32::from_bytes(&self.read_bytes()?)[..self.len()].to_vec())
+    }
+}
+
+impl<R: Runtime, E> Tensor<R, E> {
+    /// Uploads `bytes`, `len` elements of E laid out row-major, as a tensor of `shape`.
+    fn upload(
+        client: &ComputeClient<R>,
+        bytes: &[u8],
+        len: usize,
+        shape: &[usize],
+    ) -> Result<Self, OpError> {
         let expected: usize = shape.iter().product();
-        if data.len() != expected {
+        if len != expected {
             return Err(OpError::DataLength {
                 shape: shape.to_vec(),
                 expected,
-                got: data.len(),
+                got: len,
             });
         }
-        let handle = client.create_from_slice(u32::as_bytes(data));
         Ok(Tensor {
             client: client.clone(),
-            handle,
+            handle: client.create_from_slice(bytes),
             shape: shape.to_vec(),
             _elem: PhantomData,
         })
     }
 
-    /// Reads the ids back to the host.
-    pub fn to_ids(&self) -> Result<Vec<u32>, OpError> {
-        let bytes = self
-            .client
+    /// The buffer's bytes (waits for pending work).
+    fn read_bytes(&self) -> Result<impl std::ops::Deref<Target = [u8]>, OpError> {
+        self.client
             .read_one(self.handle.clone())
-            .map_err(|e| OpError::Device(format!("{e:?}")))?;
-        Ok(u32::from_bytes(&bytes)[..self.len()].to_vec())
+            .map_err(|e| OpError::Device(format!("{e:?}")))
     }
 }
 
