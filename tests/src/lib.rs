@@ -125,6 +125,18 @@ pub fn uniform(seed: u64, n: usize, lo: f32, hi: f32) -> Vec<f32> {
     (0..n).map(|_| rng.gen_range(lo..hi)).collect()
 }
 
+/// Each value rounded to E and back: the inputs a kernel in E actually sees, so the reference
+/// can be given exactly those.
+pub fn round_all<E: FloatElement>(v: Vec<f32>) -> Vec<f32> {
+    v.into_iter().map(|x| round::<E>(x as f64) as f32).collect()
+}
+
+/// Uniform token ids in [0, vocab) from a seed.
+pub fn uniform_ids(seed: u64, n: usize, vocab: usize) -> Vec<u32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| rng.gen_range(0..vocab as u32)).collect()
+}
+
 /// True when running under CI (`CI=true`), where a missing device must fail, not skip.
 pub fn in_ci() -> bool {
     std::env::var("CI")

@@ -7,7 +7,7 @@ use megabyte_ops::attention::{flash_attention, flash_attention_with, naive_atten
 use megabyte_ops::AttentionKernel;
 use megabyte_ops::{FloatElement, OpError, Tensor};
 use megabyte_reference::attention::attention_f64;
-use megabyte_tests::{check, read_f64, round, uniform, with_client, TestRuntime};
+use megabyte_tests::{check, read_f64, round_all, uniform, with_client, TestRuntime};
 use proptest::prelude::*;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -35,12 +35,7 @@ fn run_case<E: FloatElement>(
     );
     let n = b * s * h * d;
     // Inputs rounded to E, so the reference sees exactly what the kernels see.
-    let gen = |sd: u64| -> Vec<f32> {
-        uniform(sd, n, -2.0, 2.0)
-            .into_iter()
-            .map(|x| round::<E>(x as f64) as f32)
-            .collect()
-    };
+    let gen = |sd: u64| round_all::<E>(uniform(sd, n, -2.0, 2.0));
     let (q, k, v) = (gen(seed), gen(seed ^ 0x9e37), gen(seed ^ 0x7f4a));
     let (ref_out, ref_lse) = attention_f64(&q, &k, &v, b, s, h, d, causal);
 

@@ -5,9 +5,10 @@
 use cubecl::prelude::ComputeClient;
 use megabyte_ops::cross_entropy::{bits_per_byte, tied_cross_entropy};
 use megabyte_ops::{FloatElement, OpError, Tensor};
-use megabyte_tests::{check, read_f64, round, uniform, with_client, TestRuntime, NAIVE_SAMPLE};
+use megabyte_tests::{
+    check, read_f64, round, round_all, uniform, uniform_ids, with_client, TestRuntime, NAIVE_SAMPLE,
+};
 use proptest::prelude::*;
-use rand::{Rng, SeedableRng};
 
 fn run_case<E: FloatElement>(
     client: &ComputeClient<TestRuntime>,
@@ -21,16 +22,12 @@ fn run_case<E: FloatElement>(
         "cross_entropy({}, rows={rows}, D={d}, V={vocab}, logits={write_logits}, seed={seed})",
         E::NAME
     );
-    let r =
-        |v: Vec<f32>| -> Vec<f32> { v.into_iter().map(|x| round::<E>(x as f64) as f32).collect() };
+    let r = round_all::<E>;
     // The naive error is measured on at least NAIVE_SAMPLE losses (more rows, same law).
     let sample = rows.max(NAIVE_SAMPLE);
     let x = r(uniform(seed, sample * d, -1.0, 1.0));
     let table = r(uniform(seed ^ 1, vocab * d, -2.0, 2.0));
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 2);
-    let targets: Vec<u32> = (0..sample)
-        .map(|_| rng.gen_range(0..vocab as u32))
-        .collect();
+    let targets = uniform_ids(seed ^ 2, sample, vocab);
 
     let loss = Tensor::<TestRuntime, f32>::full(client, &[rows], f64::NAN);
     let lse = Tensor::<TestRuntime, f32>::full(client, &[rows], f64::NAN);

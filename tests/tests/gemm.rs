@@ -11,7 +11,9 @@ use megabyte_ops::activation::gelu_naive;
 use megabyte_ops::gemm::{gemm, gemm_naive, gemm_with, linear, matmul, GemmKernel};
 use megabyte_ops::{ActivationKind, Epilogue, FloatElement, OpError, Tensor};
 use megabyte_reference::activation::{gelu_scalar, relu_scalar};
-use megabyte_tests::{check, read_f64, round, uniform, with_client, TestRuntime, NAIVE_SAMPLE};
+use megabyte_tests::{
+    check, read_f64, round, round_all, uniform, with_client, TestRuntime, NAIVE_SAMPLE,
+};
 use proptest::prelude::*;
 
 /// How an operand is stored.
@@ -81,8 +83,7 @@ fn activation(act: ActivationKind, x: f64) -> f64 {
 
 fn run_case<E: FloatElement>(client: &ComputeClient<TestRuntime>, c: Case, seed: u64) {
     let name = format!("gemm({}, {c:?}, seed={seed})", E::NAME);
-    let r =
-        |v: Vec<f32>| -> Vec<f32> { v.into_iter().map(|x| round::<E>(x as f64) as f32).collect() };
+    let r = round_all::<E>;
     let Case { batch, m, n, k, .. } = c;
     // The kernel sees `m` rows per batch entry; the naive error is measured on at least
     // NAIVE_SAMPLE outputs (more rows of A from the same distribution).

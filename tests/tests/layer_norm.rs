@@ -6,7 +6,9 @@ use cubecl::prelude::ComputeClient;
 use megabyte_ops::layer_norm::{add_layer_norm, layer_norm, EPS};
 use megabyte_ops::{FloatElement, OpError, Tensor};
 use megabyte_reference::layer_norm::layer_norm_f64;
-use megabyte_tests::{check, read_f64, round, uniform, with_client, TestRuntime, NAIVE_SAMPLE};
+use megabyte_tests::{
+    check, read_f64, round, round_all, uniform, with_client, TestRuntime, NAIVE_SAMPLE,
+};
 use proptest::prelude::*;
 
 /// The straightforward f32 implementation: sequential f32 sums, output rounded to E.
@@ -37,8 +39,7 @@ fn run_case<E: FloatElement>(
         "layer_norm({}, rows={rows}, width={width}, residual={residual}, seed={seed})",
         E::NAME
     );
-    let r =
-        |v: Vec<f32>| -> Vec<f32> { v.into_iter().map(|x| round::<E>(x as f64) as f32).collect() };
+    let r = round_all::<E>;
     // An offset mean (3.0) makes the one-pass variance formula visibly wrong. The kernel gets
     // `rows` rows; the naive error is measured on at least NAIVE_SAMPLE values (more rows from
     // the same distribution), see the tolerance rule.

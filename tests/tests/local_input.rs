@@ -7,9 +7,10 @@ use megabyte_ops::gemm::GemmKernel;
 use megabyte_ops::local_input::{local_input, local_input_with};
 use megabyte_ops::{FloatElement, Tensor};
 use megabyte_reference::local_input::local_input as reference;
-use megabyte_tests::{check, read_f64, round, uniform, with_client, TestRuntime, NAIVE_SAMPLE};
+use megabyte_tests::{
+    check, read_f64, round, round_all, uniform, uniform_ids, with_client, TestRuntime, NAIVE_SAMPLE,
+};
 use proptest::prelude::*;
-use rand::{Rng, SeedableRng};
 
 const VOCAB: usize = 257;
 
@@ -29,8 +30,7 @@ fn run_case<E: FloatElement>(
         "local_input({}, {kind:?}, B={b}, K={k}, P={p}, D_G={dg}, D_L={dl}, positions={positions}, seed={seed})",
         E::NAME
     );
-    let r =
-        |v: Vec<f32>| -> Vec<f32> { v.into_iter().map(|x| round::<E>(x as f64) as f32).collect() };
+    let r = round_all::<E>;
     // The kernel sees B sequences; the naive error is measured on at least NAIVE_SAMPLE outputs
     // (more sequences from the same distribution).
     let t = k * p;
@@ -40,10 +40,7 @@ fn run_case<E: FloatElement>(
     let e_l = r(uniform(seed ^ 2, VOCAB * dl, -1.0, 1.0));
     let lpad = r(uniform(seed ^ 3, dl, -1.0, 1.0));
     let lpos = r(uniform(seed ^ 4, p * dl, -1.0, 1.0));
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 5);
-    let ids: Vec<u32> = (0..sb * t)
-        .map(|_| rng.gen_range(0..VOCAB as u32))
-        .collect();
+    let ids = uniform_ids(seed ^ 5, sb * t, VOCAB);
 
     let out = Tensor::<TestRuntime, E>::full(client, &[b, t, dl], f64::NAN);
     let lpos_t = Tensor::<TestRuntime, E>::from_f32(client, &lpos, &[p, dl]).unwrap();

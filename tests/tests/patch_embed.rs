@@ -5,16 +5,12 @@ use cubecl::prelude::ComputeClient;
 use megabyte_ops::patch_embed::patch_embed;
 use megabyte_ops::{FloatElement, OpError, Tensor};
 use megabyte_reference::patch_embed::global_input;
-use megabyte_tests::{check, read_f64, round, uniform, with_client, TestRuntime};
+use megabyte_tests::{
+    check, read_f64, round, round_all, uniform, uniform_ids, with_client, TestRuntime,
+};
 use proptest::prelude::*;
-use rand::{Rng, SeedableRng};
 
 const VOCAB: usize = 257;
-
-fn ids(seed: u64, n: usize) -> Vec<u32> {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    (0..n).map(|_| rng.gen_range(0..VOCAB as u32)).collect()
-}
 
 fn run_case<E: FloatElement>(
     client: &ComputeClient<TestRuntime>,
@@ -29,9 +25,8 @@ fn run_case<E: FloatElement>(
         E::NAME
     );
     let t = k * p;
-    let r =
-        |v: Vec<f32>| -> Vec<f32> { v.into_iter().map(|x| round::<E>(x as f64) as f32).collect() };
-    let x = ids(seed, b * t);
+    let r = round_all::<E>;
+    let x = uniform_ids(seed, b * t, VOCAB);
     let wte = r(uniform(seed ^ 1, VOCAB * d, -1.0, 1.0));
     let wpe = r(uniform(seed ^ 2, (t + 3) * d, -1.0, 1.0));
     let pad = r(uniform(seed ^ 3, p * d, -1.0, 1.0));
