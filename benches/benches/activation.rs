@@ -3,7 +3,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use megabyte_benches::time_synced;
 use megabyte_ops::activation::{gelu, gelu_naive};
-use megabyte_ops::{try_client, Tensor};
+use megabyte_ops::Tensor;
 
 type Rt = megabyte_benches::BenchRuntime;
 
@@ -15,12 +15,8 @@ const SHAPES: &[(&str, usize, usize)] = &[
 ];
 
 fn bench(c: &mut Criterion) {
-    let client = match try_client::<Rt>(&Default::default()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("skipping activation benches: {e}");
-            return;
-        }
+    let Some(client) = megabyte_benches::client_or_skip("activation") else {
+        return;
     };
     let mut group = c.benchmark_group("activation");
     for &(name, rows, cols) in SHAPES {

@@ -15,7 +15,7 @@ use cubek_attention::launch::{launch_ref, BlueprintStrategy, Strategy};
 use megabyte_benches::time_synced;
 use megabyte_ops::attention::{flash_attention_with, naive_attention, AttentionProblem};
 use megabyte_ops::AttentionKernel;
-use megabyte_ops::{try_client, Tensor};
+use megabyte_ops::Tensor;
 
 type Rt = megabyte_benches::BenchRuntime;
 
@@ -65,12 +65,8 @@ fn cubek_causal<R: Runtime>(
 }
 
 fn bench(c: &mut Criterion) {
-    let client = match try_client::<Rt>(&Default::default()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("skipping attention benches: {e}");
-            return;
-        }
+    let Some(client) = megabyte_benches::client_or_skip("attention") else {
+        return;
     };
     let mut group = c.benchmark_group("attention");
     group

@@ -9,7 +9,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use megabyte_benches::time_synced;
 use megabyte_ops::cross_entropy::tied_cross_entropy;
 use megabyte_ops::gemm::{gemm, Epilogue};
-use megabyte_ops::{try_client, Tensor};
+use megabyte_ops::Tensor;
 
 type Rt = megabyte_benches::BenchRuntime;
 
@@ -18,12 +18,8 @@ const SHAPES: &[(&str, usize, usize)] = &[("tiny", 512, 32), ("text", 2048, 1024
 const VOCAB: usize = 256;
 
 fn bench(c: &mut Criterion) {
-    let client = match try_client::<Rt>(&Default::default()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("skipping cross_entropy benches: {e}");
-            return;
-        }
+    let Some(client) = megabyte_benches::client_or_skip("cross_entropy") else {
+        return;
     };
     let mut group = c.benchmark_group("cross_entropy");
     group

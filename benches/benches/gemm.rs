@@ -17,7 +17,7 @@ use cubek_matmul::launch::{launch_ref, Strategy};
 use cubek_std::InputBinding;
 use megabyte_benches::time_synced;
 use megabyte_ops::gemm::{gemm_naive, gemm_with, GemmKernel};
-use megabyte_ops::{try_client, ActivationKind, Epilogue, GemmProblem, Tensor};
+use megabyte_ops::{ActivationKind, Epilogue, GemmProblem, Tensor};
 
 type Rt = megabyte_benches::BenchRuntime;
 
@@ -67,12 +67,8 @@ fn cubek<R: Runtime>(
 }
 
 fn bench(c: &mut Criterion) {
-    let client = match try_client::<Rt>(&Default::default()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("skipping gemm benches: {e}");
-            return;
-        }
+    let Some(client) = megabyte_benches::client_or_skip("gemm") else {
+        return;
     };
     let mut group = c.benchmark_group("gemm");
     group

@@ -8,7 +8,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use megabyte_benches::time_synced;
 use megabyte_ops::layer_norm::{add_layer_norm, layer_norm};
-use megabyte_ops::{try_client, Tensor};
+use megabyte_ops::Tensor;
 
 type Rt = megabyte_benches::BenchRuntime;
 
@@ -21,12 +21,8 @@ const SHAPES: &[(&str, usize, usize)] = &[
 ];
 
 fn bench(c: &mut Criterion) {
-    let client = match try_client::<Rt>(&Default::default()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("skipping layer_norm benches: {e}");
-            return;
-        }
+    let Some(client) = megabyte_benches::client_or_skip("layer_norm") else {
+        return;
     };
     let mut group = c.benchmark_group("layer_norm");
     group

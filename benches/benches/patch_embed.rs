@@ -11,7 +11,7 @@ use megabyte_benches::time_synced;
 use megabyte_ops::gemm::{gemm, Epilogue};
 use megabyte_ops::local_input::local_input;
 use megabyte_ops::patch_embed::patch_embed;
-use megabyte_ops::{try_client, Tensor};
+use megabyte_ops::Tensor;
 
 type Rt = megabyte_benches::BenchRuntime;
 
@@ -22,12 +22,8 @@ const SHAPES: &[(&str, usize, usize, usize, usize, usize)] =
 const VOCAB: usize = 256;
 
 fn bench(c: &mut Criterion) {
-    let client = match try_client::<Rt>(&Default::default()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("skipping patch_embed benches: {e}");
-            return;
-        }
+    let Some(client) = megabyte_benches::client_or_skip("patch_embed") else {
+        return;
     };
     let mut group = c.benchmark_group("patch_embed");
     group

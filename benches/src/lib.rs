@@ -38,3 +38,15 @@ pub const RUNTIME: &str = "cuda";
 pub fn label(name: &str) -> String {
     name.replacen("wgpu", RUNTIME, 1)
 }
+
+/// The client of the bench runtime's default device, or `None` (with a message naming
+/// `benches`) when there is none, so a bench group can skip.
+pub fn client_or_skip(benches: &str) -> Option<ComputeClient<BenchRuntime>> {
+    match megabyte_ops::try_client::<BenchRuntime>(&Default::default()) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            eprintln!("skipping {benches} benches: {e}");
+            None
+        }
+    }
+}
