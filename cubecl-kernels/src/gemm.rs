@@ -297,6 +297,27 @@ pub fn gemm_main_loop<F: Float, NA: Size, NB: Size, S: Size>(
     }
 }
 
+/// Output vector `jv` (NO lanes along n) of row `i` of a unit's register tile, as left by
+/// [`gemm_main_loop`] or [`register_main_loop`] (rows of `tile_n / STAGE_VECTOR` stage vectors).
+#[cube]
+pub fn tile_vector<NO: Size, S: Size>(
+    acc: &Array<Vector<f32, S>>,
+    i: usize,
+    jv: usize,
+    #[comptime] cfg: GemmConfig,
+) -> Vector<f32, NO> {
+    let tqn = comptime!(cfg.tile_n / STAGE_VECTOR);
+    let vo = cfg.vector_out;
+    let sv = STAGE_VECTOR;
+    let mut v = Vector::<f32, NO>::new(0.0);
+    #[unroll]
+    for e in 0..vo {
+        let j = jv * vo + e;
+        v[e] = acc[i * tqn + j / sv][j % sv];
+    }
+    v
+}
+
 /// The fused epilogue: writes a unit's register tile (as left by [`gemm_main_loop`]) to
 /// out[b, m, n] = act(scale · acc + bias[n]) + residual[b, m, n].
 #[cube]
@@ -312,9 +333,7 @@ pub fn write_tile<F: Float, NO: Size, S: Size>(
     scale: f32,
     #[comptime] cfg: GemmConfig,
 ) {
-    let tqn = comptime!(cfg.tile_n / STAGE_VECTOR);
     let vo = cfg.vector_out;
-    let sv = STAGE_VECTOR;
     let row0 = pos.m0 + UNIT_POS_Y as usize * cfg.tile_m;
     let col0 = pos.n0 + UNIT_POS_X as usize * cfg.tile_n;
     let out_base = pos.batch * out.stride(0);
@@ -326,13 +345,7 @@ pub fn write_tile<F: Float, NO: Size, S: Size>(
             let gn = col0 + jv * vo;
             // N is a multiple of the output vector: a vector is wholly in or out.
             if gm < m && gn < n {
-                let mut v = Vector::<f32, NO>::new(0.0);
-                #[unroll]
-                for e in 0..vo {
-                    let j = jv * vo + e;
-                    v[e] = acc[i * tqn + j / sv][j % sv];
-                }
-                v *= Vector::new(scale);
+                let mut v = tile_vector::<NO, S>(acc, i, jv, cfg) * Vector::new(scale);
                 if comptime!(cfg.bias) {
                     v += Vector::cast_from(bias[gn / vo]);
                 }

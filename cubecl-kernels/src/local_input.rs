@@ -4,7 +4,7 @@
 
 use cubecl::prelude::*;
 
-use crate::gemm::{block_pos, main_loop, GemmConfig, STAGE_VECTOR};
+use crate::gemm::{block_pos, main_loop, tile_vector, GemmConfig, STAGE_VECTOR};
 
 /// out[r, :] = g[r, :] · W_GL + (p == 0 ? lpad : E_L[ids[r - 1]]) + lpos[p] for each byte row
 /// r = b·T + t, p = t mod P. `g` is (1, B·T, D_G), i.e. (B, K, P·D_G) seen per byte, `w` is
@@ -33,9 +33,7 @@ pub fn local_input<F: Float, NA: Size, NB: Size, NO: Size, S: Size>(
             Array::<Vector<f32, S>>::new(comptime!(cfg.tile_m * cfg.tile_n / STAGE_VECTOR));
         main_loop::<F, NA, NB, S>(g, w, 0, 0, pos, &mut acc, cfg);
 
-        let tqn = comptime!(cfg.tile_n / STAGE_VECTOR);
         let vo = cfg.vector_out;
-        let sv = STAGE_VECTOR;
         let vocab = e_l.shape(0);
         let row0 = pos.m0 + UNIT_POS_Y as usize * cfg.tile_m;
         let col0 = pos.n0 + UNIT_POS_X as usize * cfg.tile_n;
@@ -54,12 +52,7 @@ pub fn local_input<F: Float, NA: Size, NB: Size, NO: Size, S: Size>(
                 for jv in 0..comptime!(cfg.tile_n / cfg.vector_out) {
                     let gn = col0 + jv * vo;
                     if gn < n {
-                        let mut v = Vector::<f32, NO>::new(0.0);
-                        #[unroll]
-                        for e in 0..vo {
-                            let j = jv * vo + e;
-                            v[e] = acc[i * tqn + j / sv][j % sv];
-                        }
+                        let mut v = tile_vector::<NO, S>(&acc, i, jv, cfg);
                         if p == 0 {
                             v += Vector::cast_from(lpad[gn / vo]);
                         } else if id < vocab {
