@@ -404,6 +404,10 @@ pub fn flash_attention_rows<F: Float, N: Size>(
     let batch = q.shape(0);
     let seq = q.shape(1);
     let heads = q.shape(2);
+    // Keys may outnumber queries (decoding against a cache): query i is position
+    // i + shift of the key sequence and, when causal, sees keys 0..=i + shift.
+    let seq_k = k.shape(1);
+    let shift = seq_k - seq;
     let n_rb = seq.div_ceil(rr);
     if ABSOLUTE_POS < batch * heads * n_rb {
         let i0 = (ABSOLUTE_POS % n_rb) * rr;
@@ -431,9 +435,9 @@ pub fn flash_attention_rows<F: Float, N: Size>(
         let k_row0 = k_offset as usize + b * k.stride(0) + h * k.stride(2);
         let v_row0 = v_offset as usize + b * v.stride(0) + h * v.stride(2);
 
-        let mut end = seq;
+        let mut end = seq_k;
         if comptime!(cfg.causal) {
-            end = min(i0 + rr, seq);
+            end = min(i0 + rr + shift, seq_k);
         }
         let n_chunks = end.div_ceil(ch);
         // Scores of the chunk, then (in place) their probabilities: (rows, chunk).
@@ -471,7 +475,7 @@ pub fn flash_attention_rows<F: Float, N: Size>(
                     }
                     let mut visible = j < end;
                     if comptime!(cfg.causal) {
-                        visible = visible && j <= i0 + r;
+                        visible = visible && j <= i0 + r + shift;
                     }
                     sp[r * ch + u] = select(visible, total * scale, f32::new(NEG));
                 }

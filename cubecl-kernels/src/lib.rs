@@ -6,6 +6,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod copy;
 pub mod cross_entropy;
 pub mod gemm;
 pub mod layer_norm;

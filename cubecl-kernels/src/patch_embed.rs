@@ -3,12 +3,17 @@
 
 use cubecl::prelude::*;
 
-/// out[b, k, p·D + d] = pad[p·D + d] for k = 0, else
-/// wte[x[b, t], d] + wpe[t, d] with t = (k-1)·P + p (the last patch of x is not used).
+/// out[b, k', p·D + d] for the global patch k = first_patch + k': pad[p·D + d] for k = 0, else
+/// wte[x[b, t - ids_start], d] + wpe[t, d] with t = (k-1)·P + p.
 ///
-/// One unit per output vector (N lanes along d). `ids` is (B, T), `wte` (V, D), `wpe`
-/// (T_max >= T, D), `pad` (P·D), `out` (B, K, P·D), all contiguous. An id >= V yields NaN in
-/// its row instead of an out-of-bounds read; the launcher documents it.
+/// The whole-sequence forward calls it with `first_patch = ids_start = 0` and ids covering
+/// every byte (the last patch of x is then not used); a decoding step embeds one patch k with
+/// the ids of patch k-1 only (`ids_start = (k-1)·P`).
+///
+/// One unit per output vector (N lanes along d). `ids` is (B, T_ids), `wte` (V, D), `wpe`
+/// (T_max, D), `pad` (P·D), `out` (B, K', P·D), all contiguous; the launcher checks that ids and
+/// wpe cover every position read. An id >= V yields NaN in its row instead of an out-of-bounds
+/// read; the launcher documents it.
 #[cube(launch_unchecked)]
 pub fn patch_embed<F: Float, N: Size>(
     ids: &Tensor<u32>,
@@ -17,6 +22,8 @@ pub fn patch_embed<F: Float, N: Size>(
     pad: &Tensor<Vector<F, N>>,
     out: &mut Tensor<Vector<F, N>>,
     patch: usize,
+    first_patch: usize,
+    ids_start: usize,
 ) {
     if ABSOLUTE_POS < out.len() {
         let nv = N::value();
@@ -24,17 +31,17 @@ pub fn patch_embed<F: Float, N: Size>(
         let vocab = wte.shape(0);
         let dv = wte.shape(1) / nv;
         let w = patch * dv;
-        let k_len = t_len / patch;
+        let k_len = out.shape(1);
         let b = ABSOLUTE_POS / (k_len * w);
         let rem = ABSOLUTE_POS % (k_len * w);
-        let k = rem / w;
+        let k = first_patch + rem / w;
         let j = rem % w;
         if k == 0 {
             out[ABSOLUTE_POS] = pad[j];
         } else {
             let t = (k - 1) * patch + j / dv;
             let d = j % dv;
-            let raw = ids[b * t_len + t];
+            let raw = ids[b * t_len + t - ids_start];
             let id = raw as usize;
             // NaN from the bits of a runtime value (WGSL has no NaN literal).
             let mut v = Vector::<f32, N>::new(f32::reinterpret(0x7FC0_0000u32 | (raw & 1u32)));

@@ -4,6 +4,10 @@
 //! Layout: q, k, v, out are (B, S, H, D); q, k, v may be strided views (unit stride over D),
 //! out is a contiguous tensor. lse is a contiguous (B, H, S) f32 tensor. Scores are scaled by
 //! 1/sqrt(D).
+//!
+//! Decoding against a KV cache: k and v may hold S_kv > S positions, (B, S_kv, H, D); query i
+//! is then position i + S_kv - S and, when causal, sees keys 0..=i + S_kv - S. That case runs
+//! the `Rows` kernel.
 
 use cubecl::ir::features::Plane;
 use cubecl::prelude::*;
@@ -73,11 +77,12 @@ impl AttentionProblem {
     }
 }
 
+/// Checks q (B, S, H, D) and k, v (B, S_kv, H, D) with S_kv >= S; returns [B, S, H, D] and S_kv.
 fn check_qkv<R: Runtime, E>(
     q: &TensorView<R, E>,
     k: &TensorView<R, E>,
     v: &TensorView<R, E>,
-) -> Result<[usize; 4], OpError> {
+) -> Result<([usize; 4], usize), OpError> {
     if q.shape.len() != 4 {
         return Err(OpError::Shape {
             op: OP,
@@ -87,13 +92,15 @@ fn check_qkv<R: Runtime, E>(
         });
     }
     let dims = [q.shape[0], q.shape[1], q.shape[2], q.shape[3]];
+    let seq_k = k.shape.get(1).copied().unwrap_or(0).max(dims[1]);
+    let kv_shape = vec![dims[0], seq_k, dims[2], dims[3]];
     for (name, t) in [("k", k), ("v", v)] {
-        if t.shape != q.shape {
+        if t.shape != kv_shape {
             return Err(OpError::Shape {
                 op: OP,
                 tensor: name,
                 got: t.shape.clone(),
-                expected: q.shape.clone(),
+                expected: kv_shape,
             });
         }
     }
@@ -114,7 +121,7 @@ fn check_qkv<R: Runtime, E>(
             });
         }
     }
-    Ok(dims)
+    Ok((dims, seq_k))
 }
 
 fn check_outputs<R: Runtime, E>(
@@ -224,9 +231,19 @@ pub fn flash_attention_with<R: Runtime, E: FloatElement>(
 ) -> Result<(), OpError> {
     let client = q.tensor.client();
     ensure_dtype::<R, E>(client, OP)?;
-    let dims = check_qkv(q, k, v)?;
+    let (dims, seq_k) = check_qkv(q, k, v)?;
     check_outputs(dims, out, lse)?;
     let [batch, seq, heads, head_dim] = dims;
+    if seq_k != seq && kernel == AttentionKernel::Tiled {
+        return Err(OpError::Unsupported {
+            op: OP,
+            what: "key sequence length",
+            value: seq_k,
+            reason: format!(
+                "the tiled kernel needs as many keys as queries ({seq}); `Rows` or `Auto` decode against a longer cache"
+            ),
+        });
+    }
     let problem = AttentionProblem {
         batch,
         seq,
@@ -246,6 +263,7 @@ pub fn flash_attention_with<R: Runtime, E: FloatElement>(
     let vector = crate::device::vector_size_for::<R, E>(client, &aligned);
 
     let kernel = match kernel {
+        AttentionKernel::Auto if seq_k != seq => AttentionKernel::Rows,
         AttentionKernel::Auto if client.properties().features.plane.contains(Plane::Ops) => {
             AttentionKernel::Tiled
         }
@@ -339,7 +357,10 @@ pub fn naive_attention<R: Runtime, E: FloatElement>(
 ) -> Result<(), OpError> {
     let client = q.client();
     ensure_dtype::<R, E>(client, OP)?;
-    let dims = check_qkv(&q.view(), &k.view(), &v.view())?;
+    let (dims, seq_k) = check_qkv(&q.view(), &k.view(), &v.view())?;
+    if seq_k != dims[1] {
+        return Err(OpError::shape(OP, "k", k.shape(), q.shape().to_vec()));
+    }
     check_outputs(dims, out, lse)?;
     let [b, s, h, d] = dims;
     let scores = Tensor::<R, E>::empty(client, &[b, h, s, s]);

@@ -9,6 +9,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod copy;
 pub mod cross_entropy;
 pub mod device;
 pub mod element;

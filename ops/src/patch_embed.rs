@@ -24,6 +24,39 @@ pub fn patch_embed<R: Runtime, E: FloatElement>(
     out: &Tensor<R, E>,
     patch: usize,
 ) -> Result<(), OpError> {
+    let t = ids.shape().get(1).copied().unwrap_or(0);
+    if patch == 0 || t % patch != 0 {
+        return Err(OpError::Unsupported {
+            op: OP,
+            what: "sequence length",
+            value: t,
+            reason: format!("must be a multiple of the patch size {patch}"),
+        });
+    }
+    let b = ids.shape().first().copied().unwrap_or(0);
+    let d = wte.shape().get(1).copied().unwrap_or(0);
+    if wpe.shape().len() != 2 || wpe.shape()[1] != d || wpe.shape()[0] < t {
+        return Err(OpError::shape(OP, "wpe", wpe.shape(), vec![t, d]));
+    }
+    out.expect_shape(OP, "out", &[b, t / patch, patch * d])?;
+    patch_embed_window(ids, 0, wte, wpe, pad, out, patch, 0)
+}
+
+/// The global input for patches `first_patch .. first_patch + K'` only, out (B, K', P·D): what
+/// a decoding step needs. `ids` (B, T_ids) holds the bytes from position `ids_start` on and must
+/// cover every byte those patches embed, (first_patch - 1)·P .. (first_patch + K' - 1)·P
+/// (none for patch 0, the pad); wpe must have a row for each of them.
+#[allow(clippy::too_many_arguments)]
+pub fn patch_embed_window<R: Runtime, E: FloatElement>(
+    ids: &Tensor<R, u32>,
+    ids_start: usize,
+    wte: &Tensor<R, E>,
+    wpe: &Tensor<R, E>,
+    pad: &Tensor<R, E>,
+    out: &Tensor<R, E>,
+    patch: usize,
+    first_patch: usize,
+) -> Result<(), OpError> {
     let client = out.client();
     ensure_dtype::<R, E>(client, OP)?;
     if ids.shape().len() != 2 {
@@ -46,19 +79,49 @@ pub fn patch_embed<R: Runtime, E: FloatElement>(
             shape: shape.to_vec(),
         });
     }
-    if patch == 0 || t % patch != 0 {
+    if patch == 0 {
         return Err(OpError::Unsupported {
             op: OP,
-            what: "sequence length",
-            value: t,
-            reason: format!("must be a multiple of the patch size {patch}"),
+            what: "patch",
+            value: patch,
+            reason: "must be at least 1".into(),
         });
     }
-    if wpe.shape().len() != 2 || wpe.shape()[1] != d || wpe.shape()[0] < t {
-        return Err(OpError::shape(OP, "wpe", wpe.shape(), vec![t, d]));
+    if out.shape().len() != 3 || out.shape()[0] != b || out.shape()[2] != patch * d {
+        return Err(OpError::shape(
+            OP,
+            "out",
+            out.shape(),
+            vec![b, 0, patch * d],
+        ));
+    }
+    let k_len = out.shape()[1];
+    if k_len == 0 {
+        return Err(OpError::Empty {
+            op: OP,
+            tensor: "out",
+            shape: out.shape().to_vec(),
+        });
+    }
+    // Bytes the patches read: (first - 1)·P .. (first + K' - 1)·P, none for the pad patch.
+    let first_byte = first_patch.saturating_sub(1) * patch;
+    let end_byte = (first_patch + k_len).saturating_sub(1) * patch;
+    if end_byte > first_byte && (ids_start > first_byte || ids_start + t < end_byte) {
+        return Err(OpError::Unsupported {
+            op: OP,
+            what: "ids start",
+            value: ids_start,
+            reason: format!(
+                "ids cover bytes {ids_start}..{}, patches {first_patch}..{} need {first_byte}..{end_byte}",
+                ids_start + t,
+                first_patch + k_len
+            ),
+        });
+    }
+    if wpe.shape().len() != 2 || wpe.shape()[1] != d || wpe.shape()[0] < end_byte {
+        return Err(OpError::shape(OP, "wpe", wpe.shape(), vec![end_byte, d]));
     }
     pad.expect_shape(OP, "pad", &[patch * d])?;
-    out.expect_shape(OP, "out", &[b, t / patch, patch * d])?;
     let vector = vector_size_for::<R, E>(client, &[d]);
     let (count, dim) = grid_1d(client, out.len() / vector);
     // SAFETY: shapes checked above; `vector` divides D so no vector straddles two rows; the
@@ -75,6 +138,8 @@ pub fn patch_embed<R: Runtime, E: FloatElement>(
             pad.arg(),
             out.arg(),
             patch,
+            first_patch,
+            ids_start,
         );
     }
     Ok(())

@@ -184,6 +184,132 @@ fn fused_qkv_views() {
     });
 }
 
+/// Decoding against a KV cache: the last `sq` query rows against all `s` keys, read out of a
+/// cache buffer with room for `s + 5` positions, must equal those rows of full causal attention.
+fn run_decode_case<E: FloatElement>(
+    client: &ComputeClient<TestRuntime>,
+    b: usize,
+    s: usize,
+    sq: usize,
+    h: usize,
+    d: usize,
+    seed: u64,
+) {
+    let case = format!(
+        "decode attention({}, b={b}, s={s}, sq={sq}, h={h}, d={d}, seed={seed})",
+        E::NAME
+    );
+    let n = b * s * h * d;
+    let gen = |sd: u64| round_all::<E>(uniform(sd, n, -2.0, 2.0));
+    let (q, k, v) = (gen(seed), gen(seed ^ 0x9e37), gen(seed ^ 0x7f4a));
+    let (ref_out, ref_lse) = attention_f64(&q, &k, &v, b, s, h, d, true);
+    let t = |x: &[f32]| Tensor::<TestRuntime, E>::from_f32(client, x, &[b, s, h, d]).unwrap();
+    let (naive_out, naive_lse) = (
+        Tensor::<TestRuntime, E>::full(client, &[b, s, h, d], f64::NAN),
+        Tensor::<TestRuntime, f32>::full(client, &[b, h, s], f64::NAN),
+    );
+    naive_attention(&t(&q), &t(&k), &t(&v), &naive_out, &naive_lse, true).unwrap();
+    let (naive_out, naive_lse) = (read_f64(&naive_out), read_f64(&naive_lse));
+    // The last sq rows of (B, S, H, D) and of (B, H, S).
+    let rows = |x: &[f64]| -> Vec<f64> {
+        (0..b)
+            .flat_map(|bi| x[(bi * s + s - sq) * h * d..(bi + 1) * s * h * d].to_vec())
+            .collect()
+    };
+    let lse_rows = |x: &[f64]| -> Vec<f64> {
+        (0..b * h)
+            .flat_map(|bh| x[bh * s + s - sq..(bh + 1) * s].to_vec())
+            .collect()
+    };
+    let cap = s + 5;
+    let cache = |x: &[f32]| {
+        let mut buf = vec![f32::NAN; b * cap * h * d];
+        for bi in 0..b {
+            buf[bi * cap * h * d..][..s * h * d].copy_from_slice(&x[bi * s * h * d..][..s * h * d]);
+        }
+        Tensor::<TestRuntime, E>::from_f32(client, &buf, &[b, cap, h, d]).unwrap()
+    };
+    let (kc, vc, qt) = (cache(&k), cache(&v), t(&q));
+    let kv_strides = [cap * h * d, h * d, d, 1];
+    let q_view = qt
+        .strided((s - sq) * h * d, &[b, sq, h, d], &[s * h * d, h * d, d, 1])
+        .unwrap();
+    let out = Tensor::<TestRuntime, E>::full(client, &[b, sq, h, d], f64::NAN);
+    let lse = Tensor::<TestRuntime, f32>::full(client, &[b, h, sq], f64::NAN);
+    flash_attention(
+        &q_view,
+        &kc.strided(0, &[b, s, h, d], &kv_strides).unwrap(),
+        &vc.strided(0, &[b, s, h, d], &kv_strides).unwrap(),
+        &out,
+        &lse,
+        true,
+    )
+    .unwrap();
+    check::<E>(
+        &case,
+        "out",
+        &read_f64(&out),
+        &rows(&naive_out),
+        &rows(&ref_out),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    check::<f32>(
+        &case,
+        "lse",
+        &read_f64(&lse),
+        &lse_rows(&naive_lse),
+        &lse_rows(&ref_lse),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[test]
+fn decode_against_a_cache() {
+    with_client!(TestRuntime, |client| {
+        for (i, &(b, s, sq, h, d)) in [
+            (1, 1, 1, 1, 64),
+            (2, 9, 1, 2, 32),
+            (3, 33, 1, 4, 16),
+            (1, 113, 7, 2, 80),
+            (2, 8, 8, 2, 64),
+        ]
+        .iter()
+        .enumerate()
+        {
+            run_decode_case::<f32>(&client, b, s, sq, h, d, 700 + i as u64);
+            run_decode_case::<half::f16>(&client, b, s, sq, h, d, 750 + i as u64);
+        }
+        // The tiled kernel needs as many keys as queries: an error, not a wrong answer.
+        let t = |shape: &[usize]| Tensor::<TestRuntime, f32>::full(&client, shape, 0.5);
+        let (q, kv) = (t(&[1, 1, 2, 16]), t(&[1, 6, 2, 16]));
+        let (out, lse) = (t(&[1, 1, 2, 16]), t(&[1, 2, 1]));
+        let err = flash_attention_with(
+            AttentionKernel::Tiled,
+            &q.view(),
+            &kv.view(),
+            &kv.view(),
+            &out,
+            &lse,
+            true,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                OpError::Unsupported {
+                    what: "key sequence length",
+                    value: 6,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // Fewer keys than queries is a shape error.
+        let err = flash_attention(&kv.view(), &q.view(), &q.view(), &out, &lse, true).unwrap_err();
+        assert!(matches!(err, OpError::Shape { tensor: "k", .. }), "{err}");
+    });
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 12, failure_persistence: None, ..ProptestConfig::default() })]
 

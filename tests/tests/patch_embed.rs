@@ -2,7 +2,7 @@
 //! proptest and a sweep of awkward sizes; a bad id must show up as NaN, never as a number.
 
 use cubecl::prelude::ComputeClient;
-use megabyte_ops::patch_embed::patch_embed;
+use megabyte_ops::patch_embed::{patch_embed, patch_embed_window};
 use megabyte_ops::{FloatElement, OpError, Tensor};
 use megabyte_reference::patch_embed::global_input;
 use megabyte_tests::{
@@ -47,6 +47,91 @@ fn run_case<E: FloatElement>(
     let reference: Vec<f64> = expected.iter().map(|&v| v as f64).collect();
     let naive: Vec<f64> = expected.iter().map(|&v| round::<E>(v as f64)).collect();
     check::<E>(&case, "out", &read_f64(&out), &naive, &reference).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// A window of patches `first .. first + count` from the ids of the bytes they embed only
+/// (a decoding step) must equal those rows of the whole-sequence reference.
+#[allow(clippy::too_many_arguments)]
+fn run_window_case(
+    client: &ComputeClient<TestRuntime>,
+    b: usize,
+    k: usize,
+    p: usize,
+    d: usize,
+    first: usize,
+    count: usize,
+    seed: u64,
+) {
+    let case = format!(
+        "patch_embed_window(B={b}, K={k}, P={p}, D={d}, first={first}, count={count}, seed={seed})"
+    );
+    let t = k * p;
+    let x = uniform_ids(seed, b * t, 256);
+    let wte = uniform(seed ^ 1, VOCAB * d, -1.0, 1.0);
+    let wpe = uniform(seed ^ 2, t * d, -1.0, 1.0);
+    let pad = uniform(seed ^ 3, p * d, -1.0, 1.0);
+    let mut expected = vec![0f32; b * t * d];
+    global_input(&mut expected, &x, &wte, &wpe, &pad, b, t, p, d);
+    // Only the bytes the window embeds: (first - 1)·P .. (first + count - 1)·P, at least one.
+    let lo = first.saturating_sub(1) * p;
+    let hi = ((first + count - 1) * p).max(lo + 1).min(t);
+    let window: Vec<u32> = (0..b)
+        .flat_map(|bi| x[bi * t + lo..bi * t + hi].to_vec())
+        .collect();
+    let out = Tensor::<TestRuntime, f32>::full(client, &[b, count, p * d], f64::NAN);
+    patch_embed_window(
+        &Tensor::from_ids(client, &window, &[b, hi - lo]).unwrap(),
+        lo,
+        &Tensor::<TestRuntime, f32>::from_f32(client, &wte, &[VOCAB, d]).unwrap(),
+        &Tensor::<TestRuntime, f32>::from_f32(client, &wpe, &[t, d]).unwrap(),
+        &Tensor::<TestRuntime, f32>::from_f32(client, &pad, &[p * d]).unwrap(),
+        &out,
+        p,
+        first,
+    )
+    .unwrap();
+    let rows: Vec<f64> = (0..b)
+        .flat_map(|bi| expected[(bi * k + first) * p * d..][..count * p * d].to_vec())
+        .map(|v| v as f64)
+        .collect();
+    check::<f32>(&case, "out", &read_f64(&out), &rows, &rows).unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[test]
+fn window_matches_the_whole_sequence() {
+    with_client!(TestRuntime, |client| {
+        for (i, &(b, k, p, d, first, count)) in [
+            (1, 1, 4, 3, 0, 1),
+            (2, 5, 3, 7, 0, 1),
+            (2, 5, 3, 7, 1, 1),
+            (3, 6, 4, 5, 4, 2),
+            (1, 9, 8, 16, 8, 1),
+        ]
+        .iter()
+        .enumerate()
+        {
+            run_window_case(&client, b, k, p, d, first, count, 1300 + i as u64);
+        }
+        // Ids that stop short of the window's bytes are an error naming the ranges.
+        let f = |shape: &[usize]| Tensor::<TestRuntime, f32>::full(&client, shape, 0.0);
+        let ids = Tensor::from_ids(&client, &[1, 2, 3], &[1, 3]).unwrap();
+        let err = patch_embed_window(
+            &ids,
+            2,
+            &f(&[VOCAB, 2]),
+            &f(&[12, 2]),
+            &f(&[6]),
+            &f(&[1, 1, 6]),
+            3,
+            2,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("ids cover bytes 2..5, patches 2..3 need 3..6"),
+            "{err}"
+        );
+    });
 }
 
 /// Length-1 sequences, one patch, odd widths, P not a power of two.

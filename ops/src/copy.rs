@@ -1,0 +1,75 @@
+//! Launcher for the strided copy between views.
+
+use cubecl::prelude::*;
+use megabyte_kernels::copy::strided_copy;
+
+use crate::device::{ensure_dtype, grid_1d, vector_size_for};
+use crate::element::FloatElement;
+use crate::error::OpError;
+use crate::tensor::TensorView;
+
+const OP: &str = "copy";
+
+/// Copies every element of `src` into `dst`, two views of the same shape (any rank >= 1) whose
+/// last dimension has stride 1. `dst` must not overlap `src`. Through views this appends rows
+/// to a KV cache or gathers one position out of a batch.
+pub fn copy<R: Runtime, E: FloatElement>(
+    src: &TensorView<R, E>,
+    dst: &TensorView<R, E>,
+) -> Result<(), OpError> {
+    let client = dst.tensor.client();
+    ensure_dtype::<R, E>(client, OP)?;
+    if src.shape != dst.shape {
+        return Err(OpError::shape(OP, "dst", &dst.shape, src.shape.clone()));
+    }
+    let rank = dst.shape.len();
+    if rank == 0 || dst.shape.contains(&0) {
+        return Err(OpError::Empty {
+            op: OP,
+            tensor: "src",
+            shape: src.shape.clone(),
+        });
+    }
+    for (name, view) in [("src", src), ("dst", dst)] {
+        if view.strides[rank - 1] != 1 {
+            return Err(OpError::Unsupported {
+                op: OP,
+                what: "last-dimension stride",
+                value: view.strides[rank - 1],
+                reason: format!("`{name}` must be contiguous along its last dimension"),
+            });
+        }
+    }
+    let offset = |v: &TensorView<R, E>| {
+        u32::try_from(v.offset).map_err(|_| OpError::Unsupported {
+            op: OP,
+            what: "view offset",
+            value: v.offset,
+            reason: "must fit in 32 bits".into(),
+        })
+    };
+    let (so, d_o) = (offset(src)?, offset(dst)?);
+    let mut aligned = vec![dst.shape[rank - 1], src.offset, dst.offset];
+    aligned.extend(&src.strides[..rank - 1]);
+    aligned.extend(&dst.strides[..rank - 1]);
+    let vector = vector_size_for::<R, E>(client, &aligned);
+    let units = dst.shape.iter().product::<usize>() / vector;
+    let (count, dim) = grid_1d(client, units);
+    // SAFETY: both views were bounds-checked when they were made and have the same shape;
+    // `vector` divides the last dimension, every other stride and both offsets; the kernel
+    // guards on `units`.
+    unsafe {
+        strided_copy::launch_unchecked::<E, R>(
+            client,
+            count,
+            dim,
+            vector,
+            src.arg(),
+            dst.arg(),
+            so,
+            d_o,
+            units,
+        );
+    }
+    Ok(())
+}
