@@ -3,9 +3,17 @@
 //!
 //! A large global transformer runs over patches of P bytes; a small local transformer predicts
 //! the bytes inside each patch. The configuration, parameter layout and the CPU reference model
-//! live in `megabyte-reference` and are re-exported here; the device model builds on the
-//! launchers of `megabyte-ops`.
+//! live in `megabyte-reference` and are re-exported here; [`Model`] runs the forward pass on a
+//! device through the launchers of `megabyte-ops`, [`Generator`] samples with KV caches, and
+//! [`checkpoint`] reads and writes safetensors files.
 
+pub mod error;
+pub mod generate;
+pub mod model;
+
+pub use error::Error;
+pub use generate::{Decoder, GenerateOptions, Generator};
 pub use megabyte_ops as ops;
 pub use megabyte_reference as reference;
 pub use megabyte_reference::{Activation, Config, ConfigError, Sampling, Weights, PRESET_NAMES};
+pub use model::Model;

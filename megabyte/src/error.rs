@@ -1,0 +1,31 @@
+//! The error every fallible call of the model, the generator and the checkpoint code returns.
+
+use megabyte_ops::OpError;
+use megabyte_reference::ConfigError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Bad input caught before any device work: shapes, lengths, ids, sampling parameters.
+    #[error(transparent)]
+    Input(#[from] megabyte_reference::Error),
+    #[error(transparent)]
+    Op(#[from] OpError),
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint { path: String, reason: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the context of {context} bytes is full: no position is left to predict")]
+    ContextFull { context: usize },
+    #[error("weights do not match the config: tensor `{name}` has {got} elements, the config needs {expected}")]
+    WeightsMismatch {
+        name: String,
+        got: usize,
+        expected: usize,
+    },
+}

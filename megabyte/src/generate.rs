@@ -1,0 +1,432 @@
+//! Cached generation: the global model runs once per completed patch, the local model once per
+//! byte, each against its KV cache.
+//!
+//! [`Decoder`] is the step-level interface (feed bytes, get the next position's logits);
+//! [`Generator`] samples with it, streams bytes to a callback and stops on a length, an end
+//! id or a byte sequence.
+//!
+//! Position t = k·P + p is predicted from global position k (which saw patches < k) and local
+//! position p (which saw bytes k·P .. t of its own patch). So:
+//! - the global KV cache holds one entry per global position; when patch k - 1 is complete,
+//!   one global step embeds it as global position k and produces `g` for patch k;
+//! - the local KV cache holds at most P entries and restarts at each patch; local step p reads
+//!   byte t - 1 (the local pad at p = 0) and yields the logits of byte t.
+
+use cubecl::prelude::*;
+use megabyte_ops::copy::copy;
+use megabyte_ops::cross_entropy::tied_cross_entropy;
+use megabyte_ops::layer_norm::layer_norm;
+use megabyte_ops::local_input::local_input;
+use megabyte_ops::patch_embed::patch_embed_window;
+use megabyte_ops::{FloatElement, Tensor};
+use megabyte_reference::{Error as InputError, Sampler, Sampling};
+
+use crate::error::Error;
+use crate::model::{activation_kind, block, CacheAt, LayerCache, Model, Scratch};
+
+/// Step-by-step decoding of a batch of equally long byte sequences with KV caches.
+pub struct Decoder<'m, R: Runtime, E: FloatElement> {
+    model: &'m Model<R, E>,
+    batch: usize,
+    /// Per global layer, (B, K, P·D_G).
+    global_cache: Vec<LayerCache<R, E>>,
+    /// Per local layer, (B, P, D_L).
+    local_cache: Vec<LayerCache<R, E>>,
+    global_step: Scratch<R, E>,
+    local_step: Scratch<R, E>,
+    /// The global model's output for the current patch, (B, 1, P·D_G).
+    g: Tensor<R, E>,
+    /// Local inputs of the current patch (B, P, D_L) and the current position's row (B, D_L).
+    local_in: Tensor<R, E>,
+    local_row: Tensor<R, E>,
+    logits: Tensor<R, E>,
+    loss: Tensor<R, f32>,
+    lse: Tensor<R, f32>,
+    targets: Tensor<R, u32>,
+    /// Bytes of the current patch so far, (B, P) row-major.
+    patch_bytes: Vec<u32>,
+    /// Bytes consumed: the position whose logits the last call returned.
+    pos: usize,
+}
+
+impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
+    /// Caches and buffers for `batch` sequences of up to the model's context.
+    pub fn new(model: &'m Model<R, E>, batch: usize) -> Result<Self, Error> {
+        if batch == 0 {
+            return Err(InputError::EmptyBatch { batch }.into());
+        }
+        let cfg = model.config();
+        let client = model.client();
+        let (p, dl, wg, v) = (cfg.patch, cfg.d_local, cfg.global_width(), cfg.vocab);
+        Ok(Decoder {
+            model,
+            batch,
+            global_cache: (0..cfg.layers_global)
+                .map(|_| LayerCache::new(client, batch, cfg.patches(), wg))
+                .collect(),
+            local_cache: (0..cfg.layers_local)
+                .map(|_| LayerCache::new(client, batch, p, dl))
+                .collect(),
+            global_step: Scratch::new(client, model.global_stack(), batch, 1),
+            local_step: Scratch::new(client, model.local_stack(), batch, 1),
+            g: Tensor::empty(client, &[batch, 1, wg]),
+            local_in: Tensor::empty(client, &[batch, p, dl]),
+            local_row: Tensor::empty(client, &[batch, dl]),
+            logits: Tensor::empty(client, &[batch, v]),
+            loss: Tensor::empty(client, &[batch]),
+            lse: Tensor::empty(client, &[batch]),
+            targets: Tensor::from_ids(client, &vec![0; batch], &[batch])?,
+            patch_bytes: vec![0; batch * p],
+            pos: 0,
+        })
+    }
+
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// The position whose logits the last call returned (= bytes consumed so far).
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// Restarts from `prompts` (one per batch row, all of the same length n, possibly 0) and
+    /// returns the logits (B, V) of byte n. The complete patches of the prompt go through the
+    /// global model in one pass that fills its cache; the bytes of the last, partial patch go
+    /// through the local model one by one.
+    pub fn start(&mut self, prompts: &[&[u8]]) -> Result<Vec<f32>, Error> {
+        let cfg = self.model.config().clone();
+        let (b, p) = (self.batch, cfg.patch);
+        if prompts.len() != b {
+            return Err(InputError::InputLength {
+                len: prompts.len(),
+                batch: b,
+                seq: 1,
+            }
+            .into());
+        }
+        let n = prompts[0].len();
+        if let Some(other) = prompts.iter().find(|q| q.len() != n) {
+            return Err(InputError::InputLength {
+                len: other.len(),
+                batch: 1,
+                seq: n,
+            }
+            .into());
+        }
+        if n >= cfg.context {
+            return Err(InputError::PromptTooLong {
+                prompt: n,
+                new: 1,
+                context: cfg.context,
+            }
+            .into());
+        }
+        let client = self.model.client().clone();
+        let w = &self.model.w;
+        let act = activation_kind(cfg.activation);
+        let wg = cfg.global_width();
+
+        // Global positions 0 ..= kc from the kc complete patches, in one pass.
+        let kc = n / p;
+        let history: Vec<u32> = prompts
+            .iter()
+            .flat_map(|q| q[..kc * p].iter().map(|&x| x as u32))
+            .collect();
+        let ids = if kc == 0 {
+            // Global position 0 is the pad and reads no byte.
+            Tensor::from_ids(&client, &vec![0; b], &[b, 1])?
+        } else {
+            Tensor::from_ids(&client, &history, &[b, kc * p])?
+        };
+        let h = Tensor::<R, E>::empty(&client, &[b, kc + 1, wg]);
+        patch_embed_window(
+            &ids,
+            0,
+            &w.global_embed,
+            &w.global_pos,
+            &w.global_pad,
+            &h,
+            p,
+            0,
+        )?;
+        let h = h.reshape(&[b * (kc + 1), wg])?;
+        let scratch = Scratch::new(&client, self.model.global_stack(), b, kc + 1);
+        for (blk, cache) in w.global_blocks.iter().zip(&self.global_cache) {
+            block(&h, blk, &scratch, act, Some(CacheAt { cache, start: 0 }))?;
+        }
+        // Only the last position's output is needed: the current patch's g.
+        let last = Tensor::<R, E>::empty(&client, &[b, 1, wg]);
+        copy(
+            &h.strided(kc * wg, &[b, 1, wg], &[(kc + 1) * wg, wg, 1])?,
+            &last.view(),
+        )?;
+        let (lw, lb) = &w.global_ln_f;
+        let (mean, rstd) = (&self.global_step.mean, &self.global_step.rstd);
+        let g = self.g.clone().reshape(&[b, wg])?;
+        layer_norm(&last.reshape(&[b, wg])?, lw, lb, &g, mean, rstd)?;
+
+        // The partial patch through the local model, then the logits of byte n.
+        self.patch_bytes.fill(0);
+        for (row, q) in prompts.iter().enumerate() {
+            for (i, &x) in q[kc * p..].iter().enumerate() {
+                self.patch_bytes[row * p + i] = x as u32;
+            }
+        }
+        let r = n - kc * p;
+        for i in 0..r {
+            self.local(i, false)?;
+        }
+        self.pos = n;
+        self.local(r, true)
+    }
+
+    /// Appends one byte per batch row at the current position and returns the logits (B, V)
+    /// of the next one. Runs the global model first when the byte completes a patch.
+    pub fn push(&mut self, bytes: &[u32]) -> Result<Vec<f32>, Error> {
+        let cfg = self.model.config();
+        let (p, vocab) = (cfg.patch, cfg.vocab);
+        if bytes.len() != self.batch {
+            return Err(InputError::InputLength {
+                len: bytes.len(),
+                batch: self.batch,
+                seq: 1,
+            }
+            .into());
+        }
+        if let Some((position, &id)) = bytes
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id as usize >= vocab)
+        {
+            return Err(InputError::IdOutOfRange {
+                id,
+                position,
+                vocab,
+            }
+            .into());
+        }
+        if self.pos + 1 >= cfg.context {
+            return Err(Error::ContextFull {
+                context: cfg.context,
+            });
+        }
+        let slot = self.pos % p;
+        for (row, &x) in bytes.iter().enumerate() {
+            self.patch_bytes[row * p + slot] = x;
+        }
+        self.pos += 1;
+        if self.pos % p == 0 {
+            self.global(self.pos / p)?;
+            self.patch_bytes.fill(0);
+        }
+        self.local(self.pos % p, true)
+    }
+
+    /// One global step: embeds patch k - 1 (the bytes in `patch_bytes`) as global position k,
+    /// runs every global block against the cache, and leaves the normalised output in `g`.
+    fn global(&mut self, k: usize) -> Result<(), Error> {
+        let cfg = self.model.config();
+        let (b, p, wg) = (self.batch, cfg.patch, cfg.global_width());
+        let client = self.model.client();
+        let w = &self.model.w;
+        let act = activation_kind(cfg.activation);
+        let ids = Tensor::from_ids(client, &self.patch_bytes, &[b, p])?;
+        let h = Tensor::<R, E>::empty(client, &[b, 1, wg]);
+        patch_embed_window(
+            &ids,
+            (k - 1) * p,
+            &w.global_embed,
+            &w.global_pos,
+            &w.global_pad,
+            &h,
+            p,
+            k,
+        )?;
+        let h = h.reshape(&[b, wg])?;
+        for (blk, cache) in w.global_blocks.iter().zip(&self.global_cache) {
+            let at = CacheAt { cache, start: k };
+            block(&h, blk, &self.global_step, act, Some(at))?;
+        }
+        let (lw, lb) = &w.global_ln_f;
+        let s = &self.global_step;
+        let g = self.g.clone().reshape(&[b, wg])?;
+        layer_norm(&h, lw, lb, &g, &s.mean, &s.rstd)?;
+        Ok(())
+    }
+
+    /// One local step at position `p` of the current patch: its input from `g` and byte p - 1,
+    /// every local block against the cache, then (if asked) the logits (B, V) of byte p.
+    fn local(&mut self, p: usize, want_logits: bool) -> Result<Vec<f32>, Error> {
+        let cfg = self.model.config();
+        let (b, patch, dl) = (self.batch, cfg.patch, cfg.d_local);
+        let client = self.model.client();
+        let w = &self.model.w;
+        let act = activation_kind(cfg.activation);
+        // The local input of the whole patch from the bytes known so far; row p reads only
+        // byte p - 1, which is known.
+        let ids = Tensor::from_ids(client, &self.patch_bytes, &[b, patch])?;
+        local_input(
+            &self.g,
+            &ids,
+            &w.global_to_local,
+            &w.local_embed,
+            &w.local_pad,
+            w.local_pos.as_ref(),
+            &self.local_in,
+        )?;
+        copy(
+            &self
+                .local_in
+                .strided(p * dl, &[b, 1, dl], &[patch * dl, dl, 1])?,
+            &self.local_row.strided(0, &[b, 1, dl], &[dl, dl, 1])?,
+        )?;
+        let x = &self.local_row;
+        for (blk, cache) in w.local_blocks.iter().zip(&self.local_cache) {
+            let at = CacheAt { cache, start: p };
+            block(x, blk, &self.local_step, act, Some(at))?;
+        }
+        if !want_logits {
+            return Ok(Vec::new());
+        }
+        let s = &self.local_step;
+        let (lw, lb) = &w.local_ln_f;
+        layer_norm(x, lw, lb, &s.normed, &s.mean, &s.rstd)?;
+        tied_cross_entropy(
+            &s.normed,
+            &w.head_table,
+            &self.targets,
+            &self.loss,
+            &self.lse,
+            Some(&self.logits),
+        )?;
+        Ok(self.logits.to_f32_vec()?)
+    }
+}
+
+/// What to generate and when to stop.
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    /// Most new bytes per prompt; prompt + max_new must fit in the context.
+    pub max_new: usize,
+    pub sampling: Sampling,
+    /// A row stops after emitting any of these byte sequences (which are kept in its output).
+    pub stop: Vec<Vec<u8>>,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            max_new: 256,
+            sampling: Sampling::greedy(),
+            stop: Vec::new(),
+        }
+    }
+}
+
+/// Samples continuations of a batch of prompts with the model's KV caches.
+///
+/// Prompts of equal length decode together as one batch; prompts of different lengths decode
+/// as separate batches (their patch boundaries fall at different steps). Prompt i samples
+/// with seed `sampling.seed + i`, as the reference generator does, so greedy decoding gives
+/// the reference's bytes and sampling is reproducible.
+pub struct Generator<'m, R: Runtime, E: FloatElement> {
+    model: &'m Model<R, E>,
+    options: GenerateOptions,
+}
+
+impl<'m, R: Runtime, E: FloatElement> Generator<'m, R, E> {
+    pub fn new(model: &'m Model<R, E>, options: GenerateOptions) -> Result<Self, Error> {
+        options.sampling.validate()?;
+        Ok(Generator { model, options })
+    }
+
+    /// The new bytes of each prompt. `on_byte(prompt_index, byte)` sees every byte as soon as
+    /// it is sampled (for streaming). A row ends after `max_new` bytes, at the end id (256)
+    /// when the vocabulary has one (not emitted), or after a stop sequence (emitted).
+    pub fn generate(
+        &self,
+        prompts: &[&[u8]],
+        mut on_byte: impl FnMut(usize, u8),
+    ) -> Result<Vec<Vec<u8>>, Error> {
+        let context = self.model.config().context;
+        for q in prompts {
+            if q.len() + self.options.max_new > context {
+                return Err(InputError::PromptTooLong {
+                    prompt: q.len(),
+                    new: self.options.max_new,
+                    context,
+                }
+                .into());
+            }
+        }
+        let mut outputs = vec![Vec::new(); prompts.len()];
+        if self.options.max_new == 0 {
+            return Ok(outputs);
+        }
+        // Group prompts by length, keeping first-appearance order.
+        let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
+        for (i, q) in prompts.iter().enumerate() {
+            match groups.iter_mut().find(|(n, _)| *n == q.len()) {
+                Some((_, rows)) => rows.push(i),
+                None => groups.push((q.len(), vec![i])),
+            }
+        }
+        for (_, rows) in groups {
+            self.generate_group(prompts, &rows, &mut outputs, &mut on_byte)?;
+        }
+        Ok(outputs)
+    }
+
+    fn generate_group(
+        &self,
+        prompts: &[&[u8]],
+        rows: &[usize],
+        outputs: &mut [Vec<u8>],
+        on_byte: &mut impl FnMut(usize, u8),
+    ) -> Result<(), Error> {
+        let vocab = self.model.config().vocab;
+        let opts = &self.options;
+        let mut decoder = Decoder::new(self.model, rows.len())?;
+        let group: Vec<&[u8]> = rows.iter().map(|&i| prompts[i]).collect();
+        let mut samplers = rows
+            .iter()
+            .map(|&i| {
+                Sampler::new(Sampling {
+                    seed: opts.sampling.seed.wrapping_add(i as u64),
+                    ..opts.sampling.clone()
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut active = vec![true; rows.len()];
+        let mut logits = decoder.start(&group)?;
+        for step in 0..opts.max_new {
+            let mut next = vec![0u32; rows.len()];
+            for (j, &i) in rows.iter().enumerate() {
+                if !active[j] {
+                    continue;
+                }
+                let id = samplers[j].sample(&logits[j * vocab..(j + 1) * vocab]);
+                if id >= 256 {
+                    active[j] = false;
+                    continue;
+                }
+                next[j] = id;
+                outputs[i].push(id as u8);
+                on_byte(i, id as u8);
+                if opts
+                    .stop
+                    .iter()
+                    .any(|s| !s.is_empty() && outputs[i].ends_with(s))
+                {
+                    active[j] = false;
+                }
+            }
+            if step + 1 == opts.max_new || !active.contains(&true) {
+                break;
+            }
+            logits = decoder.push(&next)?;
+        }
+        Ok(())
+    }
+}

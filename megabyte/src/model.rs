@@ -1,0 +1,471 @@
+//! The MEGABYTE forward pass on the device, composed from the `megabyte-ops` launchers in the
+//! order `MEGABYTE.md` states it:
+//!
+//! fused patch embedding → L_G global blocks (fused QKV projection, flash attention over K
+//! patches, FFN) → final LayerNorm → global→local input (one GEMM with a gather epilogue) →
+//! L_L local blocks over B·K sequences of P bytes → final LayerNorm → fused tied logits and
+//! cross-entropy.
+//!
+//! The forward makes no host round trip: ids go up once, logits (or per-position losses) come
+//! back once. Each stack's scratch buffers are allocated once per call and reused by every
+//! layer; blocks update the residual stream in place.
+
+use cubecl::prelude::*;
+use megabyte_ops::attention::flash_attention;
+use megabyte_ops::copy::copy;
+use megabyte_ops::cross_entropy::tied_cross_entropy;
+use megabyte_ops::gemm::{gemm, Epilogue};
+use megabyte_ops::layer_norm::layer_norm;
+use megabyte_ops::local_input::local_input;
+use megabyte_ops::patch_embed::patch_embed;
+use megabyte_ops::{ActivationKind, FloatElement, Tensor};
+use megabyte_reference::model::check_input;
+use megabyte_reference::weights::Block;
+use megabyte_reference::{Activation, Config, Weights};
+
+use crate::error::Error;
+
+/// One pre-LN block's parameters on the device; linear weights are (in, out).
+pub(crate) struct DeviceBlock<R: Runtime, E> {
+    pub ln1: (Tensor<R, E>, Tensor<R, E>),
+    pub qkv: (Tensor<R, E>, Tensor<R, E>),
+    pub proj: (Tensor<R, E>, Tensor<R, E>),
+    pub ln2: (Tensor<R, E>, Tensor<R, E>),
+    pub fc1: (Tensor<R, E>, Tensor<R, E>),
+    pub fc2: (Tensor<R, E>, Tensor<R, E>),
+}
+
+/// Every parameter of the model on the device.
+pub(crate) struct DeviceWeights<R: Runtime, E> {
+    /// E_G (V, D_G), E_pos (T, D_G), E_gpad (P·D_G).
+    pub global_embed: Tensor<R, E>,
+    pub global_pos: Tensor<R, E>,
+    pub global_pad: Tensor<R, E>,
+    pub global_blocks: Vec<DeviceBlock<R, E>>,
+    pub global_ln_f: (Tensor<R, E>, Tensor<R, E>),
+    /// W_GL (D_G, D_L).
+    pub global_to_local: Tensor<R, E>,
+    /// E_L (V, D_L), E_lpad (D_L), E_lpos (P, D_L).
+    pub local_embed: Tensor<R, E>,
+    pub local_pad: Tensor<R, E>,
+    pub local_pos: Option<Tensor<R, E>>,
+    pub local_blocks: Vec<DeviceBlock<R, E>>,
+    pub local_ln_f: (Tensor<R, E>, Tensor<R, E>),
+    /// The output table (V, D_L): E_L itself when the head is tied, the untied head transposed
+    /// otherwise, so that one fused logits + cross-entropy kernel serves both.
+    pub head_table: Tensor<R, E>,
+}
+
+/// The width, depth and attention shape of one of the two transformers.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Stack {
+    /// Channels C.
+    pub width: usize,
+    /// FFN hidden width H.
+    pub hidden: usize,
+    pub heads: usize,
+}
+
+/// Scratch buffers for one stack over `batch` sequences of `seq` positions (N = batch·seq rows),
+/// shared by all its layers.
+pub(crate) struct Scratch<R: Runtime, E> {
+    pub batch: usize,
+    pub seq: usize,
+    /// LayerNorm output (N, C).
+    pub normed: Tensor<R, E>,
+    /// Fused projection (N, 3C): [q | k | v], each NH heads of HS.
+    pub qkv: Tensor<R, E>,
+    /// Attention output (B, S, NH, HS).
+    pub attn: Tensor<R, E>,
+    /// Per-row log-sum-exp (B, NH, S).
+    pub lse: Tensor<R, f32>,
+    /// LayerNorm statistics (N).
+    pub mean: Tensor<R, f32>,
+    pub rstd: Tensor<R, f32>,
+    /// FFN hidden activations (N, H).
+    pub hidden: Tensor<R, E>,
+    /// The residual stream between the attention and the FFN sublayer (N, C).
+    pub mid: Tensor<R, E>,
+}
+
+impl<R: Runtime, E: FloatElement> Scratch<R, E> {
+    pub fn new(client: &ComputeClient<R>, stack: Stack, batch: usize, seq: usize) -> Self {
+        let n = batch * seq;
+        let c = stack.width;
+        let hs = c / stack.heads;
+        Scratch {
+            batch,
+            seq,
+            normed: Tensor::empty(client, &[n, c]),
+            qkv: Tensor::empty(client, &[n, 3 * c]),
+            attn: Tensor::empty(client, &[batch, seq, stack.heads, hs]),
+            lse: Tensor::empty(client, &[batch, stack.heads, seq]),
+            mean: Tensor::empty(client, &[n]),
+            rstd: Tensor::empty(client, &[n]),
+            hidden: Tensor::empty(client, &[n, stack.hidden]),
+            mid: Tensor::empty(client, &[n, c]),
+        }
+    }
+}
+
+/// One layer's key and value cache, (B, S_max, C) each.
+pub(crate) struct LayerCache<R: Runtime, E> {
+    pub k: Tensor<R, E>,
+    pub v: Tensor<R, E>,
+}
+
+impl<R: Runtime, E: FloatElement> LayerCache<R, E> {
+    pub fn new(client: &ComputeClient<R>, batch: usize, capacity: usize, width: usize) -> Self {
+        LayerCache {
+            k: Tensor::empty(client, &[batch, capacity, width]),
+            v: Tensor::empty(client, &[batch, capacity, width]),
+        }
+    }
+}
+
+/// A MEGABYTE model whose weights live on a device of runtime `R`, stored as `E` (f32 or f16;
+/// kernels accumulate in f32 either way).
+pub struct Model<R: Runtime, E: FloatElement = f32> {
+    cfg: Config,
+    client: ComputeClient<R>,
+    pub(crate) w: DeviceWeights<R, E>,
+}
+
+pub(crate) fn activation_kind(act: Activation) -> ActivationKind {
+    match act {
+        Activation::Gelu => ActivationKind::Gelu,
+        Activation::Relu => ActivationKind::Relu,
+    }
+}
+
+impl<R: Runtime, E: FloatElement> Model<R, E> {
+    /// Uploads `weights` for a validated `cfg`; every tensor's length is checked against the
+    /// config first, and the first mismatch is named.
+    pub fn new(client: &ComputeClient<R>, cfg: &Config, weights: &Weights) -> Result<Self, Error> {
+        cfg.validate()?;
+        megabyte_ops::ensure_dtype::<R, E>(client, "model")?;
+        let specs = cfg.tensor_specs();
+        let tensors = weights.tensors();
+        if tensors.len() != specs.len() {
+            return Err(Error::WeightsMismatch {
+                name: "(tensor count)".into(),
+                got: tensors.len(),
+                expected: specs.len(),
+            });
+        }
+        for ((name, shape), t) in specs.iter().zip(&tensors) {
+            let expected: usize = shape.iter().product();
+            if t.len() != expected {
+                return Err(Error::WeightsMismatch {
+                    name: name.clone(),
+                    got: t.len(),
+                    expected,
+                });
+            }
+        }
+        let up = |data: &[f32], shape: &[usize]| Tensor::<R, E>::from_f32(client, data, shape);
+        let (v, p, t) = (cfg.vocab, cfg.patch, cfg.context);
+        let (dg, dl, wg) = (cfg.d_global, cfg.d_local, cfg.global_width());
+        let block = |b: &Block, c: usize| -> Result<DeviceBlock<R, E>, Error> {
+            let h = b.fc1.bias.len();
+            Ok(DeviceBlock {
+                ln1: (up(&b.ln1.weight, &[c])?, up(&b.ln1.bias, &[c])?),
+                qkv: (up(&b.qkv.weight, &[c, 3 * c])?, up(&b.qkv.bias, &[3 * c])?),
+                proj: (up(&b.proj.weight, &[c, c])?, up(&b.proj.bias, &[c])?),
+                ln2: (up(&b.ln2.weight, &[c])?, up(&b.ln2.bias, &[c])?),
+                fc1: (up(&b.fc1.weight, &[c, h])?, up(&b.fc1.bias, &[h])?),
+                fc2: (up(&b.fc2.weight, &[h, c])?, up(&b.fc2.bias, &[c])?),
+            })
+        };
+        let local_embed = up(&weights.local_embed, &[v, dl])?;
+        let head_table = match &weights.head {
+            None => local_embed.clone(),
+            Some(head) => {
+                // (D_L, V) -> (V, D_L)
+                let mut tr = vec![0f32; v * dl];
+                for d in 0..dl {
+                    for id in 0..v {
+                        tr[id * dl + d] = head[d * v + id];
+                    }
+                }
+                up(&tr, &[v, dl])?
+            }
+        };
+        let w = DeviceWeights {
+            global_embed: up(&weights.global_embed, &[v, dg])?,
+            global_pos: up(&weights.global_pos, &[t, dg])?,
+            global_pad: up(&weights.global_pad, &[wg])?,
+            global_blocks: weights
+                .global_blocks
+                .iter()
+                .map(|b| block(b, wg))
+                .collect::<Result<_, _>>()?,
+            global_ln_f: (
+                up(&weights.global_ln_f.weight, &[wg])?,
+                up(&weights.global_ln_f.bias, &[wg])?,
+            ),
+            global_to_local: up(&weights.global_to_local, &[dg, dl])?,
+            local_embed,
+            local_pad: up(&weights.local_pad, &[dl])?,
+            local_pos: match &weights.local_pos {
+                Some(pos) => Some(up(pos, &[p, dl])?),
+                None => None,
+            },
+            local_blocks: weights
+                .local_blocks
+                .iter()
+                .map(|b| block(b, dl))
+                .collect::<Result<_, _>>()?,
+            local_ln_f: (
+                up(&weights.local_ln_f.weight, &[dl])?,
+                up(&weights.local_ln_f.bias, &[dl])?,
+            ),
+            head_table,
+        };
+        Ok(Model {
+            cfg: cfg.clone(),
+            client: client.clone(),
+            w,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn client(&self) -> &ComputeClient<R> {
+        &self.client
+    }
+
+    pub(crate) fn global_stack(&self) -> Stack {
+        let c = self.cfg.global_width();
+        Stack {
+            width: c,
+            hidden: self.cfg.ffn_mult * c,
+            heads: self.cfg.heads_global,
+        }
+    }
+
+    pub(crate) fn local_stack(&self) -> Stack {
+        let c = self.cfg.d_local;
+        Stack {
+            width: c,
+            hidden: self.cfg.ffn_mult * c,
+            heads: self.cfg.heads_local,
+        }
+    }
+
+    /// Logits (B, T, V) as f32 on the host for ids (B, T) given row-major in `ids`; T a positive
+    /// multiple of P up to the context, every id < V.
+    pub fn forward(&self, ids: &[u32], batch: usize) -> Result<Vec<f32>, Error> {
+        let seq = self.checked_seq(ids, batch)?;
+        let ids = Tensor::from_ids(&self.client, ids, &[batch, seq])?;
+        let (logits, _) = self.run(&ids, true)?;
+        Ok(logits.expect("requested").to_f32_vec()?)
+    }
+
+    /// Per-position cross-entropy in nats, (B·T): position t's target is ids[t], predicted from
+    /// ids[..t]. The logits are never stored.
+    pub fn losses(&self, ids: &[u32], batch: usize) -> Result<Vec<f32>, Error> {
+        let seq = self.checked_seq(ids, batch)?;
+        let ids = Tensor::from_ids(&self.client, ids, &[batch, seq])?;
+        let (_, loss) = self.run(&ids, false)?;
+        Ok(loss.to_f32_vec()?)
+    }
+
+    /// The mean cross-entropy over all B·T positions in bits per byte.
+    pub fn loss(&self, ids: &[u32], batch: usize) -> Result<f64, Error> {
+        let losses = self.losses(ids, batch)?;
+        let nats = losses.iter().map(|&l| l as f64).sum::<f64>() / losses.len() as f64;
+        Ok(nats / std::f64::consts::LN_2)
+    }
+
+    /// The forward on ids already on the device, (B, T): logits (B, T, V) in E. Shapes are
+    /// checked; ids are not (that would need a read-back): an id >= V gives NaN logits in the
+    /// rows that read it.
+    pub fn forward_device(&self, ids: &Tensor<R, u32>) -> Result<Tensor<R, E>, Error> {
+        self.check_device_ids(ids)?;
+        let (logits, _) = self.run(ids, true)?;
+        Ok(logits.expect("requested"))
+    }
+
+    fn checked_seq(&self, ids: &[u32], batch: usize) -> Result<usize, Error> {
+        let seq = if batch == 0 { 0 } else { ids.len() / batch };
+        check_input(&self.cfg, ids, batch, seq)?;
+        Ok(seq)
+    }
+
+    fn check_device_ids(&self, ids: &Tensor<R, u32>) -> Result<(), Error> {
+        use megabyte_reference::Error as E;
+        let shape = ids.shape();
+        if shape.len() != 2 {
+            return Err(megabyte_ops::OpError::shape("model", "ids", shape, vec![0, 0]).into());
+        }
+        let (b, t) = (shape[0], shape[1]);
+        let p = self.cfg.patch;
+        if b == 0 {
+            return Err(E::EmptyBatch { batch: b }.into());
+        }
+        if t == 0 {
+            return Err(E::EmptySequence { seq: t }.into());
+        }
+        if t % p != 0 {
+            return Err(E::SequenceNotPatchMultiple { seq: t, patch: p }.into());
+        }
+        if t > self.cfg.context {
+            return Err(E::SequenceTooLong {
+                seq: t,
+                context: self.cfg.context,
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    /// The whole forward: (logits if asked, per-position losses in nats).
+    fn run(
+        &self,
+        ids: &Tensor<R, u32>,
+        want_logits: bool,
+    ) -> Result<(Option<Tensor<R, E>>, Tensor<R, f32>), Error> {
+        let client = &self.client;
+        let cfg = &self.cfg;
+        let (b, t) = (ids.shape()[0], ids.shape()[1]);
+        let (p, dl, v) = (cfg.patch, cfg.d_local, cfg.vocab);
+        let k = t / p;
+        let wg = cfg.global_width();
+        let act = activation_kind(cfg.activation);
+
+        // 1–2. Bytes → shifted patches (B, K, P·D_G).
+        let h = Tensor::<R, E>::empty(client, &[b, k, wg]);
+        patch_embed(
+            ids,
+            &self.w.global_embed,
+            &self.w.global_pos,
+            &self.w.global_pad,
+            &h,
+            p,
+        )?;
+        // 3. Global transformer over K patches.
+        let h = h.reshape(&[b * k, wg])?;
+        let scratch = Scratch::new(client, self.global_stack(), b, k);
+        for blk in &self.w.global_blocks {
+            block(&h, blk, &scratch, act, None)?;
+        }
+        let g = Tensor::<R, E>::empty(client, &[b * k, wg]);
+        let (lw, lb) = &self.w.global_ln_f;
+        layer_norm(&h, lw, lb, &g, &scratch.mean, &scratch.rstd)?;
+        drop(scratch);
+
+        // 4–5. Global → local input (B, T, D_L).
+        let l = Tensor::<R, E>::empty(client, &[b, t, dl]);
+        local_input(
+            &g.reshape(&[b, k, wg])?,
+            ids,
+            &self.w.global_to_local,
+            &self.w.local_embed,
+            &self.w.local_pad,
+            self.w.local_pos.as_ref(),
+            &l,
+        )?;
+        // 6. Local transformer: B·K sequences of P bytes.
+        let l = l.reshape(&[b * t, dl])?;
+        let scratch = Scratch::new(client, self.local_stack(), b * k, p);
+        for blk in &self.w.local_blocks {
+            block(&l, blk, &scratch, act, None)?;
+        }
+        let out = scratch.normed.clone();
+        let (lw, lb) = &self.w.local_ln_f;
+        layer_norm(&l, lw, lb, &out, &scratch.mean, &scratch.rstd)?;
+
+        // 7. Logits and the loss against the ids themselves.
+        let n = b * t;
+        let logits = want_logits.then(|| Tensor::<R, E>::empty(client, &[n, v]));
+        let loss = Tensor::<R, f32>::empty(client, &[n]);
+        let lse = Tensor::<R, f32>::empty(client, &[n]);
+        let targets = ids.clone().reshape(&[n])?;
+        tied_cross_entropy(
+            &out,
+            &self.w.head_table,
+            &targets,
+            &loss,
+            &lse,
+            logits.as_ref(),
+        )?;
+        Ok((logits, loss))
+    }
+}
+
+/// A KV cache to decode against: the layer's cache and the position of the block's first row.
+pub(crate) struct CacheAt<'a, R: Runtime, E> {
+    pub cache: &'a LayerCache<R, E>,
+    pub start: usize,
+}
+
+/// One pre-LN block over `scratch.batch` sequences of `scratch.seq` positions, updating the
+/// residual stream `h` (N, C) in place:
+/// h += proj(attn(LN1(h))); h += fc2(act(fc1(LN2(h)))).
+///
+/// With a cache, the block's keys and values are first written to positions `start ..
+/// start + seq` of it and the queries attend to positions `0 .. start + seq` (causally), so
+/// a decoding step runs the block on the new positions only.
+pub(crate) fn block<R: Runtime, E: FloatElement>(
+    h: &Tensor<R, E>,
+    w: &DeviceBlock<R, E>,
+    s: &Scratch<R, E>,
+    act: ActivationKind,
+    cache: Option<CacheAt<'_, R, E>>,
+) -> Result<(), Error> {
+    let (b, seq) = (s.batch, s.seq);
+    let n = b * seq;
+    let c = h.shape()[1];
+    let nh = s.attn.shape()[2];
+    let hs = c / nh;
+    layer_norm(h, &w.ln1.0, &w.ln1.1, &s.normed, &s.mean, &s.rstd)?;
+    gemm(
+        &s.normed.view(),
+        &w.qkv.0.view(),
+        &s.qkv,
+        &Epilogue::none().bias(&w.qkv.1),
+    )?;
+    // q, k, v straight out of the fused projection: (B, S, NH, HS) views, no copies.
+    let qkv_strides = [seq * 3 * c, 3 * c, hs, 1];
+    let part = |i: usize| s.qkv.strided(i * c, &[b, seq, nh, hs], &qkv_strides);
+    match cache {
+        None => flash_attention(&part(0)?, &part(1)?, &part(2)?, &s.attn, &s.lse, true)?,
+        Some(CacheAt { cache, start }) => {
+            let cap = cache.k.shape()[1];
+            let rows = |i: usize| s.qkv.strided(i * c, &[b, seq, c], &[seq * 3 * c, 3 * c, 1]);
+            let slot_strides = [cap * c, c, 1];
+            let k_slot = cache.k.strided(start * c, &[b, seq, c], &slot_strides)?;
+            let v_slot = cache.v.strided(start * c, &[b, seq, c], &slot_strides)?;
+            copy(&rows(1)?, &k_slot)?;
+            copy(&rows(2)?, &v_slot)?;
+            let len = start + seq;
+            let kv_strides = [cap * c, c, hs, 1];
+            let k = cache.k.strided(0, &[b, len, nh, hs], &kv_strides)?;
+            let v = cache.v.strided(0, &[b, len, nh, hs], &kv_strides)?;
+            flash_attention(&part(0)?, &k, &v, &s.attn, &s.lse, true)?;
+        }
+    }
+    gemm(
+        &s.attn.strided(0, &[n, c], &[c, 1])?,
+        &w.proj.0.view(),
+        &s.mid,
+        &Epilogue::none().bias(&w.proj.1).residual(h),
+    )?;
+    layer_norm(&s.mid, &w.ln2.0, &w.ln2.1, &s.normed, &s.mean, &s.rstd)?;
+    gemm(
+        &s.normed.view(),
+        &w.fc1.0.view(),
+        &s.hidden,
+        &Epilogue::none().bias(&w.fc1.1).activation(act),
+    )?;
+    gemm(
+        &s.hidden.view(),
+        &w.fc2.0.view(),
+        h,
+        &Epilogue::none().bias(&w.fc2.1).residual(&s.mid),
+    )?;
+    Ok(())
+}

@@ -1,0 +1,308 @@
+//! The device model against the reference model with the same weights: forward logits over
+//! random configs and inputs, cached decoding's per-step logits against the reference's full
+//! forward on the same prefix, greedy generation against the reference generator, and errors.
+//!
+//! Tolerance: the rule of `megabyte-tests` needs the error of a naive implementation in the
+//! kernels' precision. For a whole model that is estimated by the reference itself run on
+//! weights each moved by one f32 ulp in a random direction: one f32 roundoff per parameter,
+//! propagated through every layer exactly as the model propagates its own roundoff.
+
+use megabyte::{Decoder, GenerateOptions, Generator, Model};
+use megabyte_reference::{generate_batch, Activation, Config, Sampling, Weights};
+use megabyte_tests::{check, uniform_ids, with_client, TestRuntime};
+use proptest::prelude::*;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Fewest positions (each a row of V logits) on which the naive error is measured.
+const NAIVE_POSITIONS: usize = 64;
+
+/// The weights with every element moved one ulp up or down at random.
+fn perturbed(w: &Weights, seed: u64) -> Weights {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut p = w.clone();
+    for t in p.tensors_mut() {
+        for x in t.iter_mut() {
+            let bits = x.to_bits();
+            let up = (*x >= 0.0) == rng.gen::<bool>();
+            *x = f32::from_bits(if up {
+                bits + 1
+            } else {
+                bits.saturating_sub(1).max(1)
+            });
+        }
+    }
+    p
+}
+
+fn to_f64(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+/// Device logits for (B, T) ids against the reference, under the tolerance rule.
+fn forward_case(cfg: &Config, b: usize, t: usize, seed: u64) {
+    let case = format!("model forward({cfg:?}, B={b}, T={t}, seed={seed})");
+    let w = Weights::random(cfg, seed);
+    // The case's sequences first, then more from the same distribution so that the naive error
+    // is measured on at least NAIVE_POSITIONS positions (see the harness's tolerance rule).
+    let b_all = b.max(NAIVE_POSITIONS.div_ceil(t));
+    let all_ids = uniform_ids(seed ^ 0x51, b_all * t, cfg.vocab);
+    let ids = all_ids[..b * t].to_vec();
+    let reference = megabyte_reference::forward(cfg, &w, &all_ids, b_all, t).unwrap();
+    let naive =
+        megabyte_reference::forward(cfg, &perturbed(&w, seed ^ 7), &all_ids, b_all, t).unwrap();
+    with_client!(TestRuntime, |client| {
+        let model = Model::<TestRuntime, f32>::new(&client, cfg, &w).unwrap();
+        let logits = model.forward(&ids, b).unwrap();
+        check::<f32>(
+            &case,
+            "logits",
+            &to_f64(&logits),
+            &to_f64(&naive),
+            &to_f64(&reference),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        // The loss is the mean over positions of lse - logit[target], in bits.
+        let mut nats = 0f64;
+        for (i, &id) in ids.iter().enumerate() {
+            let row = &reference[i * cfg.vocab..(i + 1) * cfg.vocab];
+            let m = row.iter().fold(f64::NEG_INFINITY, |m, &z| m.max(z as f64));
+            let lse = m + row.iter().map(|&z| (z as f64 - m).exp()).sum::<f64>().ln();
+            nats += lse - row[id as usize] as f64;
+        }
+        let bits = nats / (b * t) as f64 / std::f64::consts::LN_2;
+        let got = model.loss(&ids, b).unwrap();
+        assert!(
+            (got - bits).abs() < 1e-4 * bits.max(1.0),
+            "{case}: loss {got} vs reference {bits}"
+        );
+    });
+}
+
+/// Decodes a random sequence byte by byte (after a prompt of `prompt` bytes) and checks every
+/// step's logits against the reference's full forward over the sequence.
+fn decode_case(cfg: &Config, b: usize, prompt: usize, seed: u64) {
+    let case = format!("cached decoding({cfg:?}, B={b}, prompt={prompt}, seed={seed})");
+    let t = cfg.context;
+    let v = cfg.vocab;
+    let w = Weights::random(cfg, seed);
+    let ids = uniform_ids(seed ^ 0x52, b * t, 256);
+    let reference = megabyte_reference::forward(cfg, &w, &ids, b, t).unwrap();
+    let naive = megabyte_reference::forward(cfg, &perturbed(&w, seed ^ 9), &ids, b, t).unwrap();
+    // Rows (B, V) of position `pos`, followed by every position's logits: the naive error is
+    // measured over the whole sequence, not over one step's few rows.
+    let at = |all: &[f32], pos: usize| -> Vec<f64> {
+        (0..b)
+            .flat_map(|bi| all[(bi * t + pos) * v..][..v].to_vec())
+            .chain(all.iter().copied())
+            .map(|x| x as f64)
+            .collect()
+    };
+    with_client!(TestRuntime, |client| {
+        let model = Model::<TestRuntime, f32>::new(&client, cfg, &w).unwrap();
+        let mut dec = Decoder::new(&model, b).unwrap();
+        let bytes: Vec<Vec<u8>> = (0..b)
+            .map(|bi| ids[bi * t..][..prompt].iter().map(|&x| x as u8).collect())
+            .collect();
+        let prompts: Vec<&[u8]> = bytes.iter().map(|x| x.as_slice()).collect();
+        let mut logits = dec.start(&prompts).unwrap();
+        for pos in prompt..t {
+            let what = format!("logits at position {pos}");
+            check::<f32>(
+                &case,
+                &what,
+                &to_f64(&logits),
+                &at(&naive, pos),
+                &at(&reference, pos),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            if pos + 1 == t {
+                let err = dec.push(&vec![0; b]).unwrap_err();
+                assert!(err.to_string().contains("context of"), "{case}: {err}");
+                break;
+            }
+            let next: Vec<u32> = (0..b).map(|bi| ids[bi * t + pos]).collect();
+            logits = dec.push(&next).unwrap();
+        }
+    });
+}
+
+fn config(
+    p: usize,
+    dg: usize,
+    dl: usize,
+    layers: (usize, usize),
+    heads: (usize, usize),
+    variant: u8,
+) -> Config {
+    Config {
+        vocab: if variant & 1 == 0 { 256 } else { 257 },
+        patch: p,
+        context: 4 * p,
+        d_global: dg,
+        d_local: dl,
+        layers_global: layers.0,
+        layers_local: layers.1,
+        heads_global: heads.0,
+        heads_local: heads.1,
+        ffn_mult: if variant & 8 == 0 { 4 } else { 2 },
+        activation: if variant & 2 == 0 {
+            Activation::Gelu
+        } else {
+            Activation::Relu
+        },
+        tied_head: variant & 4 == 0,
+        local_positions: variant & 1 == 0,
+    }
+}
+
+#[test]
+fn tiny_preset_forward() {
+    forward_case(&Config::tiny(), 2, 64, 1);
+    forward_case(&Config::tiny(), 3, 12, 2);
+}
+
+#[test]
+fn config_variants_forward() {
+    // Untied head, no local positions, ReLU, the 257-id vocabulary, odd patch and widths.
+    forward_case(&config(3, 8, 24, (1, 2), (2, 3), 0b0111), 2, 12, 3);
+    forward_case(&config(5, 4, 16, (2, 1), (1, 2), 0b1010), 1, 20, 4);
+    forward_case(&config(1, 16, 8, (1, 1), (2, 1), 0b0001), 3, 3, 5);
+}
+
+#[test]
+fn cached_decoding_matches_the_full_forward() {
+    decode_case(&Config::tiny(), 2, 0, 11);
+    decode_case(&Config::tiny(), 1, 9, 12);
+    decode_case(&config(3, 8, 24, (1, 2), (2, 3), 0b0111), 3, 6, 13);
+}
+
+#[test]
+fn greedy_generation_matches_the_reference() {
+    let cfg = Config::tiny();
+    let w = Weights::random(&cfg, 21);
+    let prompts: Vec<&[u8]> = vec![b"MEGA", b"by", b"te!!", b""];
+    let want = generate_batch(&cfg, &w, &prompts, 30, &Sampling::greedy()).unwrap();
+    with_client!(TestRuntime, |client| {
+        let model = Model::<TestRuntime, f32>::new(&client, &cfg, &w).unwrap();
+        let gen = Generator::new(
+            &model,
+            GenerateOptions {
+                max_new: 30,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut streamed = vec![Vec::new(); prompts.len()];
+        let got = gen
+            .generate(&prompts, |i, byte| streamed[i].push(byte))
+            .unwrap();
+        assert_eq!(got, want);
+        assert_eq!(streamed, want);
+    });
+}
+
+#[test]
+fn sampling_is_seeded_and_stops() {
+    let cfg = Config::tiny();
+    let w = Weights::random(&cfg, 22);
+    with_client!(TestRuntime, |client| {
+        let model = Model::<TestRuntime, f32>::new(&client, &cfg, &w).unwrap();
+        let sampling = Sampling {
+            temperature: 1.0,
+            top_k: 20,
+            top_p: 0.9,
+            seed: 5,
+        };
+        let opts = GenerateOptions {
+            max_new: 40,
+            sampling: sampling.clone(),
+            stop: vec![],
+        };
+        let run = |o: &GenerateOptions| {
+            Generator::new(&model, o.clone())
+                .unwrap()
+                .generate(&[b"ab", b"ab"], |_, _| {})
+                .unwrap()
+        };
+        let a = run(&opts);
+        assert_eq!(a, run(&opts), "same seed, same bytes");
+        assert_ne!(a[0], a[1], "rows sample with seeds seed + i");
+        assert_eq!(a[0].len(), 40);
+        // Stop right after the first occurrence of a 1-byte sequence from the first output.
+        let stop = vec![a[0][5]];
+        let first = a[0].iter().position(|&x| x == stop[0]).unwrap();
+        let stopped = run(&GenerateOptions {
+            stop: vec![stop],
+            ..opts
+        });
+        assert_eq!(stopped[0], a[0][..=first].to_vec());
+    });
+}
+
+#[test]
+fn bad_input_is_an_error() {
+    let cfg = Config::tiny();
+    let w = Weights::random(&cfg, 23);
+    with_client!(TestRuntime, |client| {
+        let model = Model::<TestRuntime, f32>::new(&client, &cfg, &w).unwrap();
+        let err = model.forward(&[1, 2, 3, 4, 5, 6], 1).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "sequence length 6 is not a multiple of the patch size 4"
+        );
+        let err = model.forward(&vec![0; 68], 1).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "sequence length 68 exceeds the context of 64 bytes"
+        );
+        let err = model.forward(&[1, 2, 3, 256], 1).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "id 256 at position 3 is outside the vocabulary of 256"
+        );
+        let gen = Generator::new(
+            &model,
+            GenerateOptions {
+                max_new: 10,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let err = gen.generate(&[&[b'x'; 60]], |_, _| {}).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "prompt of 60 bytes plus 10 new bytes exceeds the context of 64 bytes"
+        );
+        let mut short = Weights::random(&cfg, 1);
+        short.local_pad.pop();
+        let err = Model::<TestRuntime, f32>::new(&client, &cfg, &short)
+            .err()
+            .unwrap();
+        assert_eq!(err.to_string(), "weights do not match the config: tensor `local.pad` has 31 elements, the config needs 32");
+        let bad = Sampling {
+            temperature: -1.0,
+            ..Sampling::greedy()
+        };
+        assert!(Generator::new(
+            &model,
+            GenerateOptions {
+                sampling: bad,
+                ..Default::default()
+            }
+        )
+        .is_err());
+    });
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 6, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_configs_forward(p in 1usize..6, dg in prop::sample::select(vec![4usize, 8, 12]), dl in prop::sample::select(vec![8usize, 16, 24]),
+                              lg in 1usize..3, ll in 1usize..3, variant in 0u8..16, b in 1usize..3, k in 1usize..5, seed: u64) {
+        let heads_g = if (p * dg) % 2 == 0 { 2 } else { 1 };
+        let cfg = config(p, dg, dl, (lg, ll), (heads_g, 2), variant);
+        forward_case(&cfg, b, k * p, seed);
+    }
+}
