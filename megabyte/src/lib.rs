@@ -7,6 +7,7 @@
 //! device through the launchers of `megabyte-ops`, [`Generator`] samples with KV caches, and
 //! [`checkpoint`] reads and writes safetensors files.
 
+pub mod checkpoint;
 pub mod error;
 pub mod generate;
 pub mod model;
