@@ -10,9 +10,9 @@ use cubecl::prelude::*;
 /// both last strides are 1 and that N divides the last dimension, every other stride and both
 /// offsets (all in elements). `units` is the number of vectors.
 #[cube(launch_unchecked)]
-pub fn strided_copy<F: Float, N: Size>(
-    src: &Tensor<Vector<F, N>>,
-    dst: &mut Tensor<Vector<F, N>>,
+pub fn strided_copy<T: Numeric, N: Size>(
+    src: &Tensor<Vector<T, N>>,
+    dst: &mut Tensor<Vector<T, N>>,
     src_offset: u32,
     dst_offset: u32,
     units: usize,

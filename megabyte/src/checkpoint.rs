@@ -93,12 +93,14 @@ pub fn config_from_metadata(path: &str, m: &HashMap<String, String>) -> Result<C
     }
     match get("format_version")? {
         FORMAT_VERSION => {}
-        other => return Err(bad(
-            path,
-            format!(
+        other => {
+            return Err(bad(
+                path,
+                format!(
                 "metadata `format_version` is `{other}`; this build reads version {FORMAT_VERSION}"
             ),
-        )),
+            ))
+        }
     }
     let num = |key: &str| -> Result<usize, Error> {
         let v = get(key)?;

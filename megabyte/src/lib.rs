@@ -9,7 +9,9 @@
 
 pub mod checkpoint;
 pub mod error;
+pub mod eval;
 pub mod generate;
+pub mod info;
 pub mod model;
 
 pub use error::Error;

@@ -12,13 +12,13 @@
 
 use cubecl::prelude::*;
 use megabyte_ops::attention::flash_attention;
-use megabyte_ops::copy::copy;
+use megabyte_ops::copy::{copy, copy_ids};
 use megabyte_ops::cross_entropy::tied_cross_entropy;
 use megabyte_ops::gemm::{gemm, Epilogue};
 use megabyte_ops::layer_norm::layer_norm;
 use megabyte_ops::local_input::local_input;
 use megabyte_ops::patch_embed::patch_embed;
-use megabyte_ops::{ActivationKind, FloatElement, Tensor};
+use megabyte_ops::{max_buffer_bytes, ActivationKind, FloatElement, OpError, Tensor};
 use megabyte_reference::model::check_input;
 use megabyte_reference::weights::Block;
 use megabyte_reference::{Activation, Config, Weights};
@@ -129,6 +129,8 @@ pub struct Model<R: Runtime, E: FloatElement = f32> {
     cfg: Config,
     client: ComputeClient<R>,
     pub(crate) w: DeviceWeights<R, E>,
+    /// Largest buffer the forward allocates, in bytes: the device's limit unless lowered.
+    max_buffer: usize,
 }
 
 pub(crate) fn activation_kind(act: Activation) -> ActivationKind {
@@ -226,7 +228,14 @@ impl<R: Runtime, E: FloatElement> Model<R, E> {
             cfg: cfg.clone(),
             client: client.clone(),
             w,
+            max_buffer: max_buffer_bytes(client),
         })
+    }
+
+    /// Caps the largest buffer a forward pass allocates (never above the device's limit). The
+    /// local phase then runs in more, smaller chunks of patches: less peak memory, same result.
+    pub fn set_max_buffer_bytes(&mut self, bytes: usize) {
+        self.max_buffer = bytes.min(max_buffer_bytes(&self.client));
     }
 
     pub fn config(&self) -> &Config {
@@ -259,9 +268,21 @@ impl<R: Runtime, E: FloatElement> Model<R, E> {
     /// multiple of P up to the context, every id < V.
     pub fn forward(&self, ids: &[u32], batch: usize) -> Result<Vec<f32>, Error> {
         let seq = self.checked_seq(ids, batch)?;
+        let (p, v) = (self.cfg.patch, self.cfg.vocab);
         let ids = Tensor::from_ids(&self.client, ids, &[batch, seq])?;
-        let (logits, _) = self.run(&ids, true)?;
-        Ok(logits.expect("requested").to_f32_vec()?)
+        let mut logits = vec![0f32; batch * seq * v];
+        // Each chunk's logits (B, n·P, V) go to rows k0·P .. (k0 + n)·P of every sequence.
+        let mut place = |k0: usize, n: usize, chunk: Tensor<R, E>| -> Result<(), Error> {
+            let values = chunk.to_f32_vec()?;
+            let rows = n * p * v;
+            for bi in 0..batch {
+                logits[(bi * seq + k0 * p) * v..][..rows]
+                    .copy_from_slice(&values[bi * rows..][..rows]);
+            }
+            Ok(())
+        };
+        self.run(&ids, Some(&mut place))?;
+        Ok(logits)
     }
 
     /// Per-position cross-entropy in nats, (B·T): position t's target is ids[t], predicted from
@@ -269,8 +290,7 @@ impl<R: Runtime, E: FloatElement> Model<R, E> {
     pub fn losses(&self, ids: &[u32], batch: usize) -> Result<Vec<f32>, Error> {
         let seq = self.checked_seq(ids, batch)?;
         let ids = Tensor::from_ids(&self.client, ids, &[batch, seq])?;
-        let (_, loss) = self.run(&ids, false)?;
-        Ok(loss.to_f32_vec()?)
+        Ok(self.run(&ids, None)?.to_f32_vec()?)
     }
 
     /// The mean cross-entropy over all B·T positions in bits per byte.
@@ -285,8 +305,18 @@ impl<R: Runtime, E: FloatElement> Model<R, E> {
     /// rows that read it.
     pub fn forward_device(&self, ids: &Tensor<R, u32>) -> Result<Tensor<R, E>, Error> {
         self.check_device_ids(ids)?;
-        let (logits, _) = self.run(ids, true)?;
-        Ok(logits.expect("requested"))
+        let (b, t) = (ids.shape()[0], ids.shape()[1]);
+        let v = self.cfg.vocab;
+        self.check_buffer("the logits", b * t * v, std::mem::size_of::<E>(), t)?;
+        let mut out = None;
+        let mut keep = |_: usize, _: usize, chunk: Tensor<R, E>| -> Result<(), Error> {
+            out = Some(chunk);
+            Ok(())
+        };
+        self.run(ids, Some(&mut keep))?;
+        Ok(out
+            .expect("one chunk when the logits fit one buffer")
+            .reshape(&[b, t, v])?)
     }
 
     fn checked_seq(&self, ids: &[u32], batch: usize) -> Result<usize, Error> {
@@ -322,20 +352,107 @@ impl<R: Runtime, E: FloatElement> Model<R, E> {
         Ok(())
     }
 
-    /// The whole forward: (logits if asked, per-position losses in nats).
+    /// A buffer of `elems` elements of `elem_bytes` must fit the device's largest allocation.
+    fn check_buffer(
+        &self,
+        what: &str,
+        elems: usize,
+        elem_bytes: usize,
+        seq: usize,
+    ) -> Result<(), Error> {
+        let max = self.max_buffer;
+        let bytes = elems.saturating_mul(elem_bytes);
+        if bytes > max {
+            return Err(OpError::Unsupported {
+                op: "model",
+                what: "sequence length",
+                value: seq,
+                reason: format!(
+                    "{what} need {bytes} bytes in one buffer; the device allocates at most {max}"
+                ),
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Patches per chunk of the local phase: as many as keep its largest buffer (FFN hidden,
+    /// qkv, or logits) within the device's largest allocation.
+    fn local_chunk(&self, b: usize, k: usize, want_logits: bool) -> Result<usize, Error> {
+        let cfg = &self.cfg;
+        let widest = (cfg.ffn_mult * cfg.d_local)
+            .max(3 * cfg.d_local)
+            .max(if want_logits { cfg.vocab } else { 0 });
+        let per_patch = b * cfg.patch * widest * std::mem::size_of::<E>();
+        let chunk = (self.max_buffer / per_patch.max(1)).min(k);
+        if chunk == 0 {
+            self.check_buffer("one patch's local activations", per_patch, 1, b * cfg.patch)?;
+        }
+        Ok(chunk.max(1))
+    }
+
+    /// The whole forward over ids (B, T): returns the per-position losses in nats (B·T), and
+    /// hands each chunk's logits (B, n·P, V) for patches k0 .. k0 + n to `on_logits` when
+    /// given. The local phase runs in chunks of patches when one pass would exceed the
+    /// device's largest buffer (a million-byte sequence on a 128 MiB-buffer device).
     fn run(
         &self,
         ids: &Tensor<R, u32>,
-        want_logits: bool,
-    ) -> Result<(Option<Tensor<R, E>>, Tensor<R, f32>), Error> {
+        mut on_logits: Option<&mut dyn FnMut(usize, usize, Tensor<R, E>) -> Result<(), Error>>,
+    ) -> Result<Tensor<R, f32>, Error> {
         let client = &self.client;
         let cfg = &self.cfg;
         let (b, t) = (ids.shape()[0], ids.shape()[1]);
-        let (p, dl, v) = (cfg.patch, cfg.d_local, cfg.vocab);
+        let (p, wg) = (cfg.patch, cfg.global_width());
         let k = t / p;
-        let wg = cfg.global_width();
-        let act = activation_kind(cfg.activation);
+        let elem = std::mem::size_of::<E>();
+        let hidden = cfg.ffn_mult * wg;
+        self.check_buffer(
+            "the global model's activations",
+            b * k * hidden.max(3 * wg),
+            elem,
+            t,
+        )?;
+        self.check_buffer("the per-byte losses", b * t, 4, t)?;
+        let g = self.global(ids)?;
+        let loss = Tensor::<R, f32>::empty(client, &[b, t]);
+        let chunk = self.local_chunk(b, k, on_logits.is_some())?;
+        if chunk == k {
+            let l = self.local(&g.reshape(&[b, k, wg])?, ids, on_logits.is_some(), &loss)?;
+            if let (Some(f), Some(l)) = (on_logits.as_mut(), l) {
+                f(0, k, l)?;
+            }
+            return Ok(loss.reshape(&[b * t])?);
+        }
+        let mut k0 = 0;
+        while k0 < k {
+            let n = chunk.min(k - k0);
+            let g_c = Tensor::<R, E>::empty(client, &[b, n, wg]);
+            copy(
+                &g.strided(k0 * wg, &[b, n, wg], &[k * wg, wg, 1])?,
+                &g_c.view(),
+            )?;
+            let ids_c = Tensor::<R, u32>::empty(client, &[b, n * p]);
+            copy_ids(&ids.strided(k0 * p, &[b, n * p], &[t, 1])?, &ids_c.view())?;
+            let loss_c = Tensor::<R, f32>::empty(client, &[b, n * p]);
+            let l = self.local(&g_c, &ids_c, on_logits.is_some(), &loss_c)?;
+            copy(&loss_c.view(), &loss.strided(k0 * p, &[b, n * p], &[t, 1])?)?;
+            if let (Some(f), Some(l)) = (on_logits.as_mut(), l) {
+                f(k0, n, l)?;
+            }
+            k0 += n;
+        }
+        Ok(loss.reshape(&[b * t])?)
+    }
 
+    /// Steps 1–3: ids (B, T) → the global model's normalised output g (B·K, P·D_G).
+    fn global(&self, ids: &Tensor<R, u32>) -> Result<Tensor<R, E>, Error> {
+        let client = &self.client;
+        let cfg = &self.cfg;
+        let (b, t) = (ids.shape()[0], ids.shape()[1]);
+        let (p, wg) = (cfg.patch, cfg.global_width());
+        let k = t / p;
+        let act = activation_kind(cfg.activation);
         // 1–2. Bytes → shifted patches (B, K, P·D_G).
         let h = Tensor::<R, E>::empty(client, &[b, k, wg]);
         patch_embed(
@@ -346,7 +463,7 @@ impl<R: Runtime, E: FloatElement> Model<R, E> {
             &h,
             p,
         )?;
-        // 3. Global transformer over K patches.
+        // 3. Global transformer over K patches, then the final LayerNorm.
         let h = h.reshape(&[b * k, wg])?;
         let scratch = Scratch::new(client, self.global_stack(), b, k);
         for blk in &self.w.global_blocks {
@@ -355,12 +472,28 @@ impl<R: Runtime, E: FloatElement> Model<R, E> {
         let g = Tensor::<R, E>::empty(client, &[b * k, wg]);
         let (lw, lb) = &self.w.global_ln_f;
         layer_norm(&h, lw, lb, &g, &scratch.mean, &scratch.rstd)?;
-        drop(scratch);
+        Ok(g)
+    }
 
+    /// Steps 4–7 for patches with global output g (B, n, P·D_G) and ids (B, n·P): writes the
+    /// per-position losses (B, n·P) and returns the logits (B·n·P, V) when asked.
+    fn local(
+        &self,
+        g: &Tensor<R, E>,
+        ids: &Tensor<R, u32>,
+        want_logits: bool,
+        loss: &Tensor<R, f32>,
+    ) -> Result<Option<Tensor<R, E>>, Error> {
+        let client = &self.client;
+        let cfg = &self.cfg;
+        let (b, t) = (ids.shape()[0], ids.shape()[1]);
+        let (p, dl, v) = (cfg.patch, cfg.d_local, cfg.vocab);
+        let k = t / p;
+        let act = activation_kind(cfg.activation);
         // 4–5. Global → local input (B, T, D_L).
         let l = Tensor::<R, E>::empty(client, &[b, t, dl]);
         local_input(
-            &g.reshape(&[b, k, wg])?,
+            g,
             ids,
             &self.w.global_to_local,
             &self.w.local_embed,
@@ -368,7 +501,7 @@ impl<R: Runtime, E: FloatElement> Model<R, E> {
             self.w.local_pos.as_ref(),
             &l,
         )?;
-        // 6. Local transformer: B·K sequences of P bytes.
+        // 6. Local transformer: B·K sequences of P bytes, then the final LayerNorm.
         let l = l.reshape(&[b * t, dl])?;
         let scratch = Scratch::new(client, self.local_stack(), b * k, p);
         for blk in &self.w.local_blocks {
@@ -377,22 +510,19 @@ impl<R: Runtime, E: FloatElement> Model<R, E> {
         let out = scratch.normed.clone();
         let (lw, lb) = &self.w.local_ln_f;
         layer_norm(&l, lw, lb, &out, &scratch.mean, &scratch.rstd)?;
-
         // 7. Logits and the loss against the ids themselves.
         let n = b * t;
         let logits = want_logits.then(|| Tensor::<R, E>::empty(client, &[n, v]));
-        let loss = Tensor::<R, f32>::empty(client, &[n]);
         let lse = Tensor::<R, f32>::empty(client, &[n]);
-        let targets = ids.clone().reshape(&[n])?;
         tied_cross_entropy(
             &out,
             &self.w.head_table,
-            &targets,
-            &loss,
+            &ids.clone().reshape(&[n])?,
+            &loss.clone().reshape(&[n])?,
             &lse,
             logits.as_ref(),
         )?;
-        Ok((logits, loss))
+        Ok(logits)
     }
 }
 

@@ -3,7 +3,7 @@
 use cubecl::prelude::*;
 use megabyte_kernels::copy::strided_copy;
 
-use crate::device::{ensure_dtype, grid_1d, vector_size_for};
+use crate::device::{ensure_dtype, grid_1d};
 use crate::element::FloatElement;
 use crate::error::OpError;
 use crate::tensor::TensorView;
@@ -17,8 +17,23 @@ pub fn copy<R: Runtime, E: FloatElement>(
     src: &TensorView<R, E>,
     dst: &TensorView<R, E>,
 ) -> Result<(), OpError> {
+    ensure_dtype::<R, E>(dst.tensor.client(), OP)?;
+    copy_any(src, dst)
+}
+
+/// [`copy`] for u32 ids.
+pub fn copy_ids<R: Runtime>(
+    src: &TensorView<R, u32>,
+    dst: &TensorView<R, u32>,
+) -> Result<(), OpError> {
+    copy_any(src, dst)
+}
+
+fn copy_any<R: Runtime, T: Numeric + CubeElement>(
+    src: &TensorView<R, T>,
+    dst: &TensorView<R, T>,
+) -> Result<(), OpError> {
     let client = dst.tensor.client();
-    ensure_dtype::<R, E>(client, OP)?;
     if src.shape != dst.shape {
         return Err(OpError::shape(OP, "dst", &dst.shape, src.shape.clone()));
     }
@@ -40,7 +55,7 @@ pub fn copy<R: Runtime, E: FloatElement>(
             });
         }
     }
-    let offset = |v: &TensorView<R, E>| {
+    let offset = |v: &TensorView<R, T>| {
         u32::try_from(v.offset).map_err(|_| OpError::Unsupported {
             op: OP,
             what: "view offset",
@@ -52,14 +67,17 @@ pub fn copy<R: Runtime, E: FloatElement>(
     let mut aligned = vec![dst.shape[rank - 1], src.offset, dst.offset];
     aligned.extend(&src.strides[..rank - 1]);
     aligned.extend(&dst.strides[..rank - 1]);
-    let vector = vector_size_for::<R, E>(client, &aligned);
+    let vector = client
+        .io_optimized_vector_sizes(std::mem::size_of::<T>())
+        .find(|&v| aligned.iter().all(|&n| n % v == 0))
+        .unwrap_or(1);
     let units = dst.shape.iter().product::<usize>() / vector;
     let (count, dim) = grid_1d(client, units);
     // SAFETY: both views were bounds-checked when they were made and have the same shape;
     // `vector` divides the last dimension, every other stride and both offsets; the kernel
     // guards on `units`.
     unsafe {
-        strided_copy::launch_unchecked::<E, R>(
+        strided_copy::launch_unchecked::<T, R>(
             client,
             count,
             dim,

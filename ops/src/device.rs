@@ -60,3 +60,10 @@ pub fn grid_1d<R: Runtime>(client: &ComputeClient<R>, units: usize) -> (CubeCoun
     let cubes = units.div_ceil(dim.num_elems() as usize) as u32;
     (CubeCountSelection::new(client, cubes).cube_count(), dim)
 }
+
+/// The largest single buffer the device allocates, in bytes (wgpu: the storage-buffer binding
+/// limit, 128 MiB on many Vulkan drivers). Callers that size buffers from the problem (the
+/// model's sequence chunks) stay under it.
+pub fn max_buffer_bytes<R: Runtime>(client: &ComputeClient<R>) -> usize {
+    usize::try_from(client.properties().memory.max_page_size).unwrap_or(usize::MAX)
+}

@@ -23,7 +23,7 @@ pub mod tensor;
 
 pub use attention::AttentionKernel;
 pub use cubecl;
-pub use device::{ensure_dtype, try_client};
+pub use device::{ensure_dtype, max_buffer_bytes, try_client};
 pub use element::FloatElement;
 pub use error::OpError;
 pub use gemm::{Epilogue, GemmProblem};

@@ -62,18 +62,6 @@ impl<R: Runtime, E: FloatElement> Tensor<R, E> {
         Self::from_slice(client, &data, shape).expect("length matches shape by construction")
     }
 
-    /// A tensor of `shape` whose contents are unspecified until a kernel writes them.
-    pub fn empty(client: &ComputeClient<R>, shape: &[usize]) -> Self {
-        let n: usize = shape.iter().product();
-        let handle = client.empty(n.max(1) * std::mem::size_of::<E>());
-        Tensor {
-            client: client.clone(),
-            handle,
-            shape: shape.to_vec(),
-            _elem: PhantomData,
-        }
-    }
-
     /// Reads the tensor back to the host (waits for pending work).
     pub fn to_vec(&self) -> Result<Vec<E>, OpError> {
         Ok(E::from_bytes(&self.read_bytes()?)[..self.len()].to_vec())
@@ -106,6 +94,18 @@ impl<R: Runtime> Tensor<R, u32> {
 }
 
 impl<R: Runtime, E> Tensor<R, E> {
+    /// A tensor of `shape` whose contents are unspecified until a kernel writes them.
+    pub fn empty(client: &ComputeClient<R>, shape: &[usize]) -> Self {
+        let n: usize = shape.iter().product();
+        let handle = client.empty(n.max(1) * std::mem::size_of::<E>());
+        Tensor {
+            client: client.clone(),
+            handle,
+            shape: shape.to_vec(),
+            _elem: PhantomData,
+        }
+    }
+
     /// Uploads `bytes`, `len` elements of E laid out row-major, as a tensor of `shape`.
     fn upload(
         client: &ComputeClient<R>,

@@ -10,6 +10,8 @@
 //! drawn from the same distribution as the case's (the case's own inputs first). NaN or
 //! infinity where the reference is finite always fails.
 
+pub mod naive_model;
+
 use cubecl::prelude::*;
 use megabyte_ops::{try_client, FloatElement};
 use rand::{Rng, SeedableRng};

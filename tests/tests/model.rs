@@ -2,38 +2,16 @@
 //! random configs and inputs, cached decoding's per-step logits against the reference's full
 //! forward on the same prefix, greedy generation against the reference generator, and errors.
 //!
-//! Tolerance: the rule of `megabyte-tests` needs the error of a naive implementation in the
-//! kernels' precision. For a whole model that is estimated by the reference itself run on
-//! weights each moved by one f32 ulp in a random direction: one f32 roundoff per parameter,
-//! propagated through every layer exactly as the model propagates its own roundoff.
+//! Tolerance: the rule of `megabyte-tests`, with `megabyte_tests::naive_model` (the whole
+//! forward naively in f32) as the same-precision naive implementation.
 
 use megabyte::{Decoder, GenerateOptions, Generator, Model};
 use megabyte_reference::{generate_batch, Activation, Config, Sampling, Weights};
-use megabyte_tests::{check, uniform_ids, with_client, TestRuntime};
+use megabyte_tests::{check, naive_model, uniform_ids, with_client, TestRuntime};
 use proptest::prelude::*;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 
 /// Fewest positions (each a row of V logits) on which the naive error is measured.
 const NAIVE_POSITIONS: usize = 64;
-
-/// The weights with every element moved one ulp up or down at random.
-fn perturbed(w: &Weights, seed: u64) -> Weights {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut p = w.clone();
-    for t in p.tensors_mut() {
-        for x in t.iter_mut() {
-            let bits = x.to_bits();
-            let up = (*x >= 0.0) == rng.gen::<bool>();
-            *x = f32::from_bits(if up {
-                bits + 1
-            } else {
-                bits.saturating_sub(1).max(1)
-            });
-        }
-    }
-    p
-}
 
 fn to_f64(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| x as f64).collect()
@@ -49,8 +27,7 @@ fn forward_case(cfg: &Config, b: usize, t: usize, seed: u64) {
     let all_ids = uniform_ids(seed ^ 0x51, b_all * t, cfg.vocab);
     let ids = all_ids[..b * t].to_vec();
     let reference = megabyte_reference::forward(cfg, &w, &all_ids, b_all, t).unwrap();
-    let naive =
-        megabyte_reference::forward(cfg, &perturbed(&w, seed ^ 7), &all_ids, b_all, t).unwrap();
+    let naive = naive_model::forward(cfg, &w, &all_ids, b_all, t);
     with_client!(TestRuntime, |client| {
         let model = Model::<TestRuntime, f32>::new(&client, cfg, &w).unwrap();
         let logits = model.forward(&ids, b).unwrap();
@@ -88,7 +65,7 @@ fn decode_case(cfg: &Config, b: usize, prompt: usize, seed: u64) {
     let w = Weights::random(cfg, seed);
     let ids = uniform_ids(seed ^ 0x52, b * t, 256);
     let reference = megabyte_reference::forward(cfg, &w, &ids, b, t).unwrap();
-    let naive = megabyte_reference::forward(cfg, &perturbed(&w, seed ^ 9), &ids, b, t).unwrap();
+    let naive = naive_model::forward(cfg, &w, &ids, b, t);
     // Rows (B, V) of position `pos`, followed by every position's logits: the naive error is
     // measured over the whole sequence, not over one step's few rows.
     let at = |all: &[f32], pos: usize| -> Vec<f64> {
@@ -160,6 +137,41 @@ fn config(
 fn tiny_preset_forward() {
     forward_case(&Config::tiny(), 2, 64, 1);
     forward_case(&Config::tiny(), 3, 12, 2);
+}
+
+/// A buffer cap that splits the local phase into chunks of patches (3 and 4 of 10, each with a
+/// last chunk shorter than the others) must not change the logits or the losses.
+#[test]
+fn chunked_local_phase_matches() {
+    let cfg = Config::tiny();
+    let (b, t) = (2, 40);
+    let w = Weights::random(&cfg, 41);
+    let ids = uniform_ids(42, b * t, 256);
+    with_client!(TestRuntime, |client| {
+        let mut model = Model::<TestRuntime, f32>::new(&client, &cfg, &w).unwrap();
+        let (logits, losses) = (
+            model.forward(&ids, b).unwrap(),
+            model.losses(&ids, b).unwrap(),
+        );
+        // Widest local buffer per patch: B·P·max(4·D_L, V)·4 bytes = 2·4·256·4.
+        for patches in [3, 4] {
+            model.set_max_buffer_bytes(patches * 2 * 4 * 256 * 4);
+            assert_eq!(
+                model.forward(&ids, b).unwrap(),
+                logits,
+                "{patches} patches per chunk"
+            );
+            assert_eq!(
+                model.losses(&ids, b).unwrap(),
+                losses,
+                "{patches} patches per chunk"
+            );
+        }
+        // Too small for one patch: an error naming the sizes, not a device panic.
+        model.set_max_buffer_bytes(1000);
+        let err = model.forward(&ids, b).unwrap_err().to_string();
+        assert!(err.contains("allocates at most 1000"), "{err}");
+    });
 }
 
 #[test]
@@ -305,4 +317,88 @@ proptest! {
         let cfg = config(p, dg, dl, (lg, ll), (heads_g, 2), variant);
         forward_case(&cfg, b, k * p, seed);
     }
+}
+
+/// The paper's "million-byte sequences": one forward over 1 MiB (1,048,576 bytes) with P = 64,
+/// so the global model attends over 16,384 patches and the local model runs 16,384 sequences of
+/// 64 bytes. Causality gives an exact check without running the reference on a megabyte: the
+/// first 4,096 positions' losses must equal those of the reference over those 4,096 bytes
+/// alone. Every loss must be finite. Slow on lavapipe; run with
+/// `cargo test --release -p megabyte-tests --test model -- --ignored million --nocapture`.
+#[test]
+#[ignore]
+fn million_byte_forward() {
+    let t = 1 << 20;
+    let cfg = Config {
+        vocab: 256,
+        patch: 64,
+        context: t,
+        d_global: 8,
+        d_local: 64,
+        layers_global: 2,
+        layers_local: 2,
+        heads_global: 8,
+        heads_local: 1,
+        ffn_mult: 4,
+        activation: Activation::Gelu,
+        tied_head: true,
+        local_positions: true,
+    };
+    let w = Weights::random(&cfg, 31);
+    // Text-like bytes: a seeded walk over printable ASCII.
+    let ids = uniform_ids(32, t, 95)
+        .iter()
+        .map(|&x| x + 32)
+        .collect::<Vec<u32>>();
+    let head = 4096;
+    let small = Config {
+        context: head,
+        ..cfg.clone()
+    };
+    let mut w_small = w.clone();
+    w_small.global_pos.truncate(head * cfg.d_global);
+    let head_losses = |w: &Weights| {
+        let logits = megabyte_reference::forward(&small, w, &ids[..head], 1, head).unwrap();
+        let (mut loss, mut lse) = (vec![0f64; head], vec![0f64; head]);
+        megabyte_reference::cross_entropy::cross_entropy(
+            &mut loss,
+            &mut lse,
+            &logits,
+            &ids[..head],
+            head,
+            256,
+        );
+        loss
+    };
+    let ref_loss = head_losses(&w_small);
+    let naive_loss: Vec<f64> = naive_model::cross_entropy(
+        &naive_model::forward(&small, &w_small, &ids[..head], 1, head),
+        &ids[..head],
+        256,
+    )
+    .iter()
+    .map(|&l| l as f64)
+    .collect();
+    with_client!(TestRuntime, |client| {
+        let model = Model::<TestRuntime, f32>::new(&client, &cfg, &w).unwrap();
+        let start = std::time::Instant::now();
+        let losses = model.losses(&ids, 1).unwrap();
+        let secs = start.elapsed().as_secs_f64();
+        assert_eq!(losses.len(), t);
+        assert!(losses.iter().all(|l| l.is_finite()), "a non-finite loss");
+        let bits =
+            losses.iter().map(|&l| l as f64).sum::<f64>() / t as f64 / std::f64::consts::LN_2;
+        let errs = check::<f32>(
+            "million_byte_forward",
+            "first losses",
+            &to_f64(&losses[..head]),
+            &naive_loss,
+            &ref_loss,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        println!(
+            "1 MiB forward: {secs:.1} s, {bits:.4} bits per byte; first {head} losses within {:.2e} of the reference (allowed {:.2e})",
+            errs.kernel, errs.allowed
+        );
+    });
 }

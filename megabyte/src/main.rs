@@ -1,0 +1,539 @@
+//! `megabyte`: generate with, evaluate and describe MEGABYTE byte-level models.
+//!
+//! ```text
+//! megabyte generate --checkpoint model.safetensors "fn main() {"
+//! echo "prompt" | megabyte generate --checkpoint model.safetensors --max-new 200
+//! megabyte eval --checkpoint model.safetensors some_file.txt
+//! megabyte info --preset paper-text --context 8192
+//! ```
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use megabyte::checkpoint;
+use megabyte::eval::{evaluate, Evaluation};
+use megabyte::info::{flops_per_byte, memory, parameters};
+use megabyte::ops::cubecl::prelude::*;
+use megabyte::ops::{try_client, FloatElement};
+use megabyte::reference::cross_entropy::cross_entropy;
+use megabyte::{Config, Error, GenerateOptions, Generator, Model, Sampling, Weights, PRESET_NAMES};
+
+#[derive(Parser)]
+#[command(
+    name = "megabyte",
+    version,
+    about = "MEGABYTE byte-level language models: generate, evaluate, inspect"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum DeviceArg {
+    /// CUDA if built in and a GPU answers, else wgpu if a Vulkan/Metal/DX12 adapter answers, else cpu.
+    Auto,
+    Wgpu,
+    Cuda,
+    /// The pure-Rust reference implementation: no GPU or driver needed (no KV cache; slow).
+    Cpu,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum DtypeArg {
+    F32,
+    F16,
+}
+
+#[derive(clap::Args)]
+struct ModelArgs {
+    /// A checkpoint written by `megabyte train` or `megabyte::checkpoint::save`.
+    #[arg(long, conflicts_with = "preset")]
+    checkpoint: Option<PathBuf>,
+    /// Untrained weights for a built-in configuration (for speed and plumbing checks).
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(PRESET_NAMES))]
+    preset: Option<String>,
+    /// Seed of the untrained weights of `--preset`.
+    #[arg(long, default_value_t = 0)]
+    init_seed: u64,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
+    /// Element type of the weights and activations on the device (f32 accumulation either way).
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    dtype: DtypeArg,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Continue a prompt (from the argument, or stdin when absent or `-`), streamed to stdout.
+    Generate {
+        prompt: Option<String>,
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Most new bytes.
+        #[arg(long, default_value_t = 256)]
+        max_new: usize,
+        /// 0 is greedy decoding.
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f32,
+        /// Keep only the k most likely bytes (0: off).
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        /// Nucleus sampling: the smallest set of bytes reaching this probability (1: off).
+        #[arg(long, default_value_t = 0.95)]
+        top_p: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Stop after this text appears (repeatable; `\n` is a newline).
+        #[arg(long)]
+        stop: Vec<String>,
+        /// Independent samples of the prompt, decoded as one batch (seeds seed, seed + 1, ...).
+        #[arg(long, default_value_t = 1)]
+        samples: usize,
+    },
+    /// Bits per byte of a file (or stdin with `-`).
+    Eval {
+        file: PathBuf,
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Context windows per forward pass.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Evaluate at most this many bytes of the file.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Parameters, FLOPs per byte and a memory estimate of a configuration.
+    Info {
+        #[arg(long, conflicts_with = "preset")]
+        checkpoint: Option<PathBuf>,
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(PRESET_NAMES))]
+        preset: Option<String>,
+        /// Context length for the FLOP and memory figures (default: the config's).
+        #[arg(long)]
+        context: Option<usize>,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate {
+            prompt,
+            model,
+            max_new,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            stop,
+            samples,
+        } => {
+            let sampling = Sampling {
+                temperature,
+                top_k,
+                top_p,
+                seed,
+            };
+            let stop = stop
+                .iter()
+                .map(|s| s.replace("\\n", "\n").into_bytes())
+                .collect();
+            let opts = GenerateOptions {
+                max_new,
+                sampling,
+                stop,
+            };
+            read_prompt(prompt).and_then(|p| generate(&model, &p, opts, samples.max(1)))
+        }
+        Command::Eval {
+            file,
+            model,
+            batch,
+            limit,
+        } => eval(&model, &file, batch, limit),
+        Command::Info {
+            checkpoint,
+            preset,
+            context,
+        } => info(checkpoint, preset, context),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn read_prompt(arg: Option<String>) -> Result<Vec<u8>, Error> {
+    match arg.as_deref() {
+        Some("-") | None => {
+            let mut buf = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .map_err(|source| Error::Io {
+                    path: "stdin".into(),
+                    source,
+                })?;
+            Ok(buf)
+        }
+        Some(p) => Ok(p.as_bytes().to_vec()),
+    }
+}
+
+/// The config and weights named by the arguments.
+fn load(
+    checkpoint: Option<&PathBuf>,
+    preset: Option<&str>,
+    seed: u64,
+) -> Result<(Config, Weights), Error> {
+    match (checkpoint, preset) {
+        (Some(path), _) => {
+            let ckpt = checkpoint::load(path)?;
+            Ok((ckpt.config, ckpt.weights))
+        }
+        (None, Some(name)) => {
+            let cfg = Config::preset(name).expect("clap checked the preset name");
+            eprintln!("note: preset `{name}` with untrained weights (seed {seed})");
+            let w = Weights::init(&cfg, seed);
+            Ok((cfg, w))
+        }
+        (None, None) => Err(Error::Checkpoint {
+            path: "(none)".into(),
+            reason: "give --checkpoint FILE or --preset NAME".into(),
+        }),
+    }
+}
+
+/// The backend a command runs on, resolved from `--device`.
+enum Backend {
+    Cpu,
+    #[cfg(feature = "wgpu")]
+    Wgpu(ComputeClient<megabyte::ops::cubecl::wgpu::WgpuRuntime>),
+    #[cfg(feature = "cuda")]
+    Cuda(ComputeClient<megabyte::ops::cubecl::cuda::CudaRuntime>),
+}
+
+fn not_built(name: &str) -> Error {
+    Error::Op(megabyte::ops::OpError::NoDevice {
+        runtime: "megabyte",
+        reason: format!("this build has no `{name}` backend; rebuild with `--features {name}`"),
+    })
+}
+
+fn backend(arg: DeviceArg) -> Result<Backend, Error> {
+    let chosen = match arg {
+        DeviceArg::Cpu => Backend::Cpu,
+        DeviceArg::Cuda => {
+            #[cfg(feature = "cuda")]
+            {
+                Backend::Cuda(try_client(&Default::default())?)
+            }
+            #[cfg(not(feature = "cuda"))]
+            return Err(not_built("cuda"));
+        }
+        DeviceArg::Wgpu => {
+            #[cfg(feature = "wgpu")]
+            {
+                Backend::Wgpu(try_client(&Default::default())?)
+            }
+            #[cfg(not(feature = "wgpu"))]
+            return Err(not_built("wgpu"));
+        }
+        DeviceArg::Auto => auto_backend(),
+    };
+    let name = match &chosen {
+        Backend::Cpu => "cpu (pure-Rust reference)".to_string(),
+        #[cfg(feature = "wgpu")]
+        Backend::Wgpu(c) => format!("wgpu ({})", adapter_name(c)),
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(_) => "cuda".to_string(),
+    };
+    eprintln!("device: {name}");
+    Ok(chosen)
+}
+
+#[cfg(feature = "wgpu")]
+fn adapter_name<R: Runtime>(client: &ComputeClient<R>) -> String {
+    let hw = &client.properties().hardware;
+    format!(
+        "{} units per cube, {} KiB shared memory",
+        hw.max_units_per_cube,
+        hw.max_shared_memory_size / 1024
+    )
+}
+
+/// Quietly tries the runtimes from fastest to slowest; the runtimes print their own panic
+/// message when no adapter answers, which the hook silences here.
+fn auto_backend() -> Backend {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let mut found = None;
+    #[cfg(feature = "cuda")]
+    if found.is_none() {
+        found = try_client(&Default::default()).ok().map(Backend::Cuda);
+    }
+    #[cfg(feature = "wgpu")]
+    if found.is_none() {
+        found = try_client(&Default::default()).ok().map(Backend::Wgpu);
+    }
+    std::panic::set_hook(hook);
+    found.unwrap_or(Backend::Cpu)
+}
+
+fn generate(
+    args: &ModelArgs,
+    prompt: &[u8],
+    opts: GenerateOptions,
+    samples: usize,
+) -> Result<(), Error> {
+    let (cfg, w) = load(
+        args.checkpoint.as_ref(),
+        args.preset.as_deref(),
+        args.init_seed,
+    )?;
+    let prompts: Vec<&[u8]> = vec![prompt; samples];
+    let start = Instant::now();
+    let stdout = std::io::stdout();
+    let stream = samples == 1;
+    let mut emit = |_: usize, byte: u8| {
+        if stream {
+            let mut out = stdout.lock();
+            // A closed pipe (`| head`) ends the output; generation itself is not an error.
+            let _ = out.write_all(&[byte]).and_then(|_| out.flush());
+        }
+    };
+    let outputs = match backend(args.device)? {
+        Backend::Cpu => {
+            opts.sampling.validate()?;
+            let mut outs = Vec::new();
+            for (i, p) in prompts.iter().enumerate() {
+                let s = Sampling {
+                    seed: opts.sampling.seed.wrapping_add(i as u64),
+                    ..opts.sampling.clone()
+                };
+                let out = megabyte::reference::generate(&cfg, &w, p, opts.max_new, &s)?;
+                // The reference generator has no stop sequences; cut at the first one here.
+                let cut = first_stop(&out, &opts.stop);
+                out[..cut].iter().for_each(|&b| emit(i, b));
+                outs.push(out[..cut].to_vec());
+            }
+            outs
+        }
+        #[cfg(feature = "wgpu")]
+        Backend::Wgpu(c) => device_generate(&c, args.dtype, &cfg, &w, &prompts, opts, &mut emit)?,
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(c) => device_generate(&c, args.dtype, &cfg, &w, &prompts, opts, &mut emit)?,
+    };
+    let elapsed = start.elapsed().as_secs_f64();
+    let n: usize = outputs.iter().map(Vec::len).sum();
+    if !stream {
+        let mut out = stdout.lock();
+        for (i, o) in outputs.iter().enumerate() {
+            let _ = writeln!(out, "--- sample {i} ---");
+            let _ = out.write_all(o);
+            let _ = writeln!(out);
+        }
+    } else if std::io::stdout().is_terminal() {
+        println!();
+    }
+    eprintln!(
+        "{n} bytes in {elapsed:.2} s ({:.1} bytes/s)",
+        n as f64 / elapsed.max(1e-9)
+    );
+    Ok(())
+}
+
+/// Length of `out` up to and including the first stop sequence.
+fn first_stop(out: &[u8], stop: &[Vec<u8>]) -> usize {
+    (1..=out.len())
+        .find(|&n| stop.iter().any(|s| !s.is_empty() && out[..n].ends_with(s)))
+        .unwrap_or(out.len())
+}
+
+fn device_generate<R: Runtime>(
+    client: &ComputeClient<R>,
+    dtype: DtypeArg,
+    cfg: &Config,
+    w: &Weights,
+    prompts: &[&[u8]],
+    opts: GenerateOptions,
+    emit: &mut impl FnMut(usize, u8),
+) -> Result<Vec<Vec<u8>>, Error> {
+    fn run<R: Runtime, E: FloatElement>(
+        client: &ComputeClient<R>,
+        cfg: &Config,
+        w: &Weights,
+        prompts: &[&[u8]],
+        opts: GenerateOptions,
+        emit: &mut impl FnMut(usize, u8),
+    ) -> Result<Vec<Vec<u8>>, Error> {
+        let model = Model::<R, E>::new(client, cfg, w)?;
+        Generator::new(&model, opts)?.generate(prompts, emit)
+    }
+    match dtype {
+        DtypeArg::F32 => run::<R, f32>(client, cfg, w, prompts, opts, emit),
+        DtypeArg::F16 => run::<R, half::f16>(client, cfg, w, prompts, opts, emit),
+    }
+}
+
+fn eval(args: &ModelArgs, file: &PathBuf, batch: usize, limit: Option<usize>) -> Result<(), Error> {
+    let (cfg, w) = load(
+        args.checkpoint.as_ref(),
+        args.preset.as_deref(),
+        args.init_seed,
+    )?;
+    let mut data = if file.as_os_str() == "-" {
+        read_prompt(None)?
+    } else {
+        std::fs::read(file).map_err(|source| Error::Io {
+            path: file.display().to_string(),
+            source,
+        })?
+    };
+    if let Some(n) = limit {
+        data.truncate(n);
+    }
+    if data.is_empty() {
+        return Err(megabyte::reference::Error::EmptySequence { seq: 0 }.into());
+    }
+    let bar = ProgressBar::new(data.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template"),
+    );
+    let start = Instant::now();
+    let progress = |done: usize| bar.set_position(done as u64);
+    let result = match backend(args.device)? {
+        Backend::Cpu => evaluate(
+            &data,
+            cfg.context,
+            cfg.patch,
+            batch,
+            |ids, b, t| {
+                let logits = megabyte::reference::forward(&cfg, &w, ids, b, t)?;
+                let n = b * t;
+                let (mut losses, mut lse) = (vec![0f64; n], vec![0f64; n]);
+                cross_entropy(&mut losses, &mut lse, &logits, ids, n, cfg.vocab);
+                Ok(losses.into_iter().map(|l| l as f32).collect())
+            },
+            progress,
+        )?,
+        #[cfg(feature = "wgpu")]
+        Backend::Wgpu(c) => device_eval(&c, args.dtype, &cfg, &w, &data, batch, progress)?,
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(c) => device_eval(&c, args.dtype, &cfg, &w, &data, batch, progress)?,
+    };
+    bar.finish_and_clear();
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "{:.4} bits per byte over {} bytes ({:.0} bytes/s)",
+        result.bits_per_byte(),
+        result.bytes,
+        result.bytes as f64 / secs.max(1e-9)
+    );
+    Ok(())
+}
+
+fn device_eval<R: Runtime>(
+    client: &ComputeClient<R>,
+    dtype: DtypeArg,
+    cfg: &Config,
+    w: &Weights,
+    data: &[u8],
+    batch: usize,
+    progress: impl FnMut(usize),
+) -> Result<Evaluation, Error> {
+    fn run<R: Runtime, E: FloatElement>(
+        client: &ComputeClient<R>,
+        cfg: &Config,
+        w: &Weights,
+        data: &[u8],
+        batch: usize,
+        progress: impl FnMut(usize),
+    ) -> Result<Evaluation, Error> {
+        let model = Model::<R, E>::new(client, cfg, w)?;
+        evaluate(
+            data,
+            cfg.context,
+            cfg.patch,
+            batch,
+            |ids, b, _| model.losses(ids, b),
+            progress,
+        )
+    }
+    match dtype {
+        DtypeArg::F32 => run::<R, f32>(client, cfg, w, data, batch, progress),
+        DtypeArg::F16 => run::<R, half::f16>(client, cfg, w, data, batch, progress),
+    }
+}
+
+fn info(
+    checkpoint: Option<PathBuf>,
+    preset: Option<String>,
+    context: Option<usize>,
+) -> Result<(), Error> {
+    let cfg = match (&checkpoint, preset.as_deref()) {
+        (Some(path), _) => checkpoint::load(path)?.config,
+        (None, Some(name)) => Config::preset(name).expect("clap checked the preset name"),
+        (None, None) => Config::tiny(),
+    };
+    let t = context.unwrap_or(cfg.context);
+    if t == 0 || t % cfg.patch != 0 {
+        return Err(megabyte::reference::Error::SequenceNotPatchMultiple {
+            seq: t,
+            patch: cfg.patch,
+        }
+        .into());
+    }
+    let c = Config {
+        context: t,
+        ..cfg.clone()
+    };
+    let p = parameters(&c);
+    let f = flops_per_byte(&c, t);
+    let m32 = memory(&c, t, 4);
+    let m16 = memory(&c, t, 2);
+    let mib = |b: usize| b as f64 / (1u64 << 20) as f64;
+    println!(
+        "config: V={} P={} T={} D_G={} (global width {}) D_L={} L_G={} L_L={} heads {}/{} ffn x{} {} {} head{}",
+        c.vocab,
+        c.patch,
+        c.context,
+        c.d_global,
+        c.global_width(),
+        c.d_local,
+        c.layers_global,
+        c.layers_local,
+        c.heads_global,
+        c.heads_local,
+        c.ffn_mult,
+        c.activation,
+        if c.tied_head { "tied" } else { "untied" },
+        if c.local_positions { ", local positions" } else { "" },
+    );
+    println!(
+        "parameters: {} total = {} global blocks + {} local blocks + {} embeddings/pads/head",
+        p.total, p.global_blocks, p.local_blocks, p.embeddings
+    );
+    println!(
+        "forward FLOPs per byte at T={t}: global {:.3e} + local {:.3e} = {:.3e}",
+        f.global,
+        f.local,
+        f.total()
+    );
+    println!(
+        "memory at T={t}, batch 1 (f32 / f16): weights {:.1} / {:.1} MiB, forward activations {:.1} / {:.1} MiB, generation KV caches {:.1} / {:.1} MiB",
+        mib(m32.weights),
+        mib(m16.weights),
+        mib(m32.forward),
+        mib(m16.forward),
+        mib(m32.kv_cache),
+        mib(m16.kv_cache)
+    );
+    Ok(())
+}

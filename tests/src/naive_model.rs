@@ -1,0 +1,162 @@
+//! The whole MEGABYTE forward computed naively in f32: every sum accumulated in f32 in index
+//! order, attention through a materialised score matrix and a two-pass softmax. It is the
+//! "same-precision naive implementation" of the tolerance rule for model-level tests: the
+//! device model must be within twice its error against the reference (f64 accumulation).
+
+use megabyte_reference::activation::activation_scalar;
+use megabyte_reference::config::LN_EPS;
+use megabyte_reference::patch_embed::global_input;
+use megabyte_reference::weights::Block;
+use megabyte_reference::{Config, Weights};
+
+/// out (N, OC) = inp (N, C) · w (C, OC) + bias, f32 accumulation.
+fn linear(inp: &[f32], w: &[f32], bias: Option<&[f32]>, n: usize, c: usize, oc: usize) -> Vec<f32> {
+    let mut out = vec![0f32; n * oc];
+    for r in 0..n {
+        for o in 0..oc {
+            let mut acc = 0f32;
+            for i in 0..c {
+                acc += inp[r * c + i] * w[i * oc + o];
+            }
+            out[r * oc + o] = acc + bias.map_or(0.0, |b| b[o]);
+        }
+    }
+    out
+}
+
+/// LayerNorm over rows of width C, f32 statistics.
+fn layer_norm(x: &[f32], w: &[f32], b: &[f32], n: usize, c: usize) -> Vec<f32> {
+    let mut out = vec![0f32; n * c];
+    for r in 0..n {
+        let row = &x[r * c..][..c];
+        let mean = row.iter().sum::<f32>() / c as f32;
+        let var = row.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / c as f32;
+        let rstd = 1.0 / (var + LN_EPS as f32).sqrt();
+        for i in 0..c {
+            out[r * c + i] = (row[i] - mean) * rstd * w[i] + b[i];
+        }
+    }
+    out
+}
+
+/// Causal attention over (B, T, NH, HS) slices of a fused (B·T, 3C) projection.
+fn attention(qkv: &[f32], b: usize, t: usize, nh: usize, hs: usize) -> Vec<f32> {
+    let c = nh * hs;
+    let scale = 1.0 / (hs as f32).sqrt();
+    let mut out = vec![0f32; b * t * c];
+    let mut s = vec![0f32; t];
+    for bi in 0..b {
+        for h in 0..nh {
+            for i in 0..t {
+                let q = &qkv[(bi * t + i) * 3 * c + h * hs..][..hs];
+                for j in 0..=i {
+                    let k = &qkv[(bi * t + j) * 3 * c + c + h * hs..][..hs];
+                    let mut dot = 0f32;
+                    for d in 0..hs {
+                        dot += q[d] * k[d];
+                    }
+                    s[j] = dot * scale;
+                }
+                let m = s[..=i].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for v in s[..=i].iter_mut() {
+                    *v = (*v - m).exp();
+                    sum += *v;
+                }
+                for d in 0..hs {
+                    let mut acc = 0f32;
+                    for j in 0..=i {
+                        acc += s[j] / sum * qkv[(bi * t + j) * 3 * c + 2 * c + h * hs + d];
+                    }
+                    out[(bi * t + i) * c + h * hs + d] = acc;
+                }
+            }
+        }
+    }
+    out
+}
+
+fn block(h: &mut [f32], w: &Block, cfg: &Config, b: usize, t: usize, c: usize, nh: usize) {
+    let n = b * t;
+    let x = layer_norm(h, &w.ln1.weight, &w.ln1.bias, n, c);
+    let qkv = linear(&x, &w.qkv.weight, Some(&w.qkv.bias), n, c, 3 * c);
+    let y = attention(&qkv, b, t, nh, c / nh);
+    let a = linear(&y, &w.proj.weight, Some(&w.proj.bias), n, c, c);
+    h.iter_mut().zip(&a).for_each(|(h, a)| *h += a);
+    let x = layer_norm(h, &w.ln2.weight, &w.ln2.bias, n, c);
+    let hidden = w.fc1.bias.len();
+    let mut u = linear(&x, &w.fc1.weight, Some(&w.fc1.bias), n, c, hidden);
+    u.iter_mut()
+        .for_each(|v| *v = activation_scalar(cfg.activation, *v as f64) as f32);
+    let a = linear(&u, &w.fc2.weight, Some(&w.fc2.bias), n, hidden, c);
+    h.iter_mut().zip(&a).for_each(|(h, a)| *h += a);
+}
+
+/// Logits (B, T, V) for ids (B, T).
+pub fn forward(cfg: &Config, w: &Weights, x: &[u32], b: usize, t: usize) -> Vec<f32> {
+    let (p, dg, dl, v) = (cfg.patch, cfg.d_global, cfg.d_local, cfg.vocab);
+    let (k, c) = (t / p, cfg.global_width());
+    let mut h = vec![0f32; b * k * c];
+    global_input(
+        &mut h,
+        x,
+        &w.global_embed,
+        &w.global_pos,
+        &w.global_pad,
+        b,
+        t,
+        p,
+        dg,
+    );
+    for blk in &w.global_blocks {
+        block(&mut h, blk, cfg, b, k, c, cfg.heads_global);
+    }
+    let g = layer_norm(&h, &w.global_ln_f.weight, &w.global_ln_f.bias, b * k, c);
+    // (B·T, D_G) rows of g through W_GL, plus the previous byte's embedding and the position.
+    let mut l = linear(&g, &w.global_to_local, None, b * t, dg, dl);
+    for r in 0..b * t {
+        let pi = r % p;
+        for o in 0..dl {
+            let prev = if pi == 0 {
+                w.local_pad[o]
+            } else {
+                w.local_embed[x[r - 1] as usize * dl + o]
+            };
+            let pos = w.local_pos.as_ref().map_or(0.0, |e| e[pi * dl + o]);
+            l[r * dl + o] += prev + pos;
+        }
+    }
+    for blk in &w.local_blocks {
+        block(&mut l, blk, cfg, b * k, p, dl, cfg.heads_local);
+    }
+    let out = layer_norm(&l, &w.local_ln_f.weight, &w.local_ln_f.bias, b * t, dl);
+    let mut logits = vec![0f32; b * t * v];
+    for r in 0..b * t {
+        for id in 0..v {
+            let mut acc = 0f32;
+            for d in 0..dl {
+                let e = match &w.head {
+                    Some(head) => head[d * v + id],
+                    None => w.local_embed[id * dl + d],
+                };
+                acc += out[r * dl + d] * e;
+            }
+            logits[r * v + id] = acc;
+        }
+    }
+    logits
+}
+
+/// Per-position cross-entropy in nats of logits (N, V) against targets (N), in f32.
+pub fn cross_entropy(logits: &[f32], targets: &[u32], v: usize) -> Vec<f32> {
+    targets
+        .iter()
+        .enumerate()
+        .map(|(r, &id)| {
+            let row = &logits[r * v..][..v];
+            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = row.iter().map(|&z| (z - m).exp()).sum();
+            m + sum.ln() - row[id as usize]
+        })
+        .collect()
+}
