@@ -20,6 +20,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("the prompt is empty: give it as an argument or on stdin")]
+    EmptyPrompt,
     #[error("the context of {context} bytes is full: no position is left to predict")]
     ContextFull { context: usize },
     #[error("weights do not match the config: tensor `{name}` has {got} elements, the config needs {expected}")]

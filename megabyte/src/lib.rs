@@ -6,6 +6,22 @@
 //! live in `megabyte-reference` and are re-exported here; [`Model`] runs the forward pass on a
 //! device through the launchers of `megabyte-ops`, [`Generator`] samples with KV caches, and
 //! [`checkpoint`] reads and writes safetensors files.
+//!
+//! ```no_run
+//! use megabyte::ops::cubecl::wgpu::{WgpuDevice, WgpuRuntime};
+//! use megabyte::{checkpoint, GenerateOptions, Generator, Model, Sampling};
+//!
+//! fn main() -> Result<(), megabyte::Error> {
+//!     let client = megabyte::ops::try_client::<WgpuRuntime>(&WgpuDevice::default())?;
+//!     let ckpt = checkpoint::load("model.safetensors")?;
+//!     let model = Model::<WgpuRuntime>::new(&client, &ckpt.config, &ckpt.weights)?;
+//!     let sampling = Sampling { temperature: 0.8, top_k: 0, top_p: 0.95, seed: 1 };
+//!     let opts = GenerateOptions { max_new: 200, sampling, stop: vec![b"\n\n".to_vec()] };
+//!     let gen = Generator::new(&model, opts)?;
+//!     gen.generate(&[b"fn main() {"], |_, byte| print!("{}", byte as char))?;
+//!     Ok(())
+//! }
+//! ```
 
 pub mod checkpoint;
 pub mod error;

@@ -73,9 +73,9 @@ enum Command {
         prompt: Option<String>,
         #[command(flatten)]
         model: ModelArgs,
-        /// Most new bytes.
-        #[arg(long, default_value_t = 256)]
-        max_new: usize,
+        /// Most new bytes (default: up to 256, as many as the context leaves after the prompt).
+        #[arg(long)]
+        max_new: Option<usize>,
         /// 0 is greedy decoding.
         #[arg(long, default_value_t = 0.8)]
         temperature: f32,
@@ -143,11 +143,12 @@ fn main() {
                 .map(|s| s.replace("\\n", "\n").into_bytes())
                 .collect();
             let opts = GenerateOptions {
-                max_new,
+                max_new: max_new.unwrap_or(0),
                 sampling,
                 stop,
             };
-            read_prompt(prompt).and_then(|p| generate(&model, &p, opts, samples.max(1)))
+            read_prompt(prompt)
+                .and_then(|p| generate(&model, &p, opts, max_new.is_none(), samples.max(1)))
         }
         Command::Eval {
             file,
@@ -286,14 +287,29 @@ fn auto_backend() -> Backend {
 fn generate(
     args: &ModelArgs,
     prompt: &[u8],
-    opts: GenerateOptions,
+    mut opts: GenerateOptions,
+    default_length: bool,
     samples: usize,
 ) -> Result<(), Error> {
+    if prompt.is_empty() {
+        return Err(Error::EmptyPrompt);
+    }
     let (cfg, w) = load(
         args.checkpoint.as_ref(),
         args.preset.as_deref(),
         args.init_seed,
     )?;
+    if prompt.len() >= cfg.context {
+        return Err(megabyte::reference::Error::PromptTooLong {
+            prompt: prompt.len(),
+            new: 1,
+            context: cfg.context,
+        }
+        .into());
+    }
+    if default_length {
+        opts.max_new = 256.min(cfg.context - prompt.len());
+    }
     let prompts: Vec<&[u8]> = vec![prompt; samples];
     let start = Instant::now();
     let stdout = std::io::stdout();

@@ -1,0 +1,244 @@
+//! The `megabyte` program as a user meets it: output of each command, the `cpu` and `wgpu`
+//! devices agreeing, and one-line errors with a non-zero exit for bad input.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use megabyte::checkpoint::{self, StorageDtype};
+use megabyte::{Config, Sampling, Weights};
+
+fn megabyte(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_megabyte"))
+        .args(args)
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        .output()
+        .expect("run the megabyte binary")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// A file in the target dir's temporary area, unique per test.
+fn temp(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    dir.join(name)
+}
+
+/// A tiny checkpoint with seeded random weights.
+fn tiny_checkpoint(name: &str) -> (PathBuf, Config, Weights) {
+    let cfg = Config::tiny();
+    let w = Weights::random(&cfg, 77);
+    let path = temp(name);
+    checkpoint::save(&path, &cfg, &w, StorageDtype::F32).unwrap();
+    (path, cfg, w)
+}
+
+/// Asserts a failed run: exit code 1 and exactly one line on stderr starting with `error:`
+/// and containing `what`, no panic.
+fn assert_one_line_error(out: &Output, what: &str) {
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "stderr: {err}");
+    assert!(lines[0].contains(what), "expected `{what}` in: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn info_reports_the_parameter_count() {
+    let out = megabyte(&["info", "--preset", "small"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let n = Config::small().num_parameters();
+    assert!(
+        text(&out.stdout).contains(&format!("parameters: {n} total")),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+#[test]
+fn cpu_generation_is_the_reference_generator() {
+    let (path, cfg, w) = tiny_checkpoint("cli_gen.safetensors");
+    let p = path.to_str().unwrap();
+    let want = megabyte::reference::generate(&cfg, &w, b"Hello", 20, &Sampling::greedy()).unwrap();
+    let out = megabyte(&[
+        "generate",
+        "--checkpoint",
+        p,
+        "--device",
+        "cpu",
+        "--temperature",
+        "0",
+        "--max-new",
+        "20",
+        "Hello",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(out.stdout, want);
+    assert!(
+        text(&out.stderr).contains("device: cpu"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn wgpu_and_cpu_agree() {
+    let (path, _, _) = tiny_checkpoint("cli_agree.safetensors");
+    let p = path.to_str().unwrap();
+    let data = temp("cli_agree.txt");
+    std::fs::write(
+        &data,
+        "The quick brown fox jumps over the lazy dog. ".repeat(5),
+    )
+    .unwrap();
+    let d = data.to_str().unwrap();
+    let run = |device: &str, args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--checkpoint", p, "--device", device]);
+        megabyte(&all)
+    };
+    let gen = [
+        "generate",
+        "--temperature",
+        "0",
+        "--max-new",
+        "30",
+        "MEGABYTE",
+    ];
+    let cpu = run("cpu", &gen);
+    let gpu = run("wgpu", &gen);
+    if !gpu.status.success() && !in_ci() && text(&gpu.stderr).contains("no compute device") {
+        eprintln!("SKIPPED: no wgpu adapter; install mesa-vulkan-drivers");
+        return;
+    }
+    assert!(gpu.status.success(), "{}", text(&gpu.stderr));
+    assert_eq!(
+        gpu.stdout, cpu.stdout,
+        "greedy bytes differ between wgpu and cpu"
+    );
+    let eval = ["eval", d];
+    let (cpu, gpu) = (run("cpu", &eval), run("wgpu", &eval));
+    assert!(
+        cpu.status.success() && gpu.status.success(),
+        "{}{}",
+        text(&cpu.stderr),
+        text(&gpu.stderr)
+    );
+    let bits = |o: &Output| -> f64 {
+        text(&o.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (a, b) = (bits(&cpu), bits(&gpu));
+    assert!((a - b).abs() < 1e-3, "bits per byte: cpu {a}, wgpu {b}");
+    assert!(
+        text(&gpu.stdout).contains("over 225 bytes"),
+        "{}",
+        text(&gpu.stdout)
+    );
+}
+
+#[test]
+fn bad_input_gets_a_one_line_error() {
+    let (path, cfg, w) = tiny_checkpoint("cli_errors.safetensors");
+    let p = path.to_str().unwrap();
+    // A truncated checkpoint.
+    let bytes = std::fs::read(&path).unwrap();
+    let cut = temp("cli_truncated.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let out = megabyte(&[
+        "generate",
+        "--checkpoint",
+        cut.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "x",
+    ]);
+    assert_one_line_error(&out, "cli_truncated.safetensors");
+    // A checkpoint whose stored config does not match its tensors.
+    let wrong = Config {
+        d_local: 64,
+        heads_local: 1,
+        ..cfg.clone()
+    };
+    let mut meta = checkpoint::config_metadata(&wrong);
+    meta.insert("format".into(), "megabyte-rs".into());
+    let tensors: Vec<_> = cfg
+        .tensor_specs()
+        .into_iter()
+        .zip(w.tensors())
+        .map(|((name, shape), data)| (name, shape, checkpoint::encode(data, StorageDtype::F32)))
+        .collect();
+    let views: Vec<_> = tensors
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let mismatched = temp("cli_mismatched.safetensors");
+    std::fs::write(
+        &mismatched,
+        safetensors::serialize(views, &Some(meta)).unwrap(),
+    )
+    .unwrap();
+    let out = megabyte(&[
+        "generate",
+        "--checkpoint",
+        mismatched.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "x",
+    ]);
+    assert_one_line_error(
+        &out,
+        "tensor `global_to_local.weight` has shape [16, 32], the config needs [16, 64]",
+    );
+    // An empty prompt, an over-long prompt, too many new bytes.
+    let out = megabyte(&["generate", "--checkpoint", p, "--device", "cpu", ""]);
+    assert_one_line_error(&out, "the prompt is empty");
+    let long = "x".repeat(64);
+    let out = megabyte(&["generate", "--checkpoint", p, "--device", "cpu", &long]);
+    assert_one_line_error(
+        &out,
+        "prompt of 64 bytes plus 1 new bytes exceeds the context of 64 bytes",
+    );
+    let out = megabyte(&[
+        "generate",
+        "--checkpoint",
+        p,
+        "--device",
+        "cpu",
+        "--max-new",
+        "100",
+        "abc",
+    ]);
+    assert_one_line_error(
+        &out,
+        "prompt of 3 bytes plus 100 new bytes exceeds the context of 64 bytes",
+    );
+    // A missing file to evaluate, and no model at all.
+    let out = megabyte(&[
+        "eval",
+        "--checkpoint",
+        p,
+        "--device",
+        "cpu",
+        "/nonexistent/file",
+    ]);
+    assert_one_line_error(&out, "/nonexistent/file");
+    let out = megabyte(&["generate", "abc"]);
+    assert_one_line_error(&out, "give --checkpoint FILE or --preset NAME");
+}
