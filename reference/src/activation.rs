@@ -41,6 +41,37 @@ pub fn activation_inplace(act: Activation, x: &mut [f32] /* (N) */) {
     }
 }
 
+/// d act(x) / dx: GELU' = Φ(x) + x·φ(x); ReLU' = 1 for x > 0, else 0.
+pub fn activation_grad_scalar(act: Activation, x: f64) -> f64 {
+    match act {
+        Activation::Gelu => {
+            let cdf = 0.5 * (1.0 + libm::erf(x / std::f64::consts::SQRT_2));
+            let pdf = (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
+            cdf + x * pdf
+        }
+        Activation::Relu => {
+            if x > 0.0 {
+                1.0
+            } else {
+                0.0
+            }
+        }
+    }
+}
+
+/// d_inp[i] = d_out[i] · act'(inp[i]).
+pub fn activation_backward(
+    act: Activation,
+    d_inp: &mut [f32], // (N)
+    inp: &[f32],       // (N) the pre-activation
+    d_out: &[f32],     // (N)
+) {
+    assert_eq!((d_inp.len(), d_out.len()), (inp.len(), inp.len()));
+    for ((d, &x), &g) in d_inp.iter_mut().zip(inp).zip(d_out) {
+        *d = (g as f64 * activation_grad_scalar(act, x as f64)) as f32;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -128,3 +128,64 @@ pub fn attention(
         *o = x as f32;
     }
 }
+
+/// Backward of causal (or full) [`attention`]: with P the probabilities,
+/// dV = Pᵀ·dO, dP = dO·Vᵀ, dS = P ∘ (dP - rowsum(dP ∘ P)), dQ = dS·K·scale, dK = dSᵀ·Q·scale.
+/// Writes (overwrites) dq, dk, dv, all (B, T, NH, HS).
+pub fn attention_backward(
+    dq: &mut [f32], // (B, T, NH, HS)
+    dk: &mut [f32], // (B, T, NH, HS)
+    dv: &mut [f32], // (B, T, NH, HS)
+    d_out: &[f32],  // (B, T, NH, HS)
+    q: &[f32],      // (B, T, NH, HS)
+    k: &[f32],      // (B, T, NH, HS)
+    v: &[f32],      // (B, T, NH, HS)
+    b: usize,
+    t: usize,
+    nh: usize,
+    hs: usize,
+    causal: bool,
+) {
+    let n = b * t * nh * hs;
+    assert_eq!((dq.len(), dk.len(), dv.len(), d_out.len()), (n, n, n, n));
+    let mut probs = vec![0f64; b * nh * t * t];
+    let mut lse = vec![0f64; b * nh * t];
+    attention_probs(&mut probs, &mut lse, q, k, b, t, nh, hs, causal);
+    let scale = 1.0 / (hs as f64).sqrt();
+    let at = |bi: usize, ti: usize, h: usize| ((bi * t + ti) * nh + h) * hs;
+    let (mut gq, mut gk, mut gv) = (vec![0f64; n], vec![0f64; n], vec![0f64; n]);
+    let mut dp = vec![0f64; t];
+    for bi in 0..b {
+        for h in 0..nh {
+            for i in 0..t {
+                let row = ((bi * nh + h) * t + i) * t;
+                let p = &probs[row..row + t];
+                let go = &d_out[at(bi, i, h)..][..hs];
+                // dP[i, j] = dO_i · V_j, and dV_j += P[i, j]·dO_i.
+                for j in 0..t {
+                    let vj = &v[at(bi, j, h)..][..hs];
+                    dp[j] = go.iter().zip(vj).map(|(&a, &c)| a as f64 * c as f64).sum();
+                    for d in 0..hs {
+                        gv[at(bi, j, h) + d] += p[j] * go[d] as f64;
+                    }
+                }
+                let rowsum: f64 = (0..t).map(|j| dp[j] * p[j]).sum();
+                for j in 0..t {
+                    let ds = p[j] * (dp[j] - rowsum) * scale;
+                    if ds == 0.0 {
+                        continue;
+                    }
+                    for d in 0..hs {
+                        gq[at(bi, i, h) + d] += ds * k[at(bi, j, h) + d] as f64;
+                        gk[at(bi, j, h) + d] += ds * q[at(bi, i, h) + d] as f64;
+                    }
+                }
+            }
+        }
+    }
+    for (dst, src) in [(dq, gq), (dk, gk), (dv, gv)] {
+        for (o, x) in dst.iter_mut().zip(src) {
+            *o = x as f32;
+        }
+    }
+}

@@ -63,3 +63,34 @@ pub fn cross_entropy(
 pub fn bits_per_byte(losses: &[f64]) -> f64 {
     losses.iter().sum::<f64>() / losses.len() as f64 / std::f64::consts::LN_2
 }
+
+/// Backward of the mean cross-entropy over N rows: d_logits = (softmax(z) - onehot(target)) / N.
+pub fn cross_entropy_backward(
+    d_logits: &mut [f32], // (N, V)
+    logits: &[f32],       // (N, V)
+    targets: &[u32],      // (N)
+    n: usize,
+    v: usize,
+) {
+    assert_eq!(
+        (d_logits.len(), logits.len(), targets.len()),
+        (n * v, n * v, n)
+    );
+    for row in 0..n {
+        let z = &logits[row * v..][..v];
+        let max = z
+            .iter()
+            .map(|&x| x as f64)
+            .fold(f64::NEG_INFINITY, f64::max);
+        let sum: f64 = z.iter().map(|&x| (x as f64 - max).exp()).sum();
+        for id in 0..v {
+            let p = (z[id] as f64 - max).exp() / sum;
+            let onehot = if id == targets[row] as usize {
+                1.0
+            } else {
+                0.0
+            };
+            d_logits[row * v + id] = ((p - onehot) / n as f64) as f32;
+        }
+    }
+}

@@ -1,10 +1,10 @@
 //! The feed-forward sublayer and the pre-LN decoder block.
 
-use crate::activation::activation_inplace;
-use crate::attention::attention;
+use crate::activation::{activation_backward, activation_inplace};
+use crate::attention::{attention, attention_backward};
 use crate::config::Activation;
-use crate::gemm::linear;
-use crate::layer_norm::layer_norm_forward;
+use crate::gemm::{linear, linear_backward};
+use crate::layer_norm::{layer_norm, layer_norm_backward, layer_norm_forward};
 use crate::weights::Block;
 
 /// out = fc2(act(fc1(inp))), hidden width H.
@@ -78,5 +78,154 @@ pub fn block_forward(
     ffn(&mut a, &x, w, act, n, c);
     for (hv, av) in h.iter_mut().zip(&a) {
         *hv += *av;
+    }
+}
+
+/// Backward of [`block_forward`], recomputing the block's intermediates from its input.
+/// On entry `d_h` is the gradient of the block's output, on return that of its input;
+/// parameter gradients are accumulated into `grads`.
+pub fn block_backward(
+    d_h: &mut [f32], // (B, T, C)
+    grads: &mut Block,
+    h_in: &[f32], // (B, T, C) the block's input
+    w: &Block,
+    act: Activation,
+    b: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+) {
+    let n = b * t;
+    let hs = c / nh;
+    let hidden = w.fc1.bias.len();
+    // Forward again, keeping what the backward needs.
+    let (mut x1, mut mean1, mut rstd1) = (vec![0f32; n * c], vec![0f32; n], vec![0f32; n]);
+    layer_norm(
+        &mut x1,
+        &mut mean1,
+        &mut rstd1,
+        h_in,
+        &w.ln1.weight,
+        &w.ln1.bias,
+        n,
+        c,
+    );
+    let mut qkv = vec![0f32; n * 3 * c];
+    linear(&mut qkv, &x1, &w.qkv.weight, Some(&w.qkv.bias), n, c, 3 * c);
+    let [q, k, v] = split_qkv(&qkv, n, c);
+    let mut y = vec![0f32; n * c];
+    let mut lse = vec![0f32; b * nh * t];
+    attention(&mut y, &mut lse, &q, &k, &v, b, t, nh, hs, true);
+    let mut a = vec![0f32; n * c];
+    linear(&mut a, &y, &w.proj.weight, Some(&w.proj.bias), n, c, c);
+    let h_mid: Vec<f32> = h_in.iter().zip(&a).map(|(x, y)| x + y).collect();
+    let (mut x2, mut mean2, mut rstd2) = (vec![0f32; n * c], vec![0f32; n], vec![0f32; n]);
+    layer_norm(
+        &mut x2,
+        &mut mean2,
+        &mut rstd2,
+        &h_mid,
+        &w.ln2.weight,
+        &w.ln2.bias,
+        n,
+        c,
+    );
+    let mut u = vec![0f32; n * hidden];
+    linear(&mut u, &x2, &w.fc1.weight, Some(&w.fc1.bias), n, c, hidden);
+    let mut z = u.clone();
+    activation_inplace(act, &mut z);
+
+    // FFN sublayer: h_out = h_mid + fc2(act(fc1(LN2(h_mid)))).
+    let mut dz = vec![0f32; n * hidden];
+    linear_backward(
+        &mut dz,
+        &mut grads.fc2.weight,
+        Some(&mut grads.fc2.bias),
+        d_h,
+        &z,
+        &w.fc2.weight,
+        n,
+        hidden,
+        c,
+    );
+    let mut du = vec![0f32; n * hidden];
+    activation_backward(act, &mut du, &u, &dz);
+    let mut dx2 = vec![0f32; n * c];
+    linear_backward(
+        &mut dx2,
+        &mut grads.fc1.weight,
+        Some(&mut grads.fc1.bias),
+        &du,
+        &x2,
+        &w.fc1.weight,
+        n,
+        c,
+        hidden,
+    );
+    let mut d_mid_ln = vec![0f32; n * c];
+    layer_norm_backward(
+        &mut d_mid_ln,
+        &mut grads.ln2.weight,
+        &mut grads.ln2.bias,
+        &dx2,
+        &h_mid,
+        &w.ln2.weight,
+        &mean2,
+        &rstd2,
+        n,
+        c,
+    );
+    let d_mid: Vec<f32> = d_h.iter().zip(&d_mid_ln).map(|(a, b)| a + b).collect();
+
+    // Attention sublayer: h_mid = h_in + proj(attn(qkv(LN1(h_in)))).
+    let mut dy = vec![0f32; n * c];
+    linear_backward(
+        &mut dy,
+        &mut grads.proj.weight,
+        Some(&mut grads.proj.bias),
+        &d_mid,
+        &y,
+        &w.proj.weight,
+        n,
+        c,
+        c,
+    );
+    let (mut dq, mut dk, mut dv) = (vec![0f32; n * c], vec![0f32; n * c], vec![0f32; n * c]);
+    attention_backward(
+        &mut dq, &mut dk, &mut dv, &dy, &q, &k, &v, b, t, nh, hs, true,
+    );
+    let mut dqkv = vec![0f32; n * 3 * c];
+    for r in 0..n {
+        for (s, part) in [&dq, &dk, &dv].into_iter().enumerate() {
+            dqkv[r * 3 * c + s * c..][..c].copy_from_slice(&part[r * c..][..c]);
+        }
+    }
+    let mut dx1 = vec![0f32; n * c];
+    linear_backward(
+        &mut dx1,
+        &mut grads.qkv.weight,
+        Some(&mut grads.qkv.bias),
+        &dqkv,
+        &x1,
+        &w.qkv.weight,
+        n,
+        c,
+        3 * c,
+    );
+    let mut d_in_ln = vec![0f32; n * c];
+    layer_norm_backward(
+        &mut d_in_ln,
+        &mut grads.ln1.weight,
+        &mut grads.ln1.bias,
+        &dx1,
+        h_in,
+        &w.ln1.weight,
+        &mean1,
+        &rstd1,
+        n,
+        c,
+    );
+    for ((o, a), b) in d_h.iter_mut().zip(&d_mid).zip(&d_in_ln) {
+        *o = a + b;
     }
 }

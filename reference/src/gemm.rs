@@ -35,3 +35,53 @@ pub fn linear(
         }
     }
 }
+
+/// Backward of [`linear`]: d_inp = d_out · weightᵀ, and (accumulated) d_weight += inpᵀ · d_out,
+/// d_bias += Σ_n d_out[n, :].
+pub fn linear_backward(
+    d_inp: &mut [f32],          // (N, C)
+    d_weight: &mut [f32],       // (C, OC)
+    d_bias: Option<&mut [f32]>, // (OC)
+    d_out: &[f32],              // (N, OC)
+    inp: &[f32],                // (N, C)
+    weight: &[f32],             // (C, OC)
+    n: usize,
+    c: usize,
+    oc: usize,
+) {
+    assert_eq!((d_inp.len(), inp.len()), (n * c, n * c));
+    assert_eq!(
+        (d_weight.len(), weight.len(), d_out.len()),
+        (c * oc, c * oc, n * oc)
+    );
+    for row in 0..n {
+        let g = &d_out[row * oc..][..oc];
+        for i in 0..c {
+            let w = &weight[i * oc..][..oc];
+            d_inp[row * c + i] = g
+                .iter()
+                .zip(w)
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum::<f64>() as f32;
+        }
+    }
+    for i in 0..c {
+        for o in 0..oc {
+            let mut acc = d_weight[i * oc + o] as f64;
+            for row in 0..n {
+                acc += inp[row * c + i] as f64 * d_out[row * oc + o] as f64;
+            }
+            d_weight[i * oc + o] = acc as f32;
+        }
+    }
+    if let Some(db) = d_bias {
+        assert_eq!(db.len(), oc);
+        for o in 0..oc {
+            let mut acc = db[o] as f64;
+            for row in 0..n {
+                acc += d_out[row * oc + o] as f64;
+            }
+            db[o] = acc as f32;
+        }
+    }
+}

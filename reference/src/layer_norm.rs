@@ -66,3 +66,45 @@ pub fn layer_norm_forward(
     let (mut mean, mut rstd) = (vec![0.0; n], vec![0.0; n]);
     layer_norm(out, &mut mean, &mut rstd, inp, weight, bias, n, c);
 }
+
+/// Backward of [`layer_norm`] from the saved statistics: with x̂ = (x - mean)·rstd and
+/// g = d_out·weight, d_inp = rstd·(g - mean(g) - x̂·mean(g·x̂)); d_weight += Σ_n d_out·x̂,
+/// d_bias += Σ_n d_out (accumulated).
+pub fn layer_norm_backward(
+    d_inp: &mut [f32],    // (N, C)
+    d_weight: &mut [f32], // (C)
+    d_bias: &mut [f32],   // (C)
+    d_out: &[f32],        // (N, C)
+    inp: &[f32],          // (N, C)
+    weight: &[f32],       // (C)
+    mean: &[f32],         // (N)
+    rstd: &[f32],         // (N)
+    n: usize,
+    c: usize,
+) {
+    assert_eq!((d_inp.len(), d_out.len(), inp.len()), (n * c, n * c, n * c));
+    let mut dw = vec![0f64; c];
+    let mut db = vec![0f64; c];
+    for row in 0..n {
+        let (m, s) = (mean[row] as f64, rstd[row] as f64);
+        let x = &inp[row * c..][..c];
+        let dy = &d_out[row * c..][..c];
+        let xhat: Vec<f64> = x.iter().map(|&v| (v as f64 - m) * s).collect();
+        let g: Vec<f64> = dy
+            .iter()
+            .zip(weight)
+            .map(|(&a, &w)| a as f64 * w as f64)
+            .collect();
+        let mean_g = g.iter().sum::<f64>() / c as f64;
+        let mean_gx = g.iter().zip(&xhat).map(|(a, b)| a * b).sum::<f64>() / c as f64;
+        for i in 0..c {
+            d_inp[row * c + i] = (s * (g[i] - mean_g - xhat[i] * mean_gx)) as f32;
+            dw[i] += dy[i] as f64 * xhat[i];
+            db[i] += dy[i] as f64;
+        }
+    }
+    for i in 0..c {
+        d_weight[i] = (d_weight[i] as f64 + dw[i]) as f32;
+        d_bias[i] = (d_bias[i] as f64 + db[i]) as f32;
+    }
+}

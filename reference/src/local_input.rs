@@ -50,3 +50,47 @@ pub fn local_input(
         }
     }
 }
+
+/// Backward of [`local_input`]: writes d_g (B, K, P·D_G) = d_out · W_GLᵀ (per byte slice) and
+/// accumulates d_w_gl += Σ g_sliceᵀ · d_out, d_lpad (p = 0 rows), d_e_l[x[t - 1]] (other rows),
+/// d_lpos[p].
+pub fn local_input_backward(
+    d_g: &mut [f32],            // (B, K, P·D_G)
+    d_w_gl: &mut [f32],         // (D_G, D_L)
+    d_e_l: &mut [f32],          // (V, D_L)
+    d_lpad: &mut [f32],         // (D_L)
+    d_lpos: Option<&mut [f32]>, // (P, D_L)
+    d_out: &[f32],              // (B, K, P, D_L)
+    g: &[f32],                  // (B, K, P·D_G)
+    x: &[u32],                  // (B, T)
+    w_gl: &[f32],               // (D_G, D_L)
+    b: usize,
+    k: usize,
+    p: usize,
+    dg: usize,
+    dl: usize,
+) {
+    let t = k * p;
+    let rows = b * t;
+    crate::gemm::linear_backward(d_g, d_w_gl, None, d_out, g, w_gl, rows, dg, dl);
+    let mut d_lpos = d_lpos;
+    for r in 0..rows {
+        let pi = r % p;
+        let dy = &d_out[r * dl..][..dl];
+        if pi == 0 {
+            d_lpad.iter_mut().zip(dy).for_each(|(a, &g)| *a += g);
+        } else {
+            let id = x[r - 1] as usize;
+            d_e_l[id * dl..][..dl]
+                .iter_mut()
+                .zip(dy)
+                .for_each(|(a, &g)| *a += g);
+        }
+        if let Some(lp) = d_lpos.as_deref_mut() {
+            lp[pi * dl..][..dl]
+                .iter_mut()
+                .zip(dy)
+                .for_each(|(a, &g)| *a += g);
+        }
+    }
+}

@@ -5,12 +5,15 @@
 //! one byte). `logits[b, t]` is therefore the distribution of byte `x[b, t]` given `x[b, ..t]`.
 
 use crate::config::Config;
-use crate::cross_entropy::{bits_per_byte, cross_entropy, logits_tied, logits_untied};
+use crate::cross_entropy::{
+    bits_per_byte, cross_entropy, cross_entropy_backward, logits_tied, logits_untied,
+};
 use crate::error::Error;
-use crate::ffn::block_forward;
-use crate::layer_norm::layer_norm_forward;
-use crate::local_input::local_input;
-use crate::patch_embed::global_input;
+use crate::ffn::{block_backward, block_forward};
+use crate::gemm::linear_backward;
+use crate::layer_norm::{layer_norm, layer_norm_backward, layer_norm_forward};
+use crate::local_input::{local_input, local_input_backward};
+use crate::patch_embed::{global_input, global_input_backward};
 use crate::weights::Weights;
 
 /// Checks a (B, T) id tensor against the config: T a positive multiple of P, at most the
@@ -171,4 +174,200 @@ pub fn loss_bits_per_byte(
     let (mut losses, mut lse) = (vec![0f64; n], vec![0f64; n]);
     cross_entropy(&mut losses, &mut lse, &logits, x, n, cfg.vocab);
     Ok(bits_per_byte(&losses))
+}
+
+/// The training loss, mean cross-entropy over all B·T positions in nats, and its gradient with
+/// respect to every parameter (a `Weights` of gradients, same shapes). Recomputes each
+/// block's internals from its saved input.
+pub fn loss_and_grads(
+    cfg: &Config,
+    w: &Weights,
+    x: &[u32],
+    b: usize,
+    t: usize,
+) -> Result<(f64, Weights), Error> {
+    check_input(cfg, x, b, t)?;
+    let (p, dg, dl, v) = (cfg.patch, cfg.d_global, cfg.d_local, cfg.vocab);
+    let (k, c) = (t / p, cfg.global_width());
+    let n = b * t;
+    let act = cfg.activation;
+    let mut grads = Weights::zeros(cfg);
+
+    // Forward, saving each block's input.
+    let mut h = vec![0f32; b * k * c];
+    global_input(
+        &mut h,
+        x,
+        &w.global_embed,
+        &w.global_pos,
+        &w.global_pad,
+        b,
+        t,
+        p,
+        dg,
+    );
+    let mut global_inputs = Vec::new();
+    for blk in &w.global_blocks {
+        global_inputs.push(h.clone());
+        block_forward(&mut h, blk, act, b, k, c, cfg.heads_global);
+    }
+    let (mut g, mut gm, mut gr) = (vec![0f32; b * k * c], vec![0f32; b * k], vec![0f32; b * k]);
+    layer_norm(
+        &mut g,
+        &mut gm,
+        &mut gr,
+        &h,
+        &w.global_ln_f.weight,
+        &w.global_ln_f.bias,
+        b * k,
+        c,
+    );
+    let mut l = vec![0f32; n * dl];
+    let lpos = w.local_pos.as_deref();
+    local_input(
+        &mut l,
+        &g,
+        x,
+        &w.global_to_local,
+        &w.local_embed,
+        &w.local_pad,
+        lpos,
+        b,
+        k,
+        p,
+        dg,
+        dl,
+    );
+    let mut local_inputs = Vec::new();
+    for blk in &w.local_blocks {
+        local_inputs.push(l.clone());
+        block_forward(&mut l, blk, act, b * k, p, dl, cfg.heads_local);
+    }
+    let (mut out, mut om, mut or) = (vec![0f32; n * dl], vec![0f32; n], vec![0f32; n]);
+    layer_norm(
+        &mut out,
+        &mut om,
+        &mut or,
+        &l,
+        &w.local_ln_f.weight,
+        &w.local_ln_f.bias,
+        n,
+        dl,
+    );
+    let logits = head(cfg, w, &out, n);
+    let (mut losses, mut lse) = (vec![0f64; n], vec![0f64; n]);
+    cross_entropy(&mut losses, &mut lse, &logits, x, n, v);
+    let loss = losses.iter().sum::<f64>() / n as f64;
+
+    // Backward.
+    let mut d_logits = vec![0f32; n * v];
+    cross_entropy_backward(&mut d_logits, &logits, x, n, v);
+    let mut d_out = vec![0f32; n * dl];
+    match &w.head {
+        Some(hw) => {
+            let dh = grads.head.as_mut().expect("untied head has a gradient");
+            linear_backward(&mut d_out, dh, None, &d_logits, &out, hw, n, dl, v);
+        }
+        None => {
+            // logits = out · E_Lᵀ: the linear layer's weight is E_Lᵀ (D_L, V).
+            let mut et = vec![0f32; dl * v];
+            for id in 0..v {
+                for d in 0..dl {
+                    et[d * v + id] = w.local_embed[id * dl + d];
+                }
+            }
+            let mut d_et = vec![0f32; dl * v];
+            linear_backward(&mut d_out, &mut d_et, None, &d_logits, &out, &et, n, dl, v);
+            for id in 0..v {
+                for d in 0..dl {
+                    grads.local_embed[id * dl + d] += d_et[d * v + id];
+                }
+            }
+        }
+    }
+    let mut d_l = vec![0f32; n * dl];
+    let ln = &mut grads.local_ln_f;
+    layer_norm_backward(
+        &mut d_l,
+        &mut ln.weight,
+        &mut ln.bias,
+        &d_out,
+        &l,
+        &w.local_ln_f.weight,
+        &om,
+        &or,
+        n,
+        dl,
+    );
+    for (i, blk) in w.local_blocks.iter().enumerate().rev() {
+        let gblk = &mut grads.local_blocks[i];
+        block_backward(
+            &mut d_l,
+            gblk,
+            &local_inputs[i],
+            blk,
+            act,
+            b * k,
+            p,
+            dl,
+            cfg.heads_local,
+        );
+    }
+    let mut d_g = vec![0f32; b * k * c];
+    local_input_backward(
+        &mut d_g,
+        &mut grads.global_to_local,
+        &mut grads.local_embed,
+        &mut grads.local_pad,
+        grads.local_pos.as_deref_mut(),
+        &d_l,
+        &g,
+        x,
+        &w.global_to_local,
+        b,
+        k,
+        p,
+        dg,
+        dl,
+    );
+    let mut d_h = vec![0f32; b * k * c];
+    let ln = &mut grads.global_ln_f;
+    layer_norm_backward(
+        &mut d_h,
+        &mut ln.weight,
+        &mut ln.bias,
+        &d_g,
+        &h,
+        &w.global_ln_f.weight,
+        &gm,
+        &gr,
+        b * k,
+        c,
+    );
+    for (i, blk) in w.global_blocks.iter().enumerate().rev() {
+        let gblk = &mut grads.global_blocks[i];
+        block_backward(
+            &mut d_h,
+            gblk,
+            &global_inputs[i],
+            blk,
+            act,
+            b,
+            k,
+            c,
+            cfg.heads_global,
+        );
+    }
+    global_input_backward(
+        &mut grads.global_embed,
+        &mut grads.global_pos,
+        &mut grads.global_pad,
+        &d_h,
+        x,
+        b,
+        t,
+        p,
+        dg,
+    );
+    Ok((loss, grads))
 }

@@ -68,3 +68,38 @@ pub fn global_input(
     byte_embedding(&mut h, x, wte, Some(wpe), b, t, c);
     patchify_shift(out, &h, pad, b, t, p, c);
 }
+
+/// Backward of [`global_input`], accumulated: d_pad += Σ_b d_out[b, 0]; for k >= 1 and byte
+/// t = (k-1)·P + p, d_wte[x[b, t]] and d_wpe[t] += d_out[b, k, p·C ..]. The bytes of the last
+/// patch feed nothing and get no gradient.
+pub fn global_input_backward(
+    d_wte: &mut [f32], // (V, C)
+    d_wpe: &mut [f32], // (T_max, C)
+    d_pad: &mut [f32], // (P·C)
+    d_out: &[f32],     // (B, K, P·C)
+    x: &[u32],         // (B, T)
+    b: usize,
+    t: usize,
+    p: usize,
+    c: usize,
+) {
+    let k = t / p;
+    let w = p * c;
+    assert_eq!(d_out.len(), b * k * w);
+    for bi in 0..b {
+        for i in 0..w {
+            d_pad[i] += d_out[bi * k * w + i];
+        }
+        for ki in 1..k {
+            for pi in 0..p {
+                let ti = (ki - 1) * p + pi;
+                let id = x[bi * t + ti] as usize;
+                for i in 0..c {
+                    let g = d_out[(bi * k + ki) * w + pi * c + i];
+                    d_wte[id * c + i] += g;
+                    d_wpe[ti * c + i] += g;
+                }
+            }
+        }
+    }
+}
