@@ -535,3 +535,195 @@ pub fn flash_attention_rows<F: Float, N: Size>(
         }
     }
 }
+
+/// Comptime shape of the attention backward kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BackwardConfig {
+    pub head_dim: usize,
+    pub causal: bool,
+}
+
+/// Attention backward, query side: one unit per (b, h, query i), two passes over the keys and
+/// no S × S buffer. Pass 1 recomputes the row's softmax statistics online, as the forward
+/// does: the max m_i, the sum l_i = Σ_j exp(s_ij - m_i) and delta_i = Σ_j P_ij (dO_i·V_j).
+/// Pass 2 accumulates dQ_i = scale · Σ_j P_ij (dO_i·V_j - delta_i) K_j with
+/// P_ij = exp(s_ij - m_i) / l_i. (Recomputing m and l instead of reading the forward's f32
+/// log-sum-exp keeps P as accurate as a naive softmax: exp(s - lse) inherits lse's rounding,
+/// about |lse|·eps, on every probability.) Writes m, l and delta (B, H, S) for
+/// [`attention_backward_kv`]. q, k, v, dq are strided views (unit stride over D, offsets
+/// passed separately); d_out is contiguous (B, S, H, D).
+#[allow(clippy::too_many_arguments)]
+#[cube(launch_unchecked)]
+pub fn attention_backward_q<F: Float>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    d_out: &Tensor<F>,
+    dq: &mut Tensor<F>,
+    row_max: &mut Tensor<f32>,
+    row_sum: &mut Tensor<f32>,
+    delta: &mut Tensor<f32>,
+    q_offset: u32,
+    k_offset: u32,
+    v_offset: u32,
+    dq_offset: u32,
+    scale: f32,
+    #[comptime] cfg: BackwardConfig,
+) {
+    let d = cfg.head_dim;
+    let batch = q.shape(0);
+    let seq = q.shape(1);
+    let heads = q.shape(2);
+    if ABSOLUTE_POS < batch * heads * seq {
+        let i = ABSOLUTE_POS % seq;
+        let bh = ABSOLUTE_POS / seq;
+        let h = bh % heads;
+        let b = bh / heads;
+        let q_at = q_offset as usize + b * q.stride(0) + i * q.stride(1) + h * q.stride(2);
+        let k_row0 = k_offset as usize + b * k.stride(0) + h * k.stride(2);
+        let v_row0 = v_offset as usize + b * v.stride(0) + h * v.stride(2);
+        let o_at = b * d_out.stride(0) + i * d_out.stride(1) + h * d_out.stride(2);
+        let mut qr = Array::<f32>::new(d);
+        let mut go = Array::<f32>::new(d);
+        let mut acc = Array::<f32>::new(d);
+        #[unroll]
+        for c in 0..d {
+            qr[c] = f32::cast_from(q[q_at + c]);
+            go[c] = f32::cast_from(d_out[o_at + c]);
+            acc[c] = 0.0;
+        }
+        let mut end = seq;
+        if comptime!(cfg.causal) {
+            end = i + 1;
+        }
+        // Pass 1: online max, sum and Σ exp(s - m)·dp, rescaled whenever the max grows.
+        let mut m = f32::new(NEG);
+        let mut l = f32::new(0.0);
+        let mut t = f32::new(0.0);
+        for j in 0..end {
+            let k_at = k_row0 + j * k.stride(1);
+            let v_at = v_row0 + j * v.stride(1);
+            let mut s = f32::new(0.0);
+            let mut dp = f32::new(0.0);
+            #[unroll]
+            for c in 0..d {
+                s += qr[c] * f32::cast_from(k[k_at + c]);
+                dp += go[c] * f32::cast_from(v[v_at + c]);
+            }
+            let s = s * scale;
+            let m_new = max(m, s);
+            let alpha = (m - m_new).exp();
+            let e = (s - m_new).exp();
+            l = l * alpha + e;
+            t = t * alpha + e * dp;
+            m = m_new;
+        }
+        let dl = t / l;
+        let stat_at = (b * heads + h) * seq + i;
+        row_max[stat_at] = m;
+        row_sum[stat_at] = l;
+        delta[stat_at] = dl;
+        // Pass 2: dQ.
+        for j in 0..end {
+            let k_at = k_row0 + j * k.stride(1);
+            let v_at = v_row0 + j * v.stride(1);
+            let mut s = f32::new(0.0);
+            let mut dp = f32::new(0.0);
+            #[unroll]
+            for c in 0..d {
+                s += qr[c] * f32::cast_from(k[k_at + c]);
+                dp += go[c] * f32::cast_from(v[v_at + c]);
+            }
+            let ds = (s * scale - m).exp() / l * (dp - dl);
+            #[unroll]
+            for c in 0..d {
+                acc[c] += ds * f32::cast_from(k[k_at + c]);
+            }
+        }
+        let dq_at = dq_offset as usize + b * dq.stride(0) + i * dq.stride(1) + h * dq.stride(2);
+        #[unroll]
+        for c in 0..d {
+            dq[dq_at + c] = F::cast_from(acc[c] * scale);
+        }
+    }
+}
+
+/// Attention backward, key side: one unit per (b, h, key j), over the queries that see it:
+/// dV_j = Σ_i P_ij dO_i, dK_j = scale · Σ_i P_ij (dO_i·V_j - delta_i) Q_i, with the row
+/// statistics m, l and delta from [`attention_backward_q`]. Views and layouts as there.
+#[allow(clippy::too_many_arguments)]
+#[cube(launch_unchecked)]
+pub fn attention_backward_kv<F: Float>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    d_out: &Tensor<F>,
+    row_max: &Tensor<f32>,
+    row_sum: &Tensor<f32>,
+    delta: &Tensor<f32>,
+    dk: &mut Tensor<F>,
+    dv: &mut Tensor<F>,
+    q_offset: u32,
+    k_offset: u32,
+    v_offset: u32,
+    dk_offset: u32,
+    dv_offset: u32,
+    scale: f32,
+    #[comptime] cfg: BackwardConfig,
+) {
+    let d = cfg.head_dim;
+    let batch = q.shape(0);
+    let seq = q.shape(1);
+    let heads = q.shape(2);
+    if ABSOLUTE_POS < batch * heads * seq {
+        let j = ABSOLUTE_POS % seq;
+        let bh = ABSOLUTE_POS / seq;
+        let h = bh % heads;
+        let b = bh / heads;
+        let k_at = k_offset as usize + b * k.stride(0) + j * k.stride(1) + h * k.stride(2);
+        let v_at = v_offset as usize + b * v.stride(0) + j * v.stride(1) + h * v.stride(2);
+        let q_row0 = q_offset as usize + b * q.stride(0) + h * q.stride(2);
+        let o_row0 = b * d_out.stride(0) + h * d_out.stride(2);
+        let mut kr = Array::<f32>::new(d);
+        let mut vr = Array::<f32>::new(d);
+        let mut gk = Array::<f32>::new(d);
+        let mut gv = Array::<f32>::new(d);
+        #[unroll]
+        for c in 0..d {
+            kr[c] = f32::cast_from(k[k_at + c]);
+            vr[c] = f32::cast_from(v[v_at + c]);
+            gk[c] = 0.0;
+            gv[c] = 0.0;
+        }
+        let mut start = 0usize;
+        if comptime!(cfg.causal) {
+            start = j;
+        }
+        for i in start..seq {
+            let q_at = q_row0 + i * q.stride(1);
+            let o_at = o_row0 + i * d_out.stride(1);
+            let stat_at = (b * heads + h) * seq + i;
+            let mut s = f32::new(0.0);
+            let mut dp = f32::new(0.0);
+            #[unroll]
+            for c in 0..d {
+                s += f32::cast_from(q[q_at + c]) * kr[c];
+                dp += f32::cast_from(d_out[o_at + c]) * vr[c];
+            }
+            let p = (s * scale - row_max[stat_at]).exp() / row_sum[stat_at];
+            let ds = p * (dp - delta[stat_at]);
+            #[unroll]
+            for c in 0..d {
+                gk[c] += ds * f32::cast_from(q[q_at + c]);
+                gv[c] += p * f32::cast_from(d_out[o_at + c]);
+            }
+        }
+        let dk_at = dk_offset as usize + b * dk.stride(0) + j * dk.stride(1) + h * dk.stride(2);
+        let dv_at = dv_offset as usize + b * dv.stride(0) + j * dv.stride(1) + h * dv.stride(2);
+        #[unroll]
+        for c in 0..d {
+            dk[dk_at + c] = F::cast_from(gk[c] * scale);
+            dv[dv_at + c] = F::cast_from(gv[c]);
+        }
+    }
+}

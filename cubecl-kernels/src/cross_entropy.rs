@@ -144,3 +144,23 @@ pub fn tied_cross_entropy<F: Float, N: Size>(
         }
     }
 }
+
+/// Cross-entropy backward in place: logits (rows, V) become
+/// d_logits = (exp(z - lse[r]) - [v == target[r]]) · scale, the probabilities never stored
+/// on their own. One unit per element; `lse` is the forward's.
+#[cube(launch_unchecked)]
+pub fn cross_entropy_backward<F: Float>(
+    logits: &mut Tensor<F>,
+    lse: &Tensor<f32>,
+    targets: &Tensor<u32>,
+    scale: f32,
+) {
+    let vocab = logits.shape(1);
+    if ABSOLUTE_POS < logits.shape(0) * vocab {
+        let r = ABSOLUTE_POS / vocab;
+        let id = ABSOLUTE_POS % vocab;
+        let p = (f32::cast_from(logits[ABSOLUTE_POS]) - lse[r]).exp();
+        let hit = select(targets[r] as usize == id, f32::new(1.0), f32::new(0.0));
+        logits[ABSOLUTE_POS] = F::cast_from((p - hit) * scale);
+    }
+}

@@ -135,3 +135,83 @@ pub fn layer_norm<F: Float, N: Size>(
         }
     }
 }
+
+/// LayerNorm backward for the input, one unit per row (N lanes along the row): with
+/// x̂ = (x - mean)·rstd and g = d_out·weight,
+/// d_input = residual + rstd·(g - mean(g) - x̂·mean(g·x̂)).
+/// `residual` (the gradient arriving through the skip connection) is added when
+/// `add_residual`; otherwise it is not read. All (rows, C) tensors are contiguous.
+#[cube(launch_unchecked)]
+pub fn layer_norm_backward<F: Float, N: Size>(
+    input: &Tensor<Vector<F, N>>,
+    d_out: &Tensor<Vector<F, N>>,
+    weight: &Tensor<Vector<F, N>>,
+    mean: &Tensor<f32>,
+    rstd: &Tensor<f32>,
+    residual: &Tensor<Vector<F, N>>,
+    d_input: &mut Tensor<Vector<F, N>>,
+    #[comptime] add_residual: bool,
+) {
+    let nv = N::value();
+    let rows = input.shape(0);
+    let cv = input.shape(1) / nv;
+    let row = ABSOLUTE_POS;
+    if row < rows {
+        let m = mean[row];
+        let s = rstd[row];
+        let at = row * cv;
+        let mut sum_g = f32::new(0.0);
+        let mut sum_gx = f32::new(0.0);
+        for i in 0..cv {
+            let x = Vector::<f32, N>::cast_from(input[at + i]);
+            let g = Vector::<f32, N>::cast_from(d_out[at + i]) * Vector::cast_from(weight[i]);
+            let xhat = (x - Vector::new(m)) * Vector::new(s);
+            #[unroll]
+            for l in 0..nv {
+                sum_g += g[l];
+                sum_gx += g[l] * xhat[l];
+            }
+        }
+        let width = f32::cast_from(cv * nv);
+        let mean_g = sum_g / width;
+        let mean_gx = sum_gx / width;
+        for i in 0..cv {
+            let x = Vector::<f32, N>::cast_from(input[at + i]);
+            let g = Vector::<f32, N>::cast_from(d_out[at + i]) * Vector::cast_from(weight[i]);
+            let xhat = (x - Vector::new(m)) * Vector::new(s);
+            let mut d = Vector::new(s) * (g - Vector::new(mean_g) - xhat * Vector::new(mean_gx));
+            if comptime!(add_residual) {
+                d += Vector::<f32, N>::cast_from(residual[at + i]);
+            }
+            d_input[at + i] = Vector::cast_from(d);
+        }
+    }
+}
+
+/// LayerNorm backward for the parameters, one unit per column c, summing over rows in order
+/// (deterministic): d_weight[c] = Σ_r d_out[r, c]·x̂[r, c], d_bias[c] = Σ_r d_out[r, c].
+#[cube(launch_unchecked)]
+pub fn layer_norm_backward_params<F: Float>(
+    input: &Tensor<F>,
+    d_out: &Tensor<F>,
+    mean: &Tensor<f32>,
+    rstd: &Tensor<f32>,
+    d_weight: &mut Tensor<F>,
+    d_bias: &mut Tensor<F>,
+) {
+    let rows = input.shape(0);
+    let width = input.shape(1);
+    let c = ABSOLUTE_POS;
+    if c < width {
+        let mut dw = f32::new(0.0);
+        let mut db = f32::new(0.0);
+        for r in 0..rows {
+            let dy = f32::cast_from(d_out[r * width + c]);
+            let xhat = (f32::cast_from(input[r * width + c]) - mean[r]) * rstd[r];
+            dw += dy * xhat;
+            db += dy;
+        }
+        d_weight[c] = F::cast_from(dw);
+        d_bias[c] = F::cast_from(db);
+    }
+}

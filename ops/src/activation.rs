@@ -102,3 +102,43 @@ pub fn gelu_naive<R: Runtime, E: FloatElement>(
     }
     Ok(output)
 }
+
+/// d_input = d_output · act'(pre), elementwise (GELU' = Φ + x·φ, ReLU'(0) = 0). All three
+/// tensors have the same shape; d_input may be d_output's buffer only if it is the same tensor
+/// passed twice (each element is read before it is written).
+pub fn activation_backward<R: Runtime, E: FloatElement>(
+    pre: &Tensor<R, E>,
+    d_output: &Tensor<R, E>,
+    d_input: &Tensor<R, E>,
+    act: ActivationKind,
+) -> Result<(), OpError> {
+    let client = pre.client();
+    ensure_dtype::<R, E>(client, OP)?;
+    if pre.is_empty() {
+        return Err(OpError::Empty {
+            op: OP,
+            tensor: "pre",
+            shape: pre.shape().to_vec(),
+        });
+    }
+    d_output.expect_shape(OP, "d_output", pre.shape())?;
+    d_input.expect_shape(OP, "d_input", pre.shape())?;
+    let n = pre.len();
+    let vector = vector_size_for::<R, E>(client, &[n]);
+    let (cube_count, cube_dim) = grid_1d(client, n / vector);
+    // SAFETY: all three hold exactly n elements; the kernel guards on the length; `vector`
+    // divides n.
+    unsafe {
+        megabyte_kernels::activation::activation_backward::launch_unchecked::<E, R>(
+            client,
+            cube_count,
+            cube_dim,
+            vector,
+            ArrayArg::from_raw_parts(pre.handle().clone(), n),
+            ArrayArg::from_raw_parts(d_output.handle().clone(), n),
+            ArrayArg::from_raw_parts(d_input.handle().clone(), n),
+            act.id(),
+        );
+    }
+    Ok(())
+}

@@ -398,3 +398,113 @@ pub fn naive_attention<R: Runtime, E: FloatElement>(
     }
     Ok(())
 }
+
+/// Attention backward (flash style, no S × S buffer): the softmax statistics are recomputed
+/// from q and k (see the kernels for why not from the forward's f32 log-sum-exp). q, k, v and
+/// the gradient outputs dq, dk, dv are (B, S, H, D) views (unit stride over D; dq/dk/dv may be
+/// column slices of one fused (B·S, 3C) gradient); d_out, the gradient of the forward's
+/// output, is contiguous (B, S, H, D). Deterministic: every gradient element is one unit's
+/// ordered sum.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward<R: Runtime, E: FloatElement>(
+    q: &TensorView<R, E>,
+    k: &TensorView<R, E>,
+    v: &TensorView<R, E>,
+    d_out: &Tensor<R, E>,
+    dq: &TensorView<R, E>,
+    dk: &TensorView<R, E>,
+    dv: &TensorView<R, E>,
+    causal: bool,
+) -> Result<(), OpError> {
+    const OP: &str = "attention_backward";
+    let client = d_out.client();
+    ensure_dtype::<R, E>(client, OP)?;
+    let (dims, seq_k) = check_qkv(q, k, v)?;
+    if seq_k != dims[1] {
+        return Err(OpError::shape(OP, "k", &k.shape, q.shape.clone()));
+    }
+    d_out.expect_shape(OP, "d_out", &dims)?;
+    for (name, t) in [("dq", dq), ("dk", dk), ("dv", dv)] {
+        if t.shape != dims {
+            return Err(OpError::shape(OP, name, &t.shape, dims.to_vec()));
+        }
+        if t.strides[3] != 1 {
+            return Err(OpError::Unsupported {
+                op: OP,
+                what: "head-dim stride",
+                value: t.strides[3],
+                reason: format!("`{name}` must be contiguous along the head dim (stride 1)"),
+            });
+        }
+    }
+    let [b, s, h, d] = dims;
+    if d > MAX_HEAD_DIM {
+        return Err(OpError::Unsupported {
+            op: OP,
+            what: "head dim",
+            value: d,
+            reason: format!("the backward kernels support head dims up to {MAX_HEAD_DIM}"),
+        });
+    }
+    let off = |t: &TensorView<R, E>| {
+        u32::try_from(t.offset).map_err(|_| OpError::Unsupported {
+            op: OP,
+            what: "view offset",
+            value: t.offset,
+            reason: "must fit in 32 bits".into(),
+        })
+    };
+    let cfg = megabyte_kernels::attention::BackwardConfig {
+        head_dim: d,
+        causal,
+    };
+    let scale = (1.0 / (d as f64).sqrt()) as f32;
+    let stats = || Tensor::<R, f32>::empty(client, &[b, h, s]);
+    let (row_max, row_sum, delta) = (stats(), stats(), stats());
+    let (count, dim) = grid_1d(client, b * h * s);
+    // SAFETY: every view was bounds-checked when made and has the validated shape with unit
+    // stride over D; the kernels guard on B·H·S units and index only inside those shapes.
+    unsafe {
+        megabyte_kernels::attention::attention_backward_q::launch_unchecked::<E, R>(
+            client,
+            count.clone(),
+            dim,
+            q.arg(),
+            k.arg(),
+            v.arg(),
+            d_out.arg(),
+            dq.arg(),
+            row_max.arg(),
+            row_sum.arg(),
+            delta.arg(),
+            off(q)?,
+            off(k)?,
+            off(v)?,
+            off(dq)?,
+            scale,
+            cfg,
+        );
+        megabyte_kernels::attention::attention_backward_kv::launch_unchecked::<E, R>(
+            client,
+            count,
+            dim,
+            q.arg(),
+            k.arg(),
+            v.arg(),
+            d_out.arg(),
+            row_max.arg(),
+            row_sum.arg(),
+            delta.arg(),
+            dk.arg(),
+            dv.arg(),
+            off(q)?,
+            off(k)?,
+            off(v)?,
+            off(dk)?,
+            off(dv)?,
+            scale,
+            cfg,
+        );
+    }
+    Ok(())
+}

@@ -97,3 +97,38 @@ pub fn bits_per_byte<R: Runtime>(loss: &Tensor<R, f32>) -> Result<f64, OpError> 
     let nats = values.iter().map(|&v| v as f64).sum::<f64>() / values.len() as f64;
     Ok(nats / std::f64::consts::LN_2)
 }
+
+/// Cross-entropy backward in place: `logits` (rows, V), as the tied head computed them,
+/// become d_logits = (softmax - one-hot(target)) · scale (scale = 1/rows for a mean loss),
+/// using the forward's per-row log-sum-exp.
+pub fn cross_entropy_backward<R: Runtime, E: FloatElement>(
+    logits: &Tensor<R, E>,
+    lse: &Tensor<R, f32>,
+    targets: &Tensor<R, u32>,
+    scale: f32,
+) -> Result<(), OpError> {
+    const OP: &str = "cross_entropy_backward";
+    let client = logits.client();
+    ensure_dtype::<R, E>(client, OP)?;
+    if logits.shape().len() != 2 || logits.is_empty() {
+        return Err(OpError::shape(OP, "logits", logits.shape(), vec![1, 256]));
+    }
+    let rows = logits.shape()[0];
+    lse.expect_shape(OP, "lse", &[rows])?;
+    targets.expect_shape(OP, "targets", &[rows])?;
+    let (count, dim) = crate::device::grid_1d(client, logits.len());
+    // SAFETY: shapes checked; one unit per element, guarded on the length; targets >= V
+    // simply match no column.
+    unsafe {
+        megabyte_kernels::cross_entropy::cross_entropy_backward::launch_unchecked::<E, R>(
+            client,
+            count,
+            dim,
+            logits.arg(),
+            lse.arg(),
+            targets.arg(),
+            scale,
+        );
+    }
+    Ok(())
+}

@@ -109,3 +109,74 @@ fn launch<R: Runtime, E: FloatElement>(
     }
     Ok(())
 }
+
+/// LayerNorm backward from the forward's input and saved statistics (all (rows, C) tensors
+/// contiguous): d_input = residual + ∂LN/∂input · d_out (residual optional: the gradient
+/// arriving through the skip connection), d_weight and d_bias (C) overwritten.
+#[allow(clippy::too_many_arguments)]
+pub fn layer_norm_backward<R: Runtime, E: FloatElement>(
+    input: &Tensor<R, E>,
+    d_out: &Tensor<R, E>,
+    weight: &Tensor<R, E>,
+    mean: &Tensor<R, f32>,
+    rstd: &Tensor<R, f32>,
+    residual: Option<&Tensor<R, E>>,
+    d_input: &Tensor<R, E>,
+    d_weight: &Tensor<R, E>,
+    d_bias: &Tensor<R, E>,
+) -> Result<(), OpError> {
+    const OP: &str = "layer_norm_backward";
+    let client = input.client();
+    ensure_dtype::<R, E>(client, OP)?;
+    if input.shape().len() != 2 || input.is_empty() {
+        return Err(OpError::shape(OP, "input", input.shape(), vec![1, 1]));
+    }
+    let (rows, width) = (input.shape()[0], input.shape()[1]);
+    for (name, t) in [("d_out", d_out), ("d_input", d_input)] {
+        t.expect_shape(OP, name, &[rows, width])?;
+    }
+    if let Some(r) = residual {
+        r.expect_shape(OP, "residual", &[rows, width])?;
+    }
+    for (name, t) in [
+        ("weight", weight),
+        ("d_weight", d_weight),
+        ("d_bias", d_bias),
+    ] {
+        t.expect_shape(OP, name, &[width])?;
+    }
+    mean.expect_shape(OP, "mean", &[rows])?;
+    rstd.expect_shape(OP, "rstd", &[rows])?;
+    let vector = vector_size_for::<R, E>(client, &[width]);
+    let (count, dim) = crate::device::grid_1d(client, rows);
+    let (pcount, pdim) = crate::device::grid_1d(client, width);
+    // SAFETY: shapes validated above; the kernels guard rows and columns; `vector` divides C.
+    unsafe {
+        megabyte_kernels::layer_norm::layer_norm_backward::launch_unchecked::<E, R>(
+            client,
+            count,
+            dim,
+            vector,
+            input.arg(),
+            d_out.arg(),
+            weight.arg(),
+            mean.arg(),
+            rstd.arg(),
+            residual.unwrap_or(d_out).arg(),
+            d_input.arg(),
+            residual.is_some(),
+        );
+        megabyte_kernels::layer_norm::layer_norm_backward_params::launch_unchecked::<E, R>(
+            client,
+            pcount,
+            pdim,
+            input.arg(),
+            d_out.arg(),
+            mean.arg(),
+            rstd.arg(),
+            d_weight.arg(),
+            d_bias.arg(),
+        );
+    }
+    Ok(())
+}

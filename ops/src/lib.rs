@@ -13,12 +13,15 @@ pub mod copy;
 pub mod cross_entropy;
 pub mod device;
 pub mod element;
+pub mod embedding;
 pub mod error;
 pub mod ffn;
 pub mod gemm;
 pub mod layer_norm;
 pub mod local_input;
+pub mod optim;
 pub mod patch_embed;
+pub mod reduce;
 pub mod tensor;
 
 pub use attention::AttentionKernel;

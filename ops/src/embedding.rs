@@ -1,0 +1,69 @@
+//! Launcher for the deterministic embedding backward.
+
+use cubecl::prelude::*;
+use megabyte_kernels::embedding::embedding_backward as kernel;
+
+use crate::device::{ensure_dtype, grid_1d};
+use crate::element::FloatElement;
+use crate::error::OpError;
+use crate::tensor::{Tensor, TensorView};
+
+const OP: &str = "embedding_backward";
+
+/// Sums gradient rows (B, S, D) back into a table out (V, D): with `ids` (B, S), row (b, s)
+/// goes to out[ids[b, s]] (a byte embedding); without, to out[s] (a position embedding;
+/// rows of out past S get zero). `accumulate` adds to out's values instead of overwriting.
+/// Deterministic: each output element is one ordered sum. Ids >= V match no row.
+pub fn embedding_backward<R: Runtime, E: FloatElement>(
+    rows: &TensorView<R, E>,
+    ids: Option<&TensorView<R, u32>>,
+    out: &Tensor<R, E>,
+    accumulate: bool,
+) -> Result<(), OpError> {
+    let client = out.client();
+    ensure_dtype::<R, E>(client, OP)?;
+    if rows.shape.len() != 3 || rows.shape.contains(&0) {
+        return Err(OpError::shape(OP, "rows", &rows.shape, vec![1, 1, 1]));
+    }
+    let (b, s, d) = (rows.shape[0], rows.shape[1], rows.shape[2]);
+    if out.shape().len() != 2 || out.shape()[1] != d {
+        return Err(OpError::shape(OP, "out", out.shape(), vec![0, d]));
+    }
+    if let Some(ids) = ids {
+        if ids.shape != [b, s] {
+            return Err(OpError::shape(OP, "ids", &ids.shape, vec![b, s]));
+        }
+    }
+    let off = |o: usize| {
+        u32::try_from(o).map_err(|_| OpError::Unsupported {
+            op: OP,
+            what: "view offset",
+            value: o,
+            reason: "must fit in 32 bits".into(),
+        })
+    };
+    let ids_offset = off(ids.map_or(0, |i| i.offset))?;
+    let rows_offset = off(rows.offset)?;
+    // Without ids the kernel never reads them; any u32 tensor stands in.
+    let dummy = Tensor::<R, u32>::empty(client, &[1, 1]);
+    let dummy_view = dummy.view();
+    let ids_view = ids.unwrap_or(&dummy_view);
+    let (count, dim) = grid_1d(client, out.len());
+    // SAFETY: views were bounds-checked when made; the kernel guards on out's length and reads
+    // rows and ids only inside their shapes.
+    unsafe {
+        kernel::launch_unchecked::<E, R>(
+            client,
+            count,
+            dim,
+            rows.arg(),
+            ids_view.arg(),
+            out.arg(),
+            rows_offset,
+            ids_offset,
+            ids.is_some(),
+            accumulate,
+        );
+    }
+    Ok(())
+}
