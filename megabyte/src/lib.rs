@@ -29,6 +29,7 @@ pub mod eval;
 pub mod generate;
 pub mod info;
 pub mod model;
+pub mod train;
 
 pub use error::Error;
 pub use generate::{Decoder, GenerateOptions, Generator};

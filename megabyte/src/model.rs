@@ -54,6 +54,102 @@ pub(crate) struct DeviceWeights<R: Runtime, E> {
     /// The output table (V, D_L): E_L itself when the head is tied, the untied head transposed
     /// otherwise, so that one fused logits + cross-entropy kernel serves both.
     pub head_table: Tensor<R, E>,
+    /// Whether `head_table` is `local_embed` (the same buffer).
+    pub tied: bool,
+}
+
+impl<R: Runtime, E: FloatElement> DeviceBlock<R, E> {
+    fn tensors(&self) -> [&Tensor<R, E>; 12] {
+        [
+            &self.ln1.0,
+            &self.ln1.1,
+            &self.qkv.0,
+            &self.qkv.1,
+            &self.proj.0,
+            &self.proj.1,
+            &self.ln2.0,
+            &self.ln2.1,
+            &self.fc1.0,
+            &self.fc1.1,
+            &self.fc2.0,
+            &self.fc2.1,
+        ]
+    }
+
+    fn zeros_like(&self) -> Self {
+        let z = |t: &Tensor<R, E>| Tensor::full(t.client(), t.shape(), 0.0);
+        let pair = |p: &(Tensor<R, E>, Tensor<R, E>)| (z(&p.0), z(&p.1));
+        DeviceBlock {
+            ln1: pair(&self.ln1),
+            qkv: pair(&self.qkv),
+            proj: pair(&self.proj),
+            ln2: pair(&self.ln2),
+            fc1: pair(&self.fc1),
+            fc2: pair(&self.fc2),
+        }
+    }
+}
+
+impl<R: Runtime, E: FloatElement> DeviceWeights<R, E> {
+    /// Every parameter in the order of `Config::tensor_specs`; an untied head appears as its
+    /// (V, D_L) table, the transpose of the checkpoint's (D_L, V) `head.weight`.
+    pub fn tensors(&self) -> Vec<&Tensor<R, E>> {
+        let mut out = vec![&self.global_embed, &self.global_pos, &self.global_pad];
+        for b in &self.global_blocks {
+            out.extend(b.tensors());
+        }
+        out.extend([
+            &self.global_ln_f.0,
+            &self.global_ln_f.1,
+            &self.global_to_local,
+        ]);
+        out.extend([&self.local_embed, &self.local_pad]);
+        if let Some(p) = &self.local_pos {
+            out.push(p);
+        }
+        for b in &self.local_blocks {
+            out.extend(b.tensors());
+        }
+        out.extend([&self.local_ln_f.0, &self.local_ln_f.1]);
+        if !self.tied {
+            out.push(&self.head_table);
+        }
+        out
+    }
+
+    /// Zero tensors of the same shapes (gradients, optimiser moments); a tied table stays
+    /// shared with the embedding.
+    pub fn zeros_like(&self) -> Self {
+        let z = |t: &Tensor<R, E>| Tensor::full(t.client(), t.shape(), 0.0);
+        let local_embed = z(&self.local_embed);
+        DeviceWeights {
+            global_embed: z(&self.global_embed),
+            global_pos: z(&self.global_pos),
+            global_pad: z(&self.global_pad),
+            global_blocks: self
+                .global_blocks
+                .iter()
+                .map(DeviceBlock::zeros_like)
+                .collect(),
+            global_ln_f: (z(&self.global_ln_f.0), z(&self.global_ln_f.1)),
+            global_to_local: z(&self.global_to_local),
+            head_table: if self.tied {
+                local_embed.clone()
+            } else {
+                z(&self.head_table)
+            },
+            local_embed,
+            local_pad: z(&self.local_pad),
+            local_pos: self.local_pos.as_ref().map(z),
+            local_blocks: self
+                .local_blocks
+                .iter()
+                .map(DeviceBlock::zeros_like)
+                .collect(),
+            local_ln_f: (z(&self.local_ln_f.0), z(&self.local_ln_f.1)),
+            tied: self.tied,
+        }
+    }
 }
 
 /// The width, depth and attention shape of one of the two transformers.
@@ -223,6 +319,7 @@ impl<R: Runtime, E: FloatElement> Model<R, E> {
                 up(&weights.local_ln_f.bias, &[dl])?,
             ),
             head_table,
+            tied: weights.head.is_none(),
         };
         Ok(Model {
             cfg: cfg.clone(),
@@ -236,6 +333,25 @@ impl<R: Runtime, E: FloatElement> Model<R, E> {
     /// local phase then runs in more, smaller chunks of patches: less peak memory, same result.
     pub fn set_max_buffer_bytes(&mut self, bytes: usize) {
         self.max_buffer = bytes.min(max_buffer_bytes(&self.client));
+    }
+
+    /// The weights read back to the host as f32, in the checkpoint layout.
+    pub fn to_weights(&self) -> Result<Weights, Error> {
+        let mut w = Weights::zeros(&self.cfg);
+        let (v, dl) = (self.cfg.vocab, self.cfg.d_local);
+        for (dst, src) in w.tensors_mut().into_iter().zip(self.w.tensors()) {
+            *dst = src.to_f32_vec()?;
+        }
+        if let Some(head) = w.head.as_mut() {
+            // The device keeps the (V, D_L) table; the checkpoint stores (D_L, V).
+            let table = head.clone();
+            for id in 0..v {
+                for d in 0..dl {
+                    head[d * v + id] = table[id * dl + d];
+                }
+            }
+        }
+        Ok(w)
     }
 
     pub fn config(&self) -> &Config {

@@ -1,0 +1,695 @@
+//! Training on the device: a forward pass that keeps what the backward needs, the backward
+//! through every kernel, global-norm clipping and a fused AdamW step.
+//!
+//! Weights, gradients and both Adam moments are f32 device tensors (the model's weights are the
+//! master copy). Every kernel of a step is deterministic (ordered sums, no atomics), so the same
+//! weights and batch give the same bits; batches are drawn from a seed and the step number, so
+//! a run stopped and resumed from a checkpoint ends with the same weights as an uninterrupted
+//! one.
+
+use cubecl::prelude::*;
+use megabyte_ops::activation::{activation_backward, activation_into};
+use megabyte_ops::attention::{attention_backward, flash_attention};
+use megabyte_ops::cross_entropy::{cross_entropy_backward, tied_cross_entropy};
+use megabyte_ops::embedding::embedding_backward;
+use megabyte_ops::gemm::{gemm, Epilogue};
+use megabyte_ops::layer_norm::{layer_norm, layer_norm_backward};
+use megabyte_ops::local_input::local_input;
+use megabyte_ops::optim::{adamw, AdamW};
+use megabyte_ops::patch_embed::patch_embed;
+use megabyte_ops::reduce::{column_sum, squared_norm};
+use megabyte_ops::{ActivationKind, Tensor};
+use megabyte_reference::{Config, Weights};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::checkpoint::{self, StorageDtype, OPTIMIZER_PREFIX};
+use crate::error::Error;
+use crate::model::{activation_kind, DeviceBlock, DeviceWeights, Model, Stack};
+
+/// Optimiser and schedule settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainConfig {
+    /// Peak learning rate, reached after `warmup` steps.
+    pub lr: f32,
+    /// Final learning rate of the decay.
+    pub min_lr: f32,
+    pub warmup: u64,
+    /// Total steps: the decay ends here.
+    pub steps: u64,
+    /// Cosine (true) or linear decay after warmup.
+    pub cosine: bool,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// Decoupled weight decay on linear-layer weights (not on norms, biases, embeddings, pads).
+    pub weight_decay: f32,
+    /// Clip the global gradient norm to this (0: no clipping).
+    pub clip: f32,
+    pub batch: usize,
+    /// Bytes per training sequence (a multiple of P, at most the context).
+    pub seq: usize,
+    /// Seed of the batch sampler.
+    pub seed: u64,
+}
+
+impl TrainConfig {
+    pub fn new(cfg: &Config, steps: u64) -> Self {
+        TrainConfig {
+            lr: 3e-3,
+            min_lr: 3e-4,
+            warmup: (steps / 20).max(1),
+            steps,
+            cosine: true,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            clip: 1.0,
+            batch: 8,
+            seq: cfg.context,
+            seed: 0,
+        }
+    }
+
+    /// Learning rate at step t (1-based): linear warmup, then cosine or linear decay to
+    /// `min_lr` at `steps`.
+    pub fn lr_at(&self, t: u64) -> f32 {
+        if t <= self.warmup {
+            return self.lr * t as f32 / self.warmup as f32;
+        }
+        let span = self.steps.saturating_sub(self.warmup).max(1) as f64;
+        let frac = ((t - self.warmup) as f64 / span).min(1.0);
+        let shape = if self.cosine {
+            0.5 * (1.0 + (std::f64::consts::PI * frac).cos())
+        } else {
+            1.0 - frac
+        };
+        (self.min_lr as f64 + (self.lr - self.min_lr) as f64 * shape) as f32
+    }
+}
+
+/// What one step measured.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepStats {
+    pub step: u64,
+    /// Mean cross-entropy of the batch in nats, before the update.
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub lr: f32,
+}
+
+impl StepStats {
+    pub fn bits_per_byte(&self) -> f64 {
+        self.loss / std::f64::consts::LN_2
+    }
+}
+
+/// Everything a block's backward reads, kept by the training forward.
+struct BlockSaved<R: Runtime> {
+    h_in: Tensor<R, f32>,
+    x1: Tensor<R, f32>,
+    mean1: Tensor<R, f32>,
+    rstd1: Tensor<R, f32>,
+    qkv: Tensor<R, f32>,
+    attn: Tensor<R, f32>,
+    h_mid: Tensor<R, f32>,
+    x2: Tensor<R, f32>,
+    mean2: Tensor<R, f32>,
+    rstd2: Tensor<R, f32>,
+    /// FFN pre-activation and activation, (N, H).
+    u: Tensor<R, f32>,
+    z: Tensor<R, f32>,
+}
+
+/// A model being trained: f32 weights, gradients and Adam moments on the device.
+pub struct Trainer<R: Runtime> {
+    model: Model<R, f32>,
+    grads: DeviceWeights<R, f32>,
+    m: DeviceWeights<R, f32>,
+    v: DeviceWeights<R, f32>,
+    /// Weight decay applies to this tensor (by position in `DeviceWeights::tensors`).
+    decay: Vec<bool>,
+    pub train: TrainConfig,
+    /// Steps taken so far.
+    step: u64,
+}
+
+impl<R: Runtime> Trainer<R> {
+    pub fn new(
+        client: &ComputeClient<R>,
+        cfg: &Config,
+        weights: &Weights,
+        train: TrainConfig,
+    ) -> Result<Self, Error> {
+        let model = Model::<R, f32>::new(client, cfg, weights)?;
+        check_seq(cfg, train.seq, train.batch)?;
+        let grads = model.w.zeros_like();
+        let m = model.w.zeros_like();
+        let v = model.w.zeros_like();
+        let decay = cfg
+            .tensor_specs()
+            .iter()
+            .map(|(name, _)| {
+                name.ends_with(".weight")
+                    && (name.contains(".attn.")
+                        || name.contains(".ffn.")
+                        || name.starts_with("global_to_local")
+                        || name.starts_with("head"))
+            })
+            .collect();
+        Ok(Trainer {
+            model,
+            grads,
+            m,
+            v,
+            decay,
+            train,
+            step: 0,
+        })
+    }
+
+    /// Restores the optimiser state and step count saved by [`Trainer::save`].
+    pub fn resume(
+        client: &ComputeClient<R>,
+        ckpt: &checkpoint::Checkpoint,
+        train: TrainConfig,
+    ) -> Result<Self, Error> {
+        let mut t = Trainer::new(client, &ckpt.config, &ckpt.weights, train)?;
+        let find = |name: &str| {
+            ckpt.optimizer
+                .iter()
+                .find(|(n, _, _)| n == name)
+                .ok_or_else(|| Error::Checkpoint {
+                    path: "(resume)".into(),
+                    reason: format!(
+                        "optimizer tensor `{name}` is missing: not a training checkpoint"
+                    ),
+                })
+        };
+        let (_, _, step) = find("optimizer.step")?;
+        t.step = step[0] as u64;
+        let specs = ckpt.config.tensor_specs();
+        for (moments, key) in [(&t.m, "m"), (&t.v, "v")] {
+            for ((name, _), dst) in specs.iter().zip(moments.tensors()) {
+                let (_, shape, data) = find(&format!("{OPTIMIZER_PREFIX}{key}.{name}"))?;
+                if shape != dst.shape() {
+                    return Err(Error::Checkpoint {
+                        path: "(resume)".into(),
+                        reason: format!(
+                            "optimizer tensor `{key}.{name}` has shape {shape:?}, expected {:?}",
+                            dst.shape()
+                        ),
+                    });
+                }
+                let fresh = Tensor::<R, f32>::from_f32(client, data, shape)?;
+                megabyte_ops::copy::copy(&fresh.view(), &dst.view())?;
+            }
+        }
+        Ok(t)
+    }
+
+    pub fn model(&self) -> &Model<R, f32> {
+        &self.model
+    }
+
+    pub fn steps_done(&self) -> u64 {
+        self.step
+    }
+
+    /// The batch of step t (1-based): `batch` windows of `seq` bytes at offsets drawn from
+    /// (seed, t), so a resumed run sees the same batches.
+    pub fn batch_for(&self, data: &[u8], t: u64) -> Result<Vec<u32>, Error> {
+        let (b, s) = (self.train.batch, self.train.seq);
+        if data.len() < s {
+            return Err(Error::Checkpoint {
+                path: "(training data)".into(),
+                reason: format!("{} bytes is shorter than one sequence of {s}", data.len()),
+            });
+        }
+        let mut rng =
+            ChaCha8Rng::seed_from_u64(self.train.seed ^ t.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut ids = Vec::with_capacity(b * s);
+        for _ in 0..b {
+            let at = rng.gen_range(0..=data.len() - s);
+            ids.extend(data[at..at + s].iter().map(|&x| x as u32));
+        }
+        Ok(ids)
+    }
+
+    /// One optimisation step on ids (batch, seq): forward, backward, clip, AdamW.
+    pub fn step(&mut self, ids: &[u32]) -> Result<StepStats, Error> {
+        let cfg = self.model.config().clone();
+        let (b, t) = (self.train.batch, self.train.seq);
+        megabyte_reference::model::check_input(&cfg, ids, b, t)?;
+        let client = self.model.client().clone();
+        let ids_t = Tensor::from_ids(&client, ids, &[b, t])?;
+        let loss = self.forward_backward(&ids_t)?;
+        let grads: Vec<&Tensor<R, f32>> = self.grads.tensors();
+        let norm = squared_norm(&grads)?.sqrt();
+        let clip = self.train.clip as f64;
+        let scale = if clip > 0.0 && norm > clip {
+            clip / norm
+        } else {
+            1.0
+        };
+        self.step += 1;
+        let lr = self.train.lr_at(self.step);
+        let params = self.model.w.tensors();
+        let (ms, vs) = (self.m.tensors(), self.v.tensors());
+        for (i, p) in params.iter().enumerate() {
+            let hp = AdamW {
+                lr,
+                beta1: self.train.beta1,
+                beta2: self.train.beta2,
+                eps: self.train.eps,
+                weight_decay: if self.decay[i] {
+                    self.train.weight_decay
+                } else {
+                    0.0
+                },
+            };
+            adamw(p, grads[i], ms[i], vs[i], &hp, self.step, scale as f32)?;
+        }
+        Ok(StepStats {
+            step: self.step,
+            loss,
+            grad_norm: norm,
+            lr,
+        })
+    }
+
+    /// Mean loss in nats of ids (batch, seq) and every gradient, written to `self.grads`.
+    fn forward_backward(&mut self, ids: &Tensor<R, u32>) -> Result<f64, Error> {
+        let cfg = self.model.config().clone();
+        let client = self.model.client().clone();
+        let w = &self.model.w;
+        let g = &self.grads;
+        let (b, t) = (ids.shape()[0], ids.shape()[1]);
+        let (p, dg, dl, v) = (cfg.patch, cfg.d_global, cfg.d_local, cfg.vocab);
+        let (k, c) = (t / p, cfg.global_width());
+        let n = b * t;
+        let act = activation_kind(cfg.activation);
+        let (gs, ls) = (self.model.global_stack(), self.model.local_stack());
+
+        // Forward, keeping each block's intermediates.
+        let h0 = Tensor::<R, f32>::empty(&client, &[b, k, c]);
+        patch_embed(ids, &w.global_embed, &w.global_pos, &w.global_pad, &h0, p)?;
+        let mut h = h0.reshape(&[b * k, c])?;
+        let mut global_saved = Vec::new();
+        for blk in &w.global_blocks {
+            let (out, saved) = block_forward(&h, blk, gs, act, b, k)?;
+            global_saved.push(saved);
+            h = out;
+        }
+        let (gmean, grstd) = (
+            Tensor::empty(&client, &[b * k]),
+            Tensor::empty(&client, &[b * k]),
+        );
+        let gout = Tensor::<R, f32>::empty(&client, &[b * k, c]);
+        layer_norm(
+            &h,
+            &w.global_ln_f.0,
+            &w.global_ln_f.1,
+            &gout,
+            &gmean,
+            &grstd,
+        )?;
+        let l0 = Tensor::<R, f32>::empty(&client, &[b, t, dl]);
+        local_input(
+            &gout.clone().reshape(&[b, k, c])?,
+            ids,
+            &w.global_to_local,
+            &w.local_embed,
+            &w.local_pad,
+            w.local_pos.as_ref(),
+            &l0,
+        )?;
+        let mut l = l0.reshape(&[n, dl])?;
+        let mut local_saved = Vec::new();
+        for blk in &w.local_blocks {
+            let (out, saved) = block_forward(&l, blk, ls, act, b * k, p)?;
+            local_saved.push(saved);
+            l = out;
+        }
+        let (lmean, lrstd) = (Tensor::empty(&client, &[n]), Tensor::empty(&client, &[n]));
+        let lout = Tensor::<R, f32>::empty(&client, &[n, dl]);
+        layer_norm(&l, &w.local_ln_f.0, &w.local_ln_f.1, &lout, &lmean, &lrstd)?;
+        let logits = Tensor::<R, f32>::empty(&client, &[n, v]);
+        let (loss, lse) = (Tensor::empty(&client, &[n]), Tensor::empty(&client, &[n]));
+        let targets = ids.clone().reshape(&[n])?;
+        tied_cross_entropy(&lout, &w.head_table, &targets, &loss, &lse, Some(&logits))?;
+
+        // Backward. The logits become their gradient in place.
+        cross_entropy_backward(&logits, &lse, &targets, 1.0 / n as f32)?;
+        let d_lout = Tensor::<R, f32>::empty(&client, &[n, dl]);
+        gemm(
+            &logits.view(),
+            &w.head_table.view(),
+            &d_lout,
+            &Epilogue::none(),
+        )?;
+        // The output table's gradient (E_L's head part when tied; the local-input part is
+        // added below).
+        gemm(
+            &logits.view().t(),
+            &lout.view(),
+            &g.head_table,
+            &Epilogue::none(),
+        )?;
+        let d_l = Tensor::<R, f32>::empty(&client, &[n, dl]);
+        let (lw, lb) = &g.local_ln_f;
+        layer_norm_backward(
+            &l,
+            &d_lout,
+            &w.local_ln_f.0,
+            &lmean,
+            &lrstd,
+            None,
+            &d_l,
+            lw,
+            lb,
+        )?;
+        let mut d_l = d_l;
+        for (i, blk) in w.local_blocks.iter().enumerate().rev() {
+            d_l = block_backward(
+                &d_l,
+                &local_saved[i],
+                blk,
+                &g.local_blocks[i],
+                ls,
+                act,
+                b * k,
+                p,
+            )?;
+        }
+        // Global → local input: d_g rows (B·T, D_G) are d_gout (B·K, C) in the same memory.
+        let d_gout = Tensor::<R, f32>::empty(&client, &[n, dg]);
+        gemm(
+            &d_l.view(),
+            &w.global_to_local.view().t(),
+            &d_gout,
+            &Epilogue::none(),
+        )?;
+        let g_rows = gout.strided(0, &[n, dg], &[dg, 1])?;
+        gemm(
+            &g_rows.t(),
+            &d_l.view(),
+            &g.global_to_local,
+            &Epilogue::none(),
+        )?;
+        let bk = b * k;
+        if p > 1 {
+            let rows = d_l.strided(dl, &[bk, p - 1, dl], &[p * dl, dl, 1])?;
+            let prev = ids.strided(0, &[bk, p - 1], &[p, 1])?;
+            embedding_backward(&rows, Some(&prev), &g.local_embed, cfg.tied_head)?;
+        } else if !cfg.tied_head {
+            zero(&g.local_embed)?;
+        }
+        let pad_rows = d_l.strided(0, &[bk, 1, dl], &[p * dl, dl, 1])?;
+        embedding_backward(
+            &pad_rows,
+            None,
+            &g.local_pad.clone().reshape(&[1, dl])?,
+            false,
+        )?;
+        if let Some(lpos) = &g.local_pos {
+            let all = d_l.strided(0, &[bk, p, dl], &[p * dl, dl, 1])?;
+            embedding_backward(&all, None, lpos, false)?;
+        }
+        let d_h = Tensor::<R, f32>::empty(&client, &[bk, c]);
+        let d_gout = d_gout.reshape(&[bk, c])?;
+        let (gw, gb) = &g.global_ln_f;
+        layer_norm_backward(
+            &h,
+            &d_gout,
+            &w.global_ln_f.0,
+            &gmean,
+            &grstd,
+            None,
+            &d_h,
+            gw,
+            gb,
+        )?;
+        let mut d_h = d_h;
+        for (i, blk) in w.global_blocks.iter().enumerate().rev() {
+            d_h = block_backward(
+                &d_h,
+                &global_saved[i],
+                blk,
+                &g.global_blocks[i],
+                gs,
+                act,
+                b,
+                k,
+            )?;
+        }
+        // Patch embedding: patch 0 is the pad; patch k >= 1 holds bytes (k-1)·P .. k·P.
+        let pad_rows = d_h.strided(0, &[b, 1, c], &[k * c, c, 1])?;
+        embedding_backward(
+            &pad_rows,
+            None,
+            &g.global_pad.clone().reshape(&[1, c])?,
+            false,
+        )?;
+        if k > 1 {
+            let rows = d_h.strided(c, &[b, (k - 1) * p, dg], &[k * c, dg, 1])?;
+            let bytes = ids.strided(0, &[b, (k - 1) * p], &[t, 1])?;
+            embedding_backward(&rows, Some(&bytes), &g.global_embed, false)?;
+            embedding_backward(&rows, None, &g.global_pos, false)?;
+        } else {
+            zero(&g.global_embed)?;
+            zero(&g.global_pos)?;
+        }
+        let losses = loss.to_f32_vec()?;
+        Ok(losses.iter().map(|&x| x as f64).sum::<f64>() / n as f64)
+    }
+
+    /// The weights (read back) and a checkpoint that also holds the optimiser state.
+    pub fn save(&self, path: &std::path::Path, dtype: StorageDtype) -> Result<(), Error> {
+        let cfg = self.model.config();
+        let weights = self.model.to_weights()?;
+        let specs = cfg.tensor_specs();
+        let mut extra = vec![(
+            format!("{OPTIMIZER_PREFIX}step"),
+            vec![1],
+            vec![self.step as f32],
+        )];
+        for (moments, key) in [(&self.m, "m"), (&self.v, "v")] {
+            for ((name, _), tensor) in specs.iter().zip(moments.tensors()) {
+                extra.push((
+                    format!("{OPTIMIZER_PREFIX}{key}.{name}"),
+                    tensor.shape().to_vec(),
+                    tensor.to_f32_vec()?,
+                ));
+            }
+        }
+        let bytes = checkpoint::to_bytes(cfg, &weights, dtype, &extra)?;
+        std::fs::write(path, bytes).map_err(|source| Error::Io {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+}
+
+fn check_seq(cfg: &Config, seq: usize, batch: usize) -> Result<(), Error> {
+    let dummy = vec![0u32; batch * seq];
+    megabyte_reference::model::check_input(cfg, &dummy, batch, seq)?;
+    Ok(())
+}
+
+fn zero<R: Runtime>(t: &Tensor<R, f32>) -> Result<(), Error> {
+    let z = Tensor::<R, f32>::full(t.client(), t.shape(), 0.0);
+    megabyte_ops::copy::copy(&z.view(), &t.view())?;
+    Ok(())
+}
+
+/// One pre-LN block in training mode over `batch` sequences of `seq` positions: returns the
+/// new residual stream (N, C) and the intermediates.
+fn block_forward<R: Runtime>(
+    h: &Tensor<R, f32>,
+    w: &DeviceBlock<R, f32>,
+    stack: Stack,
+    act: ActivationKind,
+    batch: usize,
+    seq: usize,
+) -> Result<(Tensor<R, f32>, BlockSaved<R>), Error> {
+    let client = h.client();
+    let n = batch * seq;
+    let c = stack.width;
+    let (nh, hs) = (stack.heads, c / stack.heads);
+    let e = |shape: &[usize]| Tensor::<R, f32>::empty(client, shape);
+    let (x1, mean1, rstd1) = (e(&[n, c]), e(&[n]), e(&[n]));
+    layer_norm(h, &w.ln1.0, &w.ln1.1, &x1, &mean1, &rstd1)?;
+    let qkv = e(&[n, 3 * c]);
+    gemm(
+        &x1.view(),
+        &w.qkv.0.view(),
+        &qkv,
+        &Epilogue::none().bias(&w.qkv.1),
+    )?;
+    let strides = [seq * 3 * c, 3 * c, hs, 1];
+    let part = |i: usize| qkv.strided(i * c, &[batch, seq, nh, hs], &strides);
+    let attn = e(&[batch, seq, nh, hs]);
+    let lse = e(&[batch, nh, seq]);
+    flash_attention(&part(0)?, &part(1)?, &part(2)?, &attn, &lse, true)?;
+    let h_mid = e(&[n, c]);
+    gemm(
+        &attn.strided(0, &[n, c], &[c, 1])?,
+        &w.proj.0.view(),
+        &h_mid,
+        &Epilogue::none().bias(&w.proj.1).residual(h),
+    )?;
+    let (x2, mean2, rstd2) = (e(&[n, c]), e(&[n]), e(&[n]));
+    layer_norm(&h_mid, &w.ln2.0, &w.ln2.1, &x2, &mean2, &rstd2)?;
+    let u = e(&[n, stack.hidden]);
+    gemm(
+        &x2.view(),
+        &w.fc1.0.view(),
+        &u,
+        &Epilogue::none().bias(&w.fc1.1),
+    )?;
+    let z = e(&[n, stack.hidden]);
+    activation_into(&u, &z, act)?;
+    let out = e(&[n, c]);
+    gemm(
+        &z.view(),
+        &w.fc2.0.view(),
+        &out,
+        &Epilogue::none().bias(&w.fc2.1).residual(&h_mid),
+    )?;
+    Ok((
+        out,
+        BlockSaved {
+            h_in: h.clone(),
+            x1,
+            mean1,
+            rstd1,
+            qkv,
+            attn,
+            h_mid,
+            x2,
+            mean2,
+            rstd2,
+            u,
+            z,
+        },
+    ))
+}
+
+/// Backward of [`block_forward`]: from the gradient of the block's output, writes every
+/// parameter gradient into `g` and returns the gradient of its input.
+#[allow(clippy::too_many_arguments)]
+fn block_backward<R: Runtime>(
+    d_out: &Tensor<R, f32>,
+    s: &BlockSaved<R>,
+    w: &DeviceBlock<R, f32>,
+    g: &DeviceBlock<R, f32>,
+    stack: Stack,
+    act: ActivationKind,
+    batch: usize,
+    seq: usize,
+) -> Result<Tensor<R, f32>, Error> {
+    let client = d_out.client();
+    let n = batch * seq;
+    let c = stack.width;
+    let (nh, hs) = (stack.heads, c / stack.heads);
+    let e = |shape: &[usize]| Tensor::<R, f32>::empty(client, shape);
+    let none = Epilogue::none;
+    // FFN: out = h_mid + z·W2 + b2, z = act(u), u = x2·W1 + b1, x2 = LN2(h_mid).
+    let dz = e(&[n, stack.hidden]);
+    gemm(&d_out.view(), &w.fc2.0.view().t(), &dz, &none())?;
+    gemm(&s.z.view().t(), &d_out.view(), &g.fc2.0, &none())?;
+    column_sum(&d_out.view(), &g.fc2.1, false)?;
+    let du = e(&[n, stack.hidden]);
+    activation_backward(&s.u, &dz, &du, act)?;
+    let dx2 = e(&[n, c]);
+    gemm(&du.view(), &w.fc1.0.view().t(), &dx2, &none())?;
+    gemm(&s.x2.view().t(), &du.view(), &g.fc1.0, &none())?;
+    column_sum(&du.view(), &g.fc1.1, false)?;
+    let d_mid = e(&[n, c]);
+    layer_norm_backward(
+        &s.h_mid,
+        &dx2,
+        &w.ln2.0,
+        &s.mean2,
+        &s.rstd2,
+        Some(d_out),
+        &d_mid,
+        &g.ln2.0,
+        &g.ln2.1,
+    )?;
+    // Attention: h_mid = h_in + attn·Wp + bp.
+    let dy = e(&[n, c]);
+    gemm(&d_mid.view(), &w.proj.0.view().t(), &dy, &none())?;
+    gemm(
+        &s.attn.strided(0, &[n, c], &[c, 1])?.t(),
+        &d_mid.view(),
+        &g.proj.0,
+        &none(),
+    )?;
+    column_sum(&d_mid.view(), &g.proj.1, false)?;
+    let dqkv = e(&[n, 3 * c]);
+    let strides = [seq * 3 * c, 3 * c, hs, 1];
+    let shape = [batch, seq, nh, hs];
+    attention_backward(
+        &s.qkv.strided(0, &shape, &strides)?,
+        &s.qkv.strided(c, &shape, &strides)?,
+        &s.qkv.strided(2 * c, &shape, &strides)?,
+        &dy.reshape(&shape)?,
+        &dqkv.strided(0, &shape, &strides)?,
+        &dqkv.strided(c, &shape, &strides)?,
+        &dqkv.strided(2 * c, &shape, &strides)?,
+        true,
+    )?;
+    let dx1 = e(&[n, c]);
+    gemm(&dqkv.view(), &w.qkv.0.view().t(), &dx1, &none())?;
+    gemm(&s.x1.view().t(), &dqkv.view(), &g.qkv.0, &none())?;
+    column_sum(&dqkv.view(), &g.qkv.1, false)?;
+    let d_in = e(&[n, c]);
+    layer_norm_backward(
+        &s.h_in,
+        &dx1,
+        &w.ln1.0,
+        &s.mean1,
+        &s.rstd1,
+        Some(&d_mid),
+        &d_in,
+        &g.ln1.0,
+        &g.ln1.1,
+    )?;
+    Ok(d_in)
+}
+
+/// Gradients of the mean loss on ids (batch, seq) as host `Weights` (checkpoint layout), for
+/// tests against the reference backward.
+pub fn gradients<R: Runtime>(
+    client: &ComputeClient<R>,
+    cfg: &Config,
+    weights: &Weights,
+    ids: &[u32],
+    batch: usize,
+) -> Result<(f64, Weights), Error> {
+    let seq = ids.len() / batch.max(1);
+    let mut train = TrainConfig::new(cfg, 1);
+    train.batch = batch;
+    train.seq = seq;
+    let mut t = Trainer::new(client, cfg, weights, train)?;
+    megabyte_reference::model::check_input(cfg, ids, batch, seq)?;
+    let ids_t = Tensor::from_ids(client, ids, &[batch, seq])?;
+    let loss = t.forward_backward(&ids_t)?;
+    let mut out = Weights::zeros(cfg);
+    for (dst, src) in out.tensors_mut().into_iter().zip(t.grads.tensors()) {
+        *dst = src.to_f32_vec()?;
+    }
+    if let Some(head) = out.head.as_mut() {
+        let (v, dl) = (cfg.vocab, cfg.d_local);
+        let table = head.clone();
+        for id in 0..v {
+            for d in 0..dl {
+                head[d * v + id] = table[id * dl + d];
+            }
+        }
+    }
+    Ok((loss, out))
+}
