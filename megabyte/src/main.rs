@@ -106,6 +106,8 @@ enum Command {
         #[arg(long)]
         limit: Option<usize>,
     },
+    /// Train a model on a file or a directory of files (read recursively, in path order).
+    Train(TrainArgs),
     /// Parameters, FLOPs per byte and a memory estimate of a configuration.
     Info {
         #[arg(long, conflicts_with = "preset")]
@@ -116,6 +118,62 @@ enum Command {
         #[arg(long)]
         context: Option<usize>,
     },
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// Training text: a file, or a directory whose files are concatenated in path order.
+    #[arg(long)]
+    data: PathBuf,
+    /// Configuration of a new model (ignored with --resume).
+    #[arg(long, default_value = "tiny", value_parser = clap::builder::PossibleValuesParser::new(PRESET_NAMES))]
+    preset: String,
+    /// Continue from a checkpoint written by `train` (weights and optimiser state).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Total optimisation steps (a resumed run continues up to this count).
+    #[arg(long, default_value_t = 300)]
+    steps: u64,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Bytes per sequence (default: the context; a multiple of the patch size).
+    #[arg(long)]
+    seq: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 3e-3)]
+    lr: f32,
+    /// Final learning rate of the cosine decay.
+    #[arg(long, default_value_t = 3e-4)]
+    min_lr: f32,
+    /// Warmup steps (default: 5% of the steps).
+    #[arg(long)]
+    warmup: Option<u64>,
+    #[arg(long, default_value_t = 0.1)]
+    weight_decay: f32,
+    /// Clip the global gradient norm (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    clip: f32,
+    /// Seed of the initial weights and of the batch sampler.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Fraction of the data (its end) held out for validation.
+    #[arg(long, default_value_t = 0.05)]
+    val_fraction: f64,
+    /// Validate (and save) every this many steps.
+    #[arg(long, default_value_t = 100)]
+    eval_every: u64,
+    /// Validation bytes per evaluation (from the start of the held-out part).
+    #[arg(long, default_value_t = 65_536)]
+    val_bytes: usize,
+    /// Where to write the checkpoint; the loss curve goes next to it as `<out>.loss.svg`.
+    #[arg(long)]
+    out: PathBuf,
+    /// Storage type of the saved weights (optimiser state is always f32).
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    save_dtype: DtypeArg,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
 }
 
 fn main() {
@@ -156,6 +214,7 @@ fn main() {
             batch,
             limit,
         } => eval(&model, &file, batch, limit),
+        Command::Train(args) => train(&args),
         Command::Info {
             checkpoint,
             preset,
@@ -552,4 +611,236 @@ fn info(
         mib(m16.kv_cache)
     );
     Ok(())
+}
+
+/// Every regular file under `path` (or `path` itself), concatenated in path order.
+fn read_corpus(path: &std::path::Path) -> Result<Vec<u8>, Error> {
+    let io = |source, p: &std::path::Path| Error::Io {
+        path: p.display().to_string(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| io(e, path))?;
+    if meta.is_file() {
+        return std::fs::read(path).map_err(|e| io(e, path));
+    }
+    let mut files = Vec::new();
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).map_err(|e| io(e, &dir))? {
+            let p = entry.map_err(|e| io(e, &dir))?.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.is_file() {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    let mut data = Vec::new();
+    for f in files {
+        data.extend(std::fs::read(&f).map_err(|e| io(e, &f))?);
+    }
+    Ok(data)
+}
+
+fn train(args: &TrainArgs) -> Result<(), Error> {
+    let data = read_corpus(&args.data)?;
+    let resumed = match &args.resume {
+        Some(p) => Some(checkpoint::load(p)?),
+        None => None,
+    };
+    let cfg = match &resumed {
+        Some(c) => c.config.clone(),
+        None => Config::preset(&args.preset).expect("clap checked the preset name"),
+    };
+    let seq = args.seq.unwrap_or(cfg.context);
+    let val_len = ((data.len() as f64 * args.val_fraction) as usize).max(seq);
+    if data.len() < val_len + seq {
+        return Err(Error::Checkpoint {
+            path: args.data.display().to_string(),
+            reason: format!(
+                "{} bytes is too little: need one sequence of {seq} bytes to train on and {val_len} held out",
+                data.len()
+            ),
+        });
+    }
+    let (train_data, val_data) = data.split_at(data.len() - val_len);
+    let val_data = &val_data[..val_data.len().min(args.val_bytes)];
+    let mut tc = megabyte::train::TrainConfig::new(&cfg, args.steps);
+    tc.lr = args.lr;
+    tc.min_lr = args.min_lr;
+    tc.warmup = args.warmup.unwrap_or((args.steps / 20).max(1));
+    tc.weight_decay = args.weight_decay;
+    tc.clip = args.clip;
+    tc.batch = args.batch;
+    tc.seq = seq;
+    tc.seed = args.seed;
+    let save_dtype = match args.save_dtype {
+        DtypeArg::F32 => checkpoint::StorageDtype::F32,
+        DtypeArg::F16 => checkpoint::StorageDtype::F16,
+    };
+    eprintln!(
+        "data: {} bytes ({} train, {} validation); {} parameters; {} steps of {} x {} bytes",
+        data.len(),
+        train_data.len(),
+        val_data.len(),
+        cfg.num_parameters(),
+        args.steps,
+        args.batch,
+        seq
+    );
+    match backend(args.device)? {
+        Backend::Cpu => Err(Error::Op(megabyte::ops::OpError::NoDevice {
+            runtime: "cpu",
+            reason: "training runs on the kernels: use --device wgpu (any Vulkan driver, lavapipe included) or cuda".into(),
+        })),
+        #[cfg(feature = "wgpu")]
+        Backend::Wgpu(c) => train_on(&c, args, &cfg, resumed, tc, train_data, val_data, save_dtype),
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(c) => train_on(&c, args, &cfg, resumed, tc, train_data, val_data, save_dtype),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn train_on<R: Runtime>(
+    client: &ComputeClient<R>,
+    args: &TrainArgs,
+    cfg: &Config,
+    resumed: Option<checkpoint::Checkpoint>,
+    tc: megabyte::train::TrainConfig,
+    train_data: &[u8],
+    val_data: &[u8],
+    save_dtype: checkpoint::StorageDtype,
+) -> Result<(), Error> {
+    use megabyte::train::Trainer;
+    let mut trainer = match &resumed {
+        Some(ckpt) => Trainer::resume(client, ckpt, tc)?,
+        None => Trainer::new(client, cfg, &Weights::init(cfg, args.seed), tc)?,
+    };
+    let validate = |t: &Trainer<R>| -> Result<f64, Error> {
+        let model = t.model();
+        let e = evaluate(
+            val_data,
+            cfg.context,
+            cfg.patch,
+            4,
+            |ids, b, _| model.losses(ids, b),
+            |_| {},
+        )?;
+        Ok(e.bits_per_byte())
+    };
+    let start_step = trainer.steps_done();
+    let bar = ProgressBar::new(args.steps);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} eta {eta}")
+            .expect("valid template"),
+    );
+    bar.set_position(start_step);
+    let mut curve: Vec<(u64, f64)> = Vec::new();
+    let mut val_curve: Vec<(u64, f64)> = Vec::new();
+    let bytes_per_step = (trainer.train.batch * trainer.train.seq) as f64;
+    let started = Instant::now();
+    let mut last_val = f64::NAN;
+    for step in start_step + 1..=args.steps {
+        let ids = trainer.batch_for(train_data, step)?;
+        let stats = trainer.step(&ids)?;
+        curve.push((step, stats.bits_per_byte()));
+        let rate = (step - start_step) as f64 * bytes_per_step / started.elapsed().as_secs_f64();
+        if step % args.eval_every == 0 || step == args.steps {
+            last_val = validate(&trainer)?;
+            val_curve.push((step, last_val));
+            trainer.save(&args.out, save_dtype)?;
+            bar.println(format!(
+                "step {step}: train {:.3} bits/byte, validation {last_val:.3} bits/byte, saved {}",
+                stats.bits_per_byte(),
+                args.out.display()
+            ));
+        }
+        bar.set_position(step);
+        bar.set_message(format!(
+            "loss {:.3} nats ({:.3} bits/byte) lr {:.2e} {:.0} bytes/s val {last_val:.3}",
+            stats.loss,
+            stats.bits_per_byte(),
+            stats.lr,
+            rate
+        ));
+    }
+    bar.finish();
+    let svg_path = args.out.with_extension("loss.svg");
+    std::fs::write(&svg_path, loss_curve_svg(&curve, &val_curve)).map_err(|source| Error::Io {
+        path: svg_path.display().to_string(),
+        source,
+    })?;
+    eprintln!(
+        "wrote {} and {} ({} steps in {:.0} s)",
+        args.out.display(),
+        svg_path.display(),
+        args.steps - start_step,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// A line chart of training and validation bits per byte against the step, as SVG.
+fn loss_curve_svg(train: &[(u64, f64)], val: &[(u64, f64)]) -> String {
+    let (w, h, m) = (720.0, 400.0, 50.0);
+    let all = train.iter().chain(val);
+    let max_step = all.clone().map(|p| p.0).max().unwrap_or(1).max(1) as f64;
+    let min_step = train.first().map_or(0, |p| p.0.saturating_sub(1)) as f64;
+    let hi = all.clone().map(|p| p.1).fold(0f64, f64::max).max(1e-9);
+    let x = |s: u64| m + (s as f64 - min_step) / (max_step - min_step).max(1.0) * (w - 2.0 * m);
+    let y = |v: f64| h - m - v / hi * (h - 2.0 * m);
+    let path = |pts: &[(u64, f64)]| {
+        pts.iter()
+            .enumerate()
+            .map(|(i, &(s, v))| {
+                format!("{}{:.1},{:.1}", if i == 0 { "M" } else { " L" }, x(s), y(v))
+            })
+            .collect::<String>()
+    };
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+    );
+    svg += &format!(
+        "<line x1=\"{m}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n",
+        h - m,
+        w - m,
+        h - m
+    );
+    svg += &format!(
+        "<line x1=\"{m}\" y1=\"{m}\" x2=\"{m}\" y2=\"{}\" stroke=\"black\"/>\n",
+        h - m
+    );
+    for i in 0..=4 {
+        let v = hi * i as f64 / 4.0;
+        svg += &format!("<text x=\"5\" y=\"{:.1}\">{v:.2}</text>\n", y(v) + 4.0);
+    }
+    svg += &format!(
+        "<text x=\"{}\" y=\"{}\">step {}</text>\n",
+        w / 2.0 - 20.0,
+        h - 15.0,
+        max_step
+    );
+    svg += &format!(
+        "<text x=\"{m}\" y=\"20\">bits per byte: training (blue), validation (orange)</text>\n"
+    );
+    svg += &format!(
+        "<path d=\"{}\" fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1\"/>\n",
+        path(train)
+    );
+    if !val.is_empty() {
+        svg += &format!(
+            "<path d=\"{}\" fill=\"none\" stroke=\"#ff7f0e\" stroke-width=\"2\"/>\n",
+            path(val)
+        );
+        for &(s, v) in val {
+            svg += &format!(
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"#ff7f0e\"/>\n",
+                x(s),
+                y(v)
+            );
+        }
+    }
+    svg += "</svg>\n";
+    svg
 }

@@ -242,3 +242,77 @@ fn bad_input_gets_a_one_line_error() {
     let out = megabyte(&["generate", "abc"]);
     assert_one_line_error(&out, "give --checkpoint FILE or --preset NAME");
 }
+
+#[test]
+fn train_writes_a_checkpoint_and_a_loss_curve_and_resumes() {
+    let data = temp("cli_train.txt");
+    std::fs::write(
+        &data,
+        "fn add(a: u32, b: u32) -> u32 { a + b }\n".repeat(200),
+    )
+    .unwrap();
+    let out = temp("cli_train.safetensors");
+    let d = data.to_str().unwrap();
+    let o = out.to_str().unwrap();
+    let args = [
+        "train",
+        "--data",
+        d,
+        "--preset",
+        "tiny",
+        "--batch",
+        "2",
+        "--eval-every",
+        "3",
+        "--val-bytes",
+        "256",
+        "--out",
+        o,
+    ];
+    let mut first: Vec<&str> = args.to_vec();
+    first.extend(["--steps", "3", "--device", "wgpu"]);
+    let run = megabyte(&first);
+    if !run.status.success() && !in_ci() && text(&run.stderr).contains("no compute device") {
+        eprintln!("SKIPPED: no wgpu adapter; install mesa-vulkan-drivers");
+        return;
+    }
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    assert!(
+        text(&run.stderr).contains("validation"),
+        "{}",
+        text(&run.stderr)
+    );
+    let svg = std::fs::read_to_string(out.with_extension("loss.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("<path"), "{svg}");
+    let ckpt = checkpoint::load(&out).unwrap();
+    assert!(ckpt
+        .optimizer
+        .iter()
+        .any(|(n, _, v)| n == "optimizer.step" && v == &vec![3.0]));
+    // Resume to step 5, then the model generates through the checkpoint.
+    let mut resume: Vec<&str> = args.to_vec();
+    resume.extend(["--steps", "5", "--device", "wgpu", "--resume", o]);
+    let run = megabyte(&resume);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let ckpt = checkpoint::load(&out).unwrap();
+    assert!(ckpt
+        .optimizer
+        .iter()
+        .any(|(n, _, v)| n == "optimizer.step" && v == &vec![5.0]));
+    let gen = megabyte(&[
+        "generate",
+        "--checkpoint",
+        o,
+        "--device",
+        "cpu",
+        "--max-new",
+        "10",
+        "fn ",
+    ]);
+    assert!(gen.status.success(), "{}", text(&gen.stderr));
+    assert_eq!(gen.stdout.len(), 10);
+    // Training needs the kernels.
+    let mut cpu: Vec<&str> = args.to_vec();
+    cpu.extend(["--steps", "1", "--device", "cpu"]);
+    assert_one_line_error(&megabyte(&cpu), "training runs on the kernels");
+}
