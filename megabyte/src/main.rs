@@ -750,11 +750,17 @@ fn train_on<R: Runtime>(
             last_val = validate(&trainer)?;
             val_curve.push((step, last_val));
             trainer.save(&args.out, save_dtype)?;
-            bar.println(format!(
+            let line = format!(
                 "step {step}: train {:.3} bits/byte, validation {last_val:.3} bits/byte, saved {}",
                 stats.bits_per_byte(),
                 args.out.display()
-            ));
+            );
+            // A hidden bar (stderr not a terminal) drops its printlns.
+            if bar.is_hidden() {
+                eprintln!("{line}");
+            } else {
+                bar.println(line);
+            }
         }
         bar.set_position(step);
         bar.set_message(format!(
