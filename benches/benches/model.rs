@@ -100,141 +100,153 @@ fn forward_rate(client: &ComputeClient<Rt>, cfg: &Config, batch: usize, t: usize
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    // `-- --only=SECTION` runs one of: throughput, generation, comparison, scaling.
+    let only = std::env::args().find_map(|a| a.strip_prefix("--only=").map(str::to_string));
+    let run = |section: &str| only.as_deref().is_none_or(|o| o == section);
     let Some(client) = megabyte_benches::client_or_skip("model") else {
         return;
     };
     let rt = megabyte_benches::RUNTIME;
 
     // ---- Forward and training throughput ----
-    println!("\n### Forward and training-step throughput ({rt}, f32)\n");
-    println!("| model | params | batch × bytes | forward bytes/s | training-step bytes/s |");
-    println!("| --- | ---: | ---: | ---: | ---: |");
-    let throughput: Vec<(&str, Config, usize, usize)> = if quick {
-        vec![("tiny", Config::tiny(), 2, 64)]
-    } else {
-        vec![
-            (
-                "tiny (T = 2048)",
-                Config {
-                    context: 2048,
-                    ..Config::tiny()
-                },
-                4,
-                2048,
-            ),
-            ("small", Config::small(), 2, 2048),
-        ]
-    };
-    for (name, cfg, b, t) in &throughput {
-        let (fwd, _) = forward_rate(&client, cfg, *b, *t);
-        let mut tc = TrainConfig::new(cfg, 100);
-        tc.batch = *b;
-        tc.seq = *t;
-        let mut trainer = Trainer::new(&client, cfg, &Weights::init(cfg, 1), tc).unwrap();
-        let x = ids(b * t);
-        let secs = time(&client, || {
-            trainer.step(&x).unwrap();
-        });
-        println!(
-            "| {name} | {} | {b} × {t} | {fwd:.0} | {:.0} |",
-            cfg.num_parameters(),
-            (b * t) as f64 / secs
-        );
-    }
-
-    // ---- Generation with and without the caches ----
-    let t = if quick { 64 } else { 2048 };
-    let new = if quick { 8 } else { 64 };
-    let cfg = Config {
-        context: t,
-        ..Config::tiny()
-    };
-    let w = Weights::init(&cfg, 2);
-    let model = Model::<Rt, f32>::new(&client, &cfg, &w).unwrap();
-    let prompt: Vec<u8> = ids(t - new).iter().map(|&x| x as u8).collect();
-    let gen = Generator::new(
-        &model,
-        GenerateOptions {
-            max_new: new,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let cached = time(&client, || {
-        gen.generate(&[&prompt], |_, _| {}).unwrap();
-    });
-    // Without caches: one full forward over the whole prefix per new byte, as the naive
-    // generator (and megabyte-pytorch) does.
-    let uncached = time(&client, || {
-        let mut seq: Vec<u32> = prompt.iter().map(|&x| x as u32).collect();
-        for _ in 0..new {
-            let n = seq.len();
-            let len = (n + 1).div_ceil(cfg.patch) * cfg.patch;
-            let mut x = seq.clone();
-            x.resize(len, 0);
-            let logits = model.forward(&x, 1).unwrap();
-            let row = &logits[n * cfg.vocab..(n + 1) * cfg.vocab];
-            seq.push(megabyte::reference::generate::argmax(row));
-        }
-    });
-    println!("\n### Generation at context {t}, tiny ({rt}, f32, greedy, the last {new} bytes of the context)\n");
-    println!("| generator | bytes/s | speed-up |");
-    println!("| --- | ---: | ---: |");
-    println!(
-        "| full forward per byte (no cache) | {:.1} | 1 |",
-        new as f64 / uncached
-    );
-    println!(
-        "| KV caches (global per patch, local per byte) | {:.1} | {:.1}× |",
-        new as f64 / cached,
-        uncached / cached
-    );
-
-    // ---- MEGABYTE against a plain transformer of the same size ----
-    println!("\n### MEGABYTE vs a byte-level transformer with the same parameter count ({rt}, f32, batch 1)\n");
-    println!("| model | params | context | training FLOPs/byte | forward s | forward bytes/s | generation bytes/s |");
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
-    let contexts: &[usize] = if quick { &[256] } else { &[2048, 8192] };
-    for &ctx in contexts {
-        let (mb, tr) = if quick {
-            (
-                megabyte_cfg(64, 8, (1, 1), 64, ctx),
-                transformer_cfg(64, 1, ctx),
-            )
+    if run("throughput") {
+        println!("\n### Forward and training-step throughput ({rt}, f32)\n");
+        println!("| model | params | batch × bytes | forward bytes/s | training-step bytes/s |");
+        println!("| --- | ---: | ---: | ---: | ---: |");
+        let throughput: Vec<(&str, Config, usize, usize)> = if quick {
+            vec![("tiny", Config::tiny(), 2, 64)]
         } else {
-            (
-                megabyte_cfg(256, 8, (4, 4), 128, ctx),
-                transformer_cfg(256, 5, ctx),
-            )
+            vec![
+                (
+                    "tiny (T = 2048)",
+                    Config {
+                        context: 2048,
+                        ..Config::tiny()
+                    },
+                    4,
+                    2048,
+                ),
+                ("small", Config::small(), 2, 2048),
+            ]
         };
-        for (name, cfg) in [("MEGABYTE P=8", &mb), ("transformer", &tr)] {
-            let (rate, secs) = forward_rate(&client, cfg, 1, ctx);
-            let model = Model::<Rt, f32>::new(&client, cfg, &Weights::init(cfg, 3)).unwrap();
-            let gen_new = if quick { 8 } else { 256 };
-            let prompt: Vec<u8> = ids(ctx - gen_new).iter().map(|&x| x as u8).collect();
-            let g = Generator::new(
-                &model,
-                GenerateOptions {
-                    max_new: gen_new,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
-            let gsecs = time(&client, || {
-                g.generate(&[&prompt], |_, _| {}).unwrap();
+        for (name, cfg, b, t) in &throughput {
+            let (fwd, _) = forward_rate(&client, cfg, *b, *t);
+            let mut tc = TrainConfig::new(cfg, 100);
+            tc.batch = *b;
+            tc.seq = *t;
+            let mut trainer = Trainer::new(&client, cfg, &Weights::init(cfg, 1), tc).unwrap();
+            let x = ids(b * t);
+            let secs = time(&client, || {
+                trainer.step(&x).unwrap();
             });
-            // Training ≈ 3 × forward (backward twice the forward's matmuls).
-            let f = flops_per_byte(cfg, ctx).total() * 3.0;
             println!(
-                "| {name} | {} | {ctx} | {:.2e} | {secs:.2} | {rate:.0} | {:.1} |",
-                parameters(cfg).total,
-                f,
-                gen_new as f64 / gsecs
+                "| {name} | {} | {b} × {t} | {fwd:.0} | {:.0} |",
+                cfg.num_parameters(),
+                (b * t) as f64 / secs
             );
         }
     }
 
+    // ---- Generation with and without the caches ----
+    if run("generation") {
+        let t = if quick { 64 } else { 2048 };
+        let new = if quick { 8 } else { 64 };
+        let cfg = Config {
+            context: t,
+            ..Config::tiny()
+        };
+        let w = Weights::init(&cfg, 2);
+        let model = Model::<Rt, f32>::new(&client, &cfg, &w).unwrap();
+        let prompt: Vec<u8> = ids(t - new).iter().map(|&x| x as u8).collect();
+        let gen = Generator::new(
+            &model,
+            GenerateOptions {
+                max_new: new,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let cached = time(&client, || {
+            gen.generate(&[&prompt], |_, _| {}).unwrap();
+        });
+        // Without caches: one full forward over the whole prefix per new byte, as the naive
+        // generator (and megabyte-pytorch) does.
+        let uncached = time(&client, || {
+            let mut seq: Vec<u32> = prompt.iter().map(|&x| x as u32).collect();
+            for _ in 0..new {
+                let n = seq.len();
+                let len = (n + 1).div_ceil(cfg.patch) * cfg.patch;
+                let mut x = seq.clone();
+                x.resize(len, 0);
+                let logits = model.forward(&x, 1).unwrap();
+                let row = &logits[n * cfg.vocab..(n + 1) * cfg.vocab];
+                seq.push(megabyte::reference::generate::argmax(row));
+            }
+        });
+        println!("\n### Generation at context {t}, tiny ({rt}, f32, greedy, the last {new} bytes of the context)\n");
+        println!("| generator | bytes/s | speed-up |");
+        println!("| --- | ---: | ---: |");
+        println!(
+            "| full forward per byte (no cache) | {:.1} | 1 |",
+            new as f64 / uncached
+        );
+        println!(
+            "| KV caches (global per patch, local per byte) | {:.1} | {:.1}× |",
+            new as f64 / cached,
+            uncached / cached
+        );
+    }
+
+    // ---- MEGABYTE against a plain transformer of the same size ----
+    if run("comparison") {
+        println!("\n### MEGABYTE vs a byte-level transformer with the same parameter count ({rt}, f32, batch 1)\n");
+        println!("| model | params | context | training FLOPs/byte | forward s | forward bytes/s | generation bytes/s |");
+        println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+        let contexts: &[usize] = if quick { &[256] } else { &[2048, 8192] };
+        for &ctx in contexts {
+            let (mb, tr) = if quick {
+                (
+                    megabyte_cfg(64, 8, (1, 1), 64, ctx),
+                    transformer_cfg(64, 1, ctx),
+                )
+            } else {
+                (
+                    megabyte_cfg(256, 8, (4, 4), 128, ctx),
+                    transformer_cfg(256, 5, ctx),
+                )
+            };
+            for (name, cfg) in [("MEGABYTE P=8", &mb), ("transformer", &tr)] {
+                let (rate, secs) = forward_rate(&client, cfg, 1, ctx);
+                let model = Model::<Rt, f32>::new(&client, cfg, &Weights::init(cfg, 3)).unwrap();
+                let gen_new = if quick { 8 } else { 256 };
+                let prompt: Vec<u8> = ids(ctx - gen_new).iter().map(|&x| x as u8).collect();
+                let g = Generator::new(
+                    &model,
+                    GenerateOptions {
+                        max_new: gen_new,
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+                let gsecs = time(&client, || {
+                    g.generate(&[&prompt], |_, _| {}).unwrap();
+                });
+                // Training ≈ 3 × forward (backward twice the forward's matmuls).
+                let f = flops_per_byte(cfg, ctx).total() * 3.0;
+                println!(
+                    "| {name} | {} | {ctx} | {:.2e} | {secs:.2} | {rate:.0} | {:.1} |",
+                    parameters(cfg).total,
+                    f,
+                    gen_new as f64 / gsecs
+                );
+            }
+        }
+    }
+
     // ---- Scaling with the context ----
+    if !run("scaling") {
+        return;
+    }
     println!("\n### Forward time and device memory against context length ({rt}, f32, batch 1)\n");
     println!("| model | context | forward s | reserved device memory MiB |");
     println!("| --- | ---: | ---: | ---: |");
@@ -256,7 +268,7 @@ fn main() {
         (
             "transformer",
             &tr_ctx,
-            (|c| transformer_cfg(128, 4, c)) as fn(usize) -> Config,
+            (|c| transformer_cfg(512, 2, c)) as fn(usize) -> Config,
         ),
     ] {
         let mut curve = Vec::new();
