@@ -1,0 +1,842 @@
+//! The CUDA path proven without a GPU: every kernel variant the model launches on CUDA is
+//! defined (through the wgpu client, which only supplies the builder's device properties),
+//! compiled to CUDA C++ by cubecl-cpp's CUDA dialect (the compiler `cubecl-cuda` uses at run
+//! time), compiled by NVRTC to PTX for sm_80 and sm_90, and assembled by `ptxas -v` for sm_90,
+//! whose register, shared-memory and spill counts go to `target/cuda-resources.md`. A spill in a
+//! main attention or GEMM variant fails `main_variants_do_not_spill` (ignored until the known
+//! spills are fixed; see there).
+//!
+//! NVRTC and ptxas come from NVIDIA's PyPI wheels, unpacked by `scripts/install-cuda-tools.sh`
+//! into the folder named by `MEGABYTE_CUDA_TOOLS`. Without it the test skips, except under
+//! `CI=true`, where it fails. Run:
+//! `MEGABYTE_CUDA_TOOLS=DIR cargo test -p megabyte-tests --features cuda --test cuda_codegen`.
+#![cfg(feature = "cuda")]
+
+use std::ffi::{c_char, c_int, c_void, CString};
+use std::path::{Path, PathBuf};
+
+use cubecl::cuda::CudaCompiler;
+use cubecl::prelude::*;
+use cubecl::wgpu::WgpuRuntime;
+use megabyte_kernels::activation::ActivationKind;
+use megabyte_kernels::attention::{BackwardConfig, FlashConfig, RowsConfig};
+use megabyte_kernels::cross_entropy::CrossEntropyConfig;
+use megabyte_kernels::gemm::GemmConfig;
+use megabyte_kernels::layer_norm::LayerNormConfig;
+use megabyte_tests::in_ci;
+
+type W = WgpuRuntime;
+
+/// One kernel variant: its name in the report, whether a spill fails the test, and its
+/// definition.
+struct Variant {
+    name: String,
+    main: bool,
+    def: KernelDefinition,
+}
+
+fn t() -> TensorCompilationArg {
+    TensorCompilationArg { inplace: None }
+}
+
+fn a() -> ArrayCompilationArg {
+    ArrayCompilationArg { inplace: None }
+}
+
+fn settings(dim: CubeDim) -> KernelSettings {
+    KernelSettings::default()
+        .cube_dim(dim)
+        .address_type(AddressType::U32)
+}
+
+/// CUDA C++ for a kernel definition, as `cubecl-cuda` generates it at run time, and the
+/// kernel's dynamic shared memory in bytes (which `ptxas -v` does not see).
+fn cuda_source(def: KernelDefinition) -> Result<(String, usize), String> {
+    let mut opts: <CudaCompiler as cubecl::Compiler>::CompilationOptions = Default::default();
+    opts.warp_size = 32;
+    let repr = cubecl::Compiler::compile(
+        &mut CudaCompiler::default(),
+        def,
+        &opts,
+        ExecutionMode::Unchecked,
+        cubecl::ir::StorageType::Scalar(cubecl::ir::ElemType::UInt(cubecl::ir::UIntKind::U32)),
+    )
+    .map_err(|e| format!("{e:?}"))?;
+    Ok((repr.to_string(), repr.shared_memory_size()))
+}
+
+/// Vector width a CUDA launch picks for E: 16-byte loads, capped at the GEMM's stage vector.
+fn vec_of<E>() -> usize {
+    (16 / std::mem::size_of::<E>()).min(4)
+}
+
+fn elementwise<E: Float + CubeElement>(c: &ComputeClient<W>, out: &mut Vec<Variant>) {
+    let ty = std::any::type_name::<E>()
+        .rsplit("::")
+        .next()
+        .unwrap()
+        .to_string();
+    let n = vec_of::<E>();
+    let dim = CubeDim::new_1d(256);
+    for (act, name) in [
+        (ActivationKind::Gelu, "gelu"),
+        (ActivationKind::Relu, "relu"),
+    ] {
+        let k = megabyte_kernels::activation::activation::Activation::<E, W>::new(
+            settings(dim),
+            c.clone(),
+            a(),
+            a(),
+            n,
+            act.id(),
+        );
+        out.push(Variant {
+            name: format!("activation_{name}_{ty}"),
+            main: false,
+            def: k.define(),
+        });
+    }
+    let k = megabyte_kernels::copy::strided_copy::StridedCopy::<E, W>::new(
+        settings(dim),
+        c.clone(),
+        t(),
+        t(),
+        (),
+        (),
+        (),
+        n,
+    );
+    out.push(Variant {
+        name: format!("strided_copy_{ty}"),
+        main: false,
+        def: k.define(),
+    });
+    let k = megabyte_kernels::patch_embed::patch_embed::PatchEmbed::<E, W>::new(
+        settings(dim),
+        c.clone(),
+        t(),
+        t(),
+        t(),
+        t(),
+        t(),
+        (),
+        (),
+        (),
+        n,
+    );
+    out.push(Variant {
+        name: format!("patch_embed_{ty}"),
+        main: false,
+        def: k.define(),
+    });
+    for (width, residual) in [(64usize, false), (2048, true)] {
+        let units = (width / n).next_power_of_two().clamp(1, 128);
+        let rows = (256 / units).max(1);
+        let cfg = LayerNormConfig {
+            units,
+            rows,
+            residual,
+        };
+        let k = megabyte_kernels::layer_norm::layer_norm::LayerNorm::<E, W>::new(
+            settings(CubeDim::new_2d(units as u32, rows as u32)),
+            c.clone(),
+            t(),
+            t(),
+            t(),
+            t(),
+            t(),
+            t(),
+            t(),
+            t(),
+            (),
+            n,
+            cfg,
+        );
+        out.push(Variant {
+            name: format!("layer_norm_w{width}_res{residual}_{ty}"),
+            main: false,
+            def: k.define(),
+        });
+    }
+    for (vocab, logits) in [(256usize, false), (257, true)] {
+        let cfg = CrossEntropyConfig {
+            units: 64,
+            rows: 8,
+            per_unit: vocab.div_ceil(64),
+            write_logits: logits,
+        };
+        let k = megabyte_kernels::cross_entropy::tied_cross_entropy::TiedCrossEntropy::<E, W>::new(
+            settings(CubeDim::new_1d(64)),
+            c.clone(),
+            t(),
+            t(),
+            t(),
+            t(),
+            t(),
+            t(),
+            n,
+            cfg,
+        );
+        out.push(Variant {
+            name: format!("cross_entropy_v{vocab}_logits{logits}_{ty}"),
+            main: false,
+            def: k.define(),
+        });
+    }
+}
+
+fn attention<E: Float + CubeElement>(c: &ComputeClient<W>, out: &mut Vec<Variant>) {
+    let ty = std::any::type_name::<E>()
+        .rsplit("::")
+        .next()
+        .unwrap()
+        .to_string();
+    let n = vec_of::<E>();
+    for head_dim in [32usize, 64, 80, 128] {
+        // The global regime (16-row tiles) and the local one (P = 8, four sequences a cube).
+        for (tile, groups) in [(16usize, 1usize), (8, 4)] {
+            let cfg = FlashConfig {
+                block_q: tile,
+                block_k: tile,
+                head_dim,
+                groups,
+                causal: true,
+                vector: n,
+            };
+            let k = megabyte_kernels::attention::flash_attention::FlashAttention::<E, W>::new(
+                settings(CubeDim::new_3d(tile as u32, tile as u32, groups as u32)),
+                c.clone(),
+                t(),
+                t(),
+                t(),
+                t(),
+                t(),
+                (),
+                (),
+                (),
+                (),
+                n,
+                cfg,
+            );
+            out.push(Variant {
+                name: format!("flash_attention_d{head_dim}_tile{tile}x{groups}_{ty}"),
+                main: true,
+                def: k.define(),
+            });
+        }
+        // Decoding against a KV cache: one query row per unit.
+        let cfg = RowsConfig {
+            head_dim,
+            vector: n,
+            causal: true,
+            chunk: 8,
+            rows: 1,
+        };
+        let k = megabyte_kernels::attention::flash_attention_rows::FlashAttentionRows::<E, W>::new(
+            settings(CubeDim::new_1d(256)),
+            c.clone(),
+            t(),
+            t(),
+            t(),
+            t(),
+            t(),
+            (),
+            (),
+            (),
+            (),
+            n,
+            cfg,
+        );
+        out.push(Variant {
+            name: format!("attention_decode_d{head_dim}_{ty}"),
+            main: true,
+            def: k.define(),
+        });
+    }
+}
+
+fn gemm<E: Float + CubeElement>(c: &ComputeClient<W>, out: &mut Vec<Variant>) {
+    let ty = std::any::type_name::<E>()
+        .rsplit("::")
+        .next()
+        .unwrap()
+        .to_string();
+    // The tiled ladder the CUDA planner picks from: thin blocks for decoding, 64×64 when 128×64
+    // blocks would not fill the device, 128×64 otherwise.
+    let blocks = [
+        (16usize, 64usize, 16usize, 4usize, 4usize),
+        (64, 64, 16, 8, 8),
+        (128, 64, 16, 16, 8),
+    ];
+    // Epilogues of the model: fc1 (bias + GELU), fc2/proj (bias + residual), gradients (none,
+    // with a transposed operand).
+    let epilogues: [(&str, bool, Option<ActivationKind>, bool, bool, bool); 4] = [
+        (
+            "bias_gelu",
+            true,
+            Some(ActivationKind::Gelu),
+            false,
+            true,
+            false,
+        ),
+        ("bias_residual", true, None, true, true, false),
+        ("grad_input_bt", false, None, false, true, true),
+        ("grad_weight_at", false, None, false, false, false),
+    ];
+    for (bm, bn, bk, tm, tn) in blocks {
+        for (name, bias, activation, residual, a_along_k, b_along_k) in epilogues {
+            let cfg = GemmConfig {
+                block_m: bm,
+                block_n: bn,
+                block_k: bk,
+                tile_m: tm,
+                tile_n: tn,
+                vector_a: 4,
+                a_along_k,
+                vector_b: 4,
+                b_along_k,
+                vector_out: 4,
+                bias,
+                activation,
+                residual,
+                registers: false,
+            };
+            assert!(cfg.is_valid(), "{cfg:?}");
+            let dim = CubeDim::new_2d((bn / tn) as u32, (bm / tm) as u32);
+            let k = megabyte_kernels::gemm::gemm::Gemm::<E, W>::new(
+                settings(dim),
+                c.clone(),
+                t(),
+                t(),
+                t(),
+                t(),
+                t(),
+                (),
+                (),
+                (),
+                4,
+                4,
+                4,
+                4,
+                cfg,
+            );
+            out.push(Variant {
+                name: format!("gemm_{bm}x{bn}x{bk}_{tm}x{tn}_{name}_{ty}"),
+                main: true,
+                def: k.define(),
+            });
+        }
+    }
+    let cfg = GemmConfig {
+        block_m: 64,
+        block_n: 64,
+        block_k: 16,
+        tile_m: 8,
+        tile_n: 8,
+        vector_a: 4,
+        a_along_k: true,
+        vector_b: 4,
+        b_along_k: false,
+        vector_out: 4,
+        bias: false,
+        activation: None,
+        residual: false,
+        registers: false,
+    };
+    let k = megabyte_kernels::local_input::local_input::LocalInput::<E, W>::new(
+        settings(CubeDim::new_2d(8, 8)),
+        c.clone(),
+        t(),
+        t(),
+        t(),
+        t(),
+        t(),
+        t(),
+        t(),
+        (),
+        4,
+        4,
+        4,
+        4,
+        cfg,
+        true,
+    );
+    out.push(Variant {
+        name: format!("local_input_{ty}"),
+        main: false,
+        def: k.define(),
+    });
+}
+
+/// The training kernels, f32 only (training keeps f32 master weights).
+fn backward(c: &ComputeClient<W>, out: &mut Vec<Variant>) {
+    let dim = CubeDim::new_1d(256);
+    for head_dim in [64usize, 128] {
+        let cfg = BackwardConfig {
+            head_dim,
+            causal: true,
+        };
+        let k =
+            megabyte_kernels::attention::attention_backward_q::AttentionBackwardQ::<f32, W>::new(
+                settings(dim),
+                c.clone(),
+                t(),
+                t(),
+                t(),
+                t(),
+                t(),
+                t(),
+                t(),
+                t(),
+                (),
+                (),
+                (),
+                (),
+                (),
+                cfg,
+            );
+        out.push(Variant {
+            name: format!("attention_backward_q_d{head_dim}_f32"),
+            main: true,
+            def: k.define(),
+        });
+        let k =
+            megabyte_kernels::attention::attention_backward_kv::AttentionBackwardKv::<f32, W>::new(
+                settings(dim),
+                c.clone(),
+                t(),
+                t(),
+                t(),
+                t(),
+                t(),
+                t(),
+                t(),
+                t(),
+                t(),
+                (),
+                (),
+                (),
+                (),
+                (),
+                (),
+                cfg,
+            );
+        out.push(Variant {
+            name: format!("attention_backward_kv_d{head_dim}_f32"),
+            main: true,
+            def: k.define(),
+        });
+    }
+    for act in [ActivationKind::Gelu, ActivationKind::Relu] {
+        let k =
+            megabyte_kernels::activation::activation_backward::ActivationBackward::<f32, W>::new(
+                settings(dim),
+                c.clone(),
+                a(),
+                a(),
+                a(),
+                4,
+                act.id(),
+            );
+        out.push(Variant {
+            name: format!("activation_backward_{act:?}_f32"),
+            main: false,
+            def: k.define(),
+        });
+    }
+    let k = megabyte_kernels::layer_norm::layer_norm_backward::LayerNormBackward::<f32, W>::new(
+        settings(dim),
+        c.clone(),
+        t(),
+        t(),
+        t(),
+        t(),
+        t(),
+        t(),
+        t(),
+        4,
+        true,
+    );
+    out.push(Variant {
+        name: "layer_norm_backward_f32".into(),
+        main: false,
+        def: k.define(),
+    });
+    let k = megabyte_kernels::layer_norm::layer_norm_backward_params::LayerNormBackwardParams::<
+        f32,
+        W,
+    >::new(settings(dim), c.clone(), t(), t(), t(), t(), t(), t());
+    out.push(Variant {
+        name: "layer_norm_backward_params_f32".into(),
+        main: false,
+        def: k.define(),
+    });
+    let k = megabyte_kernels::cross_entropy::cross_entropy_backward::CrossEntropyBackward::<f32, W>::new(
+        settings(dim), c.clone(), t(), t(), t(), (),
+    );
+    out.push(Variant {
+        name: "cross_entropy_backward_f32".into(),
+        main: false,
+        def: k.define(),
+    });
+    for by_id in [true, false] {
+        let k = megabyte_kernels::embedding::embedding_backward::EmbeddingBackward::<f32, W>::new(
+            settings(dim),
+            c.clone(),
+            t(),
+            t(),
+            t(),
+            (),
+            (),
+            by_id,
+            by_id,
+        );
+        out.push(Variant {
+            name: format!("embedding_backward_by_id{by_id}_f32"),
+            main: false,
+            def: k.define(),
+        });
+    }
+    let k = megabyte_kernels::reduce::column_sum::ColumnSum::<f32, W>::new(
+        settings(dim),
+        c.clone(),
+        t(),
+        t(),
+        (),
+        false,
+    );
+    out.push(Variant {
+        name: "column_sum_f32".into(),
+        main: false,
+        def: k.define(),
+    });
+    let k = megabyte_kernels::reduce::sum_squares::SumSquares::<f32, W>::new(
+        settings(dim),
+        c.clone(),
+        a(),
+        a(),
+        (),
+        (),
+    );
+    out.push(Variant {
+        name: "sum_squares_f32".into(),
+        main: false,
+        def: k.define(),
+    });
+    let k = megabyte_kernels::optim::adamw::Adamw::<W>::new(
+        settings(dim),
+        c.clone(),
+        a(),
+        a(),
+        a(),
+        a(),
+        (),
+        (),
+        (),
+        (),
+        (),
+        (),
+        (),
+        (),
+    );
+    out.push(Variant {
+        name: "adamw_f32".into(),
+        main: false,
+        def: k.define(),
+    });
+}
+
+// ---- NVRTC through its C API, loaded from the wheel ----
+
+type Prog = *mut c_void;
+
+struct Nvrtc {
+    _lib: libloading::Library,
+    create: unsafe extern "C" fn(
+        *mut Prog,
+        *const c_char,
+        *const c_char,
+        c_int,
+        *const *const c_char,
+        *const *const c_char,
+    ) -> c_int,
+    compile: unsafe extern "C" fn(Prog, c_int, *const *const c_char) -> c_int,
+    log_size: unsafe extern "C" fn(Prog, *mut usize) -> c_int,
+    log: unsafe extern "C" fn(Prog, *mut c_char) -> c_int,
+    ptx_size: unsafe extern "C" fn(Prog, *mut usize) -> c_int,
+    ptx: unsafe extern "C" fn(Prog, *mut c_char) -> c_int,
+    destroy: unsafe extern "C" fn(*mut Prog) -> c_int,
+}
+
+impl Nvrtc {
+    fn load(tools: &Path) -> Result<Self, String> {
+        let path = tools.join("nvidia/cuda_nvrtc/lib/libnvrtc.so.12");
+        // SAFETY: NVRTC's documented C entry points, with their documented signatures; the
+        // library stays loaded for as long as `Nvrtc` lives.
+        unsafe {
+            let lib =
+                libloading::Library::new(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            macro_rules! sym {
+                ($name:literal) => {
+                    *lib.get($name)
+                        .map_err(|e| format!("{}: {e}", String::from_utf8_lossy($name)))?
+                };
+            }
+            Ok(Nvrtc {
+                create: sym!(b"nvrtcCreateProgram"),
+                compile: sym!(b"nvrtcCompileProgram"),
+                log_size: sym!(b"nvrtcGetProgramLogSize"),
+                log: sym!(b"nvrtcGetProgramLog"),
+                ptx_size: sym!(b"nvrtcGetPTXSize"),
+                ptx: sym!(b"nvrtcGetPTX"),
+                destroy: sym!(b"nvrtcDestroyProgram"),
+                _lib: lib,
+            })
+        }
+    }
+
+    /// PTX for `source` on `arch` (e.g. "sm_90"), or NVRTC's log.
+    fn compile(&self, tools: &Path, source: &str, arch: &str) -> Result<String, String> {
+        let src = CString::new(source).map_err(|e| e.to_string())?;
+        let name = CString::new("kernel.cu").unwrap();
+        let inc = |p: &str| format!("--include-path={}", tools.join(p).display());
+        let opts: Vec<CString> = [
+            format!("--gpu-architecture={arch}"),
+            inc("nvidia/cuda_runtime/include"),
+            inc("nvidia/cuda_nvcc/include"),
+            inc("nvidia/cuda_cccl/include"),
+            "-lineinfo".into(),
+        ]
+        .into_iter()
+        .map(|s| CString::new(s).unwrap())
+        .collect();
+        let ptrs: Vec<*const c_char> = opts.iter().map(|s| s.as_ptr()).collect();
+        // SAFETY: every pointer is a live NUL-terminated string for the duration of the calls;
+        // buffers are sized from NVRTC's own size queries; the program is destroyed once.
+        unsafe {
+            let mut prog: Prog = std::ptr::null_mut();
+            if (self.create)(
+                &mut prog,
+                src.as_ptr(),
+                name.as_ptr(),
+                0,
+                std::ptr::null(),
+                std::ptr::null(),
+            ) != 0
+            {
+                return Err("nvrtcCreateProgram failed".into());
+            }
+            let rc = (self.compile)(prog, ptrs.len() as c_int, ptrs.as_ptr());
+            let result = if rc == 0 {
+                let mut n = 0usize;
+                (self.ptx_size)(prog, &mut n);
+                let mut buf = vec![0u8; n];
+                (self.ptx)(prog, buf.as_mut_ptr() as *mut c_char);
+                buf.truncate(n.saturating_sub(1));
+                Ok(String::from_utf8_lossy(&buf).into_owned())
+            } else {
+                let mut n = 0usize;
+                (self.log_size)(prog, &mut n);
+                let mut buf = vec![0u8; n];
+                (self.log)(prog, buf.as_mut_ptr() as *mut c_char);
+                Err(String::from_utf8_lossy(&buf)
+                    .trim_end_matches('\0')
+                    .to_string())
+            };
+            (self.destroy)(&mut prog);
+            result
+        }
+    }
+}
+
+/// Registers, shared memory and spill bytes from `ptxas -v`.
+#[derive(Debug, Default, PartialEq)]
+struct Resources {
+    registers: u32,
+    shared: u32,
+    spill_stores: u32,
+    spill_loads: u32,
+}
+
+fn parse_ptxas(log: &str) -> Resources {
+    let mut r = Resources::default();
+    let num_before = |line: &str, word: &str| -> Option<u32> {
+        let i = line.find(word)?;
+        line[..i].split_whitespace().last()?.parse().ok()
+    };
+    for line in log.lines() {
+        if let Some(v) = num_before(line, "registers") {
+            r.registers = r.registers.max(v);
+        }
+        if let Some(v) = num_before(line, "bytes smem") {
+            r.shared = r.shared.max(v);
+        }
+        if let Some(v) = num_before(line, "bytes spill stores") {
+            r.spill_stores = r.spill_stores.max(v);
+        }
+        if let Some(v) = num_before(line, "bytes spill loads") {
+            r.spill_loads = r.spill_loads.max(v);
+        }
+    }
+    r
+}
+
+fn ptxas(tools: &Path, ptx: &str, dir: &Path, name: &str) -> Result<Resources, String> {
+    let ptx_path = dir.join(format!("{name}.ptx"));
+    std::fs::write(&ptx_path, ptx).map_err(|e| e.to_string())?;
+    let out = std::process::Command::new(tools.join("nvidia/cuda_nvcc/bin/ptxas"))
+        .args(["-arch=sm_90", "-v", "-o", "/dev/null"])
+        .arg(&ptx_path)
+        .output()
+        .map_err(|e| format!("ptxas: {e}"))?;
+    let log =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(log);
+    }
+    Ok(parse_ptxas(&log))
+}
+
+fn tools() -> Option<PathBuf> {
+    match std::env::var_os("MEGABYTE_CUDA_TOOLS") {
+        Some(p) => Some(PathBuf::from(p)),
+        None if in_ci() => panic!("CI=true: MEGABYTE_CUDA_TOOLS is not set (scripts/install-cuda-tools.sh installs NVRTC and ptxas)"),
+        None => {
+            eprintln!("SKIPPED: set MEGABYTE_CUDA_TOOLS to a folder made by scripts/install-cuda-tools.sh");
+            None
+        }
+    }
+}
+
+fn client() -> Option<ComputeClient<W>> {
+    megabyte_tests::client::<W>()
+}
+
+/// Compiles every variant (CUDA C++ → NVRTC sm_80 and sm_90 → ptxas sm_90), writes the
+/// resource table, and returns the variants that spill, by name, with whether they are main.
+fn compile_all() -> Option<Vec<(String, bool, Resources)>> {
+    let (Some(tools), Some(c)) = (tools(), client()) else {
+        return None;
+    };
+    let nvrtc = Nvrtc::load(&tools).unwrap_or_else(|e| panic!("loading NVRTC: {e}"));
+    let mut variants = Vec::new();
+    elementwise::<f32>(&c, &mut variants);
+    elementwise::<half::f16>(&c, &mut variants);
+    elementwise::<half::bf16>(&c, &mut variants);
+    attention::<f32>(&c, &mut variants);
+    attention::<half::f16>(&c, &mut variants);
+    attention::<half::bf16>(&c, &mut variants);
+    gemm::<f32>(&c, &mut variants);
+    gemm::<half::f16>(&c, &mut variants);
+    gemm::<half::bf16>(&c, &mut variants);
+    backward(&c, &mut variants);
+
+    let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target");
+    let dir = target.join("cuda-codegen");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut table = String::from(
+        "# CUDA resources per kernel variant (ptxas -v, sm_90)\n\n\
+         Generated by `cargo test -p megabyte-tests --features cuda --test cuda_codegen`.\n\n\
+         | variant | registers | shared bytes (static + dynamic) | spill stores | spill loads |\n| --- | ---: | ---: | ---: | ---: |\n",
+    );
+    let mut failures = Vec::new();
+    let mut spills = Vec::new();
+    for v in variants {
+        let (source, dynamic_shared) = match cuda_source(v.def) {
+            Ok(s) => s,
+            Err(e) => {
+                failures.push(format!("{}: CUDA codegen failed: {e}", v.name));
+                continue;
+            }
+        };
+        std::fs::write(dir.join(format!("{}.cu", v.name)), &source).unwrap();
+        let mut sm90 = None;
+        for arch in ["sm_80", "sm_90"] {
+            match nvrtc.compile(&tools, &source, arch) {
+                Ok(ptx) if arch == "sm_90" => sm90 = Some(ptx),
+                Ok(_) => {}
+                Err(log) => {
+                    failures.push(format!("{} ({arch}): NVRTC rejected it:\n{log}", v.name))
+                }
+            }
+        }
+        let Some(ptx) = sm90 else { continue };
+        match ptxas(&tools, &ptx, &dir, &v.name) {
+            Ok(r) => {
+                table += &format!(
+                    "| {} | {} | {} | {} | {} |\n",
+                    v.name,
+                    r.registers,
+                    r.shared + dynamic_shared as u32,
+                    r.spill_stores,
+                    r.spill_loads
+                );
+                if r.spill_stores > 0 || r.spill_loads > 0 {
+                    spills.push((v.name, v.main, r));
+                }
+            }
+            Err(log) => failures.push(format!("{}: ptxas failed:\n{log}", v.name)),
+        }
+    }
+    std::fs::write(target.join("cuda-resources.md"), &table).unwrap();
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    Some(spills)
+}
+
+#[test]
+fn every_kernel_variant_compiles_for_sm80_and_sm90() {
+    if let Some(spills) = compile_all() {
+        for (name, main, r) in spills {
+            eprintln!(
+                "spill ({}): {name}: {r:?}",
+                if main { "main" } else { "other" }
+            );
+        }
+    }
+}
+
+/// The resource rule: no main attention or GEMM variant spills. Known to fail today (see the
+/// README's status): the decode (`Rows`) attention at head dims 32/80/128, the local-regime
+/// flash tile at head dim 32 (f32), the thin 16×64 GEMM with a GELU epilogue (f32) and both
+/// attention backward kernels keep more per-unit arrays than 255 registers hold. Run with
+/// `MEGABYTE_CUDA_TOOLS=DIR cargo test -p megabyte-tests --features cuda --test cuda_codegen -- --ignored`.
+#[test]
+#[ignore]
+fn main_variants_do_not_spill() {
+    if let Some(spills) = compile_all() {
+        let main: Vec<String> = spills
+            .iter()
+            .filter(|s| s.1)
+            .map(|(n, _, r)| format!("{n}: {r:?}"))
+            .collect();
+        assert!(main.is_empty(), "main variants spill:\n{}", main.join("\n"));
+    }
+}
+
+/// The checker itself: a source NVRTC must reject (an intrinsic that does not exist) is
+/// reported as a failure, and the ptxas parser reads the numbers it is given.
+#[test]
+fn the_checker_catches_a_broken_kernel() {
+    assert_eq!(
+        parse_ptxas(
+            "ptxas info    : Used 40 registers, used 1 barriers, 4096 bytes smem\n    \
+             24 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads"
+        ),
+        Resources {
+            registers: 40,
+            shared: 4096,
+            spill_stores: 8,
+            spill_loads: 12
+        }
+    );
+    let Some(tools) = tools() else {
+        return;
+    };
+    let nvrtc = Nvrtc::load(&tools).unwrap_or_else(|e| panic!("loading NVRTC: {e}"));
+    let good = "extern \"C\" __global__ void k(float* x) { x[threadIdx.x] *= 2.0f; }";
+    assert!(nvrtc.compile(&tools, good, "sm_90").is_ok());
+    let broken =
+        "extern \"C\" __global__ void k(float* x) { x[threadIdx.x] = __no_such_intrinsic(x[0]); }";
+    let err = nvrtc.compile(&tools, broken, "sm_90").unwrap_err();
+    assert!(err.contains("__no_such_intrinsic"), "{err}");
+}
