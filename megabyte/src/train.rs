@@ -693,3 +693,29 @@ pub fn gradients<R: Runtime>(
     }
     Ok((loss, out))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_warms_up_then_decays_to_the_floor() {
+        let cfg = Config::tiny();
+        let mut tc = TrainConfig::new(&cfg, 100);
+        tc.warmup = 10;
+        tc.lr = 1.0;
+        tc.min_lr = 0.1;
+        assert!((tc.lr_at(1) - 0.1).abs() < 1e-6);
+        assert!((tc.lr_at(10) - 1.0).abs() < 1e-6);
+        // Cosine: halfway through the decay is halfway between peak and floor.
+        assert!((tc.lr_at(55) - 0.55).abs() < 1e-6, "{}", tc.lr_at(55));
+        assert!((tc.lr_at(100) - 0.1).abs() < 1e-6);
+        assert!(
+            (tc.lr_at(150) - 0.1).abs() < 1e-6,
+            "stays at the floor past the end"
+        );
+        tc.cosine = false;
+        assert!((tc.lr_at(55) - 0.55).abs() < 1e-6);
+        assert!((tc.lr_at(32) - (0.1 + 0.9 * (1.0 - 22.0 / 90.0))).abs() < 1e-6);
+    }
+}
