@@ -273,15 +273,7 @@ pub fn flash_attention_with<R: Runtime, E: FloatElement>(
         AttentionKernel::Auto => AttentionKernel::Tiled,
         chosen => chosen,
     };
-    let offset = |t: &TensorView<R, E>| {
-        u32::try_from(t.offset).map_err(|_| OpError::Unsupported {
-            op: OP,
-            what: "view offset",
-            value: t.offset,
-            reason: "must fit in 32 bits".into(),
-        })
-    };
-    let (qo, ko, vo) = (offset(q)?, offset(k)?, offset(v)?);
+    let (qo, ko, vo) = (q.offset_u32(OP)?, k.offset_u32(OP)?, v.offset_u32(OP)?);
     let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
     // SAFETY (both launches): shapes were validated above; the kernels bounds-check rows
     // against S and work items against their count, and `vector` divides D, all strides and
@@ -446,14 +438,6 @@ pub fn attention_backward<R: Runtime, E: FloatElement>(
             reason: format!("the backward kernels support head dims up to {MAX_HEAD_DIM}"),
         });
     }
-    let off = |t: &TensorView<R, E>| {
-        u32::try_from(t.offset).map_err(|_| OpError::Unsupported {
-            op: OP,
-            what: "view offset",
-            value: t.offset,
-            reason: "must fit in 32 bits".into(),
-        })
-    };
     let cfg = megabyte_kernels::attention::BackwardConfig {
         head_dim: d,
         causal,
@@ -477,10 +461,10 @@ pub fn attention_backward<R: Runtime, E: FloatElement>(
             row_max.arg(),
             row_sum.arg(),
             delta.arg(),
-            off(q)?,
-            off(k)?,
-            off(v)?,
-            off(dq)?,
+            q.offset_u32(OP)?,
+            k.offset_u32(OP)?,
+            v.offset_u32(OP)?,
+            dq.offset_u32(OP)?,
             scale,
             cfg,
         );
@@ -497,11 +481,11 @@ pub fn attention_backward<R: Runtime, E: FloatElement>(
             delta.arg(),
             dk.arg(),
             dv.arg(),
-            off(q)?,
-            off(k)?,
-            off(v)?,
-            off(dk)?,
-            off(dv)?,
+            q.offset_u32(OP)?,
+            k.offset_u32(OP)?,
+            v.offset_u32(OP)?,
+            dk.offset_u32(OP)?,
+            dv.offset_u32(OP)?,
             scale,
             cfg,
         );

@@ -55,15 +55,7 @@ fn copy_any<R: Runtime, T: Numeric + CubeElement>(
             });
         }
     }
-    let offset = |v: &TensorView<R, T>| {
-        u32::try_from(v.offset).map_err(|_| OpError::Unsupported {
-            op: OP,
-            what: "view offset",
-            value: v.offset,
-            reason: "must fit in 32 bits".into(),
-        })
-    };
-    let (so, d_o) = (offset(src)?, offset(dst)?);
+    let (so, d_o) = (src.offset_u32(OP)?, dst.offset_u32(OP)?);
     let mut aligned = vec![dst.shape[rank - 1], src.offset, dst.offset];
     aligned.extend(&src.strides[..rank - 1]);
     aligned.extend(&dst.strides[..rank - 1]);

@@ -34,16 +34,8 @@ pub fn embedding_backward<R: Runtime, E: FloatElement>(
             return Err(OpError::shape(OP, "ids", &ids.shape, vec![b, s]));
         }
     }
-    let off = |o: usize| {
-        u32::try_from(o).map_err(|_| OpError::Unsupported {
-            op: OP,
-            what: "view offset",
-            value: o,
-            reason: "must fit in 32 bits".into(),
-        })
-    };
-    let ids_offset = off(ids.map_or(0, |i| i.offset))?;
-    let rows_offset = off(rows.offset)?;
+    let ids_offset = ids.map_or(Ok(0), |i| i.offset_u32(OP))?;
+    let rows_offset = rows.offset_u32(OP)?;
     // Without ids the kernel never reads them; any u32 tensor stands in.
     let dummy = Tensor::<R, u32>::empty(client, &[1, 1]);
     let dummy_view = dummy.view();

@@ -22,12 +22,7 @@ pub fn column_sum<R: Runtime, E: FloatElement>(
         return Err(OpError::shape(OP, "input", &input.shape, vec![1, 1]));
     }
     out.expect_shape(OP, "out", &[input.shape[1]])?;
-    let offset = u32::try_from(input.offset).map_err(|_| OpError::Unsupported {
-        op: OP,
-        what: "view offset",
-        value: input.offset,
-        reason: "must fit in 32 bits".into(),
-    })?;
+    let offset = input.offset_u32(OP)?;
     let (count, dim) = grid_1d(client, input.shape[1]);
     // SAFETY: the view was bounds-checked when made; the kernel guards columns.
     unsafe {

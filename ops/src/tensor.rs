@@ -285,6 +285,16 @@ impl<R: Runtime, E> Tensor<R, E> {
 }
 
 impl<'a, R: Runtime, E> TensorView<'a, R, E> {
+    /// The view's element offset as the u32 kernels take it; an error naming `op` past 2^32.
+    pub fn offset_u32(&self, op: &'static str) -> Result<u32, OpError> {
+        u32::try_from(self.offset).map_err(|_| OpError::Unsupported {
+            op,
+            what: "view offset",
+            value: self.offset,
+            reason: "must fit in 32 bits".into(),
+        })
+    }
+
     /// The view with its last two dims swapped: a transpose without a copy.
     pub fn t(&self) -> TensorView<'a, R, E> {
         let mut v = self.clone();
