@@ -19,7 +19,8 @@ use megabyte_ops::layer_norm::layer_norm;
 use megabyte_ops::local_input::local_input;
 use megabyte_ops::patch_embed::patch_embed;
 use megabyte_ops::{max_buffer_bytes, ActivationKind, FloatElement, OpError, Tensor};
-use megabyte_reference::model::check_input;
+use megabyte_reference::gemm::transpose;
+use megabyte_reference::model::{check_input, check_shape};
 use megabyte_reference::weights::Block;
 use megabyte_reference::{Activation, Config, Weights};
 
@@ -115,6 +116,19 @@ impl<R: Runtime, E: FloatElement> DeviceWeights<R, E> {
             out.push(&self.head_table);
         }
         out
+    }
+
+    /// Every tensor read back as f32 into `Weights` of the checkpoint layout: an untied head's
+    /// (V, D_L) table becomes the (D_L, V) `head.weight`.
+    pub fn to_host(&self, cfg: &Config) -> Result<Weights, Error> {
+        let mut w = Weights::zeros(cfg);
+        for (dst, src) in w.tensors_mut().into_iter().zip(self.tensors()) {
+            *dst = src.to_f32_vec()?;
+        }
+        if let Some(head) = w.head.as_mut() {
+            *head = transpose(head, cfg.vocab, cfg.d_local);
+        }
+        Ok(w)
     }
 
     /// Zero tensors of the same shapes (gradients, optimiser moments); a tied table stays
@@ -278,16 +292,8 @@ impl<R: Runtime, E: FloatElement> Model<R, E> {
         let local_embed = up(&weights.local_embed, &[v, dl])?;
         let head_table = match &weights.head {
             None => local_embed.clone(),
-            Some(head) => {
-                // (D_L, V) -> (V, D_L)
-                let mut tr = vec![0f32; v * dl];
-                for d in 0..dl {
-                    for id in 0..v {
-                        tr[id * dl + d] = head[d * v + id];
-                    }
-                }
-                up(&tr, &[v, dl])?
-            }
+            // (D_L, V) -> (V, D_L)
+            Some(head) => up(&transpose(head, dl, v), &[v, dl])?,
         };
         let w = DeviceWeights {
             global_embed: up(&weights.global_embed, &[v, dg])?,
@@ -337,21 +343,7 @@ impl<R: Runtime, E: FloatElement> Model<R, E> {
 
     /// The weights read back to the host as f32, in the checkpoint layout.
     pub fn to_weights(&self) -> Result<Weights, Error> {
-        let mut w = Weights::zeros(&self.cfg);
-        let (v, dl) = (self.cfg.vocab, self.cfg.d_local);
-        for (dst, src) in w.tensors_mut().into_iter().zip(self.w.tensors()) {
-            *dst = src.to_f32_vec()?;
-        }
-        if let Some(head) = w.head.as_mut() {
-            // The device keeps the (V, D_L) table; the checkpoint stores (D_L, V).
-            let table = head.clone();
-            for id in 0..v {
-                for d in 0..dl {
-                    head[d * v + id] = table[id * dl + d];
-                }
-            }
-        }
-        Ok(w)
+        self.w.to_host(&self.cfg)
     }
 
     pub fn config(&self) -> &Config {
@@ -442,29 +434,11 @@ impl<R: Runtime, E: FloatElement> Model<R, E> {
     }
 
     fn check_device_ids(&self, ids: &Tensor<R, u32>) -> Result<(), Error> {
-        use megabyte_reference::Error as E;
         let shape = ids.shape();
         if shape.len() != 2 {
             return Err(megabyte_ops::OpError::shape("model", "ids", shape, vec![0, 0]).into());
         }
-        let (b, t) = (shape[0], shape[1]);
-        let p = self.cfg.patch;
-        if b == 0 {
-            return Err(E::EmptyBatch { batch: b }.into());
-        }
-        if t == 0 {
-            return Err(E::EmptySequence { seq: t }.into());
-        }
-        if t % p != 0 {
-            return Err(E::SequenceNotPatchMultiple { seq: t, patch: p }.into());
-        }
-        if t > self.cfg.context {
-            return Err(E::SequenceTooLong {
-                seq: t,
-                context: self.cfg.context,
-            }
-            .into());
-        }
+        check_shape(&self.cfg, shape[0], shape[1])?;
         Ok(())
     }
 

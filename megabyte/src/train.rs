@@ -143,7 +143,7 @@ impl<R: Runtime> Trainer<R> {
         train: TrainConfig,
     ) -> Result<Self, Error> {
         let model = Model::<R, f32>::new(client, cfg, weights)?;
-        check_seq(cfg, train.seq, train.batch)?;
+        megabyte_reference::model::check_shape(cfg, train.batch, train.seq)?;
         let grads = model.w.zeros_like();
         let m = model.w.zeros_like();
         let v = model.w.zeros_like();
@@ -492,12 +492,6 @@ impl<R: Runtime> Trainer<R> {
     }
 }
 
-fn check_seq(cfg: &Config, seq: usize, batch: usize) -> Result<(), Error> {
-    let dummy = vec![0u32; batch * seq];
-    megabyte_reference::model::check_input(cfg, &dummy, batch, seq)?;
-    Ok(())
-}
-
 fn zero<R: Runtime>(t: &Tensor<R, f32>) -> Result<(), Error> {
     let z = Tensor::<R, f32>::full(t.client(), t.shape(), 0.0);
     megabyte_ops::copy::copy(&z.view(), &t.view())?;
@@ -678,19 +672,7 @@ pub fn gradients<R: Runtime>(
     megabyte_reference::model::check_input(cfg, ids, batch, seq)?;
     let ids_t = Tensor::from_ids(client, ids, &[batch, seq])?;
     let loss = t.forward_backward(&ids_t)?;
-    let mut out = Weights::zeros(cfg);
-    for (dst, src) in out.tensors_mut().into_iter().zip(t.grads.tensors()) {
-        *dst = src.to_f32_vec()?;
-    }
-    if let Some(head) = out.head.as_mut() {
-        let (v, dl) = (cfg.vocab, cfg.d_local);
-        let table = head.clone();
-        for id in 0..v {
-            for d in 0..dl {
-                head[d * v + id] = table[id * dl + d];
-            }
-        }
-    }
+    let out = t.grads.to_host(cfg)?;
     Ok((loss, out))
 }
 

@@ -36,6 +36,18 @@ pub fn linear(
     }
 }
 
+/// The transpose of a row-major (R, C) matrix, as a new (C, R) one.
+pub fn transpose(x: &[f32] /* (R, C) */, r: usize, c: usize) -> Vec<f32> {
+    assert_eq!(x.len(), r * c);
+    let mut out = vec![0f32; r * c]; // (C, R)
+    for i in 0..r {
+        for j in 0..c {
+            out[j * r + i] = x[i * c + j];
+        }
+    }
+    out
+}
+
 /// Backward of [`linear`]: d_inp = d_out · weightᵀ, and (accumulated) d_weight += inpᵀ · d_out,
 /// d_bias += Σ_n d_out[n, :].
 pub fn linear_backward(

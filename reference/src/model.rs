@@ -10,15 +10,38 @@ use crate::cross_entropy::{
 };
 use crate::error::Error;
 use crate::ffn::{block_backward, block_forward};
-use crate::gemm::linear_backward;
+use crate::gemm::{linear_backward, transpose};
 use crate::layer_norm::{layer_norm, layer_norm_backward, layer_norm_forward};
 use crate::local_input::{local_input, local_input_backward};
 use crate::patch_embed::{global_input, global_input_backward};
 use crate::weights::Weights;
 
-/// Checks a (B, T) id tensor against the config: T a positive multiple of P, at most the
-/// context, every id inside the vocabulary.
+/// Checks a (B, T) input shape against the config: B >= 1, T a positive multiple of P, at most
+/// the context (for ids that are already on a device, or not yet drawn).
+pub fn check_shape(cfg: &Config, b: usize, t: usize) -> Result<(), Error> {
+    check_dims(cfg, b, t, None)
+}
+
+/// Checks a (B, T) id tensor against the config: its shape as in [`check_shape`], its length,
+/// and every id inside the vocabulary.
 pub fn check_input(cfg: &Config, x: &[u32], b: usize, t: usize) -> Result<(), Error> {
+    check_dims(cfg, b, t, Some(x.len()))?;
+    if let Some((position, &id)) = x
+        .iter()
+        .enumerate()
+        .find(|(_, &id)| id as usize >= cfg.vocab)
+    {
+        return Err(Error::IdOutOfRange {
+            id,
+            position,
+            vocab: cfg.vocab,
+        });
+    }
+    Ok(())
+}
+
+/// The shape checks, and the length of the ids when given, in the order their errors win.
+fn check_dims(cfg: &Config, b: usize, t: usize, len: Option<usize>) -> Result<(), Error> {
     cfg.validate()?;
     if b == 0 {
         return Err(Error::EmptyBatch { batch: b });
@@ -26,9 +49,9 @@ pub fn check_input(cfg: &Config, x: &[u32], b: usize, t: usize) -> Result<(), Er
     if t == 0 {
         return Err(Error::EmptySequence { seq: t });
     }
-    if x.len() != b * t {
+    if let Some(len) = len.filter(|&len| len != b * t) {
         return Err(Error::InputLength {
-            len: x.len(),
+            len,
             batch: b,
             seq: t,
         });
@@ -43,17 +66,6 @@ pub fn check_input(cfg: &Config, x: &[u32], b: usize, t: usize) -> Result<(), Er
         return Err(Error::SequenceTooLong {
             seq: t,
             context: cfg.context,
-        });
-    }
-    if let Some((position, &id)) = x
-        .iter()
-        .enumerate()
-        .find(|(_, &id)| id as usize >= cfg.vocab)
-    {
-        return Err(Error::IdOutOfRange {
-            id,
-            position,
-            vocab: cfg.vocab,
         });
     }
     Ok(())
@@ -270,19 +282,15 @@ pub fn loss_and_grads(
         }
         None => {
             // logits = out · E_Lᵀ: the linear layer's weight is E_Lᵀ (D_L, V).
-            let mut et = vec![0f32; dl * v];
-            for id in 0..v {
-                for d in 0..dl {
-                    et[d * v + id] = w.local_embed[id * dl + d];
-                }
-            }
+            let et = transpose(&w.local_embed, v, dl);
             let mut d_et = vec![0f32; dl * v];
             linear_backward(&mut d_out, &mut d_et, None, &d_logits, &out, &et, n, dl, v);
-            for id in 0..v {
-                for d in 0..dl {
-                    grads.local_embed[id * dl + d] += d_et[d * v + id];
-                }
-            }
+            let d_e = transpose(&d_et, dl, v);
+            grads
+                .local_embed
+                .iter_mut()
+                .zip(d_e)
+                .for_each(|(g, d)| *g += d);
         }
     }
     let mut d_l = vec![0f32; n * dl];
