@@ -8,6 +8,7 @@ pub mod activation;
 pub mod attention;
 pub mod copy;
 pub mod cross_entropy;
+pub mod decode;
 pub mod embedding;
 pub mod gemm;
 pub mod layer_norm;

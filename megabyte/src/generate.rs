@@ -11,10 +11,21 @@
 //!   one global step embeds it as global position k and produces `g` for patch k;
 //! - the local KV cache holds at most P entries and restarts at each patch; local step p reads
 //!   byte t - 1 (the local pad at p = 0) and yields the logits of byte t.
+//!
+//! A step runs a stack on one row per sequence. By default ([`DecodeKernel::Auto`]) a step of
+//! each stack is one fused launch (`megabyte_ops::decode`): the local step builds its input
+//! row, runs every local block and ends with the logits; the global step embeds the patch,
+//! runs every global block and ends with the final LayerNorm. The fused kernel reads a packed
+//! copy of each stack's parameters, made when the decoder is created. Stacks too wide for it
+//! run as the forward's unfused blocks (nine launches each).
 
 use cubecl::prelude::*;
 use megabyte_ops::copy::copy;
 use megabyte_ops::cross_entropy::tied_cross_entropy;
+use megabyte_ops::decode::{
+    decode_stack, decode_stack_supported, LocalInputStep, PackedStack, PatchInputStep, StepInput,
+    StepOutput,
+};
 use megabyte_ops::layer_norm::layer_norm;
 use megabyte_ops::local_input::local_input;
 use megabyte_ops::patch_embed::patch_embed_window;
@@ -24,13 +35,29 @@ use megabyte_reference::{Error as InputError, Sampler, Sampling};
 use crate::error::Error;
 use crate::model::{activation_kind, block, CacheAt, LayerCache, Model, Scratch};
 
+/// How a decoding step runs the blocks of one stack.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DecodeKernel {
+    /// Fused where the device and the stack's width allow it, unfused otherwise.
+    #[default]
+    Auto,
+    /// One launch per step of each stack (`megabyte_ops::decode::decode_stack`); an error
+    /// where the device or the width does not allow it.
+    Fused,
+    /// The forward's blocks on the new rows: nine launches per block.
+    Unfused,
+}
+
 /// Step-by-step decoding of a batch of equally long byte sequences with KV caches.
 pub struct Decoder<'m, R: Runtime, E: FloatElement> {
     model: &'m Model<R, E>,
     batch: usize,
-    /// Per global layer, (B, K, P·D_G).
+    /// Each stack's packed parameters, when its steps use the fused kernel.
+    global_fused: Option<PackedStack<R, E>>,
+    local_fused: Option<PackedStack<R, E>>,
+    /// Per global layer, in (L_G, B, K, P·D_G) buffers.
     global_cache: Vec<LayerCache<R, E>>,
-    /// Per local layer, (B, P, D_L).
+    /// Per local layer, in (L_L, B, P, D_L) buffers.
     local_cache: Vec<LayerCache<R, E>>,
     global_step: Scratch<R, E>,
     local_step: Scratch<R, E>,
@@ -52,21 +79,54 @@ pub struct Decoder<'m, R: Runtime, E: FloatElement> {
 impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
     /// Caches and buffers for `batch` sequences of up to the model's context.
     pub fn new(model: &'m Model<R, E>, batch: usize) -> Result<Self, Error> {
+        Self::with_kernel(model, batch, DecodeKernel::Auto)
+    }
+
+    /// [`Decoder::new`] with the choice of block kernel for the steps.
+    pub fn with_kernel(
+        model: &'m Model<R, E>,
+        batch: usize,
+        kernel: DecodeKernel,
+    ) -> Result<Self, Error> {
         if batch == 0 {
             return Err(InputError::EmptyBatch { batch }.into());
         }
         let cfg = model.config();
         let client = model.client();
         let (p, dl, wg, v) = (cfg.patch, cfg.d_local, cfg.global_width(), cfg.vocab);
+        let w = &model.w;
+        let fused = |stack: crate::model::Stack,
+                     blocks: &[crate::model::DeviceBlock<R, E>],
+                     ln_f: &(Tensor<R, E>, Tensor<R, E>)|
+         -> Result<Option<PackedStack<R, E>>, Error> {
+            let ok = if blocks.is_empty() {
+                Err(megabyte_ops::OpError::Empty {
+                    op: "decode_stack",
+                    tensor: "blocks",
+                    shape: vec![0],
+                })
+            } else {
+                decode_stack_supported::<R, E>(client, stack.width, stack.hidden, stack.heads)
+            };
+            let use_it = match (kernel, ok) {
+                (DecodeKernel::Unfused, _) => false,
+                (DecodeKernel::Auto, ok) => ok.is_ok(),
+                (DecodeKernel::Fused, ok) => ok.map(|()| true)?,
+            };
+            if !use_it {
+                return Ok(None);
+            }
+            let steps: Vec<_> = blocks.iter().map(|b| b.step_weights()).collect();
+            let packed = PackedStack::pack(&steps, stack.heads, Some((&ln_f.0, &ln_f.1)))?;
+            Ok(Some(packed))
+        };
         Ok(Decoder {
             model,
             batch,
-            global_cache: (0..cfg.layers_global)
-                .map(|_| LayerCache::new(client, batch, cfg.patches(), wg))
-                .collect(),
-            local_cache: (0..cfg.layers_local)
-                .map(|_| LayerCache::new(client, batch, p, dl))
-                .collect(),
+            global_fused: fused(model.global_stack(), &w.global_blocks, &w.global_ln_f)?,
+            local_fused: fused(model.local_stack(), &w.local_blocks, &w.local_ln_f)?,
+            global_cache: LayerCache::stack(client, cfg.layers_global, batch, cfg.patches(), wg),
+            local_cache: LayerCache::stack(client, cfg.layers_local, batch, p, dl),
             global_step: Scratch::new(client, model.global_stack(), batch, 1),
             local_step: Scratch::new(client, model.local_stack(), batch, 1),
             g: Tensor::empty(client, &[batch, 1, wg]),
@@ -232,6 +292,20 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
         let w = &self.model.w;
         let act = activation_kind(cfg.activation);
         let ids = Tensor::from_ids(client, &self.patch_bytes, &[b, p])?;
+        if let Some(stack) = &self.global_fused {
+            let input = StepInput::Patch(PatchInputStep {
+                embed: &w.global_embed,
+                positions: &w.global_pos,
+                ids: &ids,
+                first_byte: (k - 1) * p,
+            });
+            let g = self.g.clone().reshape(&[b, wg])?;
+            let h = Tensor::<R, E>::empty(client, &[b, wg]);
+            let cache = &self.global_cache[0];
+            let out = StepOutput::Norm(&g);
+            decode_stack(&h, stack, &cache.k, &cache.v, k, act, &input, &out)?;
+            return Ok(());
+        }
         let h = Tensor::<R, E>::empty(client, &[b, 1, wg]);
         patch_embed_window(
             &ids,
@@ -258,6 +332,9 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
     /// One local step at position `p` of the current patch: its input from `g` and byte p - 1,
     /// every local block against the cache, then (if asked) the logits (B, V) of byte p.
     fn local(&mut self, p: usize, want_logits: bool) -> Result<Vec<f32>, Error> {
+        if self.local_fused.is_some() {
+            return self.local_fused(p, want_logits);
+        }
         let cfg = self.model.config();
         let (b, patch, dl) = (self.batch, cfg.patch, cfg.d_local);
         let client = self.model.client();
@@ -302,6 +379,57 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
         )?;
         Ok(self.logits.to_f32_vec()?)
     }
+
+    /// [`Decoder::local`] in one fused launch: the input row from `g` and byte p - 1, every
+    /// local block, and (when logits are wanted) the final LayerNorm and the logits.
+    fn local_fused(&mut self, p: usize, want_logits: bool) -> Result<Vec<f32>, Error> {
+        let cfg = self.model.config();
+        let (b, patch, wg) = (self.batch, cfg.patch, cfg.global_width());
+        let client = self.model.client();
+        let w = &self.model.w;
+        let act = activation_kind(cfg.activation);
+        let prev: Vec<u32> = (0..b)
+            .map(|row| match p {
+                0 => 0,
+                _ => self.patch_bytes[row * patch + p - 1],
+            })
+            .collect();
+        let ids = Tensor::from_ids(client, &prev, &[b])?;
+        let g = self.g.clone().reshape(&[b, wg])?;
+        let input = StepInput::Local(LocalInputStep {
+            g: &g,
+            global_to_local: &w.global_to_local,
+            embed: &w.local_embed,
+            pad: &w.local_pad,
+            positions: w.local_pos.as_ref(),
+            ids: &ids,
+            slot: p,
+        });
+        let out = if want_logits {
+            StepOutput::Logits {
+                table: &w.head_table,
+                logits: &self.logits,
+            }
+        } else {
+            StepOutput::Row
+        };
+        let stack = self.local_fused.as_ref().expect("checked by the caller");
+        let cache = &self.local_cache[0];
+        decode_stack(
+            &self.local_row,
+            stack,
+            &cache.k,
+            &cache.v,
+            p,
+            act,
+            &input,
+            &out,
+        )?;
+        if !want_logits {
+            return Ok(Vec::new());
+        }
+        Ok(self.logits.to_f32_vec()?)
+    }
 }
 
 /// What to generate and when to stop.
@@ -333,12 +461,23 @@ impl Default for GenerateOptions {
 pub struct Generator<'m, R: Runtime, E: FloatElement> {
     model: &'m Model<R, E>,
     options: GenerateOptions,
+    kernel: DecodeKernel,
 }
 
 impl<'m, R: Runtime, E: FloatElement> Generator<'m, R, E> {
     pub fn new(model: &'m Model<R, E>, options: GenerateOptions) -> Result<Self, Error> {
         options.sampling.validate()?;
-        Ok(Generator { model, options })
+        Ok(Generator {
+            model,
+            options,
+            kernel: DecodeKernel::Auto,
+        })
+    }
+
+    /// The block kernel of the decoding steps ([`DecodeKernel::Auto`] unless set).
+    pub fn decode_kernel(mut self, kernel: DecodeKernel) -> Self {
+        self.kernel = kernel;
+        self
     }
 
     /// The new bytes of each prompt. `on_byte(prompt_index, byte)` sees every byte as soon as
@@ -387,7 +526,7 @@ impl<'m, R: Runtime, E: FloatElement> Generator<'m, R, E> {
     ) -> Result<(), Error> {
         let vocab = self.model.config().vocab;
         let opts = &self.options;
-        let mut decoder = Decoder::new(self.model, rows.len())?;
+        let mut decoder = Decoder::with_kernel(self.model, rows.len(), self.kernel)?;
         let group: Vec<&[u8]> = rows.iter().map(|&i| prompts[i]).collect();
         let mut samplers = rows
             .iter()

@@ -32,7 +32,7 @@ pub mod model;
 pub mod train;
 
 pub use error::Error;
-pub use generate::{Decoder, GenerateOptions, Generator};
+pub use generate::{DecodeKernel, Decoder, GenerateOptions, Generator};
 pub use megabyte_ops as ops;
 pub use megabyte_reference as reference;
 pub use megabyte_reference::{Activation, Config, ConfigError, Sampling, Weights, PRESET_NAMES};

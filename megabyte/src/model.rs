@@ -14,6 +14,7 @@ use cubecl::prelude::*;
 use megabyte_ops::attention::flash_attention;
 use megabyte_ops::copy::{copy, copy_ids};
 use megabyte_ops::cross_entropy::tied_cross_entropy;
+use megabyte_ops::decode::BlockWeights;
 use megabyte_ops::gemm::{gemm, Epilogue};
 use megabyte_ops::layer_norm::layer_norm;
 use megabyte_ops::local_input::local_input;
@@ -75,6 +76,18 @@ impl<R: Runtime, E: FloatElement> DeviceBlock<R, E> {
             &self.fc2.0,
             &self.fc2.1,
         ]
+    }
+
+    /// The block's parameters as the fused decoding step takes them.
+    pub fn step_weights(&self) -> BlockWeights<'_, R, E> {
+        BlockWeights {
+            ln1: (&self.ln1.0, &self.ln1.1),
+            qkv: (&self.qkv.0, &self.qkv.1),
+            proj: (&self.proj.0, &self.proj.1),
+            ln2: (&self.ln2.0, &self.ln2.1),
+            fc1: (&self.fc1.0, &self.fc1.1),
+            fc2: (&self.fc2.0, &self.fc2.1),
+        }
     }
 
     fn zeros_like(&self) -> Self {
@@ -218,18 +231,32 @@ impl<R: Runtime, E: FloatElement> Scratch<R, E> {
     }
 }
 
-/// One layer's key and value cache, (B, S_max, C) each.
+/// Layer `layer`'s key and value cache inside its stack's two (L, B, S_max, C) buffers (one
+/// buffer per stack, so a fused decoding step binds the whole stack's cache at once).
 pub(crate) struct LayerCache<R: Runtime, E> {
     pub k: Tensor<R, E>,
     pub v: Tensor<R, E>,
+    pub layer: usize,
 }
 
 impl<R: Runtime, E: FloatElement> LayerCache<R, E> {
-    pub fn new(client: &ComputeClient<R>, batch: usize, capacity: usize, width: usize) -> Self {
-        LayerCache {
-            k: Tensor::empty(client, &[batch, capacity, width]),
-            v: Tensor::empty(client, &[batch, capacity, width]),
-        }
+    /// The caches of a stack of `layers` layers, sharing two buffers.
+    pub fn stack(
+        client: &ComputeClient<R>,
+        layers: usize,
+        batch: usize,
+        capacity: usize,
+        width: usize,
+    ) -> Vec<Self> {
+        let shape = [layers, batch, capacity, width];
+        let (k, v) = (Tensor::empty(client, &shape), Tensor::empty(client, &shape));
+        (0..layers)
+            .map(|layer| LayerCache {
+                k: k.clone(),
+                v: v.clone(),
+                layer,
+            })
+            .collect()
     }
 }
 
@@ -654,17 +681,23 @@ pub(crate) fn block<R: Runtime, E: FloatElement>(
     match cache {
         None => flash_attention(&part(0)?, &part(1)?, &part(2)?, &s.attn, &s.lse, true)?,
         Some(CacheAt { cache, start }) => {
-            let cap = cache.k.shape()[1];
+            // (L, B, S_max, C): this layer's (B, S_max, C) block.
+            let cap = cache.k.shape()[2];
+            let base = cache.layer * cache.k.shape()[1] * cap * c;
             let rows = |i: usize| s.qkv.strided(i * c, &[b, seq, c], &[seq * 3 * c, 3 * c, 1]);
             let slot_strides = [cap * c, c, 1];
-            let k_slot = cache.k.strided(start * c, &[b, seq, c], &slot_strides)?;
-            let v_slot = cache.v.strided(start * c, &[b, seq, c], &slot_strides)?;
+            let k_slot = cache
+                .k
+                .strided(base + start * c, &[b, seq, c], &slot_strides)?;
+            let v_slot = cache
+                .v
+                .strided(base + start * c, &[b, seq, c], &slot_strides)?;
             copy(&rows(1)?, &k_slot)?;
             copy(&rows(2)?, &v_slot)?;
             let len = start + seq;
             let kv_strides = [cap * c, c, hs, 1];
-            let k = cache.k.strided(0, &[b, len, nh, hs], &kv_strides)?;
-            let v = cache.v.strided(0, &[b, len, nh, hs], &kv_strides)?;
+            let k = cache.k.strided(base, &[b, len, nh, hs], &kv_strides)?;
+            let v = cache.v.strided(base, &[b, len, nh, hs], &kv_strides)?;
             flash_attention(&part(0)?, &k, &v, &s.attn, &s.lse, true)?;
         }
     }

@@ -11,6 +11,7 @@ pub mod activation;
 pub mod attention;
 pub mod copy;
 pub mod cross_entropy;
+pub mod decode;
 pub mod device;
 pub mod element;
 pub mod embedding;

@@ -21,6 +21,7 @@ use cubecl::wgpu::WgpuRuntime;
 use megabyte_kernels::activation::ActivationKind;
 use megabyte_kernels::attention::{BackwardConfig, FlashConfig, RowsConfig};
 use megabyte_kernels::cross_entropy::CrossEntropyConfig;
+use megabyte_kernels::decode::DecodeConfig;
 use megabyte_kernels::gemm::GemmConfig;
 use megabyte_kernels::layer_norm::LayerNormConfig;
 use megabyte_tests::in_ci;
@@ -179,6 +180,85 @@ fn elementwise<E: Float + CubeElement>(c: &ComputeClient<W>, out: &mut Vec<Varia
         );
         out.push(Variant {
             name: format!("cross_entropy_v{vocab}_logits{logits}_{ty}"),
+            main: false,
+            def: k.define(),
+        });
+    }
+}
+
+/// The fused decoding step: a local step (2 layers, its input row and the logits, C = 32) and
+/// a global one (4 layers, the patch embedding and the final LayerNorm, C = 256, H = 1024: the
+/// `small` preset's global stack).
+fn decode<E: Float + CubeElement>(c: &ComputeClient<W>, out: &mut Vec<Variant>) {
+    use megabyte_kernels::decode::{input, output};
+    let ty = std::any::type_name::<E>()
+        .rsplit("::")
+        .next()
+        .unwrap()
+        .to_string();
+    for (name, width, hidden, heads, layers, units, inp, outp, d_in) in [
+        (
+            "local_c32",
+            32usize,
+            128,
+            2,
+            2,
+            32,
+            input::LOCAL,
+            output::LOGITS,
+            32,
+        ),
+        (
+            "global_c256",
+            256,
+            1024,
+            4,
+            4,
+            256,
+            input::PATCH,
+            output::NORM,
+            32,
+        ),
+    ] {
+        let cfg = DecodeConfig {
+            width,
+            hidden,
+            heads,
+            layers,
+            units,
+            chunk: units,
+            activation: 0,
+            input: inp,
+            positions: true,
+            d_in,
+            output: outp,
+        };
+        let k = megabyte_kernels::decode::decode_stack::DecodeStack::<E, W>::new(
+            settings(CubeDim::new_1d(units as u32)),
+            c.clone(),
+            t(),
+            t(),
+            t(),
+            t(),
+            t(),
+            t(),
+            t(),
+            t(),
+            t(),
+            t(),
+            t(),
+            t(),
+            t(),
+            t(),
+            (),
+            (),
+            (),
+            (),
+            vec_of::<E>(),
+            cfg,
+        );
+        out.push(Variant {
+            name: format!("decode_stack_{name}_{ty}"),
             main: false,
             def: k.define(),
         });
@@ -730,6 +810,9 @@ fn compile_all() -> Option<Vec<(String, bool, Resources)>> {
     gemm::<half::f16>(&c, &mut variants);
     gemm::<half::bf16>(&c, &mut variants);
     backward(&c, &mut variants);
+    decode::<f32>(&c, &mut variants);
+    decode::<half::f16>(&c, &mut variants);
+    decode::<half::bf16>(&c, &mut variants);
 
     let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target");
     let dir = target.join("cuda-codegen");

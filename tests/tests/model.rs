@@ -5,7 +5,7 @@
 //! Tolerance: the rule of `megabyte-tests`, with `megabyte_tests::naive_model` (the whole
 //! forward naively in f32) as the same-precision naive implementation.
 
-use megabyte::{Decoder, GenerateOptions, Generator, Model};
+use megabyte::{DecodeKernel, Decoder, GenerateOptions, Generator, Model};
 use megabyte_reference::{generate_batch, Activation, Config, Sampling, Weights};
 use megabyte_tests::{check, naive_model, uniform_ids, with_client, TestRuntime};
 use proptest::prelude::*;
@@ -57,9 +57,16 @@ fn forward_case(cfg: &Config, b: usize, t: usize, seed: u64) {
 }
 
 /// Decodes a random sequence byte by byte (after a prompt of `prompt` bytes) and checks every
-/// step's logits against the reference's full forward over the sequence.
+/// step's logits against the reference's full forward over the sequence, once with each
+/// block kernel.
 fn decode_case(cfg: &Config, b: usize, prompt: usize, seed: u64) {
-    let case = format!("cached decoding({cfg:?}, B={b}, prompt={prompt}, seed={seed})");
+    for kernel in [DecodeKernel::Fused, DecodeKernel::Unfused] {
+        decode_case_with(cfg, b, prompt, seed, kernel);
+    }
+}
+
+fn decode_case_with(cfg: &Config, b: usize, prompt: usize, seed: u64, kernel: DecodeKernel) {
+    let case = format!("cached decoding({cfg:?}, B={b}, prompt={prompt}, seed={seed}, {kernel:?})");
     let t = cfg.context;
     let v = cfg.vocab;
     let w = Weights::random(cfg, seed);
@@ -77,7 +84,7 @@ fn decode_case(cfg: &Config, b: usize, prompt: usize, seed: u64) {
     };
     with_client!(TestRuntime, |client| {
         let model = Model::<TestRuntime, f32>::new(&client, cfg, &w).unwrap();
-        let mut dec = Decoder::new(&model, b).unwrap();
+        let mut dec = Decoder::with_kernel(&model, b, kernel).unwrap();
         let bytes: Vec<Vec<u8>> = (0..b)
             .map(|bi| ids[bi * t..][..prompt].iter().map(|&x| x as u8).collect())
             .collect();

@@ -1,0 +1,204 @@
+//! The training kernels: attention backward (FLOP/s), LayerNorm backward, GELU backward,
+//! cross-entropy backward, embedding backward and AdamW (GB/s), over the shapes one training
+//! step of `tiny` (T = 2048, batch 4) and `small` (batch 2) gives them.
+//!
+//! Attention backward FLOPs: 2.5 × the forward's, the usual count (recompute QKᵀ, then dV = PᵀdO,
+//! dP = dO·Vᵀ, dQ = dS·K, dK = dSᵀ·Q: five S×S×D products of 2 FLOPs per multiply-add), halved
+//! when causal: 5·S²·D per (batch, head). Bytes are what each kernel must read and write once:
+//! - LayerNorm backward: input, d_out, d_input (rows × C), the (C) parameter sums not counted;
+//! - GELU backward: pre-activation, d_output, d_input;
+//! - cross-entropy backward: logits read and written in place (rows × V);
+//! - embedding backward: the gradient rows read, the table written;
+//! - AdamW: param, m, v read and written, grad read.
+//!
+//! `cargo bench -p megabyte-benches --bench backward`
+
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use megabyte_benches::{label, time_synced};
+use megabyte_ops::activation::activation_backward;
+use megabyte_ops::attention::attention_backward;
+use megabyte_ops::cross_entropy::cross_entropy_backward;
+use megabyte_ops::embedding::embedding_backward;
+use megabyte_ops::layer_norm::layer_norm_backward;
+use megabyte_ops::optim::{adamw, AdamW};
+use megabyte_ops::{ActivationKind, Tensor};
+
+type Rt = megabyte_benches::BenchRuntime;
+
+fn data(n: usize, salt: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| (((i + salt) * 7919) % 1000) as f32 / 500.0 - 1.0)
+        .collect()
+}
+
+/// (name, B, S, H, D), causal: the global stack of `tiny` at T = 2048 (512 patches, width 64),
+/// its local stack (B·K sequences of P = 4, width 32), and `small`'s local stack (P = 8,
+/// width 128).
+const ATTENTION: &[(&str, usize, usize, usize, usize)] = &[
+    ("tiny_global_k512", 4, 512, 2, 32),
+    ("tiny_local_p4", 2048, 4, 2, 16),
+    ("small_local_p8", 512, 8, 2, 64),
+];
+
+/// (name, rows, C): rows × width of the LayerNorm and activation tensors in one step.
+const ROWS: &[(&str, usize, usize)] = &[
+    ("tiny_global", 2048, 64),
+    ("tiny_local_hidden", 8192, 128),
+    ("small_local_hidden", 4096, 512),
+];
+
+fn bench(c: &mut Criterion) {
+    let Some(client) = megabyte_benches::client_or_skip("backward") else {
+        return;
+    };
+    let mut group = c.benchmark_group("backward");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    let up = |v: &[f32], shape: &[usize]| Tensor::<Rt, f32>::from_f32(&client, v, shape).unwrap();
+
+    for &(name, b, s, h, d) in ATTENTION {
+        let n = b * s * h * d;
+        let shape = [b, s, h, d];
+        let (q, k, v, d_out) = (
+            up(&data(n, 1), &shape),
+            up(&data(n, 2), &shape),
+            up(&data(n, 3), &shape),
+            up(&data(n, 4), &shape),
+        );
+        let (dq, dk, dv) = (
+            Tensor::<Rt, f32>::empty(&client, &shape),
+            Tensor::<Rt, f32>::empty(&client, &shape),
+            Tensor::<Rt, f32>::empty(&client, &shape),
+        );
+        let flops = 5 * b * h * s * s * d;
+        group.throughput(Throughput::Elements(flops as u64));
+        group.bench_function(
+            BenchmarkId::new(label("wgpu_attention_backward_f32"), name),
+            |bench| {
+                bench.iter_custom(|iters| {
+                    time_synced(&client, iters, || {
+                        attention_backward(
+                            &q.view(),
+                            &k.view(),
+                            &v.view(),
+                            &d_out,
+                            &dq.view(),
+                            &dk.view(),
+                            &dv.view(),
+                            true,
+                        )
+                        .unwrap()
+                    })
+                })
+            },
+        );
+    }
+
+    for &(name, rows, width) in ROWS {
+        let n = rows * width;
+        let (x, dy) = (
+            up(&data(n, 5), &[rows, width]),
+            up(&data(n, 6), &[rows, width]),
+        );
+        let dx = Tensor::<Rt, f32>::empty(&client, &[rows, width]);
+        let bytes = (3 * n * 4) as u64;
+        group.throughput(Throughput::Bytes(bytes));
+        let weight = up(&data(width, 7), &[width]);
+        let (dw, db) = (
+            Tensor::<Rt, f32>::empty(&client, &[width]),
+            Tensor::<Rt, f32>::empty(&client, &[width]),
+        );
+        let mean = Tensor::<Rt, f32>::full(&client, &[rows], 0.1);
+        let rstd = Tensor::<Rt, f32>::full(&client, &[rows], 1.2);
+        group.bench_function(
+            BenchmarkId::new(label("wgpu_layer_norm_backward_f32"), name),
+            |bench| {
+                bench.iter_custom(|iters| {
+                    time_synced(&client, iters, || {
+                        layer_norm_backward(&x, &dy, &weight, &mean, &rstd, None, &dx, &dw, &db)
+                            .unwrap()
+                    })
+                })
+            },
+        );
+        group.bench_function(
+            BenchmarkId::new(label("wgpu_gelu_backward_f32"), name),
+            |bench| {
+                bench.iter_custom(|iters| {
+                    time_synced(&client, iters, || {
+                        activation_backward(&x, &dy, &dx, ActivationKind::Gelu).unwrap()
+                    })
+                })
+            },
+        );
+    }
+
+    // The head: B·T rows of V = 256 logits; the byte embedding table (256, D_L) from B·T rows.
+    for &(name, rows, width) in &[("tiny", 8192usize, 32usize), ("small", 4096, 128)] {
+        let vocab = 256;
+        let targets: Vec<u32> = (0..rows).map(|i| (i * 31 % vocab) as u32).collect();
+        let targets = Tensor::<Rt, u32>::from_ids(&client, &targets, &[rows]).unwrap();
+        let logits = up(&data(rows * vocab, 8), &[rows, vocab]);
+        let lse = Tensor::<Rt, f32>::full(&client, &[rows], 6.0);
+        group.throughput(Throughput::Bytes((2 * rows * vocab * 4) as u64));
+        group.bench_function(
+            BenchmarkId::new(label("wgpu_cross_entropy_backward_f32"), name),
+            |bench| {
+                bench.iter_custom(|iters| {
+                    // In place: the logits become gradients, which the next iteration treats
+                    // as logits again (the work is the same).
+                    time_synced(&client, iters, || {
+                        cross_entropy_backward(&logits, &lse, &targets, 1.0 / rows as f32).unwrap()
+                    })
+                })
+            },
+        );
+        let grad_rows = up(&data(rows * width, 9), &[1, rows, width]);
+        let ids = targets.clone().reshape(&[1, rows]).unwrap();
+        let table = Tensor::<Rt, f32>::empty(&client, &[vocab, width]);
+        group.throughput(Throughput::Bytes(((rows + vocab) * width * 4) as u64));
+        group.bench_function(
+            BenchmarkId::new(label("wgpu_embedding_backward_f32"), name),
+            |bench| {
+                bench.iter_custom(|iters| {
+                    time_synced(&client, iters, || {
+                        embedding_backward(&grad_rows.view(), Some(&ids.view()), &table, false)
+                            .unwrap()
+                    })
+                })
+            },
+        );
+    }
+
+    // AdamW over every parameter of `tiny` (171,360) and of `small` (3,668,352).
+    for &(name, n) in &[("tiny", 171_360usize), ("small", 3_668_352)] {
+        let (param, grad) = (up(&data(n, 10), &[n]), up(&data(n, 11), &[n]));
+        let (m, v) = (
+            Tensor::<Rt, f32>::full(&client, &[n], 0.0),
+            Tensor::<Rt, f32>::full(&client, &[n], 0.0),
+        );
+        let hp = AdamW {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        group.throughput(Throughput::Bytes((7 * n * 4) as u64));
+        group.bench_function(BenchmarkId::new(label("wgpu_adamw_f32"), name), |bench| {
+            bench.iter_custom(|iters| {
+                time_synced(&client, iters, || {
+                    adamw(&param, &grad, &m, &v, &hp, 1, 1.0).unwrap()
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,456 @@
+//! Launcher for the fused decoding step of a stack of pre-LN blocks
+//! (`megabyte_kernels::decode`): one launch per stack per decoded position instead of nine per
+//! block, with the row's input built in front (the local model's input, or the global model's
+//! patch embedding) and the final LayerNorm (and the logits) behind.
+//!
+//! The kernel reads a stack's parameters from one packed buffer ([`PackedStack`]), so a
+//! launch binds 14 buffers whatever the depth: on CPU drivers each binding adds to the launch
+//! cost, and a launch costs more than a step's arithmetic.
+
+use cubecl::ir::features::Plane;
+use cubecl::prelude::*;
+use megabyte_kernels::activation::ActivationKind;
+use megabyte_kernels::decode::{
+    decode_stack as decode_stack_kernel, input, output, DecodeConfig, LayerOffsets,
+};
+
+use crate::copy::copy;
+use crate::device::{ensure_dtype, vector_size_for};
+use crate::element::FloatElement;
+use crate::error::OpError;
+use crate::layer_norm::EPS;
+use crate::tensor::Tensor;
+
+const OP: &str = "decode_stack";
+
+/// Widest stack the fused step takes. One cube computes a whole row, so its cost grows as
+/// C·(4C + 2H) per layer on one compute unit while the unfused GEMMs spread over the device;
+/// past this width the unfused blocks are the better choice on a GPU.
+pub const MAX_FUSED_WIDTH: usize = 512;
+
+/// Buffers the kernel binds (the runtime adds its metadata buffer).
+const BINDINGS: u32 = 14;
+
+/// One pre-LN block's parameters: LayerNorms (C), qkv (C, 3C), proj (C, C), fc1 (C, H),
+/// fc2 (H, C), each with its bias; linear weights (in, out).
+pub struct BlockWeights<'a, R: Runtime, E> {
+    pub ln1: (&'a Tensor<R, E>, &'a Tensor<R, E>),
+    pub qkv: (&'a Tensor<R, E>, &'a Tensor<R, E>),
+    pub proj: (&'a Tensor<R, E>, &'a Tensor<R, E>),
+    pub ln2: (&'a Tensor<R, E>, &'a Tensor<R, E>),
+    pub fc1: (&'a Tensor<R, E>, &'a Tensor<R, E>),
+    pub fc2: (&'a Tensor<R, E>, &'a Tensor<R, E>),
+}
+
+/// A stack's blocks (and its final LayerNorm) copied into one buffer in the kernel's layout
+/// (`LayerOffsets`): a second copy of the stack's parameters, made once per decoder.
+pub struct PackedStack<R: Runtime, E> {
+    weights: Tensor<R, E>,
+    /// Final LayerNorm weight then bias (2C); placeholder without one.
+    ln_f: Tensor<R, E>,
+    has_ln_f: bool,
+    width: usize,
+    hidden: usize,
+    heads: usize,
+    layers: usize,
+}
+
+impl<R: Runtime, E: FloatElement> PackedStack<R, E> {
+    /// Packs `blocks` (at least one, all of one shape) with `heads` attention heads and the
+    /// stack's final LayerNorm (C each), if it has one.
+    pub fn pack(
+        blocks: &[BlockWeights<R, E>],
+        heads: usize,
+        final_norm: Option<(&Tensor<R, E>, &Tensor<R, E>)>,
+    ) -> Result<Self, OpError> {
+        let first = blocks.first().ok_or(OpError::Empty {
+            op: OP,
+            tensor: "blocks",
+            shape: vec![0],
+        })?;
+        let client = first.ln1.0.client();
+        let c = first.ln1.0.shape().first().copied().unwrap_or(0);
+        let hidden = first.fc1.1.shape().first().copied().unwrap_or(0);
+        if c == 0 || hidden == 0 {
+            return Err(OpError::Empty {
+                op: OP,
+                tensor: "blocks",
+                shape: vec![c, hidden],
+            });
+        }
+        let off = LayerOffsets::new(c, hidden);
+        let weights = Tensor::<R, E>::empty(client, &[blocks.len() * off.len]);
+        for (l, w) in blocks.iter().enumerate() {
+            let base = l * off.len;
+            for (name, t, at, shape) in [
+                ("ln1.weight", w.ln1.0, off.ln1_w, vec![c]),
+                ("ln1.bias", w.ln1.1, off.ln1_b, vec![c]),
+                ("qkv.weight", w.qkv.0, off.qkv_w, vec![c, 3 * c]),
+                ("qkv.bias", w.qkv.1, off.qkv_b, vec![3 * c]),
+                ("proj.weight", w.proj.0, off.proj_w, vec![c, c]),
+                ("proj.bias", w.proj.1, off.proj_b, vec![c]),
+                ("ln2.weight", w.ln2.0, off.ln2_w, vec![c]),
+                ("ln2.bias", w.ln2.1, off.ln2_b, vec![c]),
+                ("fc1.weight", w.fc1.0, off.fc1_w, vec![c, hidden]),
+                ("fc1.bias", w.fc1.1, off.fc1_b, vec![hidden]),
+                ("fc2.weight", w.fc2.0, off.fc2_w, vec![hidden, c]),
+                ("fc2.bias", w.fc2.1, off.fc2_b, vec![c]),
+            ] {
+                t.expect_shape(OP, name, &shape)?;
+                let n = t.len();
+                copy(
+                    &t.strided(0, &[n], &[1])?,
+                    &weights.strided(base + at, &[n], &[1])?,
+                )?;
+            }
+        }
+        let ln_f = Tensor::<R, E>::empty(client, &[2 * c]);
+        if let Some((w, b)) = final_norm {
+            w.expect_shape(OP, "ln_f.weight", &[c])?;
+            b.expect_shape(OP, "ln_f.bias", &[c])?;
+            copy(&w.strided(0, &[c], &[1])?, &ln_f.strided(0, &[c], &[1])?)?;
+            copy(&b.strided(0, &[c], &[1])?, &ln_f.strided(c, &[c], &[1])?)?;
+        }
+        Ok(PackedStack {
+            weights,
+            ln_f,
+            has_ln_f: final_norm.is_some(),
+            width: c,
+            hidden,
+            heads,
+            layers: blocks.len(),
+        })
+    }
+
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    pub fn layers(&self) -> usize {
+        self.layers
+    }
+}
+
+/// The local model's input row at patch position `slot` = p:
+/// x = g[b, p·D_G ..][.. D_G] · W_GL + (p = 0 ? pad : embed[ids[b]]) + positions[p].
+pub struct LocalInputStep<'a, R: Runtime, E> {
+    /// The global model's output for the current patch, (B, P·D_G).
+    pub g: &'a Tensor<R, E>,
+    /// W_GL (D_G, C).
+    pub global_to_local: &'a Tensor<R, E>,
+    /// E_L (V, C), the local pad (C), E_lpos (P, C).
+    pub embed: &'a Tensor<R, E>,
+    pub pad: &'a Tensor<R, E>,
+    pub positions: Option<&'a Tensor<R, E>>,
+    /// Byte p - 1 of each row's patch (B); ignored at p = 0.
+    pub ids: &'a Tensor<R, u32>,
+    pub slot: usize,
+}
+
+/// The global model's input for the patch of bytes t0 .. t0 + P, C = P·D:
+/// x[p·D .. (p + 1)·D] = embed[ids[b, p]] + positions[t0 + p].
+pub struct PatchInputStep<'a, R: Runtime, E> {
+    /// E_G (V, D), E_pos (T, D).
+    pub embed: &'a Tensor<R, E>,
+    pub positions: &'a Tensor<R, E>,
+    /// The patch's bytes (B, P).
+    pub ids: &'a Tensor<R, u32>,
+    /// t0: the position of the patch's first byte.
+    pub first_byte: usize,
+}
+
+/// Where a step's row comes from.
+pub enum StepInput<'a, R: Runtime, E> {
+    /// `h` as it is.
+    Row,
+    Local(LocalInputStep<'a, R, E>),
+    Patch(PatchInputStep<'a, R, E>),
+}
+
+/// What a step writes besides the residual stream `h`.
+pub enum StepOutput<'a, R: Runtime, E> {
+    Row,
+    /// The final LayerNorm of the row, (B, C).
+    Norm(&'a Tensor<R, E>),
+    /// The final LayerNorm's output times `table`ᵀ (V, C): logits (B, V).
+    Logits {
+        table: &'a Tensor<R, E>,
+        logits: &'a Tensor<R, E>,
+    },
+}
+
+/// Units per cube and keys per softmax chunk. On a device with plane (warp) operations, enough
+/// units to cover the row (32 to 256) and one key per unit per chunk. Without them (CPU
+/// drivers such as lavapipe, where cubecl-wgpu hides plane ops), one plane's worth of units:
+/// a CPU driver runs a cube's units as SIMD lanes of one thread and pays for every barrier
+/// per lane group, so one group that loops over the row is the fastest shape there.
+fn units_for<R: Runtime>(client: &ComputeClient<R>, width: usize) -> (usize, usize) {
+    let props = client.properties();
+    let max_units = props.hardware.max_units_per_cube.max(1) as usize;
+    if props.features.plane.contains(Plane::Ops) {
+        let units = width.next_power_of_two().clamp(32, 256).min(max_units);
+        (units, units)
+    } else {
+        let units = (props.hardware.plane_size_max.max(1) as usize).min(max_units);
+        (units, 64)
+    }
+}
+
+/// The kernel's comptime shape and vector width for a stack, or why it can't be fused.
+fn config_for<R: Runtime, E: FloatElement>(
+    client: &ComputeClient<R>,
+    width: usize,
+    hidden: usize,
+    heads: usize,
+    layers: usize,
+) -> Result<(DecodeConfig, usize), OpError> {
+    let unsupported = |what, value, reason: String| OpError::Unsupported {
+        op: OP,
+        what,
+        value,
+        reason,
+    };
+    if width == 0 || hidden == 0 || layers == 0 {
+        return Err(OpError::Empty {
+            op: OP,
+            tensor: "stack",
+            shape: vec![layers, width, hidden],
+        });
+    }
+    if heads == 0 || width % heads != 0 {
+        return Err(unsupported(
+            "heads",
+            heads,
+            format!("must divide the width {width}"),
+        ));
+    }
+    if width > MAX_FUSED_WIDTH {
+        return Err(unsupported(
+            "width",
+            width,
+            format!("the fused step takes widths up to {MAX_FUSED_WIDTH}; use the unfused blocks"),
+        ));
+    }
+    let hw = &client.properties().hardware;
+    if hw.max_bindings < BINDINGS {
+        return Err(unsupported(
+            "bindings",
+            BINDINGS as usize,
+            format!(
+                "the device binds at most {} buffers per kernel",
+                hw.max_bindings
+            ),
+        ));
+    }
+    let (units, chunk) = units_for(client, width);
+    let cfg = DecodeConfig {
+        width,
+        hidden,
+        heads,
+        layers,
+        units,
+        chunk,
+        activation: 0,
+        input: input::ROW,
+        positions: false,
+        d_in: 1,
+        output: output::ROW,
+    };
+    // Weights, the head table and the caches are read in vectors along C, 3C, H and the head
+    // width.
+    let vector = vector_size_for::<R, E>(client, &[width, hidden, width / heads]);
+    let bytes = cfg.shared_words() * 4;
+    if bytes > hw.max_shared_memory_size {
+        return Err(unsupported(
+            "shared memory bytes",
+            bytes,
+            format!(
+                "width {width} and hidden width {hidden} need more than the device's {} bytes per cube",
+                hw.max_shared_memory_size
+            ),
+        ));
+    }
+    Ok((cfg, vector))
+}
+
+/// Whether [`decode_stack`] runs a stack of this shape on this device (else the reason):
+/// width at most [`MAX_FUSED_WIDTH`], the heads dividing it, enough shared memory and
+/// buffer bindings.
+pub fn decode_stack_supported<R: Runtime, E: FloatElement>(
+    client: &ComputeClient<R>,
+    width: usize,
+    hidden: usize,
+    heads: usize,
+) -> Result<(), OpError> {
+    config_for::<R, E>(client, width, hidden, heads, 1).map(|_| ())
+}
+
+/// One decoding step of a packed stack for B sequences, one new position each, in one
+/// launch. The row comes from `input`; every layer l then does h += proj(attn(LN1(h))),
+/// h += fc2(act(fc1(LN2(h)))), writing its key and value to slot `pos` of `k_cache`/`v_cache`
+/// (L, B, cap, C) and attending to slots `0 ..= pos`; `h` (B, C) receives the result and
+/// `output` says what follows.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_stack<R: Runtime, E: FloatElement>(
+    h: &Tensor<R, E>,
+    stack: &PackedStack<R, E>,
+    k_cache: &Tensor<R, E>,
+    v_cache: &Tensor<R, E>,
+    pos: usize,
+    act: ActivationKind,
+    input: &StepInput<R, E>,
+    output: &StepOutput<R, E>,
+) -> Result<(), OpError> {
+    let client = h.client();
+    ensure_dtype::<R, E>(client, OP)?;
+    let (c, layers) = (stack.width, stack.layers);
+    if h.shape().len() != 2 || h.shape()[1] != c || h.shape()[0] == 0 {
+        return Err(OpError::shape(OP, "h", h.shape(), vec![1, c]));
+    }
+    let b = h.shape()[0];
+    let (mut cfg, vector) = config_for::<R, E>(client, c, stack.hidden, stack.heads, layers)?;
+    let cap = k_cache.shape().get(2).copied().unwrap_or(0);
+    k_cache.expect_shape(OP, "k_cache", &[layers, b, cap, c])?;
+    v_cache.expect_shape(OP, "v_cache", &[layers, b, cap, c])?;
+    if pos >= cap {
+        return Err(OpError::Unsupported {
+            op: OP,
+            what: "pos",
+            value: pos,
+            reason: format!("the cache holds {cap} positions"),
+        });
+    }
+    // Placeholders for the tensors a disabled stage would read: any tensor of E (u32 for ids).
+    let ph = &stack.ln_f;
+    let ids_ph;
+    let (g, w_gl, embed, pad, positions, ids, slot) = match input {
+        StepInput::Row => {
+            ids_ph = Tensor::<R, u32>::empty(client, &[1]);
+            (ph, ph, ph, ph, ph, &ids_ph, 0)
+        }
+        StepInput::Local(x) => {
+            let gw = x.g.shape().get(1).copied().unwrap_or(0);
+            let dg = x.global_to_local.shape().first().copied().unwrap_or(0);
+            x.global_to_local
+                .expect_shape(OP, "global_to_local", &[dg, c])?;
+            if dg == 0 || gw % dg != 0 || x.slot >= gw / dg {
+                return Err(OpError::shape(
+                    OP,
+                    "g",
+                    x.g.shape(),
+                    vec![b, (x.slot + 1) * dg],
+                ));
+            }
+            x.g.expect_shape(OP, "g", &[b, gw])?;
+            let v = x.embed.shape().first().copied().unwrap_or(0);
+            x.embed.expect_shape(OP, "embed", &[v, c])?;
+            x.pad.expect_shape(OP, "pad", &[c])?;
+            if let Some(p) = x.positions {
+                p.expect_shape(OP, "positions", &[gw / dg, c])?;
+            }
+            x.ids.expect_shape(OP, "ids", &[b])?;
+            cfg.input = input::LOCAL;
+            cfg.positions = x.positions.is_some();
+            cfg.d_in = dg;
+            let positions = x.positions.unwrap_or(ph);
+            (
+                x.g,
+                x.global_to_local,
+                x.embed,
+                x.pad,
+                positions,
+                x.ids,
+                x.slot,
+            )
+        }
+        StepInput::Patch(x) => {
+            let d = x.embed.shape().get(1).copied().unwrap_or(0);
+            if d == 0 || c % d != 0 {
+                return Err(OpError::shape(OP, "embed", x.embed.shape(), vec![256, c]));
+            }
+            let patch = c / d;
+            let v = x.embed.shape()[0];
+            x.embed.expect_shape(OP, "embed", &[v, d])?;
+            let t = x.positions.shape().first().copied().unwrap_or(0);
+            x.positions.expect_shape(OP, "positions", &[t, d])?;
+            if x.first_byte + patch > t {
+                return Err(OpError::Unsupported {
+                    op: OP,
+                    what: "first_byte",
+                    value: x.first_byte,
+                    reason: format!(
+                        "the patch of {patch} bytes needs positions past the {t} given"
+                    ),
+                });
+            }
+            x.ids.expect_shape(OP, "ids", &[b, patch])?;
+            cfg.input = input::PATCH;
+            cfg.positions = true;
+            cfg.d_in = d;
+            (ph, ph, x.embed, ph, x.positions, x.ids, x.first_byte)
+        }
+    };
+    let (table, out) = match output {
+        StepOutput::Row => (ph, h),
+        StepOutput::Norm(out) => {
+            out.expect_shape(OP, "out", &[b, c])?;
+            cfg.output = output::NORM;
+            (ph, *out)
+        }
+        StepOutput::Logits { table, logits } => {
+            let v = table.shape().first().copied().unwrap_or(0);
+            table.expect_shape(OP, "table", &[v, c])?;
+            logits.expect_shape(OP, "logits", &[b, v])?;
+            cfg.output = output::LOGITS;
+            (*table, *logits)
+        }
+    };
+    if cfg.output != output::ROW && !stack.has_ln_f {
+        return Err(OpError::Unsupported {
+            op: OP,
+            what: "final LayerNorm",
+            value: 0,
+            reason: "the stack was packed without one; the output needs it".into(),
+        });
+    }
+    cfg.activation = act.id();
+    let scale = 1.0 / ((c / stack.heads) as f32).sqrt();
+    let cubes = u32::try_from(b).map_err(|_| OpError::Unsupported {
+        op: OP,
+        what: "batch",
+        value: b,
+        reason: "more rows than a launch has cubes".into(),
+    })?;
+    // SAFETY: every shape was validated above; the kernel indexes rows b < B (one cube each),
+    // layers below L, cache slots 0 ..= pos < cap and columns below C, H and V; `vector`
+    // divides C, H and the head width; every unit reaches every barrier (loop bounds depend
+    // only on comptime sizes and `pos`).
+    unsafe {
+        decode_stack_kernel::launch_unchecked::<E, R>(
+            client,
+            CubeCount::Static(cubes, 1, 1),
+            CubeDim::new_1d(cfg.units as u32),
+            vector,
+            h.arg(),
+            stack.weights.arg(),
+            stack.weights.arg(),
+            k_cache.arg(),
+            v_cache.arg(),
+            g.arg(),
+            w_gl.arg(),
+            embed.arg(),
+            pad.arg(),
+            positions.arg(),
+            ids.arg(),
+            stack.ln_f.arg(),
+            table.arg(),
+            out.arg(),
+            pos as u32,
+            slot as u32,
+            scale,
+            EPS,
+            cfg,
+        );
+    }
+    Ok(())
+}

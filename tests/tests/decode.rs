@@ -1,0 +1,432 @@
+//! The fused decoding step of a stack of blocks (`megabyte_ops::decode::decode_stack`) against
+//! the reference blocks over the whole sequence: the step's output row is the reference's last
+//! row, and the keys and values it appends are each layer's projections at that position. The
+//! cache holds the reference's keys and values before the step and NaN after it, so a read
+//! past `pos` fails. Proptest over shapes and depths, a sweep of awkward sizes (one key, key
+//! counts around the softmax chunk, odd head widths, 3 heads), f32 and f16, and errors. The
+//! inputs (local input, patch embedding) and outputs (final LayerNorm, logits) are covered by
+//! the model's cached-decoding tests, which run the fused and the unfused steps.
+//!
+//! Tolerance baseline: the block computed naively on the host (f32 sums in index order, a
+//! materialised softmax) with every stored intermediate rounded to E.
+
+use cubecl::prelude::ComputeClient;
+use megabyte_ops::decode::{decode_stack, BlockWeights, PackedStack, StepInput, StepOutput};
+use megabyte_ops::{ActivationKind, FloatElement, OpError, Tensor};
+use megabyte_reference::activation::activation_scalar;
+use megabyte_reference::config::{Activation, LN_EPS};
+use megabyte_reference::ffn::{block_forward, split_qkv};
+use megabyte_reference::gemm::linear;
+use megabyte_reference::layer_norm::layer_norm_forward;
+use megabyte_reference::weights::{Block, Linear, Norm};
+use megabyte_tests::{check, read_f64, round, round_all, uniform, with_client, TestRuntime};
+use proptest::prelude::*;
+
+fn random_block<E: FloatElement>(c: usize, hidden: usize, seed: u64) -> Block {
+    let lin = |i: usize, o: usize, s: u64| {
+        let bound = 1.0 / (i as f32).sqrt();
+        Linear {
+            weight: round_all::<E>(uniform(s, i * o, -bound, bound)),
+            bias: round_all::<E>(uniform(s ^ 0xb1, o, -0.2, 0.2)),
+        }
+    };
+    let norm = |s: u64| Norm {
+        weight: round_all::<E>(uniform(s, c, 0.5, 1.5)),
+        bias: round_all::<E>(uniform(s ^ 0xb2, c, -0.3, 0.3)),
+    };
+    Block {
+        ln1: norm(seed ^ 1),
+        qkv: lin(c, 3 * c, seed ^ 2),
+        proj: lin(c, c, seed ^ 3),
+        ln2: norm(seed ^ 4),
+        fc1: lin(c, hidden, seed ^ 5),
+        fc2: lin(hidden, c, seed ^ 6),
+    }
+}
+
+/// The block over (B, T, C) computed naively: f32 sums in index order, each stored
+/// intermediate rounded to E. Returns the output and the rounded keys and values (B, T, C).
+fn naive_block<E: FloatElement>(
+    x: &[f32],
+    w: &Block,
+    act: Activation,
+    b: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let r = |v: f32| round::<E>(v as f64) as f32;
+    let n = b * t;
+    let norm = |x: &[f32], nw: &Norm| -> Vec<f32> {
+        let mut out = vec![0f32; n * c];
+        for row in 0..n {
+            let xs = &x[row * c..][..c];
+            let mean = xs.iter().sum::<f32>() / c as f32;
+            let var = xs.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / c as f32;
+            let rstd = 1.0 / (var + LN_EPS as f32).sqrt();
+            for i in 0..c {
+                out[row * c + i] = r((xs[i] - mean) * rstd * nw.weight[i] + nw.bias[i]);
+            }
+        }
+        out
+    };
+    let lin = |x: &[f32], l: &Linear, i_n: usize, o_n: usize| -> Vec<f32> {
+        let mut out = vec![0f32; n * o_n];
+        for row in 0..n {
+            for o in 0..o_n {
+                let mut acc = 0f32;
+                for i in 0..i_n {
+                    acc += x[row * i_n + i] * l.weight[i * o_n + o];
+                }
+                out[row * o_n + o] = acc + l.bias[o];
+            }
+        }
+        out
+    };
+    let hs = c / nh;
+    let xn = norm(x, &w.ln1);
+    let qkv: Vec<f32> = lin(&xn, &w.qkv, c, 3 * c).into_iter().map(r).collect();
+    let [q, k, v] = split_qkv(&qkv, n, c);
+    let mut y = vec![0f32; n * c];
+    let scale = 1.0 / (hs as f32).sqrt();
+    for bi in 0..b {
+        for h in 0..nh {
+            for i in 0..t {
+                let at = |m: &[f32], j: usize, d: usize| m[(bi * t + j) * c + h * hs + d];
+                let s: Vec<f32> = (0..=i)
+                    .map(|j| (0..hs).map(|d| at(&q, i, d) * at(&k, j, d)).sum::<f32>() * scale)
+                    .collect();
+                let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let p: Vec<f32> = s.iter().map(|&z| (z - m).exp()).collect();
+                let sum: f32 = p.iter().sum();
+                for d in 0..hs {
+                    let o: f32 = (0..=i).map(|j| p[j] / sum * at(&v, j, d)).sum();
+                    y[(bi * t + i) * c + h * hs + d] = r(o);
+                }
+            }
+        }
+    }
+    let a = lin(&y, &w.proj, c, c);
+    let mid: Vec<f32> = x.iter().zip(&a).map(|(x, a)| r(x + a)).collect();
+    let xn = norm(&mid, &w.ln2);
+    let hidden = w.fc1.bias.len();
+    let u: Vec<f32> = lin(&xn, &w.fc1, c, hidden)
+        .into_iter()
+        .map(|z| r(activation_scalar(act, z as f64) as f32))
+        .collect();
+    let f = lin(&u, &w.fc2, hidden, c);
+    let out = mid.iter().zip(&f).map(|(m, f)| r(m + f)).collect();
+    (out, k, v)
+}
+
+fn kind(act: Activation) -> ActivationKind {
+    match act {
+        Activation::Gelu => ActivationKind::Gelu,
+        Activation::Relu => ActivationKind::Relu,
+    }
+}
+
+/// A block's parameters uploaded, in the order `BlockWeights` borrows them.
+fn upload<E: FloatElement>(
+    client: &ComputeClient<TestRuntime>,
+    w: &Block,
+    c: usize,
+    hidden: usize,
+) -> Vec<Tensor<TestRuntime, E>> {
+    let up =
+        |v: &[f32], shape: &[usize]| Tensor::<TestRuntime, E>::from_f32(client, v, shape).unwrap();
+    vec![
+        up(&w.ln1.weight, &[c]),
+        up(&w.ln1.bias, &[c]),
+        up(&w.qkv.weight, &[c, 3 * c]),
+        up(&w.qkv.bias, &[3 * c]),
+        up(&w.proj.weight, &[c, c]),
+        up(&w.proj.bias, &[c]),
+        up(&w.ln2.weight, &[c]),
+        up(&w.ln2.bias, &[c]),
+        up(&w.fc1.weight, &[c, hidden]),
+        up(&w.fc1.bias, &[hidden]),
+        up(&w.fc2.weight, &[hidden, c]),
+        up(&w.fc2.bias, &[c]),
+    ]
+}
+
+fn borrow<E>(t: &[Tensor<TestRuntime, E>]) -> BlockWeights<'_, TestRuntime, E> {
+    BlockWeights {
+        ln1: (&t[0], &t[1]),
+        qkv: (&t[2], &t[3]),
+        proj: (&t[4], &t[5]),
+        ln2: (&t[6], &t[7]),
+        fc1: (&t[8], &t[9]),
+        fc2: (&t[10], &t[11]),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_case<E: FloatElement>(
+    client: &ComputeClient<TestRuntime>,
+    b: usize,
+    keys: usize,
+    heads: usize,
+    hs: usize,
+    mult: usize,
+    layers: usize,
+    act: Activation,
+    seed: u64,
+) {
+    let c = heads * hs;
+    let hidden = mult * c;
+    let t = keys;
+    let pos = t - 1;
+    let case = format!(
+        "decode_stack({}, B={b}, keys={keys}, heads={heads}, hs={hs}, H={hidden}, L={layers}, {act:?}, seed={seed})",
+        E::NAME
+    );
+    let blocks: Vec<Block> = (0..layers)
+        .map(|l| random_block::<E>(c, hidden, seed ^ (l as u64 + 1) << 20))
+        .collect();
+    let x = round_all::<E>(uniform(seed ^ 0x5eed, b * t * c, -2.0, 2.0));
+    // Reference and naive: the whole sequence through the layers, with each layer's keys and
+    // values; the naive stack rounds its residual stream to E between layers.
+    let mut reference = x.clone();
+    let mut naive = x.clone();
+    let (mut ref_kv, mut naive_kv) = (Vec::new(), Vec::new());
+    for w in &blocks {
+        let mut xn = vec![0f32; b * t * c];
+        layer_norm_forward(&mut xn, &reference, &w.ln1.weight, &w.ln1.bias, b * t, c);
+        let mut qkv = vec![0f32; b * t * 3 * c];
+        linear(
+            &mut qkv,
+            &xn,
+            &w.qkv.weight,
+            Some(&w.qkv.bias),
+            b * t,
+            c,
+            3 * c,
+        );
+        let [_, k, v] = split_qkv(&qkv, b * t, c);
+        ref_kv.push((k, v));
+        block_forward(&mut reference, w, act, b, t, c, heads);
+        let (out, k, v) = naive_block::<E>(&naive, w, act, b, t, c, heads);
+        naive_kv.push((k, v));
+        naive = out;
+    }
+
+    // The device: the caches hold the reference's (rounded) keys and values before `pos`,
+    // NaN from `pos` on, two slots past the sequence.
+    let cap = t + 2;
+    let cache = |which: usize| {
+        let mut buf = vec![f32::NAN; layers * b * cap * c];
+        for (l, kv) in ref_kv.iter().enumerate() {
+            let src = if which == 0 { &kv.0 } else { &kv.1 };
+            for bi in 0..b {
+                for j in 0..pos {
+                    for i in 0..c {
+                        buf[((l * b + bi) * cap + j) * c + i] =
+                            round::<E>(src[(bi * t + j) * c + i] as f64) as f32;
+                    }
+                }
+            }
+        }
+        Tensor::<TestRuntime, E>::from_f32(client, &buf, &[layers, b, cap, c]).unwrap()
+    };
+    let (kc, vc) = (cache(0), cache(1));
+    let last = |m: &[f32]| -> Vec<f32> {
+        (0..b)
+            .flat_map(|bi| m[(bi * t + pos) * c..][..c].to_vec())
+            .collect()
+    };
+    let h = Tensor::<TestRuntime, E>::from_f32(client, &last(&x), &[b, c]).unwrap();
+    let uploaded: Vec<_> = blocks
+        .iter()
+        .map(|w| upload::<E>(client, w, c, hidden))
+        .collect();
+    let steps: Vec<_> = uploaded.iter().map(|t| borrow(t)).collect();
+    let stack = PackedStack::pack(&steps, heads, None).unwrap();
+    decode_stack(
+        &h,
+        &stack,
+        &kc,
+        &vc,
+        pos,
+        kind(act),
+        &StepInput::Row,
+        &StepOutput::Row,
+    )
+    .unwrap();
+
+    // Kernel rows first, then every row of the sequence for the naive error.
+    let with_all = |rows: Vec<f32>, all: &[f32]| -> Vec<f64> {
+        rows.iter().chain(all).map(|&v| v as f64).collect()
+    };
+    check::<E>(
+        &case,
+        "output row",
+        &read_f64(&h),
+        &with_all(last(&naive), &naive),
+        &with_all(last(&reference), &reference),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let (kd, vd) = (read_f64(&kc), read_f64(&vc));
+    for l in 0..layers {
+        for (name, dev, naive_all, ref_all) in [
+            ("key", &kd, &naive_kv[l].0, &ref_kv[l].0),
+            ("value", &vd, &naive_kv[l].1, &ref_kv[l].1),
+        ] {
+            let at = |bi: usize, j: usize| ((l * b + bi) * cap + j) * c;
+            let slot: Vec<f64> = (0..b)
+                .flat_map(|bi| dev[at(bi, pos)..][..c].to_vec())
+                .collect();
+            check::<E>(
+                &case,
+                &format!("layer {l} {name} appended at slot {pos}"),
+                &slot,
+                &with_all(last(naive_all), naive_all),
+                &with_all(last(ref_all), ref_all),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            // Slots past the step are untouched.
+            for bi in 0..b {
+                for j in pos + 1..cap {
+                    assert!(
+                        dev[at(bi, j)..][..c].iter().all(|v| v.is_nan()),
+                        "{case}: layer {l} {name} slot {j} of row {bi} was written"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// One key (the step's own), key counts around the 32-, 64- and 128-key softmax chunks,
+/// head widths 1 to 80, three heads, batch 1 to 5.
+#[test]
+fn awkward_sizes() {
+    with_client!(TestRuntime, |client| {
+        let cases: &[(usize, usize, usize, usize, usize)] = &[
+            // (B, keys, heads, head width, FFN multiple)
+            (1, 1, 1, 8, 4),
+            (2, 2, 2, 16, 4),
+            (3, 7, 3, 8, 2),
+            (1, 33, 2, 16, 4),
+            (2, 65, 1, 64, 4),
+            (1, 129, 4, 32, 4),
+            (5, 40, 2, 40, 1),
+            (1, 17, 1, 80, 2),
+            (2, 9, 1, 1, 3),
+        ];
+        for (i, &(b, keys, heads, hs, mult)) in cases.iter().enumerate() {
+            let act = if i % 3 == 2 {
+                Activation::Relu
+            } else {
+                Activation::Gelu
+            };
+            let layers = 1 + i % 2;
+            run_case::<f32>(
+                &client,
+                b,
+                keys,
+                heads,
+                hs,
+                mult,
+                layers,
+                act,
+                900 + i as u64,
+            );
+        }
+    });
+}
+
+#[test]
+fn awkward_sizes_f16() {
+    with_client!(TestRuntime, |client| {
+        for (i, &(b, keys, heads, hs)) in [(1, 1, 1, 16), (3, 35, 2, 16), (2, 70, 3, 8)]
+            .iter()
+            .enumerate()
+        {
+            let act = Activation::Gelu;
+            run_case::<half::f16>(&client, b, keys, heads, hs, 4, 2, act, 950 + i as u64);
+        }
+    });
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+    #[test]
+    fn random_shapes(
+        b in 1usize..4,
+        keys in 1usize..80,
+        heads in 1usize..4,
+        hs in 1usize..20,
+        mult in 1usize..5,
+        layers in 1usize..4,
+        relu in any::<bool>(),
+        f16 in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let act = if relu { Activation::Relu } else { Activation::Gelu };
+        with_client!(TestRuntime, |client| if f16 {
+            run_case::<half::f16>(&client, b, keys, heads, hs, mult, layers, act, seed)
+        } else {
+            run_case::<f32>(&client, b, keys, heads, hs, mult, layers, act, seed)
+        });
+    }
+}
+
+#[test]
+fn errors_name_the_bad_value() {
+    with_client!(TestRuntime, |client| {
+        let (b, c, hidden, heads) = (2, 16, 32, 2);
+        let block = random_block::<f32>(c, hidden, 7);
+        let uploaded = upload::<f32>(&client, &block, c, hidden);
+        let stack = PackedStack::pack(&[borrow(&uploaded)], heads, None).unwrap();
+        let t = |shape: &[usize]| Tensor::<TestRuntime, f32>::full(&client, shape, 0.5);
+        let (h, kc, vc) = (t(&[b, c]), t(&[1, b, 4, c]), t(&[1, b, 4, c]));
+        let gelu = ActivationKind::Gelu;
+        let (row, out) = (StepInput::Row, StepOutput::Row);
+        // The step past the cache.
+        let err = decode_stack(&h, &stack, &kc, &vc, 4, gelu, &row, &out).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                OpError::Unsupported {
+                    what: "pos",
+                    value: 4,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // A cache of another batch or depth.
+        for shape in [[1, b + 1, 4, c], [2, b, 4, c]] {
+            let wrong = t(&shape);
+            let err = decode_stack(&h, &stack, &wrong, &vc, 0, gelu, &row, &out).unwrap_err();
+            assert!(err.to_string().contains("k_cache"), "{err}");
+        }
+        // A row of another width.
+        let err = decode_stack(&t(&[b, c + 1]), &stack, &kc, &vc, 0, gelu, &row, &out).unwrap_err();
+        assert!(err.to_string().contains("`h`"), "{err}");
+        // The final LayerNorm asked of a stack packed without one.
+        let g = t(&[b, c]);
+        let err =
+            decode_stack(&h, &stack, &kc, &vc, 0, gelu, &row, &StepOutput::Norm(&g)).unwrap_err();
+        assert!(err.to_string().contains("final LayerNorm"), "{err}");
+        // A weight of the wrong shape, at packing.
+        let mut bad = upload::<f32>(&client, &block, c, hidden);
+        bad[2] = t(&[c, 2 * c]);
+        let err = PackedStack::pack(&[borrow(&bad)], heads, None)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("qkv.weight"), "{err}");
+        // Heads that don't divide the width; wider than the fused kernel takes.
+        let supported = megabyte_ops::decode::decode_stack_supported::<TestRuntime, f32>;
+        let err = supported(&client, c, hidden, 3).unwrap_err();
+        assert!(err.to_string().contains("heads = 3"), "{err}");
+        let wide = megabyte_ops::decode::MAX_FUSED_WIDTH + 64;
+        let err = supported(&client, wide, 4 * wide, 8).unwrap_err();
+        assert!(
+            err.to_string().contains(&format!("width = {wide}")),
+            "{err}"
+        );
+    });
+}
