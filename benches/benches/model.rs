@@ -19,7 +19,7 @@ use std::time::Instant;
 use cubecl::prelude::*;
 use megabyte::info::{flops_per_byte, parameters};
 use megabyte::train::{TrainConfig, Trainer};
-use megabyte::{Config, GenerateOptions, Generator, Model, Weights};
+use megabyte::{Config, DecodeKernel, GenerateOptions, Generator, Model, Weights};
 
 type Rt = megabyte_benches::BenchRuntime;
 
@@ -150,7 +150,7 @@ fn main() {
     // ---- Generation with and without the caches ----
     if run("generation") {
         let t = if quick { 64 } else { 2048 };
-        let new = if quick { 8 } else { 64 };
+        let new = if quick { 8 } else { 256 };
         let cfg = Config {
             context: t,
             ..Config::tiny()
@@ -158,17 +158,6 @@ fn main() {
         let w = Weights::init(&cfg, 2);
         let model = Model::<Rt, f32>::new(&client, &cfg, &w).unwrap();
         let prompt: Vec<u8> = ids(t - new).iter().map(|&x| x as u8).collect();
-        let gen = Generator::new(
-            &model,
-            GenerateOptions {
-                max_new: new,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let cached = time(&client, || {
-            gen.generate(&[&prompt], |_, _| {}).unwrap();
-        });
         // Without caches: one full forward over the whole prefix per new byte, as the naive
         // generator (and megabyte-pytorch) does.
         let uncached = time(&client, || {
@@ -183,18 +172,56 @@ fn main() {
                 seq.push(megabyte::reference::generate::argmax(row));
             }
         });
-        println!("\n### Generation at context {t}, tiny ({rt}, f32, greedy, the last {new} bytes of the context)\n");
+        println!("\n### Generation at context {t}, tiny ({rt}, f32, batch 1, the last {new} bytes of the context, prompt included)\n");
         println!("| generator | bytes/s | speed-up |");
         println!("| --- | ---: | ---: |");
         println!(
-            "| full forward per byte (no cache) | {:.1} | 1 |",
+            "| full forward per byte (no cache), greedy | {:.1} | 1 |",
             new as f64 / uncached
         );
-        println!(
-            "| KV caches (global per patch, local per byte) | {:.1} | {:.1}× |",
-            new as f64 / cached,
-            uncached / cached
-        );
+        // top-k 1 samples the argmax through the host sampler: the logits come back each byte.
+        let host_argmax = megabyte::Sampling {
+            top_k: 1,
+            temperature: 1.0,
+            ..megabyte::Sampling::greedy()
+        };
+        let cached: [(&str, DecodeKernel, megabyte::Sampling); 3] = [
+            (
+                "KV caches, unfused blocks (9 launches per block), logits read back per byte",
+                DecodeKernel::Unfused,
+                host_argmax.clone(),
+            ),
+            (
+                "KV caches, fused steps (1 launch per stack), logits read back per byte",
+                DecodeKernel::Fused,
+                host_argmax,
+            ),
+            (
+                "KV caches, fused steps, greedy on the device (bytes read back every 32)",
+                DecodeKernel::Fused,
+                megabyte::Sampling::greedy(),
+            ),
+        ];
+        for (name, kernel, sampling) in cached {
+            let gen = Generator::new(
+                &model,
+                GenerateOptions {
+                    max_new: new,
+                    sampling,
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+            .decode_kernel(kernel);
+            let secs = time(&client, || {
+                gen.generate(&[&prompt], |_, _| {}).unwrap();
+            });
+            println!(
+                "| {name} | {:.1} | {:.1}× |",
+                new as f64 / secs,
+                uncached / secs
+            );
+        }
     }
 
     // ---- MEGABYTE against a plain transformer of the same size ----

@@ -34,8 +34,9 @@ const PARTS: usize = 8;
 pub mod input {
     /// `h[b]`.
     pub const ROW: u32 = 0;
-    /// The local model's input at patch position p = `slot`:
-    /// `g[b, p·D ..][.. D] · W_GL + (p = 0 ? pad : embed[ids[b]]) (+ positions[p])`.
+    /// The local model's input at patch position p = `slot`, `ids` (B, P) holding the patch's
+    /// bytes so far: `g[b, p·D ..][.. D] · W_GL + (p = 0 ? pad : embed[ids[b, p - 1]])
+    /// (+ positions[p])`.
     pub const LOCAL: u32 = 1;
     /// The global model's input for the patch of bytes `slot .. slot + P`:
     /// `x[p·D .. (p + 1)·D] = embed[ids[b, p]] + positions[slot + p]`.
@@ -50,6 +51,10 @@ pub mod output {
     pub const NORM: u32 = 1;
     /// `out[b]` = LN_f(x) · tableᵀ, the logits (V).
     pub const LOGITS: u32 = 2;
+    /// The logits, and their argmax (the lowest id among equal maxima, as the logits are
+    /// stored) written to `ids[b, slot]` (the byte at this position of the patch) and to
+    /// `generated[b, gen_at]`: greedy decoding without a host round trip.
+    pub const ARGMAX: u32 = 3;
 }
 
 /// Comptime shape of [`decode_stack`].
@@ -65,6 +70,8 @@ pub struct DecodeConfig {
     pub units: usize,
     /// Keys scored per softmax rescale.
     pub chunk: usize,
+    /// Vector width N of the vectorised reads (must equal the launch's N).
+    pub vector: usize,
     /// [`crate::activation::ActivationKind::id`].
     pub activation: u32,
     /// One of [`input`].
@@ -130,7 +137,7 @@ impl LayerOffsets {
 impl DecodeConfig {
     /// f32 words of shared memory the kernel declares.
     pub fn shared_words(&self) -> usize {
-        3 * self.width + (3 * self.width).max(self.hidden) + self.chunk + 2 * PARTS
+        3 * self.width + (3 * self.width).max(self.hidden) + self.chunk + 2 * PARTS + 2 * self.units
     }
 
     pub fn offsets(&self) -> LayerOffsets {
@@ -221,12 +228,14 @@ pub fn decode_stack<F: Float, N: Size>(
     embed: &Tensor<F>,
     pad: &Tensor<F>,
     positions: &Tensor<F>,
-    ids: &Tensor<u32>,
+    ids: &mut Tensor<u32>,
     ln_f: &Tensor<F>,
     table: &Tensor<Vector<F, N>>,
     out: &mut Tensor<F>,
+    generated: &mut Tensor<u32>,
     pos: u32,
     slot: u32,
+    gen_at: u32,
     scale: f32,
     eps: f32,
     #[comptime] cfg: DecodeConfig,
@@ -254,7 +263,7 @@ pub fn decode_stack<F: Float, N: Size>(
         let d = comptime!(cfg.d_in);
         let p = slot as usize;
         let g0 = b * g.stride(0) + p * d;
-        let id = ids[b] as usize;
+        let id = ids[b * ids.stride(0) + select(p > 0, p, 1) - 1] as usize;
         let mut i = u;
         while i < c {
             let mut acc = f32::new(0.0);
@@ -275,13 +284,12 @@ pub fn decode_stack<F: Float, N: Size>(
         }
     } else if comptime!(cfg.input == input::PATCH) {
         let d = comptime!(cfg.d_in);
-        let patch = comptime!(cfg.width / cfg.d_in);
         let t0 = slot as usize;
         let mut i = u;
         while i < c {
             let p = i / d;
             let e = i % d;
-            let id = ids[b * patch + p] as usize;
+            let id = ids[b * ids.stride(0) + p] as usize;
             xs[i] = f32::cast_from(embed[id * d + e]) + f32::cast_from(positions[(t0 + p) * d + e]);
             i += units;
         }
@@ -296,7 +304,6 @@ pub fn decode_stack<F: Float, N: Size>(
 
     let pos_u = pos as usize;
     let n_keys = pos_u + 1;
-    let hv = hs / nv;
     let kv_slot = k_cache.stride(2) / nv;
     for layer in 0..cfg.layers {
         let base = layer * comptime!(off.len);
@@ -359,6 +366,18 @@ pub fn decode_stack<F: Float, N: Size>(
         // `att`, unit u owning head dims u·N .. u·N + N, then those `units`·N further on.
         for head in 0..cfg.heads {
             let q0 = head * hs;
+            // The head's query, scaled, in registers.
+            let mut qr =
+                Array::<Vector<f32, N>>::new(comptime!(cfg.width / cfg.heads / cfg.vector));
+            #[unroll]
+            for e in 0..comptime!(cfg.width / cfg.heads / cfg.vector) {
+                let mut qv = Vector::<f32, N>::empty();
+                #[unroll]
+                for lane in 0..nv {
+                    qv[lane] = big[q0 + e * nv + lane] * scale;
+                }
+                qr[e] = qv;
+            }
             let mut d = u * nv;
             while d < hs {
                 #[unroll]
@@ -375,22 +394,30 @@ pub fn decode_stack<F: Float, N: Size>(
                 let mut t = u;
                 while t < count {
                     let j = j0 + t;
-                    let mut dot = f32::new(0.0);
+                    let mut dots = Vector::<f32, N>::new(0.0);
                     if j == pos_u {
-                        for e in 0..hs {
-                            dot += big[q0 + e] * big[c + q0 + e];
+                        #[unroll]
+                        for e in 0..comptime!(cfg.width / cfg.heads / cfg.vector) {
+                            let mut kv = Vector::<f32, N>::empty();
+                            #[unroll]
+                            for lane in 0..nv {
+                                kv[lane] = big[c + q0 + e * nv + lane];
+                            }
+                            dots += qr[e] * kv;
                         }
                     } else {
                         let at = kv_row + j * kv_slot + q0 / nv;
-                        for e in 0..hv {
-                            let kv = Vector::<f32, N>::cast_from(k_cache[at + e]);
-                            #[unroll]
-                            for lane in 0..nv {
-                                dot += big[q0 + e * nv + lane] * kv[lane];
-                            }
+                        #[unroll]
+                        for e in 0..comptime!(cfg.width / cfg.heads / cfg.vector) {
+                            dots += qr[e] * Vector::<f32, N>::cast_from(k_cache[at + e]);
                         }
                     }
-                    scores[t] = dot * scale;
+                    let mut dot = f32::new(0.0);
+                    #[unroll]
+                    for lane in 0..nv {
+                        dot += dots[lane];
+                    }
+                    scores[t] = dot;
                     t += units;
                 }
                 sync_cube();
@@ -545,6 +572,10 @@ pub fn decode_stack<F: Float, N: Size>(
         } else {
             let vocab = table.shape(0);
             let cv = comptime!(cfg.width) / nv;
+            // This unit's largest logit (as stored) and its id, the lowest id on ties: the
+            // unit visits its ids in increasing order.
+            let mut best = f32::new(NEG);
+            let mut best_id = u;
             let mut v = u;
             while v < vocab {
                 let mut acc = f32::new(0.0);
@@ -555,8 +586,34 @@ pub fn decode_stack<F: Float, N: Size>(
                         acc += ns[i * nv + lane] * t[lane];
                     }
                 }
-                out[b * vocab + v] = F::cast_from(acc);
+                let stored = F::cast_from(acc);
+                out[b * vocab + v] = stored;
+                let value = f32::cast_from(stored);
+                if value > best || v == u {
+                    best = value;
+                    best_id = v;
+                }
                 v += units;
+            }
+            if comptime!(cfg.output == output::ARGMAX) {
+                let mut best_v = SharedMemory::<f32>::new(units);
+                let mut best_i = SharedMemory::<u32>::new(units);
+                best_v[u] = best;
+                best_i[u] = best_id as u32;
+                sync_cube();
+                if u == 0 {
+                    let mut top = best_v[0];
+                    let mut top_id = best_i[0];
+                    for w in 1..min(units, vocab) {
+                        let later = best_v[w] == top && best_i[w] < top_id;
+                        if best_v[w] > top || later {
+                            top = best_v[w];
+                            top_id = best_i[w];
+                        }
+                    }
+                    ids[b * ids.stride(0) + slot as usize] = top_id;
+                    generated[b * generated.stride(0) + gen_at as usize] = top_id;
+                }
             }
         }
     }

@@ -244,8 +244,81 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
     /// Appends one byte per batch row at the current position and returns the logits (B, V)
     /// of the next one. Runs the global model first when the byte completes a patch.
     pub fn push(&mut self, bytes: &[u32]) -> Result<Vec<f32>, Error> {
+        self.check_push(bytes, 1)?;
+        let p = self.model.config().patch;
+        let slot = self.pos % p;
+        for (row, &x) in bytes.iter().enumerate() {
+            self.patch_bytes[row * p + slot] = x;
+        }
+        self.pos += 1;
+        if self.pos % p == 0 {
+            self.global(self.pos / p)?;
+            self.patch_bytes.fill(0);
+        }
+        self.local(self.pos % p, true)
+    }
+
+    /// Whether [`Decoder::push_greedy`] can run: the local step is fused.
+    pub fn greedy_on_device(&self) -> bool {
+        self.local_fused.is_some()
+    }
+
+    /// Greedy decoding on the device: appends `bytes` (one per row, as [`Decoder::push`]),
+    /// then `steps` times takes the argmax of the next position's logits (the lowest id among
+    /// equal maxima, as `reference::generate::argmax`) and appends it, with no host round trip
+    /// until the end. Returns the `steps` bytes of each row ((B, steps), row-major); the
+    /// decoder has consumed all but the last, which the next call appends. Needs the fused
+    /// local step ([`Decoder::greedy_on_device`]).
+    pub fn push_greedy(&mut self, bytes: &[u32], steps: usize) -> Result<Vec<u32>, Error> {
+        if steps == 0 {
+            return Err(megabyte_ops::OpError::Unsupported {
+                op: "push_greedy",
+                what: "steps",
+                value: 0,
+                reason: "decode at least one byte".into(),
+            }
+            .into());
+        }
+        if self.local_fused.is_none() {
+            return Err(megabyte_ops::OpError::Unsupported {
+                op: "push_greedy",
+                what: "local width",
+                value: self.model.config().d_local,
+                reason: "greedy decoding on the device needs the fused local step".into(),
+            }
+            .into());
+        }
+        self.check_push(bytes, steps)?;
         let cfg = self.model.config();
-        let (p, vocab) = (cfg.patch, cfg.vocab);
+        let (b, p) = (self.batch, cfg.patch);
+        let client = self.model.client().clone();
+        let slot = self.pos % p;
+        for (row, &x) in bytes.iter().enumerate() {
+            self.patch_bytes[row * p + slot] = x;
+        }
+        self.pos += 1;
+        // The current patch's bytes live on the device from here: each step reads byte p - 1
+        // from it and writes its argmax at p; a global step reads the completed patch.
+        let ids = Tensor::from_ids(&client, &self.patch_bytes, &[b, p])?;
+        let generated = Tensor::<R, u32>::empty(&client, &[b, steps]);
+        for i in 0..steps {
+            if self.pos % p == 0 {
+                self.global_with(self.pos / p, &ids)?;
+            }
+            self.local_fused_step(self.pos % p, &ids, Some((&generated, i)))?;
+            if i + 1 < steps {
+                self.pos += 1;
+            }
+        }
+        let out = generated.to_ids()?;
+        self.patch_bytes = ids.to_ids()?;
+        Ok(out)
+    }
+
+    /// Checks a push of one byte per row followed by `more - 1` further positions.
+    fn check_push(&self, bytes: &[u32], more: usize) -> Result<(), Error> {
+        let cfg = self.model.config();
+        let vocab = cfg.vocab;
         if bytes.len() != self.batch {
             return Err(InputError::InputLength {
                 len: bytes.len(),
@@ -266,37 +339,34 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
             }
             .into());
         }
-        if self.pos + 1 >= cfg.context {
+        if self.pos + more >= cfg.context {
             return Err(Error::ContextFull {
                 context: cfg.context,
             });
         }
-        let slot = self.pos % p;
-        for (row, &x) in bytes.iter().enumerate() {
-            self.patch_bytes[row * p + slot] = x;
-        }
-        self.pos += 1;
-        if self.pos % p == 0 {
-            self.global(self.pos / p)?;
-            self.patch_bytes.fill(0);
-        }
-        self.local(self.pos % p, true)
+        Ok(())
     }
 
     /// One global step: embeds patch k - 1 (the bytes in `patch_bytes`) as global position k,
     /// runs every global block against the cache, and leaves the normalised output in `g`.
     fn global(&mut self, k: usize) -> Result<(), Error> {
+        let (b, p) = (self.batch, self.model.config().patch);
+        let ids = Tensor::from_ids(self.model.client(), &self.patch_bytes, &[b, p])?;
+        self.global_with(k, &ids)
+    }
+
+    /// [`Decoder::global`] with the patch's bytes (B, P) given on the device.
+    fn global_with(&mut self, k: usize, ids: &Tensor<R, u32>) -> Result<(), Error> {
         let cfg = self.model.config();
         let (b, p, wg) = (self.batch, cfg.patch, cfg.global_width());
         let client = self.model.client();
         let w = &self.model.w;
         let act = activation_kind(cfg.activation);
-        let ids = Tensor::from_ids(client, &self.patch_bytes, &[b, p])?;
         if let Some(stack) = &self.global_fused {
             let input = StepInput::Patch(PatchInputStep {
                 embed: &w.global_embed,
                 positions: &w.global_pos,
-                ids: &ids,
+                ids,
                 first_byte: (k - 1) * p,
             });
             let g = self.g.clone().reshape(&[b, wg])?;
@@ -308,7 +378,7 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
         }
         let h = Tensor::<R, E>::empty(client, &[b, 1, wg]);
         patch_embed_window(
-            &ids,
+            ids,
             (k - 1) * p,
             &w.global_embed,
             &w.global_pos,
@@ -383,18 +453,53 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
     /// [`Decoder::local`] in one fused launch: the input row from `g` and byte p - 1, every
     /// local block, and (when logits are wanted) the final LayerNorm and the logits.
     fn local_fused(&mut self, p: usize, want_logits: bool) -> Result<Vec<f32>, Error> {
+        let (b, patch) = (self.batch, self.model.config().patch);
+        let ids = Tensor::from_ids(self.model.client(), &self.patch_bytes, &[b, patch])?;
+        if !want_logits {
+            self.local_fused_step(p, &ids, None)?;
+            return Ok(Vec::new());
+        }
+        let w = &self.model.w;
+        let out = StepOutput::Logits {
+            table: &w.head_table,
+            logits: &self.logits,
+        };
+        self.launch_local(p, &ids, &out)?;
+        Ok(self.logits.to_f32_vec()?)
+    }
+
+    /// The fused local step at patch position p with the patch's bytes `ids` (B, P) on the
+    /// device; with `greedy` = (generated, i), the logits' argmax goes to `ids[:, p]` and to
+    /// `generated[:, i]`.
+    fn local_fused_step(
+        &self,
+        p: usize,
+        ids: &Tensor<R, u32>,
+        greedy: Option<(&Tensor<R, u32>, usize)>,
+    ) -> Result<(), Error> {
+        let w = &self.model.w;
+        let out = match greedy {
+            None => StepOutput::Row,
+            Some((generated, at)) => StepOutput::Argmax {
+                table: &w.head_table,
+                logits: &self.logits,
+                generated,
+                at,
+            },
+        };
+        self.launch_local(p, ids, &out)
+    }
+
+    fn launch_local(
+        &self,
+        p: usize,
+        ids: &Tensor<R, u32>,
+        out: &StepOutput<R, E>,
+    ) -> Result<(), Error> {
         let cfg = self.model.config();
-        let (b, patch, wg) = (self.batch, cfg.patch, cfg.global_width());
-        let client = self.model.client();
+        let (b, wg) = (self.batch, cfg.global_width());
         let w = &self.model.w;
         let act = activation_kind(cfg.activation);
-        let prev: Vec<u32> = (0..b)
-            .map(|row| match p {
-                0 => 0,
-                _ => self.patch_bytes[row * patch + p - 1],
-            })
-            .collect();
-        let ids = Tensor::from_ids(client, &prev, &[b])?;
         let g = self.g.clone().reshape(&[b, wg])?;
         let input = StepInput::Local(LocalInputStep {
             g: &g,
@@ -402,17 +507,9 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
             embed: &w.local_embed,
             pad: &w.local_pad,
             positions: w.local_pos.as_ref(),
-            ids: &ids,
+            ids,
             slot: p,
         });
-        let out = if want_logits {
-            StepOutput::Logits {
-                table: &w.head_table,
-                logits: &self.logits,
-            }
-        } else {
-            StepOutput::Row
-        };
         let stack = self.local_fused.as_ref().expect("checked by the caller");
         let cache = &self.local_cache[0];
         decode_stack(
@@ -423,14 +520,16 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
             p,
             act,
             &input,
-            &out,
+            out,
         )?;
-        if !want_logits {
-            return Ok(Vec::new());
-        }
-        Ok(self.logits.to_f32_vec()?)
+        Ok(())
     }
 }
+
+/// Greedy bytes decoded on the device per host round trip: each is one read-back of B × this
+/// many ids instead of one of B × V logits per byte; a callback sees a block's bytes when the
+/// block is done.
+const GREEDY_BLOCK: usize = 32;
 
 /// What to generate and when to stop.
 #[derive(Clone, Debug)]
@@ -538,33 +637,62 @@ impl<'m, R: Runtime, E: FloatElement> Generator<'m, R, E> {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let mut active = vec![true; rows.len()];
-        let mut logits = decoder.start(&group)?;
-        for step in 0..opts.max_new {
-            let mut next = vec![0u32; rows.len()];
-            for (j, &i) in rows.iter().enumerate() {
-                if !active[j] {
-                    continue;
-                }
-                let id = samplers[j].sample(&logits[j * vocab..(j + 1) * vocab]);
-                if id >= 256 {
-                    active[j] = false;
-                    continue;
-                }
-                next[j] = id;
-                outputs[i].push(id as u8);
-                on_byte(i, id as u8);
-                if opts
-                    .stop
-                    .iter()
-                    .any(|s| !s.is_empty() && outputs[i].ends_with(s))
-                {
-                    active[j] = false;
-                }
+        // Row j's next id: emitted unless it ends the row; stop sequences end it after.
+        let mut emit = |j: usize, id: u32, active: &mut [bool]| {
+            let i = rows[j];
+            if !active[j] {
+                return;
             }
-            if step + 1 == opts.max_new || !active.contains(&true) {
-                break;
+            if id >= 256 {
+                active[j] = false;
+                return;
             }
-            logits = decoder.push(&next)?;
+            outputs[i].push(id as u8);
+            on_byte(i, id as u8);
+            if opts
+                .stop
+                .iter()
+                .any(|s| !s.is_empty() && outputs[i].ends_with(s))
+            {
+                active[j] = false;
+            }
+        };
+        let logits = decoder.start(&group)?;
+        let mut next: Vec<u32> = (0..rows.len())
+            .map(|j| samplers[j].sample(&logits[j * vocab..(j + 1) * vocab]))
+            .collect();
+        for (j, &id) in next.iter().enumerate() {
+            emit(j, id, &mut active);
+        }
+        let mut produced = 1;
+        if opts.sampling.temperature == 0.0 && decoder.greedy_on_device() {
+            // Greedy: the argmax runs in the step on the device; bytes come back in blocks.
+            while produced < opts.max_new && active.contains(&true) {
+                let steps = (opts.max_new - produced).min(GREEDY_BLOCK);
+                // Rows that have ended keep decoding; their bytes are discarded.
+                let block = decoder.push_greedy(&next, steps)?;
+                for t in 0..steps {
+                    for j in 0..rows.len() {
+                        emit(j, block[j * steps + t], &mut active);
+                    }
+                }
+                next = (0..rows.len())
+                    .map(|j| block[j * steps + steps - 1])
+                    .collect();
+                produced += steps;
+            }
+            return Ok(());
+        }
+        while produced < opts.max_new && active.contains(&true) {
+            let feed: Vec<u32> = (0..rows.len())
+                .map(|j| if active[j] { next[j] } else { 0 })
+                .collect();
+            let logits = decoder.push(&feed)?;
+            for (j, id) in next.iter_mut().enumerate() {
+                *id = samplers[j].sample(&logits[j * vocab..(j + 1) * vocab]);
+                emit(j, *id, &mut active);
+            }
+            produced += 1;
         }
         Ok(())
     }

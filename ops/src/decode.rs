@@ -4,7 +4,7 @@
 //! patch embedding) and the final LayerNorm (and the logits) behind.
 //!
 //! The kernel reads a stack's parameters from one packed buffer ([`PackedStack`]), so a
-//! launch binds 14 buffers whatever the depth: on CPU drivers each binding adds to the launch
+//! launch binds 15 buffers whatever the depth: on CPU drivers each binding adds to the launch
 //! cost, and a launch costs more than a step's arithmetic.
 
 use cubecl::ir::features::Plane;
@@ -29,7 +29,7 @@ const OP: &str = "decode_stack";
 pub const MAX_FUSED_WIDTH: usize = 512;
 
 /// Buffers the kernel binds (the runtime adds its metadata buffer).
-const BINDINGS: u32 = 14;
+const BINDINGS: u32 = 15;
 
 /// One pre-LN block's parameters: LayerNorms (C), qkv (C, 3C), proj (C, C), fc1 (C, H),
 /// fc2 (H, C), each with its bias; linear weights (in, out).
@@ -132,7 +132,7 @@ impl<R: Runtime, E: FloatElement> PackedStack<R, E> {
 }
 
 /// The local model's input row at patch position `slot` = p:
-/// x = g[b, p·D_G ..][.. D_G] · W_GL + (p = 0 ? pad : embed[ids[b]]) + positions[p].
+/// x = g[b, p·D_G ..][.. D_G] · W_GL + (p = 0 ? pad : embed[ids[b, p - 1]]) + positions[p].
 pub struct LocalInputStep<'a, R: Runtime, E> {
     /// The global model's output for the current patch, (B, P·D_G).
     pub g: &'a Tensor<R, E>,
@@ -142,7 +142,8 @@ pub struct LocalInputStep<'a, R: Runtime, E> {
     pub embed: &'a Tensor<R, E>,
     pub pad: &'a Tensor<R, E>,
     pub positions: Option<&'a Tensor<R, E>>,
-    /// Byte p - 1 of each row's patch (B); ignored at p = 0.
+    /// The bytes of each row's current patch so far (B, P): the step reads byte p - 1 (none at
+    /// p = 0); [`StepOutput::Argmax`] writes byte p.
     pub ids: &'a Tensor<R, u32>,
     pub slot: usize,
 }
@@ -176,6 +177,15 @@ pub enum StepOutput<'a, R: Runtime, E> {
     Logits {
         table: &'a Tensor<R, E>,
         logits: &'a Tensor<R, E>,
+    },
+    /// The logits, and greedy decoding's next byte: their argmax (the lowest id among equal
+    /// maxima) is written to the local input's `ids[b, p]` and to `generated[b, at]` (B, G).
+    /// Needs [`StepInput::Local`].
+    Argmax {
+        table: &'a Tensor<R, E>,
+        logits: &'a Tensor<R, E>,
+        generated: &'a Tensor<R, u32>,
+        at: usize,
     },
 }
 
@@ -250,6 +260,7 @@ fn config_for<R: Runtime, E: FloatElement>(
         layers,
         units,
         chunk,
+        vector: 1,
         activation: 0,
         input: input::ROW,
         positions: false,
@@ -259,6 +270,7 @@ fn config_for<R: Runtime, E: FloatElement>(
     // Weights, the head table and the caches are read in vectors along C, 3C, H and the head
     // width.
     let vector = vector_size_for::<R, E>(client, &[width, hidden, width / heads]);
+    let cfg = DecodeConfig { vector, ..cfg };
     let bytes = cfg.shared_words() * 4;
     if bytes > hw.max_shared_memory_size {
         return Err(unsupported(
@@ -348,7 +360,7 @@ pub fn decode_stack<R: Runtime, E: FloatElement>(
             if let Some(p) = x.positions {
                 p.expect_shape(OP, "positions", &[gw / dg, c])?;
             }
-            x.ids.expect_shape(OP, "ids", &[b])?;
+            x.ids.expect_shape(OP, "ids", &[b, gw / dg])?;
             cfg.input = input::LOCAL;
             cfg.positions = x.positions.is_some();
             cfg.d_in = dg;
@@ -390,19 +402,50 @@ pub fn decode_stack<R: Runtime, E: FloatElement>(
             (ph, ph, x.embed, ph, x.positions, x.ids, x.first_byte)
         }
     };
-    let (table, out) = match output {
-        StepOutput::Row => (ph, h),
+    let check_head = |table: &Tensor<R, E>, logits: &Tensor<R, E>| -> Result<(), OpError> {
+        let v = table.shape().first().copied().unwrap_or(0);
+        table.expect_shape(OP, "table", &[v, c])?;
+        logits.expect_shape(OP, "logits", &[b, v])
+    };
+    let (table, out, generated, at) = match output {
+        StepOutput::Row => (ph, h, ids, 0),
         StepOutput::Norm(out) => {
             out.expect_shape(OP, "out", &[b, c])?;
             cfg.output = output::NORM;
-            (ph, *out)
+            (ph, *out, ids, 0)
         }
         StepOutput::Logits { table, logits } => {
-            let v = table.shape().first().copied().unwrap_or(0);
-            table.expect_shape(OP, "table", &[v, c])?;
-            logits.expect_shape(OP, "logits", &[b, v])?;
+            check_head(table, logits)?;
             cfg.output = output::LOGITS;
-            (*table, *logits)
+            (*table, *logits, ids, 0)
+        }
+        StepOutput::Argmax {
+            table,
+            logits,
+            generated,
+            at,
+        } => {
+            check_head(table, logits)?;
+            if cfg.input != input::LOCAL {
+                return Err(OpError::Unsupported {
+                    op: OP,
+                    what: "argmax output without a local input",
+                    value: 0,
+                    reason: "the argmax is written into the local input's patch bytes".into(),
+                });
+            }
+            let g = generated.shape().get(1).copied().unwrap_or(0);
+            generated.expect_shape(OP, "generated", &[b, g])?;
+            if *at >= g {
+                return Err(OpError::Unsupported {
+                    op: OP,
+                    what: "at",
+                    value: *at,
+                    reason: format!("`generated` holds {g} bytes per row"),
+                });
+            }
+            cfg.output = output::ARGMAX;
+            (*table, *logits, *generated, *at)
         }
     };
     if cfg.output != output::ROW && !stack.has_ln_f {
@@ -445,8 +488,10 @@ pub fn decode_stack<R: Runtime, E: FloatElement>(
             stack.ln_f.arg(),
             table.arg(),
             out.arg(),
+            generated.arg(),
             pos as u32,
             slot as u32,
+            at as u32,
             scale,
             EPS,
             cfg,

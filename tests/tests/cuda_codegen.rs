@@ -227,6 +227,7 @@ fn decode<E: Float + CubeElement>(c: &ComputeClient<W>, out: &mut Vec<Variant>) 
             layers,
             units,
             chunk: units,
+            vector: vec_of::<E>(),
             activation: 0,
             input: inp,
             positions: true,

@@ -204,21 +204,81 @@ fn greedy_generation_matches_the_reference() {
     let want = generate_batch(&cfg, &w, &prompts, 30, &Sampling::greedy()).unwrap();
     with_client!(TestRuntime, |client| {
         let model = Model::<TestRuntime, f32>::new(&client, &cfg, &w).unwrap();
-        let gen = Generator::new(
-            &model,
-            GenerateOptions {
-                max_new: 30,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let mut streamed = vec![Vec::new(); prompts.len()];
-        let got = gen
-            .generate(&prompts, |i, byte| streamed[i].push(byte))
-            .unwrap();
-        assert_eq!(got, want);
-        assert_eq!(streamed, want);
+        // Fused: greedy decoding on the device; unfused: argmax of read-back logits.
+        for kernel in [DecodeKernel::Fused, DecodeKernel::Unfused] {
+            let gen = Generator::new(
+                &model,
+                GenerateOptions {
+                    max_new: 30,
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+            .decode_kernel(kernel);
+            let mut streamed = vec![Vec::new(); prompts.len()];
+            let got = gen
+                .generate(&prompts, |i, byte| streamed[i].push(byte))
+                .unwrap();
+            assert_eq!(got, want, "{kernel:?}");
+            assert_eq!(streamed, want, "{kernel:?}");
+        }
     });
+}
+
+/// Argmax of a row of logits, the lowest id among equal maxima.
+fn argmax_rows(logits: &[f32], v: usize) -> Vec<u32> {
+    logits
+        .chunks(v)
+        .map(megabyte_reference::generate::argmax)
+        .collect()
+}
+
+/// Greedy decoding on the device (the argmax in the fused step, bytes read back in blocks)
+/// gives the bytes that the argmax of the read-back logits gives, across patch boundaries, in
+/// blocks of 1 to 9 bytes; a block past the context is an error.
+#[test]
+fn greedy_on_device_matches_host_argmax() {
+    for (cfg, seed) in [
+        (Config::tiny(), 31),
+        (config(3, 8, 24, (1, 2), (2, 3), 0b0111), 32),
+    ] {
+        let (b, prompt) = (2, 5);
+        let w = Weights::random(&cfg, seed);
+        let ids = uniform_ids(seed, b * prompt, 256);
+        let bytes: Vec<Vec<u8>> = ids
+            .chunks(prompt)
+            .map(|c| c.iter().map(|&x| x as u8).collect())
+            .collect();
+        let prompts: Vec<&[u8]> = bytes.iter().map(|x| x.as_slice()).collect();
+        let steps = cfg.context - prompt;
+        with_client!(TestRuntime, |client| {
+            let model = Model::<TestRuntime, f32>::new(&client, &cfg, &w).unwrap();
+            let mut host = Decoder::with_kernel(&model, b, DecodeKernel::Fused).unwrap();
+            let mut next = argmax_rows(&host.start(&prompts).unwrap(), cfg.vocab);
+            let mut want = vec![next.clone()];
+            for _ in 1..steps {
+                next = argmax_rows(&host.push(&next).unwrap(), cfg.vocab);
+                want.push(next.clone());
+            }
+            let mut dev = Decoder::with_kernel(&model, b, DecodeKernel::Fused).unwrap();
+            assert!(dev.greedy_on_device());
+            let mut next = argmax_rows(&dev.start(&prompts).unwrap(), cfg.vocab);
+            let mut got = vec![next.clone()];
+            let mut k = 1;
+            while got.len() < steps {
+                let n = k.min(steps - got.len());
+                let block = dev.push_greedy(&next, n).unwrap();
+                for t in 0..n {
+                    got.push((0..b).map(|j| block[j * n + t]).collect());
+                }
+                next = got.last().unwrap().clone();
+                k += 4;
+            }
+            assert_eq!(got, want, "{cfg:?}");
+            let err = dev.push_greedy(&next, 1).unwrap_err();
+            assert!(err.to_string().contains("context of"), "{cfg:?}: {err}");
+        });
+    }
 }
 
 #[test]
