@@ -251,6 +251,8 @@ fn decode<E: Float + CubeElement>(c: &ComputeClient<W>, out: &mut Vec<Variant>) 
             t(),
             t(),
             t(),
+            t(),
+            (),
             (),
             (),
             (),
