@@ -1,7 +1,9 @@
 //! Launcher for the deterministic embedding backward.
 
 use cubecl::prelude::*;
-use megabyte_kernels::embedding::embedding_backward as kernel;
+use megabyte_kernels::embedding::{
+    embedding_backward as kernel, embedding_backward_by_id as by_id_kernel, ByIdConfig,
+};
 
 use crate::device::{ensure_dtype, grid_1d};
 use crate::element::FloatElement;
@@ -36,6 +38,44 @@ pub fn embedding_backward<R: Runtime, E: FloatElement>(
     }
     let ids_offset = ids.map_or(Ok(0), |i| i.offset_u32(OP))?;
     let rows_offset = rows.offset_u32(OP)?;
+    if let Some(ids) = ids {
+        // One cube per table row, enough units to cover D in a few columns each.
+        let max_units = client.properties().hardware.max_units_per_cube.max(1) as usize;
+        let units = d.next_power_of_two().clamp(32, 256).min(max_units);
+        let cfg = ByIdConfig {
+            units,
+            chunk: units.max(512),
+            cols: d.div_ceil(units),
+            accumulate,
+        };
+        let max_cubes = client.properties().hardware.max_cube_count.0;
+        let vocab = u32::try_from(out.shape()[0])
+            .ok()
+            .filter(|&v| v <= max_cubes)
+            .ok_or_else(|| OpError::Unsupported {
+                op: OP,
+                what: "table rows",
+                value: out.shape()[0],
+                reason: format!("one cube per row; the device launches at most {max_cubes}"),
+            })?;
+        // SAFETY: views were bounds-checked when made; one cube per row of out, columns
+        // guarded by D, rows and ids read only inside their shapes; every unit reaches every
+        // barrier (the pass count depends only on B·S).
+        unsafe {
+            by_id_kernel::launch_unchecked::<E, R>(
+                client,
+                CubeCount::Static(vocab, 1, 1),
+                CubeDim::new_1d(units as u32),
+                rows.arg(),
+                ids.arg(),
+                out.arg(),
+                rows_offset,
+                ids_offset,
+                cfg,
+            );
+        }
+        return Ok(());
+    }
     // Without ids the kernel never reads them; any u32 tensor stands in.
     let dummy = Tensor::<R, u32>::empty(client, &[1, 1]);
     let dummy_view = dummy.view();

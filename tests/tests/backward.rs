@@ -465,7 +465,10 @@ fn embedding_sums_by_id_and_by_position() {
     with_client!(TestRuntime, |client| for (i, &(b, s, d, vocab)) in [
         (1usize, 1usize, 1usize, 4usize),
         (2, 9, 5, 256),
-        (3, 40, 16, 257)
+        (3, 40, 16, 257),
+        // Many passes of the id-matching loop; more columns than units.
+        (2, 300, 70, 256),
+        (1, 100, 300, 256),
     ]
     .iter()
     .enumerate()
