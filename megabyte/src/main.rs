@@ -276,6 +276,7 @@ enum Backend {
     Cuda(ComputeClient<megabyte::ops::cubecl::cuda::CudaRuntime>),
 }
 
+#[cfg(not(all(feature = "cuda", feature = "wgpu")))]
 fn not_built(name: &str) -> Error {
     Error::Op(megabyte::ops::OpError::NoDevice {
         runtime: "megabyte",
