@@ -373,6 +373,18 @@ pub struct RowsConfig {
     pub chunk: usize,
     /// Query rows per unit: each K/V vector loaded serves this many rows.
     pub rows: usize,
+    /// Read q from memory at every key instead of holding it in registers (see
+    /// [`RowsConfig::q_from_memory_for`]).
+    pub q_from_memory: bool,
+}
+
+impl RowsConfig {
+    /// Whether q stays in memory: for one row per unit (decoding) with a head dim past 64, q
+    /// and the output accumulator together outgrow a GPU thread's 255 registers (at 128 in f32
+    /// they spilled 580 bytes); q is one cached row, re-read at each key.
+    pub fn q_from_memory_for(rows: usize, head_dim: usize) -> bool {
+        rows == 1 && head_dim > 64
+    }
 }
 
 /// Flash attention with a few query rows per unit and no shared memory or barriers: the unit
@@ -416,7 +428,11 @@ pub fn flash_attention_rows<F: Float, N: Size>(
         let b = bh / heads;
 
         let q_row0 = q_offset as usize + b * q.stride(0) + h * q.stride(2);
-        let mut qr = Array::<Vector<f32, N>>::new(comptime!(cfg.rows * cfg.head_dim / cfg.vector));
+        let mut qr = Array::<Vector<f32, N>>::new(comptime!(if cfg.q_from_memory {
+            1
+        } else {
+            cfg.rows * cfg.head_dim / cfg.vector
+        }));
         let mut acc = Array::<Vector<f32, N>>::new(comptime!(cfg.rows * cfg.head_dim / cfg.vector));
         let mut m = Array::<f32>::new(rr);
         let mut l = Array::<f32>::new(rr);
@@ -426,7 +442,9 @@ pub fn flash_attention_rows<F: Float, N: Size>(
             let q_at = (q_row0 + i * q.stride(1)) / nv;
             #[unroll]
             for c in 0..dv {
-                qr[r * dv + c] = Vector::<f32, N>::cast_from(q[q_at + c]);
+                if comptime!(!cfg.q_from_memory) {
+                    qr[r * dv + c] = Vector::<f32, N>::cast_from(q[q_at + c]);
+                }
                 acc[r * dv + c] = Vector::<f32, N>::new(0.0);
             }
             m[r] = NEG;
@@ -462,7 +480,13 @@ pub fn flash_attention_rows<F: Float, N: Size>(
                         let kc = Vector::<f32, N>::cast_from(k[k_at + c]);
                         #[unroll]
                         for r in 0..rr {
-                            dots[r] += qr[r * dv + c] * kc;
+                            if comptime!(cfg.q_from_memory) {
+                                let i = min(i0 + r, seq - 1);
+                                let q_at = (q_row0 + i * q.stride(1)) / nv;
+                                dots[r] += Vector::<f32, N>::cast_from(q[q_at + c]) * kc;
+                            } else {
+                                dots[r] += qr[r * dv + c] * kc;
+                            }
                         }
                     }
                 }

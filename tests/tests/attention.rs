@@ -272,6 +272,9 @@ fn decode_against_a_cache() {
             (3, 33, 1, 4, 16),
             (1, 113, 7, 2, 80),
             (2, 8, 8, 2, 64),
+            // One row per unit past head dim 64: q re-read from memory at every key.
+            (2, 50, 1, 2, 128),
+            (1, 17, 1, 1, 80),
         ]
         .iter()
         .enumerate()
