@@ -1,6 +1,8 @@
 //! The training kernels: attention backward (FLOP/s), LayerNorm backward, GELU backward,
 //! cross-entropy backward, embedding backward and AdamW (GB/s), over the shapes one training
-//! step of `tiny` (T = 2048, batch 4) and `small` (batch 2) gives them.
+//! step of `tiny` (T = 2048, batch 4) and `small` (batch 2) gives them, and a slice of one layer
+//! of the paper's 758M/262M text model (global width 2048, D_L = 1024, P = 8, one 8 KiB
+//! sequence): its attention cut to one or two heads, which take seconds each here.
 //!
 //! Attention backward FLOPs: 2.5 × the forward's, the usual count (recompute QKᵀ, then dV = PᵀdO,
 //! dP = dO·Vᵀ, dQ = dS·K, dK = dSᵀ·Q: five S×S×D products of 2 FLOPs per multiply-add), halved
@@ -40,6 +42,8 @@ const ATTENTION: &[(&str, usize, usize, usize, usize)] = &[
     ("tiny_global_k512", 4, 512, 2, 32),
     ("tiny_local_p4", 2048, 4, 2, 16),
     ("small_local_p8", 512, 8, 2, 64),
+    ("text_global_k1024_h1", 1, 1024, 1, 64),
+    ("text_local_p8_h2", 1024, 8, 2, 64),
 ];
 
 /// (name, rows, C): rows × width of the LayerNorm and activation tensors in one step.
@@ -47,6 +51,7 @@ const ROWS: &[(&str, usize, usize)] = &[
     ("tiny_global", 2048, 64),
     ("tiny_local_hidden", 8192, 128),
     ("small_local_hidden", 4096, 512),
+    ("text_global", 1024, 2048),
 ];
 
 fn bench(c: &mut Criterion) {
@@ -138,7 +143,11 @@ fn bench(c: &mut Criterion) {
     }
 
     // The head: B·T rows of V = 256 logits; the byte embedding table (256, D_L) from B·T rows.
-    for &(name, rows, width) in &[("tiny", 8192usize, 32usize), ("small", 4096, 128)] {
+    for &(name, rows, width) in &[
+        ("tiny", 8192usize, 32usize),
+        ("small", 4096, 128),
+        ("text", 2048, 1024),
+    ] {
         let vocab = 256;
         let targets: Vec<u32> = (0..rows).map(|i| (i * 31 % vocab) as u32).collect();
         let targets = Tensor::<Rt, u32>::from_ids(&client, &targets, &[rows]).unwrap();
@@ -174,8 +183,13 @@ fn bench(c: &mut Criterion) {
         );
     }
 
-    // AdamW over every parameter of `tiny` (171,360) and of `small` (3,668,352).
-    for &(name, n) in &[("tiny", 171_360usize), ("small", 3_668_352)] {
+    // AdamW over every parameter of `tiny` (171,360) and of `small` (3,668,352), and over the
+    // linear weights of one local layer of the text model (12 · 1024²).
+    for &(name, n) in &[
+        ("tiny", 171_360usize),
+        ("small", 3_668_352),
+        ("text_local_layer", 12 * 1024 * 1024),
+    ] {
         let (param, grad) = (up(&data(n, 10), &[n]), up(&data(n, 11), &[n]));
         let (m, v) = (
             Tensor::<Rt, f32>::full(&client, &[n], 0.0),
