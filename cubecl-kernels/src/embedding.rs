@@ -3,19 +3,15 @@
 
 use cubecl::prelude::*;
 
-/// out[v, d] (+)= Σ over (b, s) with key(b, s) = v of rows[b, s, d], one unit per output
-/// element, summing in (b, s) order. With `by_id` the key is ids[b, s] (a byte's embedding
-/// row); without it the key is s (a position's row), and rows v >= S get zero (or keep their
-/// value when accumulating). rows (B, S, D) and ids (B, S) are strided views whose offsets are
-/// passed separately; out (V, D) is contiguous.
+/// out[s, d] (+)= Σ_b rows[b, s, d], one unit per output element, summing in b order (a
+/// position embedding's gradient); rows s >= S get zero (or keep their value when
+/// accumulating). rows (B, S, D) is a strided view whose offset is passed separately; out
+/// (V, D) is contiguous.
 #[cube(launch_unchecked)]
-pub fn embedding_backward<F: Float>(
+pub fn embedding_backward_by_position<F: Float>(
     rows: &Tensor<F>,
-    ids: &Tensor<u32>,
     out: &mut Tensor<F>,
     rows_offset: u32,
-    ids_offset: u32,
-    #[comptime] by_id: bool,
     #[comptime] accumulate: bool,
 ) {
     let batch = rows.shape(0);
@@ -29,19 +25,10 @@ pub fn embedding_backward<F: Float>(
         if comptime!(accumulate) {
             acc = f32::cast_from(out[ABSOLUTE_POS]);
         }
-        let base = rows_offset as usize + d * rows.stride(2);
-        if comptime!(by_id) {
+        if v < seq {
+            let base = rows_offset as usize + d * rows.stride(2) + v * rows.stride(1);
             for b in 0..batch {
-                for s in 0..seq {
-                    let id = ids[ids_offset as usize + b * ids.stride(0) + s * ids.stride(1)];
-                    if id as usize == v {
-                        acc += f32::cast_from(rows[base + b * rows.stride(0) + s * rows.stride(1)]);
-                    }
-                }
-            }
-        } else if v < seq {
-            for b in 0..batch {
-                acc += f32::cast_from(rows[base + b * rows.stride(0) + v * rows.stride(1)]);
+                acc += f32::cast_from(rows[base + b * rows.stride(0)]);
             }
         }
         out[ABSOLUTE_POS] = F::cast_from(acc);
@@ -61,11 +48,11 @@ pub struct ByIdConfig {
 }
 
 /// out[v, :] (+)= Σ over (b, s) with ids[b, s] = v of rows[b, s, :], one cube per table row v,
-/// summing in (b, s) order: the same sums as [`embedding_backward`] with `by_id`, but each
-/// cube reads the ids once instead of once per column. Per pass the units load `chunk` ids,
-/// unit 0 lists the matching rows in order, and unit u adds those rows' columns
-/// u, u + units, ... (long passes: few barriers, which CPU drivers pay for per lane group). rows (B, S, D) and ids (B, S) are strided views (offsets passed
-/// separately); out (V, D) is contiguous.
+/// summing in (b, s) order; each cube reads the ids once, not once per column. Per pass the
+/// units load `chunk` ids, unit 0 lists the matching rows in order, and unit u adds those
+/// rows' columns u, u + units, ... (long passes: few barriers, which CPU drivers pay for per
+/// lane group). rows (B, S, D) and ids (B, S) are strided views (offsets passed separately);
+/// out (V, D) is contiguous.
 #[cube(launch_unchecked)]
 pub fn embedding_backward_by_id<F: Float>(
     rows: &Tensor<F>,

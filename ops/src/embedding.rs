@@ -2,7 +2,8 @@
 
 use cubecl::prelude::*;
 use megabyte_kernels::embedding::{
-    embedding_backward as kernel, embedding_backward_by_id as by_id_kernel, ByIdConfig,
+    embedding_backward_by_id as by_id_kernel, embedding_backward_by_position as by_position_kernel,
+    ByIdConfig,
 };
 
 use crate::device::{ensure_dtype, grid_1d};
@@ -36,9 +37,9 @@ pub fn embedding_backward<R: Runtime, E: FloatElement>(
             return Err(OpError::shape(OP, "ids", &ids.shape, vec![b, s]));
         }
     }
-    let ids_offset = ids.map_or(Ok(0), |i| i.offset_u32(OP))?;
     let rows_offset = rows.offset_u32(OP)?;
     if let Some(ids) = ids {
+        let ids_offset = ids.offset_u32(OP)?;
         // One cube per table row, enough units to cover D in a few columns each.
         let max_units = client.properties().hardware.max_units_per_cube.max(1) as usize;
         let units = d.next_power_of_two().clamp(32, 256).min(max_units);
@@ -76,24 +77,17 @@ pub fn embedding_backward<R: Runtime, E: FloatElement>(
         }
         return Ok(());
     }
-    // Without ids the kernel never reads them; any u32 tensor stands in.
-    let dummy = Tensor::<R, u32>::empty(client, &[1, 1]);
-    let dummy_view = dummy.view();
-    let ids_view = ids.unwrap_or(&dummy_view);
     let (count, dim) = grid_1d(client, out.len());
-    // SAFETY: views were bounds-checked when made; the kernel guards on out's length and reads
-    // rows and ids only inside their shapes.
+    // SAFETY: the view was bounds-checked when made; the kernel guards on out's length and
+    // reads rows only inside their shape.
     unsafe {
-        kernel::launch_unchecked::<E, R>(
+        by_position_kernel::launch_unchecked::<E, R>(
             client,
             count,
             dim,
             rows.arg(),
-            ids_view.arg(),
             out.arg(),
             rows_offset,
-            ids_offset,
-            ids.is_some(),
             accumulate,
         );
     }

@@ -563,24 +563,38 @@ fn backward(c: &ComputeClient<W>, out: &mut Vec<Variant>) {
         main: false,
         def: k.define(),
     });
-    for by_id in [true, false] {
-        let k = megabyte_kernels::embedding::embedding_backward::EmbeddingBackward::<f32, W>::new(
-            settings(dim),
+    let k =
+        megabyte_kernels::embedding::embedding_backward_by_position::EmbeddingBackwardByPosition::<
+            f32,
+            W,
+        >::new(settings(dim), c.clone(), t(), t(), (), false);
+    out.push(Variant {
+        name: "embedding_backward_by_position_f32".into(),
+        main: false,
+        def: k.define(),
+    });
+    let cfg = megabyte_kernels::embedding::ByIdConfig {
+        units: 128,
+        chunk: 512,
+        cols: 1,
+        accumulate: true,
+    };
+    let k =
+        megabyte_kernels::embedding::embedding_backward_by_id::EmbeddingBackwardById::<f32, W>::new(
+            settings(CubeDim::new_1d(128)),
             c.clone(),
             t(),
             t(),
             t(),
             (),
             (),
-            by_id,
-            by_id,
+            cfg,
         );
-        out.push(Variant {
-            name: format!("embedding_backward_by_id{by_id}_f32"),
-            main: false,
-            def: k.define(),
-        });
-    }
+    out.push(Variant {
+        name: "embedding_backward_by_id_f32".into(),
+        main: false,
+        def: k.define(),
+    });
     let k = megabyte_kernels::reduce::column_sum::ColumnSum::<f32, W>::new(
         settings(dim),
         c.clone(),
