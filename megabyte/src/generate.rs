@@ -301,6 +301,7 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
         // from it and writes its argmax at p; a global step reads the completed patch.
         let ids = Tensor::from_ids(&client, &self.patch_bytes, &[b, p])?;
         let generated = Tensor::<R, u32>::empty(&client, &[b, steps]);
+        let first = self.pos;
         for i in 0..steps {
             if self.pos % p == 0 {
                 self.global_with(self.pos / p, &ids)?;
@@ -311,7 +312,14 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
             }
         }
         let out = generated.to_ids()?;
-        self.patch_bytes = ids.to_ids()?;
+        // Step i wrote its byte at slot (first + i) % P of the device's patch bytes; the host
+        // copy follows without reading them back.
+        for i in 0..steps {
+            let slot = (first + i) % p;
+            for row in 0..b {
+                self.patch_bytes[row * p + slot] = out[row * steps + i];
+            }
+        }
         Ok(out)
     }
 

@@ -275,6 +275,24 @@ fn greedy_on_device_matches_host_argmax() {
                 k += 4;
             }
             assert_eq!(got, want, "{cfg:?}");
+            // Device blocks and host steps alternating: the host's copy of the patch bytes
+            // follows the device's.
+            let mut mix = Decoder::with_kernel(&model, b, DecodeKernel::Fused).unwrap();
+            let mut next_mix = argmax_rows(&mix.start(&prompts).unwrap(), cfg.vocab);
+            let mut got_mix = vec![next_mix.clone()];
+            while got_mix.len() < steps {
+                if got_mix.len() % 2 == 1 {
+                    let n = 3.min(steps - got_mix.len());
+                    let block = mix.push_greedy(&next_mix, n).unwrap();
+                    for t in 0..n {
+                        got_mix.push((0..b).map(|j| block[j * n + t]).collect());
+                    }
+                } else {
+                    got_mix.push(argmax_rows(&mix.push(&next_mix).unwrap(), cfg.vocab));
+                }
+                next_mix = got_mix.last().unwrap().clone();
+            }
+            assert_eq!(got_mix, want, "{cfg:?}: device blocks and host steps");
             let err = dev.push_greedy(&next, 1).unwrap_err();
             assert!(err.to_string().contains("context of"), "{cfg:?}: {err}");
         });
