@@ -4,7 +4,8 @@
 //! device model must be within twice its error against the reference (f64 accumulation).
 
 use megabyte_reference::activation::activation_scalar;
-use megabyte_reference::config::LN_EPS;
+use megabyte_reference::config::{Activation, LN_EPS};
+use megabyte_reference::ffn::split_qkv;
 use megabyte_reference::patch_embed::global_input;
 use megabyte_reference::weights::Block;
 use megabyte_reference::{Config, Weights};
@@ -76,20 +77,37 @@ fn attention(qkv: &[f32], b: usize, t: usize, nh: usize, hs: usize) -> Vec<f32> 
     out
 }
 
-fn block(h: &mut [f32], w: &Block, cfg: &Config, b: usize, t: usize, c: usize, nh: usize) {
+/// One pre-LN block over (B, T, C), updating `h` in place, with every stored intermediate
+/// (LayerNorm outputs, the fused projection, the attention output, the residual stream, the
+/// FFN hidden row) passed through `round`: the identity for f32, a rounding to E for a naive
+/// implementation storing E. Returns the block's keys and values, (B·T, C) each.
+#[allow(clippy::too_many_arguments)]
+pub fn block(
+    h: &mut [f32],
+    w: &Block,
+    act: Activation,
+    b: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+    round: impl Fn(f32) -> f32,
+) -> (Vec<f32>, Vec<f32>) {
     let n = b * t;
-    let x = layer_norm(h, &w.ln1.weight, &w.ln1.bias, n, c);
-    let qkv = linear(&x, &w.qkv.weight, Some(&w.qkv.bias), n, c, 3 * c);
-    let y = attention(&qkv, b, t, nh, c / nh);
+    let r = |v: Vec<f32>| -> Vec<f32> { v.into_iter().map(&round).collect() };
+    let x = r(layer_norm(h, &w.ln1.weight, &w.ln1.bias, n, c));
+    let qkv = r(linear(&x, &w.qkv.weight, Some(&w.qkv.bias), n, c, 3 * c));
+    let y = r(attention(&qkv, b, t, nh, c / nh));
     let a = linear(&y, &w.proj.weight, Some(&w.proj.bias), n, c, c);
-    h.iter_mut().zip(&a).for_each(|(h, a)| *h += a);
-    let x = layer_norm(h, &w.ln2.weight, &w.ln2.bias, n, c);
+    h.iter_mut().zip(&a).for_each(|(h, a)| *h = round(*h + a));
+    let x = r(layer_norm(h, &w.ln2.weight, &w.ln2.bias, n, c));
     let hidden = w.fc1.bias.len();
     let mut u = linear(&x, &w.fc1.weight, Some(&w.fc1.bias), n, c, hidden);
     u.iter_mut()
-        .for_each(|v| *v = activation_scalar(cfg.activation, *v as f64) as f32);
+        .for_each(|v| *v = round(activation_scalar(act, *v as f64) as f32));
     let a = linear(&u, &w.fc2.weight, Some(&w.fc2.bias), n, hidden, c);
-    h.iter_mut().zip(&a).for_each(|(h, a)| *h += a);
+    h.iter_mut().zip(&a).for_each(|(h, a)| *h = round(*h + a));
+    let [_, k, v] = split_qkv(&qkv, n, c);
+    (k, v)
 }
 
 /// Logits (B, T, V) for ids (B, T).
@@ -109,7 +127,16 @@ pub fn forward(cfg: &Config, w: &Weights, x: &[u32], b: usize, t: usize) -> Vec<
         dg,
     );
     for blk in &w.global_blocks {
-        block(&mut h, blk, cfg, b, k, c, cfg.heads_global);
+        block(
+            &mut h,
+            blk,
+            cfg.activation,
+            b,
+            k,
+            c,
+            cfg.heads_global,
+            |x| x,
+        );
     }
     let g = layer_norm(&h, &w.global_ln_f.weight, &w.global_ln_f.bias, b * k, c);
     // (B·T, D_G) rows of g through W_GL, plus the previous byte's embedding and the position.
@@ -127,7 +154,16 @@ pub fn forward(cfg: &Config, w: &Weights, x: &[u32], b: usize, t: usize) -> Vec<
         }
     }
     for blk in &w.local_blocks {
-        block(&mut l, blk, cfg, b * k, p, dl, cfg.heads_local);
+        block(
+            &mut l,
+            blk,
+            cfg.activation,
+            b * k,
+            p,
+            dl,
+            cfg.heads_local,
+            |x| x,
+        );
     }
     let out = layer_norm(&l, &w.local_ln_f.weight, &w.local_ln_f.bias, b * t, dl);
     let mut logits = vec![0f32; b * t * v];

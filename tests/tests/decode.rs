@@ -7,19 +7,20 @@
 //! inputs (local input, patch embedding) and outputs (final LayerNorm, logits) are covered by
 //! the model's cached-decoding tests, which run the fused and the unfused steps.
 //!
-//! Tolerance baseline: the block computed naively on the host (f32 sums in index order, a
-//! materialised softmax) with every stored intermediate rounded to E.
+//! Tolerance baseline: the model tests' naive block (`megabyte_tests::naive_model::block`: f32
+//! sums in index order, a materialised softmax) with every stored intermediate rounded to E.
 
 use cubecl::prelude::ComputeClient;
 use megabyte_ops::decode::{decode_stack, BlockWeights, PackedStack, StepInput, StepOutput};
 use megabyte_ops::{ActivationKind, FloatElement, OpError, Tensor};
-use megabyte_reference::activation::activation_scalar;
-use megabyte_reference::config::{Activation, LN_EPS};
+use megabyte_reference::config::Activation;
 use megabyte_reference::ffn::{block_forward, split_qkv};
 use megabyte_reference::gemm::linear;
 use megabyte_reference::layer_norm::layer_norm_forward;
 use megabyte_reference::weights::{Block, Linear, Norm};
-use megabyte_tests::{check, read_f64, round, round_all, uniform, with_client, TestRuntime};
+use megabyte_tests::{
+    check, naive_model, read_f64, round, round_all, uniform, with_client, TestRuntime,
+};
 use proptest::prelude::*;
 
 fn random_block<E: FloatElement>(c: usize, hidden: usize, seed: u64) -> Block {
@@ -42,81 +43,6 @@ fn random_block<E: FloatElement>(c: usize, hidden: usize, seed: u64) -> Block {
         fc1: lin(c, hidden, seed ^ 5),
         fc2: lin(hidden, c, seed ^ 6),
     }
-}
-
-/// The block over (B, T, C) computed naively: f32 sums in index order, each stored
-/// intermediate rounded to E. Returns the output and the rounded keys and values (B, T, C).
-fn naive_block<E: FloatElement>(
-    x: &[f32],
-    w: &Block,
-    act: Activation,
-    b: usize,
-    t: usize,
-    c: usize,
-    nh: usize,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let r = |v: f32| round::<E>(v as f64) as f32;
-    let n = b * t;
-    let norm = |x: &[f32], nw: &Norm| -> Vec<f32> {
-        let mut out = vec![0f32; n * c];
-        for row in 0..n {
-            let xs = &x[row * c..][..c];
-            let mean = xs.iter().sum::<f32>() / c as f32;
-            let var = xs.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / c as f32;
-            let rstd = 1.0 / (var + LN_EPS as f32).sqrt();
-            for i in 0..c {
-                out[row * c + i] = r((xs[i] - mean) * rstd * nw.weight[i] + nw.bias[i]);
-            }
-        }
-        out
-    };
-    let lin = |x: &[f32], l: &Linear, i_n: usize, o_n: usize| -> Vec<f32> {
-        let mut out = vec![0f32; n * o_n];
-        for row in 0..n {
-            for o in 0..o_n {
-                let mut acc = 0f32;
-                for i in 0..i_n {
-                    acc += x[row * i_n + i] * l.weight[i * o_n + o];
-                }
-                out[row * o_n + o] = acc + l.bias[o];
-            }
-        }
-        out
-    };
-    let hs = c / nh;
-    let xn = norm(x, &w.ln1);
-    let qkv: Vec<f32> = lin(&xn, &w.qkv, c, 3 * c).into_iter().map(r).collect();
-    let [q, k, v] = split_qkv(&qkv, n, c);
-    let mut y = vec![0f32; n * c];
-    let scale = 1.0 / (hs as f32).sqrt();
-    for bi in 0..b {
-        for h in 0..nh {
-            for i in 0..t {
-                let at = |m: &[f32], j: usize, d: usize| m[(bi * t + j) * c + h * hs + d];
-                let s: Vec<f32> = (0..=i)
-                    .map(|j| (0..hs).map(|d| at(&q, i, d) * at(&k, j, d)).sum::<f32>() * scale)
-                    .collect();
-                let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let p: Vec<f32> = s.iter().map(|&z| (z - m).exp()).collect();
-                let sum: f32 = p.iter().sum();
-                for d in 0..hs {
-                    let o: f32 = (0..=i).map(|j| p[j] / sum * at(&v, j, d)).sum();
-                    y[(bi * t + i) * c + h * hs + d] = r(o);
-                }
-            }
-        }
-    }
-    let a = lin(&y, &w.proj, c, c);
-    let mid: Vec<f32> = x.iter().zip(&a).map(|(x, a)| r(x + a)).collect();
-    let xn = norm(&mid, &w.ln2);
-    let hidden = w.fc1.bias.len();
-    let u: Vec<f32> = lin(&xn, &w.fc1, c, hidden)
-        .into_iter()
-        .map(|z| r(activation_scalar(act, z as f64) as f32))
-        .collect();
-    let f = lin(&u, &w.fc2, hidden, c);
-    let out = mid.iter().zip(&f).map(|(m, f)| r(m + f)).collect();
-    (out, k, v)
 }
 
 fn kind(act: Activation) -> ActivationKind {
@@ -207,9 +133,9 @@ fn run_case<E: FloatElement>(
         let [_, k, v] = split_qkv(&qkv, b * t, c);
         ref_kv.push((k, v));
         block_forward(&mut reference, w, act, b, t, c, heads);
-        let (out, k, v) = naive_block::<E>(&naive, w, act, b, t, c, heads);
+        let round = |v: f32| round::<E>(v as f64) as f32;
+        let (k, v) = naive_model::block(&mut naive, w, act, b, t, c, heads, round);
         naive_kv.push((k, v));
-        naive = out;
     }
 
     // The device: the caches hold the reference's (rounded) keys and values before `pos`,
