@@ -66,14 +66,7 @@ fn bench(c: &mut Criterion) {
             .collect();
         let blocks: Vec<BlockWeights<Rt, f32>> = params
             .iter()
-            .map(|p| BlockWeights {
-                ln1: (&p[0], &p[1]),
-                qkv: (&p[2], &p[3]),
-                proj: (&p[4], &p[5]),
-                ln2: (&p[6], &p[7]),
-                fc1: (&p[8], &p[9]),
-                fc2: (&p[10], &p[11]),
-            })
+            .map(|p| BlockWeights::from_tensors(std::array::from_fn(|i| &p[i])))
             .collect();
         let (ln_w, ln_b) = (t(&[width], 1), t(&[width], 2));
         let stack = PackedStack::pack(&blocks, heads, Some((&ln_w, &ln_b))).unwrap();

@@ -80,14 +80,7 @@ impl<R: Runtime, E: FloatElement> DeviceBlock<R, E> {
 
     /// The block's parameters as the fused decoding step takes them.
     pub fn step_weights(&self) -> BlockWeights<'_, R, E> {
-        BlockWeights {
-            ln1: (&self.ln1.0, &self.ln1.1),
-            qkv: (&self.qkv.0, &self.qkv.1),
-            proj: (&self.proj.0, &self.proj.1),
-            ln2: (&self.ln2.0, &self.ln2.1),
-            fc1: (&self.fc1.0, &self.fc1.1),
-            fc2: (&self.fc2.0, &self.fc2.1),
-        }
+        BlockWeights::from_tensors(self.tensors())
     }
 
     fn zeros_like(&self) -> Self {

@@ -42,6 +42,21 @@ pub struct BlockWeights<'a, R: Runtime, E> {
     pub fc2: (&'a Tensor<R, E>, &'a Tensor<R, E>),
 }
 
+impl<'a, R: Runtime, E> BlockWeights<'a, R, E> {
+    /// From the twelve tensors in checkpoint order: ln1 weight and bias, qkv, proj, ln2, fc1,
+    /// fc2 (each weight then bias).
+    pub fn from_tensors(t: [&'a Tensor<R, E>; 12]) -> Self {
+        BlockWeights {
+            ln1: (t[0], t[1]),
+            qkv: (t[2], t[3]),
+            proj: (t[4], t[5]),
+            ln2: (t[6], t[7]),
+            fc1: (t[8], t[9]),
+            fc2: (t[10], t[11]),
+        }
+    }
+}
+
 /// A stack's blocks (and its final LayerNorm) copied into one buffer in the kernel's layout
 /// (`LayerOffsets`): a second copy of the stack's parameters, made once per decoder.
 pub struct PackedStack<R: Runtime, E> {

@@ -66,17 +66,19 @@ fn cuda_source(def: KernelDefinition) -> Result<(String, usize), String> {
     Ok((repr.to_string(), repr.shared_memory_size()))
 }
 
+/// The element type's short name (`f32`, `f16`, `bf16`) for variant names.
+fn type_tag<E>() -> String {
+    let name = std::any::type_name::<E>();
+    name.rsplit("::").next().unwrap_or(name).to_string()
+}
+
 /// Vector width a CUDA launch picks for E: 16-byte loads, capped at the GEMM's stage vector.
 fn vec_of<E>() -> usize {
     (16 / std::mem::size_of::<E>()).min(4)
 }
 
 fn elementwise<E: Float + CubeElement>(c: &ComputeClient<W>, out: &mut Vec<Variant>) {
-    let ty = std::any::type_name::<E>()
-        .rsplit("::")
-        .next()
-        .unwrap()
-        .to_string();
+    let ty = type_tag::<E>();
     let n = vec_of::<E>();
     let dim = CubeDim::new_1d(256);
     for (act, name) in [
@@ -191,11 +193,7 @@ fn elementwise<E: Float + CubeElement>(c: &ComputeClient<W>, out: &mut Vec<Varia
 /// `small` preset's global stack).
 fn decode<E: Float + CubeElement>(c: &ComputeClient<W>, out: &mut Vec<Variant>) {
     use megabyte_kernels::decode::{input, output};
-    let ty = std::any::type_name::<E>()
-        .rsplit("::")
-        .next()
-        .unwrap()
-        .to_string();
+    let ty = type_tag::<E>();
     for (name, width, hidden, heads, layers, units, inp, outp, d_in) in [
         (
             "local_c32",
@@ -269,11 +267,7 @@ fn decode<E: Float + CubeElement>(c: &ComputeClient<W>, out: &mut Vec<Variant>) 
 }
 
 fn attention<E: Float + CubeElement>(c: &ComputeClient<W>, out: &mut Vec<Variant>) {
-    let ty = std::any::type_name::<E>()
-        .rsplit("::")
-        .next()
-        .unwrap()
-        .to_string();
+    let ty = type_tag::<E>();
     let n = vec_of::<E>();
     for head_dim in [32usize, 64, 80, 128] {
         // The global regime (16-row tiles) and the local one (P = 8, four sequences a cube).
@@ -340,11 +334,7 @@ fn attention<E: Float + CubeElement>(c: &ComputeClient<W>, out: &mut Vec<Variant
 }
 
 fn gemm<E: Float + CubeElement>(c: &ComputeClient<W>, out: &mut Vec<Variant>) {
-    let ty = std::any::type_name::<E>()
-        .rsplit("::")
-        .next()
-        .unwrap()
-        .to_string();
+    let ty = type_tag::<E>();
     // The tiled ladder the CUDA planner picks from: thin blocks for decoding, 64×64 when 128×64
     // blocks would not fill the device, 128×64 otherwise.
     let blocks = [

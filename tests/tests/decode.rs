@@ -78,14 +78,7 @@ fn upload<E: FloatElement>(
 }
 
 fn borrow<E>(t: &[Tensor<TestRuntime, E>]) -> BlockWeights<'_, TestRuntime, E> {
-    BlockWeights {
-        ln1: (&t[0], &t[1]),
-        qkv: (&t[2], &t[3]),
-        proj: (&t[4], &t[5]),
-        ln2: (&t[6], &t[7]),
-        fc1: (&t[8], &t[9]),
-        fc2: (&t[10], &t[11]),
-    }
+    BlockWeights::from_tensors(std::array::from_fn(|i| &t[i]))
 }
 
 #[allow(clippy::too_many_arguments)]
