@@ -99,15 +99,8 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
                      blocks: &[crate::model::DeviceBlock<R, E>],
                      ln_f: &(Tensor<R, E>, Tensor<R, E>)|
          -> Result<Option<PackedStack<R, E>>, Error> {
-            let ok = if blocks.is_empty() {
-                Err(megabyte_ops::OpError::Empty {
-                    op: "decode_stack",
-                    tensor: "blocks",
-                    shape: vec![0],
-                })
-            } else {
-                decode_stack_supported::<R, E>(client, stack.width, stack.hidden, stack.heads)
-            };
+            let (width, hidden, heads) = (stack.width, stack.hidden, stack.heads);
+            let ok = decode_stack_supported::<R, E>(client, width, hidden, heads, blocks.len());
             let use_it = match (kernel, ok) {
                 (DecodeKernel::Unfused, _) => false,
                 (DecodeKernel::Auto, ok) => ok.is_ok(),
@@ -246,11 +239,7 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
     pub fn push(&mut self, bytes: &[u32]) -> Result<Vec<f32>, Error> {
         self.check_push(bytes, 1)?;
         let p = self.model.config().patch;
-        let slot = self.pos % p;
-        for (row, &x) in bytes.iter().enumerate() {
-            self.patch_bytes[row * p + slot] = x;
-        }
-        self.pos += 1;
+        self.append(bytes);
         if self.pos % p == 0 {
             self.global(self.pos / p)?;
             self.patch_bytes.fill(0);
@@ -292,11 +281,7 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
         let cfg = self.model.config();
         let (b, p) = (self.batch, cfg.patch);
         let client = self.model.client().clone();
-        let slot = self.pos % p;
-        for (row, &x) in bytes.iter().enumerate() {
-            self.patch_bytes[row * p + slot] = x;
-        }
-        self.pos += 1;
+        self.append(bytes);
         // The current patch's bytes live on the device from here: each step reads byte p - 1
         // from it and writes its argmax at p; a global step reads the completed patch.
         let ids = Tensor::from_ids(&client, &self.patch_bytes, &[b, p])?;
@@ -321,6 +306,16 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
             }
         }
         Ok(out)
+    }
+
+    /// Records one byte per row (checked) at the current position and moves past it.
+    fn append(&mut self, bytes: &[u32]) {
+        let p = self.model.config().patch;
+        let slot = self.pos % p;
+        for (row, &x) in bytes.iter().enumerate() {
+            self.patch_bytes[row * p + slot] = x;
+        }
+        self.pos += 1;
     }
 
     /// Checks a push of one byte per row followed by `more - 1` further positions.

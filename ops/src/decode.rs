@@ -300,16 +300,17 @@ fn config_for<R: Runtime, E: FloatElement>(
     Ok((cfg, vector))
 }
 
-/// Whether [`decode_stack`] runs a stack of this shape on this device (else the reason):
-/// width at most [`MAX_FUSED_WIDTH`], the heads dividing it, enough shared memory and
-/// buffer bindings.
+/// Whether [`decode_stack`] runs a stack of this shape on this device (else the reason): at
+/// least one layer, width at most [`MAX_FUSED_WIDTH`], the heads dividing it, enough shared
+/// memory and buffer bindings.
 pub fn decode_stack_supported<R: Runtime, E: FloatElement>(
     client: &ComputeClient<R>,
     width: usize,
     hidden: usize,
     heads: usize,
+    layers: usize,
 ) -> Result<(), OpError> {
-    config_for::<R, E>(client, width, hidden, heads, 1).map(|_| ())
+    config_for::<R, E>(client, width, hidden, heads, layers).map(|_| ())
 }
 
 /// One decoding step of a packed stack for B sequences, one new position each, in one

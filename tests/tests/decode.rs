@@ -337,12 +337,14 @@ fn errors_name_the_bad_value() {
             .err()
             .unwrap();
         assert!(err.to_string().contains("qkv.weight"), "{err}");
-        // Heads that don't divide the width; wider than the fused kernel takes.
+        // No layers; heads that don't divide the width; wider than the fused kernel takes.
         let supported = megabyte_ops::decode::decode_stack_supported::<TestRuntime, f32>;
-        let err = supported(&client, c, hidden, 3).unwrap_err();
+        let err = supported(&client, c, hidden, 2, 0).unwrap_err();
+        assert!(matches!(err, OpError::Empty { .. }), "{err}");
+        let err = supported(&client, c, hidden, 3, 1).unwrap_err();
         assert!(err.to_string().contains("heads = 3"), "{err}");
         let wide = megabyte_ops::decode::MAX_FUSED_WIDTH + 64;
-        let err = supported(&client, wide, 4 * wide, 8).unwrap_err();
+        let err = supported(&client, wide, 4 * wide, 8, 1).unwrap_err();
         assert!(
             err.to_string().contains(&format!("width = {wide}")),
             "{err}"
