@@ -3,7 +3,8 @@
 # and/or Apache-2.0 licensed), as they sit in cargo's registry after `cargo fetch`.
 # Usage: scripts/build-corpus.sh OUT_FILE [MAX_FILE_BYTES]
 # Files larger than MAX_FILE_BYTES (default 60000) are skipped: they are mostly generated
-# tables, which any compressor (and any model) finds trivially predictable.
+# tables, which any compressor (and any model) finds trivially predictable. regex-syntax's
+# generated Unicode tables are left out whatever their size: they are lists of code points.
 set -euo pipefail
 out=${1:?usage: scripts/build-corpus.sh OUT_FILE [MAX_FILE_BYTES]}
 max=${2:-60000}
@@ -25,6 +26,7 @@ for c in "${crates[@]}"; do
         echo "missing $dir (not in this lockfile's registry cache); skipped" >&2
         continue
     fi
-    find "$dir" -name '*.rs' -size -"${max}"c | LC_ALL=C sort | while read -r f; do cat "$f"; done >> "$out"
+    find "$dir" -name '*.rs' -size -"${max}"c -not -path '*/unicode_tables/*' | LC_ALL=C sort |
+        while read -r f; do cat "$f"; done >> "$out"
 done
 echo "$out: $(wc -c < "$out") bytes" >&2

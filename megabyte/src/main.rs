@@ -108,6 +108,18 @@ enum Command {
     },
     /// Train a model on a file or a directory of files (read recursively, in path order).
     Train(TrainArgs),
+    /// Writes a checkpoint's weights alone (no optimiser state), e.g. to ship a trained model.
+    Export {
+        /// A checkpoint written by `megabyte train`.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// The weights-only file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Storage type of the written weights.
+        #[arg(long, value_enum, default_value_t = DtypeArg::F16)]
+        save_dtype: DtypeArg,
+    },
     /// Parameters, FLOPs per byte and a memory estimate of a configuration.
     Info {
         #[arg(long, conflicts_with = "preset")]
@@ -215,6 +227,11 @@ fn main() {
             limit,
         } => eval(&model, &file, batch, limit),
         Command::Train(args) => train(&args),
+        Command::Export {
+            checkpoint,
+            out,
+            save_dtype,
+        } => export(&checkpoint, &out, save_dtype),
         Command::Info {
             checkpoint,
             preset,
@@ -225,6 +242,29 @@ fn main() {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
+}
+
+fn export(from: &PathBuf, out: &PathBuf, dtype: DtypeArg) -> Result<(), Error> {
+    if from == out {
+        return Err(Error::Checkpoint {
+            path: out.display().to_string(),
+            reason: "--out is the input checkpoint; write the weights to another file".into(),
+        });
+    }
+    let ckpt = checkpoint::load(from)?;
+    let dtype = match dtype {
+        DtypeArg::F32 => checkpoint::StorageDtype::F32,
+        DtypeArg::F16 => checkpoint::StorageDtype::F16,
+    };
+    checkpoint::save(out, &ckpt.config, &ckpt.weights, dtype)?;
+    let size = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
+    eprintln!(
+        "wrote {} ({} parameters, {size} bytes; dropped {} optimiser tensors)",
+        out.display(),
+        ckpt.config.num_parameters(),
+        ckpt.optimizer.len()
+    );
+    Ok(())
 }
 
 fn read_prompt(arg: Option<String>) -> Result<Vec<u8>, Error> {

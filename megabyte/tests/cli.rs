@@ -299,6 +299,29 @@ fn train_writes_a_checkpoint_and_a_loss_curve_and_resumes() {
         .optimizer
         .iter()
         .any(|(n, _, v)| n == "optimizer.step" && v == &vec![5.0]));
+    // Export drops the optimiser state and keeps the weights (rounded to f16).
+    let exported = temp("cli_train_export.safetensors");
+    let e = exported.to_str().unwrap();
+    let run = megabyte(&["export", "--checkpoint", o, "--out", e]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let small = checkpoint::load(&exported).unwrap();
+    assert!(small.optimizer.is_empty());
+    assert_eq!(small.config, ckpt.config);
+    for (a, b) in small.weights.tensors().iter().zip(ckpt.weights.tensors()) {
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(b.iter()) {
+            assert_eq!(*x, half::f16::from_f32(*y).to_f32());
+        }
+    }
+    let size = |p: &PathBuf| std::fs::metadata(p).unwrap().len();
+    assert!(
+        size(&exported) * 5 < size(&out),
+        "f16 weights without the f32 moments"
+    );
+    assert_one_line_error(
+        &megabyte(&["export", "--checkpoint", o, "--out", o]),
+        "--out is the input checkpoint",
+    );
     let gen = megabyte(&[
         "generate",
         "--checkpoint",
