@@ -16,7 +16,7 @@ use cubek_matmul::definition::MatmulElems;
 use cubek_matmul::launch::{launch_ref, Strategy};
 use cubek_std::InputBinding;
 use megabyte_benches::time_synced;
-use megabyte_ops::gemm::{gemm_naive, gemm_with, GemmKernel};
+use megabyte_ops::gemm::{cmma_supported, gemm_naive, gemm_with, GemmKernel};
 use megabyte_ops::{ActivationKind, Epilogue, GemmProblem, Tensor};
 
 type Rt = megabyte_benches::BenchRuntime;
@@ -134,6 +134,37 @@ fn bench(c: &mut Criterion) {
                     })
                 },
             );
+        }
+        // f16 on tensor cores, next to the plain tiled kernel in f16, where the device has them.
+        if cmma_supported::<Rt, half::f16>(&client) {
+            let h = |t: &Tensor<Rt, f32>| {
+                Tensor::<Rt, half::f16>::from_f32(&client, &t.to_f32_vec().unwrap(), t.shape())
+                    .unwrap()
+            };
+            let (a, b, bias, residual) = (h(&a), h(&b), h(&bias), h(&residual));
+            let out = Tensor::<Rt, half::f16>::empty(&client, &[m, n]);
+            let epi = if fc1 {
+                Epilogue::none()
+                    .bias(&bias)
+                    .activation(ActivationKind::Gelu)
+            } else {
+                Epilogue::none().bias(&bias).residual(&residual)
+            };
+            for (label, kernel) in [
+                ("wgpu_gemm_f16_cmma_fused", GemmKernel::Cmma),
+                ("wgpu_gemm_f16_tiled_fused", GemmKernel::Tiled),
+            ] {
+                group.bench_function(
+                    BenchmarkId::new(megabyte_benches::label(label), name),
+                    |bench| {
+                        bench.iter_custom(|iters| {
+                            time_synced(&client, iters, || {
+                                gemm_with(kernel, &a.view(), &b.view(), &out, &epi).unwrap()
+                            })
+                        })
+                    },
+                );
+            }
         }
         if problem.flops() <= NAIVE_MAX_FLOPS {
             group.bench_function(

@@ -529,3 +529,407 @@ pub fn main_loop<F: Float, NA: Size, NB: Size, S: Size>(
         gemm_main_loop::<F, NA, NB, S>(a, b, a_offset, b_offset, pos, acc, cfg);
     }
 }
+
+/// Side of the square tensor-core fragment (16 × 16 × 16, the shape every CMMA device with f16
+/// and bf16 offers).
+pub const FRAGMENT: usize = 16;
+
+/// Alignment in bytes of [`gemm_cmma`]'s shared tiles: fragment loads and stores need 256-bit
+/// aligned addresses.
+const SMEM_ALIGN: usize = 128;
+
+/// Comptime shape and epilogue of [`gemm_cmma`].
+///
+/// A cube of `planes_m × planes_n` planes of `plane_size` units computes a `block_m × block_n`
+/// output block; each plane owns a `block_m/planes_m × block_n/planes_n` sub-block of 16 × 16
+/// fragments. Operand tiles are staged in shared memory as F (row-major A `[m][k]`, row-major
+/// B `[k][n]`), the fragments multiply them with f32 accumulation, and the accumulators go
+/// through a shared f32 output tile to the same fused epilogue as [`gemm`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CmmaConfig {
+    pub block_m: usize,
+    pub block_n: usize,
+    /// Depth of one shared-memory step, a multiple of [`FRAGMENT`].
+    pub block_k: usize,
+    pub planes_m: usize,
+    pub planes_n: usize,
+    /// Units per plane (the warp size, 32 on CUDA).
+    pub plane_size: usize,
+    /// Vector width of A's loads (NA) and whether they run along K.
+    pub vector_a: usize,
+    pub a_along_k: bool,
+    /// Vector width of B's loads (NB) and whether they run along K.
+    pub vector_b: usize,
+    pub b_along_k: bool,
+    /// Vector width of the output, bias and residual (NO).
+    pub vector_out: usize,
+    pub bias: bool,
+    pub activation: Option<ActivationKind>,
+    pub residual: bool,
+    /// Compute each fragment product with plain loops over the same shared tiles, fragment
+    /// offsets and strides instead of the tensor-core instructions: the staging, fragment
+    /// addressing and epilogue of the CMMA path, runnable on devices without CMMA.
+    pub emulated: bool,
+}
+
+impl CmmaConfig {
+    pub fn units(&self) -> usize {
+        self.plane_size * self.planes_m * self.planes_n
+    }
+
+    /// Rows and columns of one plane's sub-block.
+    pub fn sub_m(&self) -> usize {
+        self.block_m / self.planes_m
+    }
+
+    pub fn sub_n(&self) -> usize {
+        self.block_n / self.planes_n
+    }
+
+    /// Shared memory in bytes for an element of `elem_bytes` bytes (operand tiles in F, the
+    /// output tile in f32).
+    pub fn shared_bytes(&self, elem_bytes: usize) -> usize {
+        self.block_k * (self.block_m + self.block_n) * elem_bytes + self.block_m * self.block_n * 4
+    }
+
+    /// True when fragments, planes and vectors tile the blocks evenly.
+    pub fn is_valid(&self) -> bool {
+        let f = FRAGMENT;
+        let divides = |v: usize, len: usize| v >= 1 && len % v == 0;
+        self.block_m % self.planes_m == 0
+            && self.block_n % self.planes_n == 0
+            && self.sub_m() % f == 0
+            && self.sub_n() % f == 0
+            && self.block_k % f == 0
+            && (FRAGMENT * FRAGMENT) % self.plane_size == 0
+            && divides(
+                self.vector_a,
+                if self.a_along_k {
+                    self.block_k
+                } else {
+                    self.block_m
+                },
+            )
+            && divides(
+                self.vector_b,
+                if self.b_along_k {
+                    self.block_k
+                } else {
+                    self.block_n
+                },
+            )
+            && divides(self.vector_out, self.block_n)
+    }
+}
+
+/// Stages a tile of an operand into shared memory as F, unconverted. Element (o, k) of the
+/// operand is at scalar index `base + o·s_o + k·s_k` and lands at `o·block_k + k` (`k_major`
+/// false: A's `[m][k]`) or `k·block_o + o` (`k_major`: B's `[k][n]`). Out of range elements
+/// stage as zero; vectors of NV run along k (`along_k`) or along o, and lie wholly in or out of
+/// range because the launcher only vectorises lengths NV divides.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_raw<F: Float, NV: Size>(
+    t: &Tensor<Vector<F, NV>>,
+    smem: &mut SharedMemory<F>,
+    base: usize,
+    s_o: usize,
+    s_k: usize,
+    o0: usize,
+    o_len: usize,
+    k0: usize,
+    k_len: usize,
+    #[comptime] block_o: usize,
+    #[comptime] block_k: usize,
+    #[comptime] nv: usize,
+    #[comptime] along_k: bool,
+    #[comptime] k_major: bool,
+    #[comptime] units: usize,
+) {
+    let unit = UNIT_POS as usize;
+    // Consecutive units take consecutive vectors along the contiguous dimension.
+    let per_line = comptime!(if along_k { block_k / nv } else { block_o / nv });
+    let tasks = comptime!(block_o * block_k / nv);
+    #[unroll]
+    for l in 0..comptime!(tasks.div_ceil(units)) {
+        let id = l * units + unit;
+        if id < tasks {
+            let line = id / per_line;
+            let at = (id % per_line) * nv;
+            let (o, k) = if comptime!(along_k) {
+                (line, at)
+            } else {
+                (at, line)
+            };
+            let (go, gk) = (o0 + o, k0 + k);
+            let mut v = Vector::<F, NV>::new(F::new(0.0));
+            if go < o_len && gk < k_len {
+                v = t[(base + go * s_o + gk * s_k) / nv];
+            }
+            #[unroll]
+            for e in 0..nv {
+                let (eo, ek) = if comptime!(along_k) {
+                    (o, k + e)
+                } else {
+                    (o + e, k)
+                };
+                let dst = if comptime!(k_major) {
+                    ek * block_o + eo
+                } else {
+                    eo * block_k + ek
+                };
+                smem[dst] = v[e];
+            }
+        }
+    }
+}
+
+/// Where fragment (i, j) of this plane's sub-block starts in the output tile (stride
+/// `block_n`), and where its A rows (stride `block_k`) and B columns (stride `block_n`) start
+/// at depth `kk` of the stage. The CMMA and emulated paths both address through these.
+#[cube]
+fn fragment_offsets(
+    plane: usize,
+    i: usize,
+    j: usize,
+    kk: usize,
+    #[comptime] cfg: CmmaConfig,
+) -> (usize, usize, usize) {
+    let f = FRAGMENT;
+    let row = (plane / cfg.planes_n) * cfg.sub_m() + i * f;
+    let col = (plane % cfg.planes_n) * cfg.sub_n() + j * f;
+    (
+        row * cfg.block_n + col,
+        row * cfg.block_k + kk * f,
+        kk * f * cfg.block_n + col,
+    )
+}
+
+/// The tensor-core GEMM: the same function, operands and epilogue as [`gemm`], with the
+/// products on CMMA fragments (16 × 16 × 16, F inputs, f32 accumulation). F is f16 or bf16 on
+/// a device whose properties list that CMMA shape; the launcher checks. With `cfg.emulated`
+/// the fragments are computed by plain loops. Cube: (`plane_size`, planes) units; grid as
+/// [`gemm`]'s.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_cmma<F: Float, NA: Size, NB: Size, NO: Size>(
+    a: &Tensor<Vector<F, NA>>,
+    b: &Tensor<Vector<F, NB>>,
+    bias: &Tensor<Vector<F, NO>>,
+    residual: &Tensor<Vector<F, NO>>,
+    out: &mut Tensor<Vector<F, NO>>,
+    a_offset: usize,
+    b_offset: usize,
+    scale: f32,
+    #[comptime] cfg: CmmaConfig,
+) {
+    let m = a.shape(1);
+    let k_len = a.shape(2);
+    let n = b.shape(2);
+    let batch = out.shape(0);
+    let f = FRAGMENT;
+    let units = comptime!(cfg.units());
+    let (fm, fnn) = comptime!((cfg.sub_m() / FRAGMENT, cfg.sub_n() / FRAGMENT));
+    let m_blocks = m.div_ceil(cfg.block_m);
+    let yz = CUBE_POS_Z as usize * CUBE_COUNT_Y as usize + CUBE_POS_Y as usize;
+    let bi = yz / m_blocks;
+    // A cube wholly past the end (the y·z spread may overshoot) returns before any barrier.
+    if bi < batch {
+        let m0 = (yz % m_blocks) * cfg.block_m;
+        let n0 = CUBE_POS_X as usize * cfg.block_n;
+        let plane = UNIT_POS_Y as usize;
+        let lane = UNIT_POS_X as usize;
+        let a_base = a_offset + bi * a.stride(0);
+        let b_base = b_offset + bi * b.stride(0);
+        let mut a_s =
+            SharedMemory::<F>::new_aligned(comptime!(cfg.block_m * cfg.block_k), SMEM_ALIGN);
+        let mut b_s =
+            SharedMemory::<F>::new_aligned(comptime!(cfg.block_k * cfg.block_n), SMEM_ALIGN);
+        let mut c_s =
+            SharedMemory::<f32>::new_aligned(comptime!(cfg.block_m * cfg.block_n), SMEM_ALIGN);
+
+        let mut accs = Sequence::<cmma::Matrix<f32>>::new();
+        if comptime!(cfg.emulated) {
+            // Each lane owns the same elements of every fragment of its plane. The emulation's
+            // loops stay loops: unrolled, they make shaders that CPU drivers compile slowly.
+            for i in 0..fm {
+                for j in 0..fnn {
+                    let (c0, _, _) = fragment_offsets(plane, i, j, 0, cfg);
+                    for r in 0..comptime!(FRAGMENT * FRAGMENT / cfg.plane_size) {
+                        let e = r * cfg.plane_size + lane;
+                        c_s[c0 + (e / f) * cfg.block_n + e % f] = 0.0;
+                    }
+                }
+            }
+        } else {
+            #[unroll]
+            for _ in 0..comptime!(fm * fnn) {
+                accs.push(cmma::Matrix::<f32>::from_value(
+                    cmma::MatrixIdent::Accumulator,
+                    FRAGMENT,
+                    FRAGMENT,
+                    FRAGMENT,
+                    cmma::MatrixLayout::Undefined,
+                    0.0,
+                ));
+            }
+        }
+
+        let steps = k_len.div_ceil(cfg.block_k);
+        let mut step = 0;
+        while step < steps {
+            let k0 = step * cfg.block_k;
+            stage_raw::<F, NA>(
+                a,
+                &mut a_s,
+                a_base,
+                a.stride(1),
+                a.stride(2),
+                m0,
+                m,
+                k0,
+                k_len,
+                cfg.block_m,
+                cfg.block_k,
+                cfg.vector_a,
+                cfg.a_along_k,
+                false,
+                units,
+            );
+            stage_raw::<F, NB>(
+                b,
+                &mut b_s,
+                b_base,
+                b.stride(2),
+                b.stride(1),
+                n0,
+                n,
+                k0,
+                k_len,
+                cfg.block_n,
+                cfg.block_k,
+                cfg.vector_b,
+                cfg.b_along_k,
+                true,
+                units,
+            );
+            sync_cube();
+            #[unroll]
+            for kk in 0..comptime!(cfg.block_k / FRAGMENT) {
+                if comptime!(cfg.emulated) {
+                    for i in 0..fm {
+                        for j in 0..fnn {
+                            let (c0, a0, b0) = fragment_offsets(plane, i, j, kk, cfg);
+                            for r in 0..comptime!(FRAGMENT * FRAGMENT / cfg.plane_size) {
+                                let e = r * cfg.plane_size + lane;
+                                let (fr, fc) = (e / f, e % f);
+                                let mut dot = f32::new(0.0);
+                                for x in 0..FRAGMENT {
+                                    dot += f32::cast_from(a_s[a0 + fr * cfg.block_k + x])
+                                        * f32::cast_from(b_s[b0 + x * cfg.block_n + fc]);
+                                }
+                                c_s[c0 + fr * cfg.block_n + fc] += dot;
+                            }
+                        }
+                    }
+                } else {
+                    let mut bs = Sequence::<cmma::Matrix<F>>::new();
+                    #[unroll]
+                    for j in 0..fnn {
+                        let (_, _, b0) = fragment_offsets(plane, 0, j, kk, cfg);
+                        let frag = unsafe {
+                            cmma::Matrix::<F>::uninitialized(
+                                cmma::MatrixIdent::B,
+                                FRAGMENT,
+                                FRAGMENT,
+                                FRAGMENT,
+                                cmma::MatrixLayout::RowMajor,
+                            )
+                        };
+                        cmma::load(
+                            &frag,
+                            &b_s.slice(b0, b0 + comptime!((FRAGMENT - 1) * cfg.block_n + FRAGMENT)),
+                            u32::new(comptime!(cfg.block_n as i64)),
+                        );
+                        bs.push(frag);
+                    }
+                    #[unroll]
+                    for i in 0..fm {
+                        let (_, a0, _) = fragment_offsets(plane, i, 0, kk, cfg);
+                        let frag = unsafe {
+                            cmma::Matrix::<F>::uninitialized(
+                                cmma::MatrixIdent::A,
+                                FRAGMENT,
+                                FRAGMENT,
+                                FRAGMENT,
+                                cmma::MatrixLayout::RowMajor,
+                            )
+                        };
+                        cmma::load(
+                            &frag,
+                            &a_s.slice(a0, a0 + comptime!((FRAGMENT - 1) * cfg.block_k + FRAGMENT)),
+                            u32::new(comptime!(cfg.block_k as i64)),
+                        );
+                        #[unroll]
+                        for j in 0..fnn {
+                            let acc = accs.index(i * fnn + j);
+                            cmma::execute::<F, F, f32, f32>(&frag, bs.index(j), acc, acc);
+                        }
+                    }
+                }
+            }
+            sync_cube();
+            step += 1;
+        }
+
+        if comptime!(!cfg.emulated) {
+            #[unroll]
+            for i in 0..fm {
+                #[unroll]
+                for j in 0..fnn {
+                    let (c0, _, _) = fragment_offsets(plane, i, j, 0, cfg);
+                    cmma::store(
+                        &mut c_s
+                            .slice_mut(c0, c0 + comptime!((FRAGMENT - 1) * cfg.block_n + FRAGMENT)),
+                        accs.index(i * fnn + j),
+                        u32::new(comptime!(cfg.block_n as i64)),
+                        cmma::MatrixLayout::RowMajor,
+                    );
+                }
+            }
+        }
+        sync_cube();
+
+        // The epilogue, vector by vector of the output tile.
+        let vo = cfg.vector_out;
+        let per_row = comptime!(cfg.block_n / cfg.vector_out);
+        let tasks = comptime!(cfg.block_m * cfg.block_n / cfg.vector_out);
+        let unit = UNIT_POS as usize;
+        let out_base = bi * out.stride(0);
+        for l in 0..comptime!(tasks.div_ceil(units)) {
+            let id = l * units + unit;
+            let (row, cv) = (id / per_row, id % per_row);
+            let (gm, gn) = (m0 + row, n0 + cv * vo);
+            // N is a multiple of the output vector: a vector is wholly in or out.
+            if id < tasks && gm < m && gn < n {
+                let mut v = Vector::<f32, NO>::new(0.0);
+                #[unroll]
+                for e in 0..vo {
+                    v[e] = c_s[row * cfg.block_n + cv * vo + e];
+                }
+                v *= Vector::new(scale);
+                if comptime!(cfg.bias) {
+                    v += Vector::cast_from(bias[gn / vo]);
+                }
+                if comptime!(cfg.activation.is_some()) {
+                    v = apply_activation::<f32, NO>(v, comptime!(cfg.activation.unwrap().id()));
+                }
+                let at = (out_base + gm * out.stride(1) + gn) / vo;
+                if comptime!(cfg.residual) {
+                    v += Vector::cast_from(residual[at]);
+                }
+                out[at] = Vector::cast_from(v);
+            }
+        }
+    }
+}

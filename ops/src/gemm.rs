@@ -11,7 +11,8 @@ use cubecl::ir::features::Plane;
 use cubecl::prelude::*;
 use megabyte_kernels::activation::ActivationKind;
 use megabyte_kernels::gemm::{
-    gemm as gemm_kernel, gemm_naive as naive_kernel, GemmConfig, STAGE_VECTOR,
+    gemm as gemm_kernel, gemm_cmma as cmma_kernel, gemm_naive as naive_kernel, CmmaConfig,
+    GemmConfig, FRAGMENT, STAGE_VECTOR,
 };
 
 use crate::device::{ensure_dtype, grid_1d};
@@ -166,7 +167,18 @@ pub(crate) fn geometry<R: Runtime>(
             reason: format!("the device allows {max_smem} per cube"),
         });
     }
-    let yz = p.m.div_ceil(cfg.block_m) * p.batch;
+    let (count, _) = grid(p, cfg.block_m, cfg.block_n)?;
+    let dim = CubeDim::new_2d(
+        (cfg.block_n / cfg.tile_n) as u32,
+        (cfg.block_m / cfg.tile_m) as u32,
+    );
+    Ok((count, dim))
+}
+
+/// The grid of a GEMM with `block_m × block_n` blocks: (N blocks, M blocks × batch over y and
+/// z), and the number of cubes.
+fn grid(p: &GemmProblem, block_m: usize, block_n: usize) -> Result<(CubeCount, usize), OpError> {
+    let yz = p.m.div_ceil(block_m) * p.batch;
     let (y, z) = if yz <= MAX_GRID {
         (yz, 1)
     } else {
@@ -180,12 +192,9 @@ pub(crate) fn geometry<R: Runtime>(
             reason: format!("at most {} fit in one launch", MAX_GRID * MAX_GRID),
         });
     }
-    let count = CubeCount::Static(p.n.div_ceil(cfg.block_n) as u32, y as u32, z as u32);
-    let dim = CubeDim::new_2d(
-        (cfg.block_n / cfg.tile_n) as u32,
-        (cfg.block_m / cfg.tile_m) as u32,
-    );
-    Ok((count, dim))
+    let nb = p.n.div_ceil(block_n);
+    let count = CubeCount::Static(nb as u32, y as u32, z as u32);
+    Ok((count, nb * y * z))
 }
 
 /// Most cubes along one grid dimension (the WebGPU and CUDA y/z limit).
@@ -200,12 +209,21 @@ fn widest<R: Runtime, E: FloatElement>(client: &ComputeClient<R>, lengths: &[usi
         .unwrap_or(1)
 }
 
-/// Which GEMM main loop runs. Both compute the same function with the same epilogue.
+/// Which GEMM main loop runs. All compute the same function with the same epilogue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GemmKernel {
-    /// `Registers` for row-major operands on devices without plane (warp) operations, which in
-    /// practice are CPU drivers such as lavapipe; `Tiled` otherwise.
+    /// `Cmma` for f16 and bf16 on devices whose properties list 16 × 16 × 16 tensor-core
+    /// fragments of that type with f32 accumulation and 32-unit planes; otherwise `Registers`
+    /// for row-major operands on devices without plane (warp) operations, which in practice are
+    /// CPU drivers such as lavapipe; `Tiled` otherwise.
     Auto,
+    /// Tensor cores: 16 × 16 × 16 CMMA fragments (f16/bf16 inputs, f32 accumulation) on operand
+    /// tiles staged in shared memory. f16 and bf16 only, on a device that has them.
+    Cmma,
+    /// The `Cmma` kernel with each fragment product computed by plain loops: the same staging,
+    /// fragment addressing and epilogue, on any device and any element type. It exists to test
+    /// the CMMA path's data movement where there are no tensor cores; it is slow.
+    CmmaEmulated,
     /// Operand tiles staged through shared memory, a register tile per unit.
     Tiled,
     /// No shared memory: each unit streams its rows and columns from global memory. Needs A
@@ -234,6 +252,14 @@ pub(crate) fn plan<R: Runtime, E: FloatElement>(
             GemmKernel::Registers
         }
         GemmKernel::Auto => GemmKernel::Tiled,
+        GemmKernel::Cmma | GemmKernel::CmmaEmulated => {
+            return Err(OpError::Unsupported {
+                op: OP,
+                what: "fused-gather GEMM kernel (0: tiled, 1: registers)",
+                value: 2,
+                reason: format!("{kind:?} has no fused-gather form; use Tiled or Registers"),
+            })
+        }
         GemmKernel::Registers if !row_major => {
             return Err(OpError::Unsupported {
                 op: OP,
@@ -312,6 +338,105 @@ pub(crate) fn plan<R: Runtime, E: FloatElement>(
     debug_assert!(cfg.is_valid(), "{cfg:?}");
     Ok(cfg)
 }
+/// Units per plane the CMMA kernel is written for: a fragment is shared by one 32-lane warp.
+const CMMA_PLANE: usize = 32;
+
+/// True when the device multiplies 16 × 16 × 16 fragments of E with f32 accumulation in
+/// 32-unit planes (CUDA tensor cores for f16 and bf16).
+pub fn cmma_supported<R: Runtime, E: FloatElement>(client: &ComputeClient<R>) -> bool {
+    let props = client.properties();
+    let e = E::cube_type();
+    let f32_t = f32::cube_type();
+    let f = FRAGMENT as u32;
+    let config = cubecl::ir::features::MmaConfig {
+        a_type: e,
+        b_type: e,
+        cd_type: f32_t,
+        m: f,
+        n: f,
+        k: f,
+    };
+    std::mem::size_of::<E>() == 2
+        && props.hardware.plane_size_max as usize == CMMA_PLANE
+        && props.hardware.plane_size_min as usize == CMMA_PLANE
+        && props.features.matmul.cmma.contains(&config)
+}
+
+/// The CMMA kernel's tiles and vector widths (`emulated`: the plain-loop fragments).
+fn plan_cmma<R: Runtime, E: FloatElement>(
+    client: &ComputeClient<R>,
+    p: &GemmProblem,
+    a: &TensorView<R, E>,
+    b: &TensorView<R, E>,
+    epi: &Epilogue<R, E>,
+    emulated: bool,
+) -> Result<CmmaConfig, OpError> {
+    if !emulated && !cmma_supported::<R, E>(client) {
+        return Err(OpError::Unsupported {
+            op: OP,
+            what: "tensor-core fragments for element bytes",
+            value: std::mem::size_of::<E>(),
+            reason: format!(
+                "this device lists no 16x16x16 {} CMMA with f32 accumulation in 32-unit planes; \
+                 use GemmKernel::Auto",
+                E::NAME
+            ),
+        });
+    }
+    // Few rows (generation): one plane-row of fragments; otherwise 2 × 2 planes of 32 × 32.
+    let (block_m, planes_m) = if p.m <= FRAGMENT { (16, 1) } else { (64, 2) };
+    let (block_n, planes_n) = if p.m <= FRAGMENT { (64, 4) } else { (64, 2) };
+    let (sa, sb) = (&a.strides, &b.strides);
+    let a_along_k = sa[1] != 1 || sa[2] == 1;
+    let va = if a_along_k && sa[2] == 1 {
+        widest::<R, E>(client, &[p.k, sa[1], sa[0], a.offset])
+    } else if !a_along_k {
+        widest::<R, E>(client, &[p.m, sa[2], sa[0], a.offset])
+    } else {
+        1
+    };
+    let b_along_k = sb[2] != 1 && sb[1] == 1;
+    let vb = if b_along_k {
+        widest::<R, E>(client, &[p.k, sb[2], sb[0], b.offset])
+    } else if sb[2] == 1 {
+        widest::<R, E>(client, &[p.n, sb[1], sb[0], b.offset])
+    } else {
+        1
+    };
+    let mut cfg = CmmaConfig {
+        block_m,
+        block_n,
+        block_k: 2 * FRAGMENT,
+        planes_m,
+        planes_n,
+        plane_size: CMMA_PLANE,
+        vector_a: va,
+        a_along_k,
+        vector_b: vb,
+        b_along_k,
+        vector_out: widest::<R, E>(client, &[p.n]),
+        bias: epi.bias.is_some(),
+        activation: epi.activation,
+        residual: epi.residual.is_some(),
+        emulated,
+    };
+    let max_smem = client.properties().hardware.max_shared_memory_size;
+    if cfg.shared_bytes(std::mem::size_of::<E>()) > max_smem {
+        cfg.block_k = FRAGMENT;
+    }
+    let smem = cfg.shared_bytes(std::mem::size_of::<E>());
+    if smem > max_smem {
+        return Err(OpError::Unsupported {
+            op: OP,
+            what: "shared memory bytes",
+            value: smem,
+            reason: format!("the device allows {max_smem} per cube"),
+        });
+    }
+    debug_assert!(cfg.is_valid(), "{cfg:?}");
+    Ok(cfg)
+}
+
 /// out = act(scale · a·b + bias) + residual, see the module docs for shapes. `out` must not
 /// alias `a`, `b` or the residual.
 pub fn gemm<R: Runtime, E: FloatElement>(
@@ -343,6 +468,41 @@ pub fn gemm_with<R: Runtime, E: FloatElement>(
     }
     let a3 = operand(a, p.batch);
     let b3 = operand(b, p.batch);
+    let kind = match kind {
+        GemmKernel::Auto if cmma_supported::<R, E>(client) => GemmKernel::Cmma,
+        other => other,
+    };
+    if matches!(kind, GemmKernel::Cmma | GemmKernel::CmmaEmulated) {
+        let emulated = kind == GemmKernel::CmmaEmulated;
+        let cfg = plan_cmma(client, &p, &a3, &b3, epilogue, emulated)?;
+        let (count, _) = grid(&p, cfg.block_m, cfg.block_n)?;
+        let dim = CubeDim::new_2d(cfg.plane_size as u32, (cfg.planes_m * cfg.planes_n) as u32);
+        let out3 = out.view();
+        let out3 = operand(&out3, p.batch);
+        // SAFETY: as for the tiled kernel below; in addition every fragment's shared-memory
+        // rows lie inside the tiles (`CmmaConfig::is_valid`) and the device has the fragment
+        // shape (`plan_cmma` checks, unless emulated).
+        unsafe {
+            cmma_kernel::launch_unchecked::<E, R>(
+                client,
+                count,
+                dim,
+                cfg.vector_a,
+                cfg.vector_b,
+                cfg.vector_out,
+                a3.arg(),
+                b3.arg(),
+                epilogue.bias.unwrap_or(out).arg(),
+                epilogue.residual.map_or_else(|| out3.arg(), |r| r.arg()),
+                out3.arg(),
+                a3.offset,
+                b3.offset,
+                epilogue.scale,
+                cfg,
+            );
+        }
+        return Ok(());
+    }
     let cfg = plan(client, kind, &p, &a3, &b3, epilogue)?;
     let (count, dim) = geometry(client, &p, &cfg)?;
     let out3 = out.view();

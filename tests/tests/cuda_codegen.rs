@@ -4,7 +4,8 @@
 //! time), compiled by NVRTC to PTX for sm_80 and sm_90, and assembled by `ptxas -v` for sm_90,
 //! whose register, shared-memory and spill counts go to `target/cuda-resources.md`. A spill in a
 //! main attention or GEMM variant fails `main_variants_do_not_spill` (ignored until the known
-//! spills are fixed; see there).
+//! spills are fixed; see there). A tensor-core (CMMA) variant whose PTX has no `wmma`/`mma`
+//! instruction fails the test.
 //!
 //! NVRTC and ptxas come from NVIDIA's PyPI wheels, unpacked by `scripts/install-cuda-tools.sh`
 //! into the folder named by `MEGABYTE_CUDA_TOOLS`. Without it the test skips, except under
@@ -22,7 +23,7 @@ use megabyte_kernels::activation::ActivationKind;
 use megabyte_kernels::attention::{BackwardConfig, FlashConfig, RowsConfig};
 use megabyte_kernels::cross_entropy::CrossEntropyConfig;
 use megabyte_kernels::decode::DecodeConfig;
-use megabyte_kernels::gemm::GemmConfig;
+use megabyte_kernels::gemm::{CmmaConfig, GemmConfig};
 use megabyte_kernels::layer_norm::LayerNormConfig;
 use megabyte_tests::in_ci;
 
@@ -399,6 +400,53 @@ fn gemm<E: Float + CubeElement>(c: &ComputeClient<W>, out: &mut Vec<Variant>) {
                 main: true,
                 def: k.define(),
             });
+        }
+    }
+    // Tensor cores (f16 and bf16): the CMMA kernel's two block shapes, same epilogues.
+    if std::mem::size_of::<E>() == 2 {
+        for (bm, bn, pm, pn) in [(64usize, 64usize, 2usize, 2usize), (16, 64, 1, 4)] {
+            for (name, bias, activation, residual, a_along_k, b_along_k) in epilogues {
+                let cfg = CmmaConfig {
+                    block_m: bm,
+                    block_n: bn,
+                    block_k: 32,
+                    planes_m: pm,
+                    planes_n: pn,
+                    plane_size: 32,
+                    vector_a: 4,
+                    a_along_k,
+                    vector_b: 4,
+                    b_along_k,
+                    vector_out: 4,
+                    bias,
+                    activation,
+                    residual,
+                    emulated: false,
+                };
+                assert!(cfg.is_valid(), "{cfg:?}");
+                let dim = CubeDim::new_2d(32, (pm * pn) as u32);
+                let k = megabyte_kernels::gemm::gemm_cmma::GemmCmma::<E, W>::new(
+                    settings(dim),
+                    c.clone(),
+                    t(),
+                    t(),
+                    t(),
+                    t(),
+                    t(),
+                    (),
+                    (),
+                    (),
+                    4,
+                    4,
+                    4,
+                    cfg,
+                );
+                out.push(Variant {
+                    name: format!("gemm_cmma_{bm}x{bn}x32_{pm}x{pn}planes_{name}_{ty}"),
+                    main: true,
+                    def: k.define(),
+                });
+            }
         }
     }
     let cfg = GemmConfig {
@@ -852,6 +900,12 @@ fn compile_all() -> Option<Vec<(String, bool, Resources)>> {
             }
         }
         let Some(ptx) = sm90 else { continue };
+        if uses_tensor_cores(&v.name) && !has_matrix_instructions(&ptx) {
+            failures.push(format!(
+                "{}: a tensor-core variant whose sm_90 PTX has no wmma/mma instruction",
+                v.name
+            ));
+        }
         match ptxas(&tools, &ptx, &dir, &v.name) {
             Ok(r) => {
                 table += &format!(
@@ -872,6 +926,26 @@ fn compile_all() -> Option<Vec<(String, bool, Resources)>> {
     std::fs::write(target.join("cuda-resources.md"), &table).unwrap();
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
     Some(spills)
+}
+
+/// The tensor-core variants, by name.
+fn uses_tensor_cores(name: &str) -> bool {
+    name.contains("_cmma_")
+}
+
+/// True when PTX holds a warp-level matrix multiply (`wmma.mma.sync…` or `mma.sync…`), possibly
+/// predicated.
+fn has_matrix_instructions(ptx: &str) -> bool {
+    ptx.lines().any(|line| {
+        let op = line.trim_start();
+        let op = match op.strip_prefix('@') {
+            Some(rest) => rest
+                .split_once(char::is_whitespace)
+                .map_or("", |(_, o)| o.trim_start()),
+            None => op,
+        };
+        op.starts_with("wmma.mma.sync") || op.starts_with("mma.sync")
+    })
 }
 
 #[test]
@@ -920,6 +994,19 @@ fn the_checker_catches_a_broken_kernel() {
             spill_loads: 12
         }
     );
+    // The tensor-core rule reads matrix instructions, predicated or not, and nothing else.
+    assert!(has_matrix_instructions(
+        "\twmma.mma.sync.aligned.row.row.m16n16k16.f32.f16.f16.f32 {%f1}, {%r1}, {%r2}, {%f2};"
+    ));
+    assert!(has_matrix_instructions(
+        "  @%p3 mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1}, {%r1}, {%r2}, {%f2};"
+    ));
+    assert!(!has_matrix_instructions(
+        "\tfma.rn.f32 %f3, %f1, %f2, %f3;\n\tld.shared.v4.f32 {%f1, %f2, %f3, %f4}, [%r1];\n// wmma.mma.sync in a comment"
+    ));
+    assert!(uses_tensor_cores(
+        "gemm_cmma_64x64x32_2x2planes_bias_gelu_f16"
+    ));
     let Some(tools) = tools() else {
         return;
     };

@@ -265,6 +265,15 @@ fn sweep_sizes() {
         |client| for (i, &(m, n, k)) in SIZES.iter().enumerate() {
             run_case::<f32>(&client, plain(m, n, k), 100 + i as u64);
             run_case::<half::f16>(&client, plain(m, n, k), 200 + i as u64);
+            // The emulated fragments cost a shared-memory round trip per product on a CPU
+            // driver: the CMMA path's data movement is checked on the sizes up to 33 × 1000 × 33.
+            if m * n * k <= 33 * 1000 * 33 {
+                let cmma = Case {
+                    kernel: GemmKernel::CmmaEmulated,
+                    ..plain(m, n, k)
+                };
+                run_case::<half::f16>(&client, cmma, 250 + i as u64);
+            }
         }
     );
 }
@@ -278,15 +287,14 @@ fn sweep_layouts_and_epilogues() {
             for b in [Plain, Transposed, Slice] {
                 for &(m, n, k) in &[(33, 40, 36), (5, 8, 12), (32, 24, 20)] {
                     seed += 1;
-                    run_case::<f32>(
-                        &client,
-                        Case {
-                            a,
-                            b,
-                            ..plain(m, n, k)
-                        },
-                        seed,
-                    );
+                    let c = Case {
+                        a,
+                        b,
+                        ..plain(m, n, k)
+                    };
+                    run_case::<f32>(&client, c, seed);
+                    let kernel = GemmKernel::CmmaEmulated;
+                    run_case::<half::f16>(&client, Case { kernel, ..c }, seed + 1000);
                 }
             }
         }
@@ -301,7 +309,11 @@ fn sweep_layouts_and_epilogues() {
                 scale: 0.5,
                 ..plain(70, 36, 65)
             };
-            for kernel in [GemmKernel::Tiled, GemmKernel::Registers] {
+            for kernel in [
+                GemmKernel::Tiled,
+                GemmKernel::Registers,
+                GemmKernel::CmmaEmulated,
+            ] {
                 run_case::<f32>(&client, Case { kernel, ..c }, 400 + i as u64);
                 run_case::<half::f16>(&client, Case { kernel, ..c }, 410 + i as u64);
             }
@@ -325,6 +337,8 @@ fn sweep_layouts_and_epilogues() {
                 },
                 510 + i as u64,
             );
+            let kernel = GemmKernel::CmmaEmulated;
+            run_case::<half::f16>(&client, Case { kernel, ..c }, 520 + i as u64);
         }
     });
 }
@@ -346,11 +360,10 @@ proptest! {
         residual: bool,
         scale in prop::sample::select(vec![1.0f32, 0.125, -2.0]),
         f16: bool,
-        tiled: bool,
+        kernel in prop::sample::select(vec![GemmKernel::Auto, GemmKernel::Tiled, GemmKernel::CmmaEmulated]),
         seed: u64,
     ) {
         // Auto picks the registers kernel for row-major operands on this device.
-        let kernel = if tiled { GemmKernel::Tiled } else { GemmKernel::Auto };
         let c = Case { batch, broadcast_b: broadcast_b && batch > 1, m, n, k, a, b, bias, act, residual, scale, kernel };
         with_client!(TestRuntime, |client| if f16 {
             run_case::<half::f16>(&client, c, seed)
@@ -456,6 +469,20 @@ fn bad_shapes_are_errors() {
         .unwrap_err();
         assert!(
             err.to_string().contains("operand column stride = 8"),
+            "{err}"
+        );
+        // Tensor cores are f16/bf16 only, and only where the device lists them.
+        let err = gemm_with(
+            GemmKernel::Cmma,
+            &a.view(),
+            &b.view(),
+            &t(&[4, 5]),
+            &Epilogue::none(),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("element bytes = 4")
+                && err.to_string().contains("no 16x16x16 f32 CMMA"),
             "{err}"
         );
         let e = t(&[0, 8]);
