@@ -146,6 +146,10 @@ struct TrainArgs {
     /// Total optimisation steps (a resumed run continues up to this count).
     #[arg(long, default_value_t = 300)]
     steps: u64,
+    /// Stop after this step, with a checkpoint, keeping the schedule of `--steps`; continue later
+    /// with `--resume`.
+    #[arg(long)]
+    stop_after: Option<u64>,
     /// Sequences per step.
     #[arg(long, default_value_t = 8)]
     batch: usize,
@@ -782,12 +786,21 @@ fn train_on<R: Runtime>(
     let bytes_per_step = (trainer.train.batch * trainer.train.seq) as f64;
     let started = Instant::now();
     let mut last_val = f64::NAN;
-    for step in start_step + 1..=args.steps {
+    let last = args.stop_after.map_or(args.steps, |s| s.min(args.steps));
+    if last <= start_step {
+        return Err(Error::Checkpoint {
+            path: args.out.display().to_string(),
+            reason: format!(
+                "nothing to do: the run is at step {start_step} and would stop at step {last}"
+            ),
+        });
+    }
+    for step in start_step + 1..=last {
         let ids = trainer.batch_for(train_data, step)?;
         let stats = trainer.step(&ids)?;
         curve.push((step, stats.bits_per_byte()));
         let rate = (step - start_step) as f64 * bytes_per_step / started.elapsed().as_secs_f64();
-        if step % args.eval_every == 0 || step == args.steps {
+        if step % args.eval_every == 0 || step == last {
             last_val = validate(&trainer)?;
             val_curve.push((step, last_val));
             trainer.save(&args.out, save_dtype)?;
@@ -822,7 +835,7 @@ fn train_on<R: Runtime>(
         "wrote {} and {} ({} steps in {:.0} s)",
         args.out.display(),
         svg_path.display(),
-        args.steps - start_step,
+        last - start_step,
         started.elapsed().as_secs_f64()
     );
     Ok(())

@@ -269,8 +269,9 @@ fn train_writes_a_checkpoint_and_a_loss_curve_and_resumes() {
         "--out",
         o,
     ];
+    // Stop at step 3 of a 5-step schedule.
     let mut first: Vec<&str> = args.to_vec();
-    first.extend(["--steps", "3", "--device", "wgpu"]);
+    first.extend(["--steps", "5", "--stop-after", "3", "--device", "wgpu"]);
     let run = megabyte(&first);
     if !run.status.success() && !in_ci() && text(&run.stderr).contains("no compute device") {
         eprintln!("SKIPPED: no wgpu adapter; install mesa-vulkan-drivers");
@@ -299,6 +300,22 @@ fn train_writes_a_checkpoint_and_a_loss_curve_and_resumes() {
         .optimizer
         .iter()
         .any(|(n, _, v)| n == "optimizer.step" && v == &vec![5.0]));
+    // Stopped and resumed equals uninterrupted: the stop kept the 5-step schedule.
+    let whole = temp("cli_train_whole.safetensors");
+    let w = whole.to_str().unwrap();
+    let mut once: Vec<&str> = args.to_vec();
+    let last = once.len() - 1;
+    once[last] = w;
+    once.extend(["--steps", "5", "--device", "wgpu"]);
+    let run = megabyte(&once);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    assert_eq!(
+        checkpoint::load(&whole).unwrap().weights.tensors(),
+        ckpt.weights.tensors()
+    );
+    let mut again: Vec<&str> = args.to_vec();
+    again.extend(["--steps", "5", "--device", "wgpu", "--resume", o]);
+    assert_one_line_error(&megabyte(&again), "nothing to do: the run is at step 5");
     // Export drops the optimiser state and keeps the weights (rounded to f16).
     let exported = temp("cli_train_export.safetensors");
     let e = exported.to_str().unwrap();
