@@ -439,3 +439,57 @@ fn tiny_beats_order0_entropy() {
         "validation {bits} bits/byte is not below the order-0 entropy {order0:.3}"
     );
 }
+
+/// The shipped model loads from a fresh checkout as the `small` preset, and scores a passage in
+/// its training domain (reStructuredText prose, written for this test) well below the passage's
+/// order-0 entropy.
+#[test]
+fn the_shipped_model_loads_and_predicts_documentation_text() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let model = root.join("models/small-pydoc.safetensors");
+    let ckpt = checkpoint::load(&model).unwrap();
+    assert_eq!(ckpt.config, Config::small());
+    assert!(ckpt.optimizer.is_empty());
+    let passage = "The :func:`sorted` function returns a new sorted list from the items in \
+        *iterable*.  It has two optional arguments which must be specified as keyword \
+        arguments.  *key* specifies a function of one argument that is used to extract a \
+        comparison key from each element in the list.  The default value is ``None`` \
+        (compare the elements directly).\n\n*reverse* is a boolean value.  If set to \
+        ``True``, then the list elements are sorted as if each comparison were reversed.\n"
+        .repeat(2);
+    let file = temp("cli_shipped_passage.txt");
+    std::fs::write(&file, &passage).unwrap();
+    let out = megabyte(&[
+        "eval",
+        "--checkpoint",
+        model.to_str().unwrap(),
+        "--device",
+        "wgpu",
+        file.to_str().unwrap(),
+    ]);
+    if !out.status.success() && !in_ci() && text(&out.stderr).contains("no compute device") {
+        eprintln!("SKIPPED: no wgpu adapter; install mesa-vulkan-drivers");
+        return;
+    }
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let bpb: f64 = stdout
+        .split_whitespace()
+        .next()
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("no bits per byte in: {stdout}"));
+    let mut counts = [0usize; 256];
+    for &b in passage.as_bytes() {
+        counts[b as usize] += 1;
+    }
+    let n = passage.len() as f64;
+    let order0: f64 = counts
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| -(c as f64 / n) * (c as f64 / n).log2())
+        .sum();
+    assert!(
+        bpb < order0 - 1.0,
+        "shipped model {bpb} bits/byte vs order-0 {order0}"
+    );
+}
