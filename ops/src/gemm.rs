@@ -255,9 +255,12 @@ pub(crate) fn plan<R: Runtime, E: FloatElement>(
         GemmKernel::Cmma | GemmKernel::CmmaEmulated => {
             return Err(OpError::Unsupported {
                 op: OP,
-                what: "fused-gather GEMM kernel (0: tiled, 1: registers)",
-                value: 2,
-                reason: format!("{kind:?} has no fused-gather form; use Tiled or Registers"),
+                what: "tensor-core fragment side",
+                value: FRAGMENT,
+                reason: format!(
+                    "{kind:?}: the gathering global-to-local GEMM has no CMMA form; use \
+                     GemmKernel::Auto, Tiled or Registers"
+                ),
             })
         }
         GemmKernel::Registers if !row_major => {

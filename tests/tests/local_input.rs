@@ -175,6 +175,19 @@ fn bad_input_is_an_error_or_nan() {
             err.to_string(),
             "local_input: `g` has shape [1, 2, 8], expected [1, 3, 8]"
         );
+        // The gathering GEMM has no tensor-core form.
+        let err = local_input_with(
+            GemmKernel::CmmaEmulated,
+            &f(&[1, 3, 8]),
+            &ids,
+            &f(&[4, 8]),
+            &f(&[VOCAB, 8]),
+            &f(&[8]),
+            None,
+            &f(&[1, 6, 8]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("has no CMMA form"), "{err}");
         // Id 300 sits at t = 2 and is gathered by row t = 3 only.
         let out = f(&[1, 6, 8]);
         local_input(
