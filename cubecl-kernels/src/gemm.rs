@@ -94,14 +94,19 @@ pub struct BlockPos {
 /// The cube's block, from a grid of (N blocks, M blocks × batch spread over y and z). Past the
 /// end (the y·z spread may overshoot) `batch` comes back equal to the batch count.
 #[cube]
-pub fn block_pos(m: usize, batch: usize, #[comptime] cfg: GemmConfig) -> BlockPos {
-    let m_blocks = m.div_ceil(cfg.block_m);
+pub fn block_pos(
+    m: usize,
+    batch: usize,
+    #[comptime] block_m: usize,
+    #[comptime] block_n: usize,
+) -> BlockPos {
+    let m_blocks = m.div_ceil(block_m);
     let yz = CUBE_POS_Z as usize * CUBE_COUNT_Y as usize + CUBE_POS_Y as usize;
     let b = yz / m_blocks;
     BlockPos {
         batch: select(b < batch, b, batch),
-        m0: (yz % m_blocks) * cfg.block_m,
-        n0: CUBE_POS_X as usize * cfg.block_n,
+        m0: (yz % m_blocks) * block_m,
+        n0: CUBE_POS_X as usize * block_n,
     }
 }
 
@@ -318,6 +323,37 @@ pub fn tile_vector<NO: Size, S: Size>(
     v
 }
 
+/// The fused epilogue of one output vector: `out[at] = act(scale · acc + bias[n]) +
+/// residual[at]`, where `n` is the vector's first column and `at` its vector index in `out`
+/// (and in the residual). `vo` is NO.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn store_epilogue<F: Float, NO: Size>(
+    acc: Vector<f32, NO>,
+    bias: &Tensor<Vector<F, NO>>,
+    residual: &Tensor<Vector<F, NO>>,
+    out: &mut Tensor<Vector<F, NO>>,
+    n: usize,
+    at: usize,
+    scale: f32,
+    #[comptime] vo: usize,
+    #[comptime] has_bias: bool,
+    #[comptime] activation: Option<ActivationKind>,
+    #[comptime] has_residual: bool,
+) {
+    let mut v = acc * Vector::new(scale);
+    if comptime!(has_bias) {
+        v += Vector::cast_from(bias[n / vo]);
+    }
+    if comptime!(activation.is_some()) {
+        v = apply_activation::<f32, NO>(v, comptime!(activation.unwrap().id()));
+    }
+    if comptime!(has_residual) {
+        v += Vector::cast_from(residual[at]);
+    }
+    out[at] = Vector::cast_from(v);
+}
+
 /// The fused epilogue: writes a unit's register tile (as left by [`gemm_main_loop`]) to
 /// out[b, m, n] = act(scale · acc + bias[n]) + residual[b, m, n].
 #[cube]
@@ -345,18 +381,19 @@ pub fn write_tile<F: Float, NO: Size, S: Size>(
             let gn = col0 + jv * vo;
             // N is a multiple of the output vector: a vector is wholly in or out.
             if gm < m && gn < n {
-                let mut v = tile_vector::<NO, S>(acc, i, jv, cfg) * Vector::new(scale);
-                if comptime!(cfg.bias) {
-                    v += Vector::cast_from(bias[gn / vo]);
-                }
-                if comptime!(cfg.activation.is_some()) {
-                    v = apply_activation::<f32, NO>(v, comptime!(cfg.activation.unwrap().id()));
-                }
-                let at = (out_base + gm * out.stride(1) + gn) / vo;
-                if comptime!(cfg.residual) {
-                    v += Vector::cast_from(residual[at]);
-                }
-                out[at] = Vector::cast_from(v);
+                store_epilogue::<F, NO>(
+                    tile_vector::<NO, S>(acc, i, jv, cfg),
+                    bias,
+                    residual,
+                    out,
+                    gn,
+                    (out_base + gm * out.stride(1) + gn) / vo,
+                    scale,
+                    vo,
+                    cfg.bias,
+                    cfg.activation,
+                    cfg.residual,
+                );
             }
         }
     }
@@ -382,7 +419,7 @@ pub fn gemm<F: Float, NA: Size, NB: Size, NO: Size, S: Size>(
     let m = a.shape(1);
     let n = b.shape(2);
     let batch = out.shape(0);
-    let pos = block_pos(m, batch, cfg);
+    let pos = block_pos(m, batch, cfg.block_m, cfg.block_n);
     // A cube wholly past the end returns before any barrier, as a whole.
     if pos.batch < batch {
         let mut acc =
@@ -730,13 +767,10 @@ pub fn gemm_cmma<F: Float, NA: Size, NB: Size, NO: Size>(
     let f = FRAGMENT;
     let units = comptime!(cfg.units());
     let (fm, fnn) = comptime!((cfg.sub_m() / FRAGMENT, cfg.sub_n() / FRAGMENT));
-    let m_blocks = m.div_ceil(cfg.block_m);
-    let yz = CUBE_POS_Z as usize * CUBE_COUNT_Y as usize + CUBE_POS_Y as usize;
-    let bi = yz / m_blocks;
-    // A cube wholly past the end (the y·z spread may overshoot) returns before any barrier.
+    let pos = block_pos(m, batch, cfg.block_m, cfg.block_n);
+    let (bi, m0, n0) = (pos.batch, pos.m0, pos.n0);
+    // A cube wholly past the end returns before any barrier, as a whole.
     if bi < batch {
-        let m0 = (yz % m_blocks) * cfg.block_m;
-        let n0 = CUBE_POS_X as usize * cfg.block_n;
         let plane = UNIT_POS_Y as usize;
         let lane = UNIT_POS_X as usize;
         let a_base = a_offset + bi * a.stride(0);
@@ -917,18 +951,19 @@ pub fn gemm_cmma<F: Float, NA: Size, NB: Size, NO: Size>(
                 for e in 0..vo {
                     v[e] = c_s[row * cfg.block_n + cv * vo + e];
                 }
-                v *= Vector::new(scale);
-                if comptime!(cfg.bias) {
-                    v += Vector::cast_from(bias[gn / vo]);
-                }
-                if comptime!(cfg.activation.is_some()) {
-                    v = apply_activation::<f32, NO>(v, comptime!(cfg.activation.unwrap().id()));
-                }
-                let at = (out_base + gm * out.stride(1) + gn) / vo;
-                if comptime!(cfg.residual) {
-                    v += Vector::cast_from(residual[at]);
-                }
-                out[at] = Vector::cast_from(v);
+                store_epilogue::<F, NO>(
+                    v,
+                    bias,
+                    residual,
+                    out,
+                    gn,
+                    (out_base + gm * out.stride(1) + gn) / vo,
+                    scale,
+                    vo,
+                    cfg.bias,
+                    cfg.activation,
+                    cfg.residual,
+                );
             }
         }
     }

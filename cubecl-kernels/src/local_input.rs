@@ -27,7 +27,7 @@ pub fn local_input<F: Float, NA: Size, NB: Size, NO: Size, S: Size>(
 ) {
     let m = g.shape(1);
     let n = w.shape(2);
-    let pos = block_pos(m, 1, cfg);
+    let pos = block_pos(m, 1, cfg.block_m, cfg.block_n);
     if pos.batch < 1 {
         let mut acc =
             Array::<Vector<f32, S>>::new(comptime!(cfg.tile_m * cfg.tile_n / STAGE_VECTOR));

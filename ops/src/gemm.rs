@@ -167,7 +167,7 @@ pub(crate) fn geometry<R: Runtime>(
             reason: format!("the device allows {max_smem} per cube"),
         });
     }
-    let (count, _) = grid(p, cfg.block_m, cfg.block_n)?;
+    let count = grid(p, cfg.block_m, cfg.block_n)?;
     let dim = CubeDim::new_2d(
         (cfg.block_n / cfg.tile_n) as u32,
         (cfg.block_m / cfg.tile_m) as u32,
@@ -176,8 +176,8 @@ pub(crate) fn geometry<R: Runtime>(
 }
 
 /// The grid of a GEMM with `block_m × block_n` blocks: (N blocks, M blocks × batch over y and
-/// z), and the number of cubes.
-fn grid(p: &GemmProblem, block_m: usize, block_n: usize) -> Result<(CubeCount, usize), OpError> {
+/// z).
+fn grid(p: &GemmProblem, block_m: usize, block_n: usize) -> Result<CubeCount, OpError> {
     let yz = p.m.div_ceil(block_m) * p.batch;
     let (y, z) = if yz <= MAX_GRID {
         (yz, 1)
@@ -193,8 +193,7 @@ fn grid(p: &GemmProblem, block_m: usize, block_n: usize) -> Result<(CubeCount, u
         });
     }
     let nb = p.n.div_ceil(block_n);
-    let count = CubeCount::Static(nb as u32, y as u32, z as u32);
-    Ok((count, nb * y * z))
+    Ok(CubeCount::Static(nb as u32, y as u32, z as u32))
 }
 
 /// Most cubes along one grid dimension (the WebGPU and CUDA y/z limit).
@@ -207,6 +206,50 @@ fn widest<R: Runtime, E: FloatElement>(client: &ComputeClient<R>, lengths: &[usi
         .filter(|&v| v <= 4)
         .find(|&v| lengths.iter().all(|&n| n % v == 0))
         .unwrap_or(1)
+}
+
+/// Vector widths of a GEMM's loads and stores, and the direction of each operand's vectors.
+struct OperandVectors {
+    a: usize,
+    a_along_k: bool,
+    b: usize,
+    b_along_k: bool,
+    out: usize,
+}
+
+/// Vectors along each operand's unit-stride dimension, when lengths, strides and offset all
+/// divide; otherwise scalar loads. The output's vectors run along N.
+fn operand_vectors<R: Runtime, E: FloatElement>(
+    client: &ComputeClient<R>,
+    p: &GemmProblem,
+    a: &TensorView<R, E>,
+    b: &TensorView<R, E>,
+) -> OperandVectors {
+    let sa = &a.strides;
+    let a_along_k = sa[1] != 1 || sa[2] == 1;
+    let va = if a_along_k && sa[2] == 1 {
+        widest::<R, E>(client, &[p.k, sa[1], sa[0], a.offset])
+    } else if !a_along_k {
+        widest::<R, E>(client, &[p.m, sa[2], sa[0], a.offset])
+    } else {
+        1
+    };
+    let sb = &b.strides;
+    let b_along_k = sb[2] != 1 && sb[1] == 1;
+    let vb = if b_along_k {
+        widest::<R, E>(client, &[p.k, sb[2], sb[0], b.offset])
+    } else if sb[2] == 1 {
+        widest::<R, E>(client, &[p.n, sb[1], sb[0], b.offset])
+    } else {
+        1
+    };
+    OperandVectors {
+        a: va,
+        a_along_k,
+        b: vb,
+        b_along_k,
+        out: widest::<R, E>(client, &[p.n]),
+    }
 }
 
 /// Which GEMM main loop runs. All compute the same function with the same epilogue.
@@ -301,38 +344,18 @@ pub(crate) fn plan<R: Runtime, E: FloatElement>(
         _ => (128, 64, 16, 16, 8),
     };
 
-    // Vectors along an operand's unit-stride dimension, when lengths, strides and offset all
-    // divide; otherwise scalar loads.
-    let sa = &a.strides;
-    let a_along_k = sa[1] != 1 || sa[2] == 1;
-    let va = if a_along_k && sa[2] == 1 {
-        widest::<R, E>(client, &[p.k, sa[1], sa[0], a.offset])
-    } else if !a_along_k {
-        widest::<R, E>(client, &[p.m, sa[2], sa[0], a.offset])
-    } else {
-        1
-    };
-    let sb = &b.strides;
-    let b_along_k = sb[2] != 1 && sb[1] == 1;
-    let vb = if b_along_k {
-        widest::<R, E>(client, &[p.k, sb[2], sb[0], b.offset])
-    } else if sb[2] == 1 {
-        widest::<R, E>(client, &[p.n, sb[1], sb[0], b.offset])
-    } else {
-        1
-    };
-    let vo = widest::<R, E>(client, &[p.n]);
+    let v = operand_vectors(client, p, a, b);
     let cfg = GemmConfig {
         block_m,
         block_n,
         block_k,
         tile_m,
         tile_n,
-        vector_a: va,
-        a_along_k,
-        vector_b: vb,
-        b_along_k,
-        vector_out: vo,
+        vector_a: v.a,
+        a_along_k: v.a_along_k,
+        vector_b: v.b,
+        b_along_k: v.b_along_k,
+        vector_out: v.out,
         bias: epi.bias.is_some(),
         activation: epi.activation,
         residual: epi.residual.is_some(),
@@ -389,23 +412,7 @@ fn plan_cmma<R: Runtime, E: FloatElement>(
     // Few rows (generation): one plane-row of fragments; otherwise 2 × 2 planes of 32 × 32.
     let (block_m, planes_m) = if p.m <= FRAGMENT { (16, 1) } else { (64, 2) };
     let (block_n, planes_n) = if p.m <= FRAGMENT { (64, 4) } else { (64, 2) };
-    let (sa, sb) = (&a.strides, &b.strides);
-    let a_along_k = sa[1] != 1 || sa[2] == 1;
-    let va = if a_along_k && sa[2] == 1 {
-        widest::<R, E>(client, &[p.k, sa[1], sa[0], a.offset])
-    } else if !a_along_k {
-        widest::<R, E>(client, &[p.m, sa[2], sa[0], a.offset])
-    } else {
-        1
-    };
-    let b_along_k = sb[2] != 1 && sb[1] == 1;
-    let vb = if b_along_k {
-        widest::<R, E>(client, &[p.k, sb[2], sb[0], b.offset])
-    } else if sb[2] == 1 {
-        widest::<R, E>(client, &[p.n, sb[1], sb[0], b.offset])
-    } else {
-        1
-    };
+    let v = operand_vectors(client, p, a, b);
     let mut cfg = CmmaConfig {
         block_m,
         block_n,
@@ -413,11 +420,11 @@ fn plan_cmma<R: Runtime, E: FloatElement>(
         planes_m,
         planes_n,
         plane_size: CMMA_PLANE,
-        vector_a: va,
-        a_along_k,
-        vector_b: vb,
-        b_along_k,
-        vector_out: widest::<R, E>(client, &[p.n]),
+        vector_a: v.a,
+        a_along_k: v.a_along_k,
+        vector_b: v.b,
+        b_along_k: v.b_along_k,
+        vector_out: v.out,
         bias: epi.bias.is_some(),
         activation: epi.activation,
         residual: epi.residual.is_some(),
@@ -471,6 +478,8 @@ pub fn gemm_with<R: Runtime, E: FloatElement>(
     }
     let a3 = operand(a, p.batch);
     let b3 = operand(b, p.batch);
+    let out_view = out.view();
+    let out3 = operand(&out_view, p.batch);
     let kind = match kind {
         GemmKernel::Auto if cmma_supported::<R, E>(client) => GemmKernel::Cmma,
         other => other,
@@ -478,10 +487,8 @@ pub fn gemm_with<R: Runtime, E: FloatElement>(
     if matches!(kind, GemmKernel::Cmma | GemmKernel::CmmaEmulated) {
         let emulated = kind == GemmKernel::CmmaEmulated;
         let cfg = plan_cmma(client, &p, &a3, &b3, epilogue, emulated)?;
-        let (count, _) = grid(&p, cfg.block_m, cfg.block_n)?;
+        let count = grid(&p, cfg.block_m, cfg.block_n)?;
         let dim = CubeDim::new_2d(cfg.plane_size as u32, (cfg.planes_m * cfg.planes_n) as u32);
-        let out3 = out.view();
-        let out3 = operand(&out3, p.batch);
         // SAFETY: as for the tiled kernel below; in addition every fragment's shared-memory
         // rows lie inside the tiles (`CmmaConfig::is_valid`) and the device has the fragment
         // shape (`plan_cmma` checks, unless emulated).
@@ -508,8 +515,6 @@ pub fn gemm_with<R: Runtime, E: FloatElement>(
     }
     let cfg = plan(client, kind, &p, &a3, &b3, epilogue)?;
     let (count, dim) = geometry(client, &p, &cfg)?;
-    let out3 = out.view();
-    let out3 = operand(&out3, p.batch);
     // SAFETY: operands were shape-checked and their views bounds-checked when made; vector
     // widths divide every length, stride and offset they step over (see `plan`); loads outside
     // (M, N, K) are masked in the kernel and stores outside (M, N) skipped; every unit of a cube
