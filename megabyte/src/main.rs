@@ -48,6 +48,15 @@ enum DtypeArg {
     F16,
 }
 
+impl From<DtypeArg> for checkpoint::StorageDtype {
+    fn from(d: DtypeArg) -> Self {
+        match d {
+            DtypeArg::F32 => checkpoint::StorageDtype::F32,
+            DtypeArg::F16 => checkpoint::StorageDtype::F16,
+        }
+    }
+}
+
 #[derive(clap::Args)]
 struct ModelArgs {
     /// A checkpoint written by `megabyte train` or `megabyte::checkpoint::save`.
@@ -256,11 +265,7 @@ fn export(from: &PathBuf, out: &PathBuf, dtype: DtypeArg) -> Result<(), Error> {
         });
     }
     let ckpt = checkpoint::load(from)?;
-    let dtype = match dtype {
-        DtypeArg::F32 => checkpoint::StorageDtype::F32,
-        DtypeArg::F16 => checkpoint::StorageDtype::F16,
-    };
-    checkpoint::save(out, &ckpt.config, &ckpt.weights, dtype)?;
+    checkpoint::save(out, &ckpt.config, &ckpt.weights, dtype.into())?;
     let size = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
     eprintln!(
         "wrote {} ({} parameters, {size} bytes; dropped {} optimiser tensors)",
@@ -720,10 +725,7 @@ fn train(args: &TrainArgs) -> Result<(), Error> {
     tc.batch = args.batch;
     tc.seq = seq;
     tc.seed = args.seed;
-    let save_dtype = match args.save_dtype {
-        DtypeArg::F32 => checkpoint::StorageDtype::F32,
-        DtypeArg::F16 => checkpoint::StorageDtype::F16,
-    };
+    let save_dtype = args.save_dtype.into();
     eprintln!(
         "data: {} bytes ({} train, {} validation); {} parameters; {} steps of {} x {} bytes",
         data.len(),
