@@ -9,7 +9,10 @@
 
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{
+    criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, Throughput,
+};
 use cubecl::prelude::*;
 use cubecl::zspace::{Shape, Strides};
 use cubek_matmul::definition::MatmulElems;
@@ -17,7 +20,7 @@ use cubek_matmul::launch::{launch_ref, Strategy};
 use cubek_std::InputBinding;
 use megabyte_benches::time_synced;
 use megabyte_ops::gemm::{cmma_supported, gemm_naive, gemm_with, GemmKernel};
-use megabyte_ops::{ActivationKind, Epilogue, GemmProblem, Tensor};
+use megabyte_ops::{ActivationKind, Epilogue, FloatElement, GemmProblem, Tensor};
 
 type Rt = megabyte_benches::BenchRuntime;
 
@@ -66,6 +69,35 @@ fn cubek<R: Runtime>(
     .expect("cubek-matmul launch");
 }
 
+/// One row per (label, kernel): our GEMM of a and b into out with the shape's fused epilogue
+/// (fc1: bias + GELU; fc2: bias + residual).
+fn bench_ours<E: FloatElement>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    client: &ComputeClient<Rt>,
+    shape: &str,
+    rows: &[(&str, GemmKernel)],
+    [a, b, bias, residual, out]: [&Tensor<Rt, E>; 5],
+    fc1: bool,
+) {
+    let epi = if fc1 {
+        Epilogue::none().bias(bias).activation(ActivationKind::Gelu)
+    } else {
+        Epilogue::none().bias(bias).residual(residual)
+    };
+    for &(label, kernel) in rows {
+        group.bench_function(
+            BenchmarkId::new(megabyte_benches::label(label), shape),
+            |bench| {
+                bench.iter_custom(|iters| {
+                    time_synced(client, iters, || {
+                        gemm_with(kernel, &a.view(), &b.view(), out, &epi).unwrap()
+                    })
+                })
+            },
+        );
+    }
+}
+
 fn bench(c: &mut Criterion) {
     let Some(client) = megabyte_benches::client_or_skip("gemm") else {
         return;
@@ -88,28 +120,17 @@ fn bench(c: &mut Criterion) {
         let bias = Tensor::<Rt, f32>::from_f32(&client, &data(n, 3), &[n]).unwrap();
         let residual = Tensor::<Rt, f32>::from_f32(&client, &data(m * n, 4), &[m, n]).unwrap();
         let out = Tensor::<Rt, f32>::empty(&client, &[m, n]);
-        let epi = if fc1 {
-            Epilogue::none()
-                .bias(&bias)
-                .activation(ActivationKind::Gelu)
-        } else {
-            Epilogue::none().bias(&bias).residual(&residual)
-        };
-        for (label, kernel) in [
-            ("wgpu_gemm_f32_registers_fused", GemmKernel::Registers),
-            ("wgpu_gemm_f32_tiled_fused", GemmKernel::Tiled),
-        ] {
-            group.bench_function(
-                BenchmarkId::new(megabyte_benches::label(label), name),
-                |bench| {
-                    bench.iter_custom(|iters| {
-                        time_synced(&client, iters, || {
-                            gemm_with(kernel, &a.view(), &b.view(), &out, &epi).unwrap()
-                        })
-                    })
-                },
-            );
-        }
+        bench_ours(
+            &mut group,
+            &client,
+            name,
+            &[
+                ("wgpu_gemm_f32_registers_fused", GemmKernel::Registers),
+                ("wgpu_gemm_f32_tiled_fused", GemmKernel::Tiled),
+            ],
+            [&a, &b, &bias, &residual, &out],
+            fc1,
+        );
         for (label, strategy) in [
             (
                 "wgpu_gemm_f32_cubek_simple_unit",
@@ -141,30 +162,18 @@ fn bench(c: &mut Criterion) {
                 Tensor::<Rt, half::f16>::from_f32(&client, &t.to_f32_vec().unwrap(), t.shape())
                     .unwrap()
             };
-            let (a, b, bias, residual) = (h(&a), h(&b), h(&bias), h(&residual));
             let out = Tensor::<Rt, half::f16>::empty(&client, &[m, n]);
-            let epi = if fc1 {
-                Epilogue::none()
-                    .bias(&bias)
-                    .activation(ActivationKind::Gelu)
-            } else {
-                Epilogue::none().bias(&bias).residual(&residual)
-            };
-            for (label, kernel) in [
-                ("wgpu_gemm_f16_cmma_fused", GemmKernel::Cmma),
-                ("wgpu_gemm_f16_tiled_fused", GemmKernel::Tiled),
-            ] {
-                group.bench_function(
-                    BenchmarkId::new(megabyte_benches::label(label), name),
-                    |bench| {
-                        bench.iter_custom(|iters| {
-                            time_synced(&client, iters, || {
-                                gemm_with(kernel, &a.view(), &b.view(), &out, &epi).unwrap()
-                            })
-                        })
-                    },
-                );
-            }
+            bench_ours(
+                &mut group,
+                &client,
+                name,
+                &[
+                    ("wgpu_gemm_f16_cmma_fused", GemmKernel::Cmma),
+                    ("wgpu_gemm_f16_tiled_fused", GemmKernel::Tiled),
+                ],
+                [&h(&a), &h(&b), &h(&bias), &h(&residual), &out],
+                fc1,
+            );
         }
         if problem.flops() <= NAIVE_MAX_FLOPS {
             group.bench_function(
