@@ -62,14 +62,37 @@ pub fn check<E: FloatElement>(
     naive: &[f64],
     reference: &[f64],
 ) -> Result<Errors, String> {
+    assert_eq!(
+        naive.len(),
+        reference.len(),
+        "{case}: {what}: naive and reference lengths differ"
+    );
+    let naive_errors: Vec<f64> = naive
+        .iter()
+        .zip(reference)
+        .map(|(&n, &r)| (n - r).abs())
+        .collect();
+    check_errors::<E>(case, what, kernel, &naive_errors, reference)
+}
+
+/// [`check`] given the naive implementation's errors |naive - reference| instead of its output:
+/// for a naive error taken over several equally naive implementations (the model tests' two
+/// summation orders, `naive_model::forward_errors`).
+pub fn check_errors<E: FloatElement>(
+    case: &str,
+    what: &str,
+    kernel: &[f64],
+    naive_errors: &[f64],
+    reference: &[f64],
+) -> Result<Errors, String> {
     assert!(
         kernel.len() <= reference.len(),
         "{case}: {what}: kernel output longer than the reference"
     );
     assert_eq!(
-        naive.len(),
+        naive_errors.len(),
         reference.len(),
-        "{case}: {what}: naive and reference lengths differ"
+        "{case}: {what}: naive errors and reference lengths differ"
     );
     let scale = reference[..kernel.len()]
         .iter()
@@ -92,10 +115,7 @@ pub fn check<E: FloatElement>(
             errs.worst = i;
         }
     }
-    errs.naive = naive
-        .iter()
-        .zip(reference)
-        .fold(0f64, |m, (&n, &r)| m.max((n - r).abs()));
+    errs.naive = naive_errors.iter().fold(0f64, |m, &e| m.max(e));
     errs.allowed = FACTOR * errs.naive.max(epsilon::<E>() * scale);
     if errs.kernel > errs.allowed {
         let i = errs.worst;

@@ -127,7 +127,17 @@ fn run_case<E: FloatElement>(
         ref_kv.push((k, v));
         block_forward(&mut reference, w, act, b, t, c, heads);
         let round = |v: f32| round::<E>(v as f64) as f32;
-        let (k, v) = naive_model::block(&mut naive, w, act, b, t, c, heads, round);
+        let (k, v) = naive_model::block(
+            &mut naive,
+            w,
+            act,
+            b,
+            t,
+            c,
+            heads,
+            naive_model::Order::Forward,
+            round,
+        );
         naive_kv.push((k, v));
     }
 

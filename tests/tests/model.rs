@@ -3,11 +3,12 @@
 //! forward on the same prefix, greedy generation against the reference generator, and errors.
 //!
 //! Tolerance: the rule of `megabyte-tests`, with `megabyte_tests::naive_model` (the whole
-//! forward naively in f32) as the same-precision naive implementation.
+//! forward naively in f32) as the same-precision naive implementation, its error the larger of
+//! its two summation orders' (`naive_model::forward_errors`).
 
 use megabyte::{DecodeKernel, Decoder, GenerateOptions, Generator, Model};
 use megabyte_reference::{generate_batch, Activation, Config, Sampling, Weights};
-use megabyte_tests::{check, naive_model, uniform_ids, with_client, TestRuntime};
+use megabyte_tests::{check, check_errors, naive_model, uniform_ids, with_client, TestRuntime};
 use proptest::prelude::*;
 
 /// Fewest positions (each a row of V logits) on which the naive error is measured.
@@ -27,15 +28,15 @@ fn forward_case(cfg: &Config, b: usize, t: usize, seed: u64) {
     let all_ids = uniform_ids(seed ^ 0x51, b_all * t, cfg.vocab);
     let ids = all_ids[..b * t].to_vec();
     let reference = megabyte_reference::forward(cfg, &w, &all_ids, b_all, t).unwrap();
-    let naive = naive_model::forward(cfg, &w, &all_ids, b_all, t);
+    let naive = naive_model::forward_errors(cfg, &w, &all_ids, b_all, t, &reference);
     with_client!(TestRuntime, |client| {
         let model = Model::<TestRuntime, f32>::new(&client, cfg, &w).unwrap();
         let logits = model.forward(&ids, b).unwrap();
-        check::<f32>(
+        check_errors::<f32>(
             &case,
             "logits",
             &to_f64(&logits),
-            &to_f64(&naive),
+            &naive,
             &to_f64(&reference),
         )
         .unwrap_or_else(|e| panic!("{e}"));
@@ -72,14 +73,14 @@ fn decode_case_with(cfg: &Config, b: usize, prompt: usize, seed: u64, kernel: De
     let w = Weights::random(cfg, seed);
     let ids = uniform_ids(seed ^ 0x52, b * t, 256);
     let reference = megabyte_reference::forward(cfg, &w, &ids, b, t).unwrap();
-    let naive = naive_model::forward(cfg, &w, &ids, b, t);
+    let naive = naive_model::forward_errors(cfg, &w, &ids, b, t, &reference);
+    let reference = to_f64(&reference);
     // Rows (B, V) of position `pos`, followed by every position's logits: the naive error is
     // measured over the whole sequence, not over one step's few rows.
-    let at = |all: &[f32], pos: usize| -> Vec<f64> {
+    let at = |all: &[f64], pos: usize| -> Vec<f64> {
         (0..b)
             .flat_map(|bi| all[(bi * t + pos) * v..][..v].to_vec())
             .chain(all.iter().copied())
-            .map(|x| x as f64)
             .collect()
     };
     with_client!(TestRuntime, |client| {
@@ -92,7 +93,7 @@ fn decode_case_with(cfg: &Config, b: usize, prompt: usize, seed: u64, kernel: De
         let mut logits = dec.start(&prompts).unwrap();
         for pos in prompt..t {
             let what = format!("logits at position {pos}");
-            check::<f32>(
+            check_errors::<f32>(
                 &case,
                 &what,
                 &to_f64(&logits),
@@ -187,6 +188,16 @@ fn config_variants_forward() {
     forward_case(&config(3, 8, 24, (1, 2), (2, 3), 0b0111), 2, 12, 3);
     forward_case(&config(5, 4, 16, (2, 1), (1, 2), 0b1010), 1, 20, 4);
     forward_case(&config(1, 16, 8, (1, 1), (2, 1), 0b0001), 3, 3, 5);
+    // A proptest case whose first position's hidden state the device rounds to 2.6e-6 against
+    // the index-order naive forward's 1.4e-6: within the spread of correct f32 forwards (200
+    // naive forwards with random summation orders ranged 0.5e-6 to 2.7e-6 there), and the
+    // reason the naive error is taken over both orders.
+    forward_case(
+        &config(3, 12, 16, (2, 2), (2, 2), 0b1010),
+        2,
+        3,
+        4788922614487606195,
+    );
 }
 
 #[test]
