@@ -1,6 +1,7 @@
 //! Causal attention: the flash kernel against the naive score-materialising kernels and
 //! cubek-attention 0.2.0 (its register-tile "unit" routine, the one that runs without plane
-//! ops or tensor cores) on the same runtime. Throughput counts causal FLOPs: half of
+//! ops or tensor cores) on the same runtime; on devices with tensor cores, also the CMMA flash
+//! kernel next to the plain tiled one in f16. Throughput counts causal FLOPs: half of
 //! 4·S²·D per (batch, head).
 //!
 //! `cargo bench -p megabyte-benches --bench attention`
@@ -14,6 +15,7 @@ use cubek_attention::definition::{AccumulatorPrecision, AttentionGlobalTypes, At
 use cubek_attention::launch::{launch_ref, BlueprintStrategy, Strategy};
 use megabyte_benches::time_synced;
 use megabyte_ops::attention::{flash_attention_with, naive_attention, AttentionProblem};
+use megabyte_ops::gemm::cmma_supported;
 use megabyte_ops::AttentionKernel;
 use megabyte_ops::Tensor;
 
@@ -113,6 +115,37 @@ fn bench(c: &mut Criterion) {
                     })
                 },
             );
+        }
+        // f16 on tensor cores, next to the plain tiled kernel in f16, where the device has them.
+        if cmma_supported::<Rt, half::f16>(&client) {
+            let h16 =
+                |shape: &[usize]| Tensor::<Rt, half::f16>::from_f32(&client, &data, shape).unwrap();
+            let (q, k, v) = (h16(&[b, s, h, d]), h16(&[b, s, h, d]), h16(&[b, s, h, d]));
+            let out = Tensor::<Rt, half::f16>::empty(&client, &[b, s, h, d]);
+            for (label, kernel) in [
+                ("wgpu_attention_f16_flash_cmma", AttentionKernel::Cmma),
+                ("wgpu_attention_f16_flash_tiled", AttentionKernel::Tiled),
+            ] {
+                group.bench_function(
+                    BenchmarkId::new(megabyte_benches::label(label), name),
+                    |bench| {
+                        bench.iter_custom(|iters| {
+                            time_synced(&client, iters, || {
+                                flash_attention_with(
+                                    kernel,
+                                    &q.view(),
+                                    &k.view(),
+                                    &v.view(),
+                                    &out,
+                                    &lse,
+                                    true,
+                                )
+                                .unwrap()
+                            })
+                        })
+                    },
+                );
+            }
         }
         // The naive kernels hold B·H·S² scores; skip where that passes 1 GiB.
         if b * h * s * s * 4 <= 1 << 30 {

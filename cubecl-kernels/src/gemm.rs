@@ -573,7 +573,7 @@ pub const FRAGMENT: usize = 16;
 
 /// Alignment in bytes of [`gemm_cmma`]'s shared tiles: fragment loads and stores need 256-bit
 /// aligned addresses.
-const SMEM_ALIGN: usize = 128;
+pub(crate) const SMEM_ALIGN: usize = 128;
 
 /// Comptime shape and epilogue of [`gemm_cmma`].
 ///

@@ -13,13 +13,14 @@ use cubecl::ir::features::Plane;
 use cubecl::prelude::*;
 use cubecl::server::CubeCountSelection;
 use megabyte_kernels::attention::{
-    flash_attention as flash_kernel, flash_attention_rows, naive_scores, naive_softmax,
-    naive_weighted_sum, FlashConfig, RowsConfig,
+    flash_attention as flash_kernel, flash_attention_cmma, flash_attention_rows, naive_scores,
+    naive_softmax, naive_weighted_sum, FlashCmmaConfig, FlashConfig, RowsConfig,
 };
 
 use crate::device::{ensure_dtype, grid_1d};
 use crate::element::FloatElement;
 use crate::error::OpError;
+use crate::gemm::{cmma_supported, CMMA_PLANE};
 use crate::tensor::{Tensor, TensorView};
 
 const OP: &str = "attention";
@@ -27,19 +28,31 @@ const OP: &str = "attention";
 /// Largest head dim the flash kernel accepts (per-unit registers and shared memory grow with D).
 pub const MAX_HEAD_DIM: usize = 256;
 
-/// Which flash kernel runs. Both compute the same function with the same online softmax.
+/// Which flash kernel runs. All compute the same function with the same online softmax.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttentionKernel {
-    /// `Tiled` on devices with plane (warp) operations, `Rows` on devices without them, which
-    /// in practice are CPU drivers such as lavapipe (cubecl's wgpu runtime hides plane ops on
-    /// CPU adapters), where barriers are expensive and caches large.
+    /// `Cmma` for f16/bf16 on devices whose properties list 16×16×16 tensor-core fragments
+    /// with f32 accumulation (when queries and keys are the same length); otherwise `Tiled` on
+    /// devices with plane (warp) operations, `Rows` on devices without them, which in practice
+    /// are CPU drivers such as lavapipe (cubecl's wgpu runtime hides plane ops on CPU
+    /// adapters), where barriers are expensive and caches large.
     Auto,
     /// Groups of units share Q/K/V tiles through shared memory; several short sequences per
     /// cube in the local regime.
     Tiled,
     /// One query row per unit, registers only, no barriers.
     Rows,
+    /// QKᵀ and PV on tensor-core (CMMA) fragments, f16/bf16 only, on devices that have them.
+    Cmma,
+    /// The `Cmma` kernel with each fragment product computed by plain loops over the same
+    /// shared tiles: its staging, masking, softmax and accumulator handling on any device
+    /// (f16/bf16 only). For tests; slow.
+    CmmaEmulated,
 }
+
+/// Shared memory the `Cmma` planner aims to stay within, so that two cubes fit on a GPU
+/// multiprocessor; it goes beyond only when nothing smaller fits the head dim.
+const CMMA_SMEM_TARGET: usize = 96 * 1024;
 
 /// Longest sequence `Auto` gives the `Rows` kernel on devices without plane ops.
 pub const ROWS_MAX_SEQ: usize = 65_536;
@@ -206,6 +219,96 @@ pub fn plan<R: Runtime>(
     Ok(cfg)
 }
 
+/// Picks the `Cmma` kernel's shape: the most planes (16 query rows each, up to 4, no more
+/// than the sequence needs) and then the deepest K/V tile (64, 32, 16 keys) whose shared
+/// memory fits [`CMMA_SMEM_TARGET`], else the device's limit. `emulated` skips the check for
+/// tensor-core fragments.
+pub fn plan_cmma<R: Runtime, E: FloatElement>(
+    client: &ComputeClient<R>,
+    problem: &AttentionProblem,
+    vector: usize,
+    emulated: bool,
+) -> Result<FlashCmmaConfig, OpError> {
+    let elem = std::mem::size_of::<E>();
+    if elem != 2 {
+        return Err(OpError::Unsupported {
+            op: OP,
+            what: "element bytes for the tensor-core kernel",
+            value: elem,
+            reason: format!(
+                "the CMMA attention takes f16 or bf16, not {}; use AttentionKernel::Auto",
+                E::NAME
+            ),
+        });
+    }
+    if !emulated && !cmma_supported::<R, E>(client) {
+        return Err(OpError::Unsupported {
+            op: OP,
+            what: "tensor-core fragments for element bytes",
+            value: elem,
+            reason: format!(
+                "this device lists no 16x16x16 {} CMMA with f32 accumulation in 32-unit planes; \
+                 use AttentionKernel::Auto",
+                E::NAME
+            ),
+        });
+    }
+    let d = problem.head_dim;
+    if d > MAX_HEAD_DIM {
+        return Err(OpError::Unsupported {
+            op: OP,
+            what: "head dim",
+            value: d,
+            reason: format!("the flash kernels support head dims up to {MAX_HEAD_DIM}"),
+        });
+    }
+    let hw = &client.properties().hardware;
+    let rows = problem.seq.div_ceil(16);
+    let keys = problem.seq.next_multiple_of(16);
+    let mut candidates = Vec::new();
+    for planes in [4usize, 2, 1] {
+        for block_k in [64usize, 32, 16] {
+            if (planes > 1 && planes > rows) || (block_k > 16 && block_k > keys) {
+                continue;
+            }
+            let cfg = FlashCmmaConfig {
+                planes,
+                block_k,
+                head_dim: d,
+                plane_size: CMMA_PLANE,
+                causal: problem.causal,
+                vector,
+                emulated,
+            };
+            if cfg.is_valid() && cfg.units() <= hw.max_units_per_cube as usize {
+                candidates.push(cfg);
+            }
+        }
+    }
+    let fits = |cfg: &&FlashCmmaConfig, limit: usize| cfg.shared_bytes(elem) <= limit;
+    let target = CMMA_SMEM_TARGET.min(hw.max_shared_memory_size);
+    candidates
+        .iter()
+        .find(|c| fits(c, target))
+        .or_else(|| {
+            candidates
+                .iter()
+                .find(|c| fits(c, hw.max_shared_memory_size))
+        })
+        .copied()
+        .ok_or_else(|| OpError::Unsupported {
+            op: OP,
+            what: "head dim",
+            value: d,
+            reason: format!(
+                "the tensor-core kernel needs at least {} bytes of shared memory at this head \
+                 dim, the device has {}",
+                candidates.last().map_or(0, |c| c.shared_bytes(elem)),
+                hw.max_shared_memory_size
+            ),
+        })
+}
+
 /// Flash attention: out = softmax(q kᵀ / sqrt(D) + mask) v, and each row's log-sum-exp.
 /// Never materialises the S × S scores. Picks the kernel with [`AttentionKernel::Auto`].
 pub fn flash_attention<R: Runtime, E: FloatElement>(
@@ -234,13 +337,18 @@ pub fn flash_attention_with<R: Runtime, E: FloatElement>(
     let (dims, seq_k) = check_qkv(q, k, v)?;
     check_outputs(dims, out, lse)?;
     let [batch, seq, heads, head_dim] = dims;
-    if seq_k != seq && kernel == AttentionKernel::Tiled {
+    if seq_k != seq
+        && matches!(
+            kernel,
+            AttentionKernel::Tiled | AttentionKernel::Cmma | AttentionKernel::CmmaEmulated
+        )
+    {
         return Err(OpError::Unsupported {
             op: OP,
             what: "key sequence length",
             value: seq_k,
             reason: format!(
-                "the tiled kernel needs as many keys as queries ({seq}); `Rows` or `Auto` decode against a longer cache"
+                "the {kernel:?} kernel needs as many keys as queries ({seq}); `Rows` or `Auto` decode against a longer cache"
             ),
         });
     }
@@ -264,6 +372,12 @@ pub fn flash_attention_with<R: Runtime, E: FloatElement>(
 
     let kernel = match kernel {
         AttentionKernel::Auto if seq_k != seq => AttentionKernel::Rows,
+        AttentionKernel::Auto
+            if cmma_supported::<R, E>(client)
+                && plan_cmma::<R, E>(client, &problem, vector, false).is_ok() =>
+        {
+            AttentionKernel::Cmma
+        }
         AttentionKernel::Auto if client.properties().features.plane.contains(Plane::Ops) => {
             AttentionKernel::Tiled
         }
@@ -275,6 +389,38 @@ pub fn flash_attention_with<R: Runtime, E: FloatElement>(
     };
     let (qo, ko, vo) = (q.offset_u32(OP)?, k.offset_u32(OP)?, v.offset_u32(OP)?);
     let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
+    if let AttentionKernel::Cmma | AttentionKernel::CmmaEmulated = kernel {
+        let cfg = plan_cmma::<R, E>(
+            client,
+            &problem,
+            vector,
+            kernel == AttentionKernel::CmmaEmulated,
+        )?;
+        let cubes = (batch * heads * seq.div_ceil(cfg.block_q())) as u32;
+        let cube_dim = CubeDim::new_2d(cfg.plane_size as u32, cfg.planes as u32);
+        // SAFETY: shapes were validated above; the kernel bounds-checks rows against S and
+        // cubes against the item count, `vector` divides D, all strides and all offsets, and
+        // the planner checked the shared memory against the device's limit.
+        unsafe {
+            flash_attention_cmma::launch_unchecked::<E, R>(
+                client,
+                CubeCountSelection::new(client, cubes).cube_count(),
+                cube_dim,
+                vector,
+                q.arg(),
+                k.arg(),
+                v.arg(),
+                out.arg(),
+                lse.arg(),
+                qo,
+                ko,
+                vo,
+                scale,
+                cfg,
+            );
+        }
+        return Ok(());
+    }
     // SAFETY (both launches): shapes were validated above; the kernels bounds-check rows
     // against S and work items against their count, and `vector` divides D, all strides and
     // all offsets.

@@ -365,7 +365,7 @@ pub(crate) fn plan<R: Runtime, E: FloatElement>(
     Ok(cfg)
 }
 /// Units per plane the CMMA kernel is written for: a fragment is shared by one 32-lane warp.
-const CMMA_PLANE: usize = 32;
+pub(crate) const CMMA_PLANE: usize = 32;
 
 /// True when the device multiplies 16 × 16 × 16 fragments of E with f32 accumulation in
 /// 32-unit planes (CUDA tensor cores for f16 and bf16).

@@ -4,6 +4,7 @@
 
 use cubecl::prelude::ComputeClient;
 use megabyte_ops::attention::{flash_attention, flash_attention_with, naive_attention};
+use megabyte_ops::gemm::cmma_supported;
 use megabyte_ops::AttentionKernel;
 use megabyte_ops::{FloatElement, OpError, Tensor};
 use megabyte_reference::attention::attention_f64;
@@ -45,7 +46,14 @@ fn run_case<E: FloatElement>(
     naive_attention(&t(&q), &t(&k), &t(&v), &naive_out, &naive_lse, causal).unwrap();
     let (naive_out, naive_lse) = (read_f64(&naive_out), read_f64(&naive_lse));
 
-    for kernel in [AttentionKernel::Tiled, AttentionKernel::Rows] {
+    let mut kernels = vec![AttentionKernel::Tiled, AttentionKernel::Rows];
+    if std::mem::size_of::<E>() == 2 {
+        kernels.push(AttentionKernel::CmmaEmulated);
+        if cmma_supported::<TestRuntime, E>(client) {
+            kernels.push(AttentionKernel::Cmma);
+        }
+    }
+    for kernel in kernels {
         let case = format!("{case} {kernel:?}");
         // Poisoned outputs: an element the kernel never writes stays NaN and fails.
         let out = Tensor::<TestRuntime, E>::full(client, &[b, s, h, d], f64::NAN);
@@ -83,7 +91,7 @@ fn run_case<E: FloatElement>(
         }
         check::<E>(&case, "out", &read_f64(&out), &naive_out, &ref_out)
             .unwrap_or_else(|e| panic!("{e}"));
-        // Both kernels keep softmax statistics in f32.
+        // Every kernel keeps softmax statistics in f32.
         check::<f32>(&case, "lse", &read_f64(&lse), &naive_lse, &ref_lse)
             .unwrap_or_else(|e| panic!("{e}"));
     }
@@ -385,6 +393,47 @@ fn bad_shapes_are_errors() {
 
         let err = q.strided(8, &[1, 8, 2, 16], &[256, 32, 16, 1]).unwrap_err();
         assert!(matches!(err, OpError::ViewOutOfBounds { .. }), "{err}");
+
+        // The tensor-core kernels take 2-byte floats only, and as many keys as queries.
+        let run = |kernel| {
+            flash_attention_with(kernel, &q.view(), &k.view(), &k.view(), &out, &lse, true)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(
+            run(AttentionKernel::CmmaEmulated).contains("element bytes for the tensor-core kernel"),
+            "{}",
+            run(AttentionKernel::CmmaEmulated)
+        );
+        assert!(
+            run(AttentionKernel::Cmma).contains("f32"),
+            "{}",
+            run(AttentionKernel::Cmma)
+        );
+        let h = |shape: &[usize]| Tensor::<TestRuntime, half::f16>::full(&client, shape, 0.5);
+        let (q16, cache16, out16) = (h(&[1, 2, 2, 16]), h(&[1, 8, 2, 16]), h(&[1, 2, 2, 16]));
+        let lse2 = Tensor::<TestRuntime, f32>::full(&client, &[1, 2, 2], 0.0);
+        let err = flash_attention_with(
+            AttentionKernel::CmmaEmulated,
+            &q16.view(),
+            &cache16.view(),
+            &cache16.view(),
+            &out16,
+            &lse2,
+            true,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                OpError::Unsupported {
+                    what: "key sequence length",
+                    value: 8,
+                    ..
+                }
+            ),
+            "{err}"
+        );
     });
 }
 

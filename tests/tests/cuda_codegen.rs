@@ -20,7 +20,7 @@ use cubecl::cuda::CudaCompiler;
 use cubecl::prelude::*;
 use cubecl::wgpu::WgpuRuntime;
 use megabyte_kernels::activation::ActivationKind;
-use megabyte_kernels::attention::{BackwardConfig, FlashConfig, RowsConfig};
+use megabyte_kernels::attention::{BackwardConfig, FlashCmmaConfig, FlashConfig, RowsConfig};
 use megabyte_kernels::cross_entropy::CrossEntropyConfig;
 use megabyte_kernels::decode::DecodeConfig;
 use megabyte_kernels::gemm::{CmmaConfig, GemmConfig};
@@ -301,6 +301,50 @@ fn attention<E: Float + CubeElement>(c: &ComputeClient<W>, out: &mut Vec<Variant
                 main: true,
                 def: k.define(),
             });
+        }
+        // Tensor cores (f16 and bf16): 64 query rows against 64- or 32-key tiles, and the
+        // one-plane shape the planner gives short (local) sequences.
+        if std::mem::size_of::<E>() == 2 {
+            for (planes, block_k) in [(4usize, 64usize), (4, 32), (1, 16)] {
+                if block_k == 64 && head_dim > 64 {
+                    continue;
+                }
+                let cfg = FlashCmmaConfig {
+                    planes,
+                    block_k,
+                    head_dim,
+                    plane_size: 32,
+                    causal: true,
+                    vector: n,
+                    emulated: false,
+                };
+                assert!(cfg.is_valid(), "{cfg:?}");
+                let k = megabyte_kernels::attention::flash_attention_cmma::FlashAttentionCmma::<
+                    E,
+                    W,
+                >::new(
+                    settings(CubeDim::new_2d(32, planes as u32)),
+                    c.clone(),
+                    t(),
+                    t(),
+                    t(),
+                    t(),
+                    t(),
+                    (),
+                    (),
+                    (),
+                    (),
+                    n,
+                    cfg,
+                );
+                out.push(Variant {
+                    name: format!(
+                        "flash_attention_cmma_d{head_dim}_{planes}planes_k{block_k}_{ty}"
+                    ),
+                    main: true,
+                    def: k.define(),
+                });
+            }
         }
         // Decoding against a KV cache: one query row per unit.
         let cfg = RowsConfig {
