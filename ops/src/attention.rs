@@ -14,7 +14,7 @@ use cubecl::prelude::*;
 use cubecl::server::CubeCountSelection;
 use megabyte_kernels::attention::{
     flash_attention as flash_kernel, flash_attention_cmma, flash_attention_rows, naive_scores,
-    naive_softmax, naive_weighted_sum, FlashCmmaConfig, FlashConfig, RowsConfig,
+    naive_softmax, naive_weighted_sum, BackwardConfig, FlashCmmaConfig, FlashConfig, RowsConfig,
 };
 
 use crate::device::{ensure_dtype, grid_1d};
@@ -538,6 +538,46 @@ pub fn naive_attention<R: Runtime, E: FloatElement>(
     Ok(())
 }
 
+/// How the attention backward kernels spread a row's work over units.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackwardKernel {
+    /// `SplitDims` on devices with plane (warp) operations (GPUs), `RowsInRegisters` on
+    /// devices without them (CPU drivers such as lavapipe, where the extra dot products cost
+    /// more than registers do).
+    Auto,
+    /// One unit per query row (dQ) and per key row (dK, dV), its own operand rows and
+    /// accumulators in registers: 2·D and 4·D floats per unit.
+    RowsInRegisters,
+    /// Several units per row, each accumulating the gradients over a slice of the head dims
+    /// (at most 64 floats of accumulators) and recomputing the row's dot products, the row's
+    /// operands re-read from cache: no register spills at head dims 64 and 128 on CUDA.
+    SplitDims,
+}
+
+/// Accumulator floats per unit in the `SplitDims` backward.
+const SPLIT_ACCUMULATORS: usize = 64;
+
+/// The configs of the dQ and the dK/dV backward kernels at head dim `head_dim`: `split` for
+/// [`BackwardKernel::SplitDims`], otherwise [`BackwardKernel::RowsInRegisters`].
+pub fn backward_configs(
+    head_dim: usize,
+    causal: bool,
+    split: bool,
+) -> (BackwardConfig, BackwardConfig) {
+    // dQ accumulates D floats per row, dK and dV 2·D.
+    let config = |accumulators: usize| BackwardConfig {
+        head_dim,
+        causal,
+        chunks: if split {
+            accumulators.div_ceil(SPLIT_ACCUMULATORS)
+        } else {
+            1
+        },
+        rows_in_registers: !split,
+    };
+    (config(head_dim), config(2 * head_dim))
+}
+
 /// Attention backward (flash style, no S × S buffer): the softmax statistics are recomputed
 /// from q and k (see the kernels for why not from the forward's f32 log-sum-exp). q, k, v and
 /// the gradient outputs dq, dk, dv are (B, S, H, D) views (unit stride over D; dq/dk/dv may be
@@ -546,6 +586,22 @@ pub fn naive_attention<R: Runtime, E: FloatElement>(
 /// ordered sum.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward<R: Runtime, E: FloatElement>(
+    q: &TensorView<R, E>,
+    k: &TensorView<R, E>,
+    v: &TensorView<R, E>,
+    d_out: &Tensor<R, E>,
+    dq: &TensorView<R, E>,
+    dk: &TensorView<R, E>,
+    dv: &TensorView<R, E>,
+    causal: bool,
+) -> Result<(), OpError> {
+    attention_backward_with(BackwardKernel::Auto, q, k, v, d_out, dq, dk, dv, causal)
+}
+
+/// [`attention_backward`] with an explicit choice of how rows are spread over units.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_with<R: Runtime, E: FloatElement>(
+    kernel: BackwardKernel,
     q: &TensorView<R, E>,
     k: &TensorView<R, E>,
     v: &TensorView<R, E>,
@@ -585,21 +641,25 @@ pub fn attention_backward<R: Runtime, E: FloatElement>(
             reason: format!("the backward kernels support head dims up to {MAX_HEAD_DIM}"),
         });
     }
-    let cfg = megabyte_kernels::attention::BackwardConfig {
-        head_dim: d,
-        causal,
+    let split = match kernel {
+        BackwardKernel::Auto => client.properties().features.plane.contains(Plane::Ops),
+        BackwardKernel::RowsInRegisters => false,
+        BackwardKernel::SplitDims => true,
     };
+    let (cfg_q, cfg_kv) = backward_configs(d, causal, split);
     let scale = (1.0 / (d as f64).sqrt()) as f32;
     let stats = || Tensor::<R, f32>::empty(client, &[b, h, s]);
     let (row_max, row_sum, delta) = (stats(), stats(), stats());
-    let (count, dim) = grid_1d(client, b * h * s);
+    let (count_q, dim_q) = grid_1d(client, b * h * s * cfg_q.chunks);
+    let (count_kv, dim_kv) = grid_1d(client, b * h * s * cfg_kv.chunks);
     // SAFETY: every view was bounds-checked when made and has the validated shape with unit
-    // stride over D; the kernels guard on B·H·S units and index only inside those shapes.
+    // stride over D; the kernels guard on B·H·S·chunks units and index only inside those
+    // shapes (a chunk's dims past D are skipped).
     unsafe {
         megabyte_kernels::attention::attention_backward_q::launch_unchecked::<E, R>(
             client,
-            count.clone(),
-            dim,
+            count_q,
+            dim_q,
             q.arg(),
             k.arg(),
             v.arg(),
@@ -613,12 +673,12 @@ pub fn attention_backward<R: Runtime, E: FloatElement>(
             v.offset_u32(OP)?,
             dq.offset_u32(OP)?,
             scale,
-            cfg,
+            cfg_q,
         );
         megabyte_kernels::attention::attention_backward_kv::launch_unchecked::<E, R>(
             client,
-            count,
-            dim,
+            count_kv,
+            dim_kv,
             q.arg(),
             k.arg(),
             v.arg(),
@@ -634,7 +694,7 @@ pub fn attention_backward<R: Runtime, E: FloatElement>(
             dk.offset_u32(OP)?,
             dv.offset_u32(OP)?,
             scale,
-            cfg,
+            cfg_kv,
         );
     }
     Ok(())

@@ -5,7 +5,7 @@
 
 use cubecl::prelude::ComputeClient;
 use megabyte_ops::activation::activation_backward;
-use megabyte_ops::attention::attention_backward;
+use megabyte_ops::attention::{attention_backward_with, BackwardKernel};
 use megabyte_ops::cross_entropy::cross_entropy_backward;
 use megabyte_ops::embedding::embedding_backward;
 use megabyte_ops::layer_norm::layer_norm_backward;
@@ -351,7 +351,6 @@ fn attention_case(
         }
     }
     let qkv = up(client, &fused, &[b, s, 3, h, d]);
-    let grads = nan(client, &[b, s, 3, h, d]);
     let strides = [s * 3 * h * d, 3 * h * d, d, 1];
     fn view<'a>(
         t: &'a T,
@@ -363,23 +362,9 @@ fn attention_case(
             .unwrap()
     }
     let shape = [b, s, h, d];
-    attention_backward(
-        &view(&qkv, 0, shape, &strides),
-        &view(&qkv, 1, shape, &strides),
-        &view(&qkv, 2, shape, &strides),
-        &up(client, &go, &[b, s, h, d]),
-        &view(&grads, 0, shape, &strides),
-        &view(&grads, 1, shape, &strides),
-        &view(&grads, 2, shape, &strides),
-        causal,
-    )
-    .unwrap();
-    let got = read_f64(&grads);
-    for (part, name) in ["dq", "dk", "dv"].into_iter().enumerate() {
-        let kernel: Vec<f64> = (0..b * s)
-            .flat_map(|row| got[(row * 3 + part) * h * d..][..h * d].to_vec())
-            .collect();
-        let (naive, reference) = sampled(seed, |sd| {
+    let mut expected = Vec::new();
+    for part in 0..3 {
+        expected.push(sampled(seed, |sd| {
             let (q, k, v, go) = data(sd);
             let (mut dq, mut dk, mut dv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
             ref_attention_backward(
@@ -387,8 +372,32 @@ fn attention_case(
             );
             let nv = naive_attention_backward(&q, &k, &v, &go, b, s, h, d, causal);
             (f64s(&nv[part]), f64s(&[dq, dk, dv][part]))
-        });
-        check::<f32>(&case, name, &kernel, &naive, &reference).unwrap_or_else(|e| panic!("{e}"));
+        }));
+    }
+    for kernel in [BackwardKernel::RowsInRegisters, BackwardKernel::SplitDims] {
+        let case = format!("{case} {kernel:?}");
+        // Poisoned gradients: an element no unit writes stays NaN and fails.
+        let grads = nan(client, &[b, s, 3, h, d]);
+        attention_backward_with(
+            kernel,
+            &view(&qkv, 0, shape, &strides),
+            &view(&qkv, 1, shape, &strides),
+            &view(&qkv, 2, shape, &strides),
+            &up(client, &go, &[b, s, h, d]),
+            &view(&grads, 0, shape, &strides),
+            &view(&grads, 1, shape, &strides),
+            &view(&grads, 2, shape, &strides),
+            causal,
+        )
+        .unwrap();
+        let got = read_f64(&grads);
+        for (part, name) in ["dq", "dk", "dv"].into_iter().enumerate() {
+            let kernel: Vec<f64> = (0..b * s)
+                .flat_map(|row| got[(row * 3 + part) * h * d..][..h * d].to_vec())
+                .collect();
+            let (naive, reference) = &expected[part];
+            check::<f32>(&case, name, &kernel, naive, reference).unwrap_or_else(|e| panic!("{e}"));
+        }
     }
 }
 
@@ -400,6 +409,9 @@ fn attention_sweep() {
         (1, 33, 1, 64, true),
         (3, 8, 2, 32, false),
         (2, 17, 3, 20, true),
+        // Head dims split over 2 (dQ) and 3 (dK, dV) units, the last with dims past D.
+        (1, 9, 2, 80, true),
+        (1, 5, 1, 128, false),
     ]
     .iter()
     .enumerate()

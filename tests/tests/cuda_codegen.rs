@@ -20,11 +20,12 @@ use cubecl::cuda::CudaCompiler;
 use cubecl::prelude::*;
 use cubecl::wgpu::WgpuRuntime;
 use megabyte_kernels::activation::ActivationKind;
-use megabyte_kernels::attention::{BackwardConfig, FlashCmmaConfig, FlashConfig, RowsConfig};
+use megabyte_kernels::attention::{FlashCmmaConfig, FlashConfig, RowsConfig};
 use megabyte_kernels::cross_entropy::CrossEntropyConfig;
 use megabyte_kernels::decode::DecodeConfig;
 use megabyte_kernels::gemm::{CmmaConfig, GemmConfig};
 use megabyte_kernels::layer_norm::LayerNormConfig;
+use megabyte_ops::attention::backward_configs;
 use megabyte_tests::in_ci;
 
 type W = WgpuRuntime;
@@ -538,10 +539,8 @@ fn gemm<E: Float + CubeElement>(c: &ComputeClient<W>, out: &mut Vec<Variant>) {
 fn backward(c: &ComputeClient<W>, out: &mut Vec<Variant>) {
     let dim = CubeDim::new_1d(256);
     for head_dim in [64usize, 128] {
-        let cfg = BackwardConfig {
-            head_dim,
-            causal: true,
-        };
+        // What `BackwardKernel::Auto` launches on CUDA (plane ops): the split-dims kernels.
+        let (cfg_q, cfg_kv) = backward_configs(head_dim, true, true);
         let k =
             megabyte_kernels::attention::attention_backward_q::AttentionBackwardQ::<f32, W>::new(
                 settings(dim),
@@ -559,7 +558,7 @@ fn backward(c: &ComputeClient<W>, out: &mut Vec<Variant>) {
                 (),
                 (),
                 (),
-                cfg,
+                cfg_q,
             );
         out.push(Variant {
             name: format!("attention_backward_q_d{head_dim}_f32"),
@@ -585,7 +584,7 @@ fn backward(c: &ComputeClient<W>, out: &mut Vec<Variant>) {
                 (),
                 (),
                 (),
-                cfg,
+                cfg_kv,
             );
         out.push(Variant {
             name: format!("attention_backward_kv_d{head_dim}_f32"),
