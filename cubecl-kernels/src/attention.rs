@@ -904,6 +904,10 @@ impl RowsConfig {
     }
 }
 
+/// Head-dim vectors per step of [`flash_attention_rows`]'s dot product when q is read from
+/// memory.
+const Q_STEP: usize = 2;
+
 /// Flash attention with a few query rows per unit and no shared memory or barriers: the unit
 /// keeps its rows' q and output accumulators in registers and streams keys from global memory,
 /// `chunk` at a time (one rescale of the accumulators per chunk); each loaded K/V vector serves
@@ -975,6 +979,7 @@ pub fn flash_attention_rows<F: Float, N: Size>(
             end = min(i0 + rr + shift, seq_k);
         }
         let n_chunks = end.div_ceil(ch);
+        let q_steps = (q.shape(3) / nv).div_ceil(Q_STEP);
         // Scores of the chunk, then (in place) their probabilities: (rows, chunk).
         let mut sp = Array::<f32>::new(comptime!(cfg.rows * cfg.chunk));
         // Loops over the keys of a chunk stay loops (each runs at most S times per unit, inside
@@ -992,16 +997,32 @@ pub fn flash_attention_rows<F: Float, N: Size>(
                 }
                 if j < end {
                     let k_at = (k_row0 + j * k.stride(1)) / nv;
-                    #[unroll]
-                    for c in 0..dv {
-                        let kc = Vector::<f32, N>::cast_from(k[k_at + c]);
+                    if comptime!(cfg.q_from_memory) {
+                        // The dims go in steps whose count is a run-time value: unrolled whole,
+                        // the compiler hoisted q's loads (the same at every key) into
+                        // registers and spilled.
                         #[unroll]
                         for r in 0..rr {
-                            if comptime!(cfg.q_from_memory) {
-                                let i = min(i0 + r, seq - 1);
-                                let q_at = (q_row0 + i * q.stride(1)) / nv;
-                                dots[r] += Vector::<f32, N>::cast_from(q[q_at + c]) * kc;
-                            } else {
+                            let q_at = (q_row0 + min(i0 + r, seq - 1) * q.stride(1)) / nv;
+                            let mut step = 0;
+                            while step < q_steps {
+                                #[unroll]
+                                for u in 0..Q_STEP {
+                                    let c = step * Q_STEP + u;
+                                    if c < dv {
+                                        dots[r] += Vector::<f32, N>::cast_from(q[q_at + c])
+                                            * Vector::<f32, N>::cast_from(k[k_at + c]);
+                                    }
+                                }
+                                step += 1;
+                            }
+                        }
+                    } else {
+                        #[unroll]
+                        for c in 0..dv {
+                            let kc = Vector::<f32, N>::cast_from(k[k_at + c]);
+                            #[unroll]
+                            for r in 0..rr {
                                 dots[r] += qr[r * dv + c] * kc;
                             }
                         }
