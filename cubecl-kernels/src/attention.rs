@@ -896,11 +896,12 @@ pub struct RowsConfig {
 }
 
 impl RowsConfig {
-    /// Whether q stays in memory: for one row per unit (decoding) with a head dim past 64, q
-    /// and the output accumulator together outgrow a GPU thread's 255 registers (at 128 in f32
-    /// they spilled 580 bytes); q is one cached row, re-read at each key.
-    pub fn q_from_memory_for(rows: usize, head_dim: usize) -> bool {
-        rows == 1 && head_dim > 64
+    /// Whether q stays in memory: always for one row per unit (decoding) on GPUs
+    /// (`plane_ops`), where holding q and the output accumulator in registers spilled (580
+    /// bytes at head dim 128 in f32, a few at 32) and q is one cached row re-read at each key;
+    /// on CPU drivers only past head dim 64.
+    pub fn q_from_memory_for(rows: usize, head_dim: usize, plane_ops: bool) -> bool {
+        rows == 1 && (plane_ops || head_dim > 64)
     }
 }
 

@@ -436,7 +436,11 @@ pub fn flash_attention_with<R: Runtime, E: FloatElement>(
             causal,
             chunk: ROWS_CHUNK,
             rows: rows_per_unit,
-            q_from_memory: RowsConfig::q_from_memory_for(rows_per_unit, head_dim),
+            q_from_memory: RowsConfig::q_from_memory_for(
+                rows_per_unit,
+                head_dim,
+                client.properties().features.plane.contains(Plane::Ops),
+            ),
         };
         unsafe {
             flash_attention_rows::launch_unchecked::<E, R>(
