@@ -52,7 +52,7 @@ pub enum AttentionKernel {
 
 /// Shared memory the `Cmma` planner aims to stay within, so that two cubes fit on a GPU
 /// multiprocessor; it goes beyond only when nothing smaller fits the head dim.
-const CMMA_SMEM_TARGET: usize = 96 * 1024;
+pub const CMMA_SMEM_TARGET: usize = 96 * 1024;
 
 /// Longest sequence `Auto` gives the `Rows` kernel on devices without plane ops.
 pub const ROWS_MAX_SEQ: usize = 65_536;

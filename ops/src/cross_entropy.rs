@@ -14,8 +14,9 @@ const OP: &str = "cross_entropy";
 /// Rows per cube: each table vector a unit loads serves this many rows.
 const CE_ROWS: usize = 8;
 
-/// For each row r of x (rows, D): the logits z = x[r] · tableᵀ against the (V, D) embedding
-/// table, lse[r] = log Σ exp z and loss[r] = lse[r] - z[targets[r]] in nats (both f32, (rows)).
+/// For each row r of x (rows, D): the logits `z = x[r] · tableᵀ` against the (V, D) embedding
+/// table, `lse[r] = log Σ exp z` and `loss[r] = lse[r] - z[targets[r]]` in nats (both f32,
+/// (rows)).
 /// `logits` (rows, V), when given, receives z; otherwise the logits are never stored.
 /// Targets are not checked on the host; a target >= V gives a NaN loss.
 pub fn tied_cross_entropy<R: Runtime, E: FloatElement>(

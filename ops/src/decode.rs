@@ -147,7 +147,7 @@ impl<R: Runtime, E: FloatElement> PackedStack<R, E> {
 }
 
 /// The local model's input row at patch position `slot` = p:
-/// x = g[b, p·D_G ..][.. D_G] · W_GL + (p = 0 ? pad : embed[ids[b, p - 1]]) + positions[p].
+/// `x = g[b, p·D_G ..][.. D_G] · W_GL + (p = 0 ? pad : embed[ids[b, p - 1]]) + positions[p]`.
 pub struct LocalInputStep<'a, R: Runtime, E> {
     /// The global model's output for the current patch, (B, P·D_G).
     pub g: &'a Tensor<R, E>,

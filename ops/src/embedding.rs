@@ -14,7 +14,7 @@ use crate::tensor::{Tensor, TensorView};
 const OP: &str = "embedding_backward";
 
 /// Sums gradient rows (B, S, D) back into a table out (V, D): with `ids` (B, S), row (b, s)
-/// goes to out[ids[b, s]] (a byte embedding); without, to out[s] (a position embedding;
+/// goes to `out[ids[b, s]]` (a byte embedding); without, to `out[s]` (a position embedding;
 /// rows of out past S get zero). `accumulate` adds to out's values instead of overwriting.
 /// Deterministic: each output element is one ordered sum. Ids >= V match no row.
 pub fn embedding_backward<R: Runtime, E: FloatElement>(

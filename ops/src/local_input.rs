@@ -13,8 +13,8 @@ use crate::tensor::{Tensor, TensorView};
 
 const OP: &str = "local_input";
 
-/// out[b, t, :] = g[b, k, p·D_G .. (p+1)·D_G] · W_GL + (p == 0 ? lpad : E_L[ids[b, t - 1]])
-/// + lpos[p], with t = k·P + p: the global model's output for each byte position, projected to
+/// `out[b, t, :] = g[b, k, p·D_G .. (p+1)·D_G] · W_GL + (p == 0 ? lpad : E_L[ids[b, t - 1]]) +
+/// lpos[p]`, with t = k·P + p: the global model's output for each byte position, projected to
 /// the local width, plus the previous byte's local embedding (the learned pad at the start of
 /// each patch) and the local position embedding. Shapes: g (B, K, P·D_G), ids (B, T = K·P),
 /// w_gl (D_G, D_L), e_l (V, D_L), lpad (D_L), lpos (P, D_L), out (B, T, D_L).
