@@ -8,7 +8,10 @@
 
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{
+    criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, Throughput,
+};
 use cubecl::prelude::*;
 use cubecl::zspace::{Shape, Strides};
 use cubek_attention::definition::{AccumulatorPrecision, AttentionGlobalTypes, AttentionOptions};
@@ -17,7 +20,7 @@ use megabyte_benches::time_synced;
 use megabyte_ops::attention::{flash_attention_with, naive_attention, AttentionProblem};
 use megabyte_ops::gemm::cmma_supported;
 use megabyte_ops::AttentionKernel;
-use megabyte_ops::Tensor;
+use megabyte_ops::{FloatElement, Tensor};
 
 type Rt = megabyte_benches::BenchRuntime;
 
@@ -66,6 +69,38 @@ fn cubek_causal<R: Runtime>(
     .expect("cubek-attention launch");
 }
 
+/// One bench row per (label, kernel): the flash kernel on q, k, v into out and lse.
+fn bench_flash<E: FloatElement>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    client: &ComputeClient<Rt>,
+    shape: &str,
+    rows: &[(&str, AttentionKernel)],
+    [q, k, v, out]: [&Tensor<Rt, E>; 4],
+    lse: &Tensor<Rt, f32>,
+) {
+    for &(label, kernel) in rows {
+        group.bench_function(
+            BenchmarkId::new(megabyte_benches::label(label), shape),
+            |bench| {
+                bench.iter_custom(|iters| {
+                    time_synced(client, iters, || {
+                        flash_attention_with(
+                            kernel,
+                            &q.view(),
+                            &k.view(),
+                            &v.view(),
+                            out,
+                            lse,
+                            true,
+                        )
+                        .unwrap()
+                    })
+                })
+            },
+        );
+    }
+}
+
 fn bench(c: &mut Criterion) {
     let Some(client) = megabyte_benches::client_or_skip("attention") else {
         return;
@@ -92,60 +127,34 @@ fn bench(c: &mut Criterion) {
         let (q, k, v) = (t(&[b, s, h, d]), t(&[b, s, h, d]), t(&[b, s, h, d]));
         let out = Tensor::<Rt, f32>::empty(&client, &[b, s, h, d]);
         let lse = Tensor::<Rt, f32>::empty(&client, &[b, h, s]);
-        for (label, kernel) in [
-            ("wgpu_attention_f32_flash_tiled", AttentionKernel::Tiled),
-            ("wgpu_attention_f32_flash_rows", AttentionKernel::Rows),
-        ] {
-            group.bench_function(
-                BenchmarkId::new(megabyte_benches::label(label), name),
-                |bench| {
-                    bench.iter_custom(|iters| {
-                        time_synced(&client, iters, || {
-                            flash_attention_with(
-                                kernel,
-                                &q.view(),
-                                &k.view(),
-                                &v.view(),
-                                &out,
-                                &lse,
-                                true,
-                            )
-                            .unwrap()
-                        })
-                    })
-                },
-            );
-        }
+        bench_flash(
+            &mut group,
+            &client,
+            name,
+            &[
+                ("wgpu_attention_f32_flash_tiled", AttentionKernel::Tiled),
+                ("wgpu_attention_f32_flash_rows", AttentionKernel::Rows),
+            ],
+            [&q, &k, &v, &out],
+            &lse,
+        );
         // f16 on tensor cores, next to the plain tiled kernel in f16, where the device has them.
         if cmma_supported::<Rt, half::f16>(&client) {
             let h16 =
                 |shape: &[usize]| Tensor::<Rt, half::f16>::from_f32(&client, &data, shape).unwrap();
             let (q, k, v) = (h16(&[b, s, h, d]), h16(&[b, s, h, d]), h16(&[b, s, h, d]));
             let out = Tensor::<Rt, half::f16>::empty(&client, &[b, s, h, d]);
-            for (label, kernel) in [
-                ("wgpu_attention_f16_flash_cmma", AttentionKernel::Cmma),
-                ("wgpu_attention_f16_flash_tiled", AttentionKernel::Tiled),
-            ] {
-                group.bench_function(
-                    BenchmarkId::new(megabyte_benches::label(label), name),
-                    |bench| {
-                        bench.iter_custom(|iters| {
-                            time_synced(&client, iters, || {
-                                flash_attention_with(
-                                    kernel,
-                                    &q.view(),
-                                    &k.view(),
-                                    &v.view(),
-                                    &out,
-                                    &lse,
-                                    true,
-                                )
-                                .unwrap()
-                            })
-                        })
-                    },
-                );
-            }
+            bench_flash(
+                &mut group,
+                &client,
+                name,
+                &[
+                    ("wgpu_attention_f16_flash_cmma", AttentionKernel::Cmma),
+                    ("wgpu_attention_f16_flash_tiled", AttentionKernel::Tiled),
+                ],
+                [&q, &k, &v, &out],
+                &lse,
+            );
         }
         // The naive kernels hold B·H·S² scores; skip where that passes 1 GiB.
         if b * h * s * s * 4 <= 1 << 30 {

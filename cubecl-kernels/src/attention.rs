@@ -19,7 +19,7 @@
 
 use cubecl::prelude::*;
 
-use crate::gemm::{FRAGMENT, SMEM_ALIGN};
+use crate::gemm::{load_fragment, zero_accumulator, FRAGMENT, SMEM_ALIGN};
 
 /// Comptime shape of the flash kernel. The launcher picks it from the device's shared memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -388,30 +388,6 @@ fn stage_head_rows<F: Float, N: Size>(
     }
 }
 
-/// Loads the row-major A fragment at `a0` (stride `a_stride`).
-#[cube]
-fn load_a<F: Float>(
-    a_s: &SharedMemory<F>,
-    a0: usize,
-    #[comptime] a_stride: usize,
-) -> cmma::Matrix<F> {
-    let a = unsafe {
-        cmma::Matrix::<F>::uninitialized(
-            cmma::MatrixIdent::A,
-            FRAGMENT,
-            FRAGMENT,
-            FRAGMENT,
-            cmma::MatrixLayout::RowMajor,
-        )
-    };
-    cmma::load(
-        &a,
-        &a_s.slice(a0, a0 + comptime!((FRAGMENT - 1) * a_stride + FRAGMENT)),
-        u32::new(comptime!(a_stride as i64)),
-    );
-    a
-}
-
 /// acc += a · B on one 16 × 16 × 16 fragment, B at `b0` (stride `b_stride`), row-major
 /// `[k][n]` or, with `b_col_major`, stored `[n][k]`.
 #[cube]
@@ -423,19 +399,7 @@ fn mma_b<F: Float>(
     #[comptime] b_col_major: bool,
     acc: &cmma::Matrix<f32>,
 ) {
-    let layout = comptime!(if b_col_major {
-        cmma::MatrixLayout::ColMajor
-    } else {
-        cmma::MatrixLayout::RowMajor
-    });
-    let b = unsafe {
-        cmma::Matrix::<F>::uninitialized(cmma::MatrixIdent::B, FRAGMENT, FRAGMENT, FRAGMENT, layout)
-    };
-    cmma::load(
-        &b,
-        &b_s.slice(b0, b0 + comptime!((FRAGMENT - 1) * b_stride + FRAGMENT)),
-        u32::new(comptime!(b_stride as i64)),
-    );
+    let b = load_fragment::<F>(b_s, b0, b_stride, cmma::MatrixIdent::B, b_col_major);
     cmma::execute::<F, F, f32, f32>(a, &b, acc, acc);
 }
 
@@ -627,19 +591,13 @@ pub fn flash_attention_cmma<F: Float, N: Size>(
                 let mut accs = Sequence::<cmma::Matrix<f32>>::new();
                 #[unroll]
                 for _ in 0..comptime!(cfg.block_k / FRAGMENT) {
-                    accs.push(cmma::Matrix::<f32>::from_value(
-                        cmma::MatrixIdent::Accumulator,
-                        FRAGMENT,
-                        FRAGMENT,
-                        FRAGMENT,
-                        cmma::MatrixLayout::Undefined,
-                        0.0,
-                    ));
+                    accs.push(zero_accumulator());
                 }
                 // Each Q fragment is loaded once and multiplied into every key fragment.
                 #[unroll]
                 for kk in 0..comptime!(dp / FRAGMENT) {
-                    let a = load_a::<F>(&q_s, q_rows + kk * f, dp);
+                    let a =
+                        load_fragment::<F>(&q_s, q_rows + kk * f, dp, cmma::MatrixIdent::A, false);
                     #[unroll]
                     for j in 0..comptime!(cfg.block_k / FRAGMENT) {
                         mma_b::<F>(&a, &k_s, j * f * dp + kk * f, dp, true, accs.index(j));
@@ -750,7 +708,8 @@ pub fn flash_attention_cmma<F: Float, N: Size>(
                 // Each P fragment is loaded once and multiplied into every output fragment.
                 #[unroll]
                 for kk in 0..comptime!(cfg.block_k / FRAGMENT) {
-                    let a = load_a::<F>(&p_s, s_rows + kk * f, bk);
+                    let a =
+                        load_fragment::<F>(&p_s, s_rows + kk * f, bk, cmma::MatrixIdent::A, false);
                     #[unroll]
                     for dj in 0..comptime!(dp / FRAGMENT) {
                         mma_b::<F>(&a, &v_s, kk * f * dp + dj * f, dp, false, accs.index(dj));
@@ -1159,6 +1118,40 @@ fn dots_from_memory<F: Float>(
     (s, t)
 }
 
+/// (q_i·k_j, dO_i·v_j) for [`attention_backward_q`]: q_i from registers (`qr`) when
+/// `in_registers`, otherwise every operand through [`dots_from_memory`].
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn query_row_dots<F: Float>(
+    qr: &Array<f32>,
+    q: &Tensor<F>,
+    q_at: usize,
+    k: &Tensor<F>,
+    k_at: usize,
+    d_out: &Tensor<F>,
+    o_at: usize,
+    v: &Tensor<F>,
+    v_at: usize,
+    steps: usize,
+    #[comptime] d: usize,
+    #[comptime] in_registers: bool,
+) -> (f32, f32) {
+    let mut s = f32::new(0.0);
+    let mut dp = f32::new(0.0);
+    if comptime!(in_registers) {
+        #[unroll]
+        for c in 0..d {
+            s += qr[c] * f32::cast_from(k[k_at + c]);
+            dp += f32::cast_from(d_out[o_at + c]) * f32::cast_from(v[v_at + c]);
+        }
+    } else {
+        let (a, b) = dots_from_memory::<F>(q, q_at, k, k_at, d_out, o_at, v, v_at, steps, d);
+        s = a;
+        dp = b;
+    }
+    (s, dp)
+}
+
 /// Attention backward, query side: one unit per (b, h, query i), two passes over the keys and
 /// no S × S buffer. Pass 1 recomputes the row's softmax statistics online, as the forward
 /// does: the max m_i, the sum l_i = Σ_j exp(s_ij - m_i) and delta_i = Σ_j P_ij (dO_i·V_j).
@@ -1232,20 +1225,20 @@ pub fn attention_backward_q<F: Float>(
         for j in 0..end {
             let k_at = k_row0 + j * k.stride(1);
             let v_at = v_row0 + j * v.stride(1);
-            let mut s = f32::new(0.0);
-            let mut dp = f32::new(0.0);
-            if comptime!(cfg.rows_in_registers) {
-                #[unroll]
-                for c in 0..d {
-                    s += qr[c] * f32::cast_from(k[k_at + c]);
-                    dp += f32::cast_from(d_out[o_at + c]) * f32::cast_from(v[v_at + c]);
-                }
-            } else {
-                let (a, b) =
-                    dots_from_memory::<F>(q, q_at, k, k_at, d_out, o_at, v, v_at, steps, d);
-                s = a;
-                dp = b;
-            }
+            let (s, dp) = query_row_dots::<F>(
+                &qr,
+                q,
+                q_at,
+                k,
+                k_at,
+                d_out,
+                o_at,
+                v,
+                v_at,
+                steps,
+                d,
+                cfg.rows_in_registers,
+            );
             let s = s * scale;
             let m_new = max(m, s);
             let alpha = (m - m_new).exp();
@@ -1265,20 +1258,20 @@ pub fn attention_backward_q<F: Float>(
         for j in 0..end {
             let k_at = k_row0 + j * k.stride(1);
             let v_at = v_row0 + j * v.stride(1);
-            let mut s = f32::new(0.0);
-            let mut dp = f32::new(0.0);
-            if comptime!(cfg.rows_in_registers) {
-                #[unroll]
-                for c in 0..d {
-                    s += qr[c] * f32::cast_from(k[k_at + c]);
-                    dp += f32::cast_from(d_out[o_at + c]) * f32::cast_from(v[v_at + c]);
-                }
-            } else {
-                let (a, b) =
-                    dots_from_memory::<F>(q, q_at, k, k_at, d_out, o_at, v, v_at, steps, d);
-                s = a;
-                dp = b;
-            }
+            let (s, dp) = query_row_dots::<F>(
+                &qr,
+                q,
+                q_at,
+                k,
+                k_at,
+                d_out,
+                o_at,
+                v,
+                v_at,
+                steps,
+                d,
+                cfg.rows_in_registers,
+            );
             let ds = (s * scale - m).exp() / l * (dp - dl);
             #[unroll]
             for c in 0..dc {

@@ -742,6 +742,44 @@ fn fragment_offsets(
     )
 }
 
+/// Loads a 16 × 16 CMMA operand fragment (`ident` A or B) of F from `smem` at `at`, rows
+/// `stride` apart (`col_major`: the fragment is stored transposed, columns `stride` apart).
+#[cube]
+pub(crate) fn load_fragment<F: Float>(
+    smem: &SharedMemory<F>,
+    at: usize,
+    #[comptime] stride: usize,
+    #[comptime] ident: cmma::MatrixIdent,
+    #[comptime] col_major: bool,
+) -> cmma::Matrix<F> {
+    let layout = comptime!(if col_major {
+        cmma::MatrixLayout::ColMajor
+    } else {
+        cmma::MatrixLayout::RowMajor
+    });
+    let frag =
+        unsafe { cmma::Matrix::<F>::uninitialized(ident, FRAGMENT, FRAGMENT, FRAGMENT, layout) };
+    cmma::load(
+        &frag,
+        &smem.slice(at, at + comptime!((FRAGMENT - 1) * stride + FRAGMENT)),
+        u32::new(comptime!(stride as i64)),
+    );
+    frag
+}
+
+/// A 16 × 16 f32 CMMA accumulator holding zeros.
+#[cube]
+pub(crate) fn zero_accumulator() -> cmma::Matrix<f32> {
+    cmma::Matrix::<f32>::from_value(
+        cmma::MatrixIdent::Accumulator,
+        FRAGMENT,
+        FRAGMENT,
+        FRAGMENT,
+        cmma::MatrixLayout::Undefined,
+        0.0,
+    )
+}
+
 /// The tensor-core GEMM: the same function, operands and epilogue as [`gemm`], with the
 /// products on CMMA fragments (16 × 16 × 16, F inputs, f32 accumulation). F is f16 or bf16 on
 /// a device whose properties list that CMMA shape; the launcher checks. With `cfg.emulated`
@@ -798,14 +836,7 @@ pub fn gemm_cmma<F: Float, NA: Size, NB: Size, NO: Size>(
         } else {
             #[unroll]
             for _ in 0..comptime!(fm * fnn) {
-                accs.push(cmma::Matrix::<f32>::from_value(
-                    cmma::MatrixIdent::Accumulator,
-                    FRAGMENT,
-                    FRAGMENT,
-                    FRAGMENT,
-                    cmma::MatrixLayout::Undefined,
-                    0.0,
-                ));
+                accs.push(zero_accumulator());
             }
         }
 
@@ -871,39 +902,19 @@ pub fn gemm_cmma<F: Float, NA: Size, NB: Size, NO: Size>(
                     #[unroll]
                     for j in 0..fnn {
                         let (_, _, b0) = fragment_offsets(plane, 0, j, kk, cfg);
-                        let frag = unsafe {
-                            cmma::Matrix::<F>::uninitialized(
-                                cmma::MatrixIdent::B,
-                                FRAGMENT,
-                                FRAGMENT,
-                                FRAGMENT,
-                                cmma::MatrixLayout::RowMajor,
-                            )
-                        };
-                        cmma::load(
-                            &frag,
-                            &b_s.slice(b0, b0 + comptime!((FRAGMENT - 1) * cfg.block_n + FRAGMENT)),
-                            u32::new(comptime!(cfg.block_n as i64)),
-                        );
-                        bs.push(frag);
+                        bs.push(load_fragment::<F>(
+                            &b_s,
+                            b0,
+                            cfg.block_n,
+                            cmma::MatrixIdent::B,
+                            false,
+                        ));
                     }
                     #[unroll]
                     for i in 0..fm {
                         let (_, a0, _) = fragment_offsets(plane, i, 0, kk, cfg);
-                        let frag = unsafe {
-                            cmma::Matrix::<F>::uninitialized(
-                                cmma::MatrixIdent::A,
-                                FRAGMENT,
-                                FRAGMENT,
-                                FRAGMENT,
-                                cmma::MatrixLayout::RowMajor,
-                            )
-                        };
-                        cmma::load(
-                            &frag,
-                            &a_s.slice(a0, a0 + comptime!((FRAGMENT - 1) * cfg.block_k + FRAGMENT)),
-                            u32::new(comptime!(cfg.block_k as i64)),
-                        );
+                        let frag =
+                            load_fragment::<F>(&a_s, a0, cfg.block_k, cmma::MatrixIdent::A, false);
                         #[unroll]
                         for j in 0..fnn {
                             let acc = accs.index(i * fnn + j);

@@ -370,14 +370,22 @@ pub fn flash_attention_with<R: Runtime, E: FloatElement>(
     aligned.extend(&out.strides()[..3]);
     let vector = crate::device::vector_size_for::<R, E>(client, &aligned);
 
+    // The tensor-core plan, when that kernel runs: asked for, or `Auto` on a device that has
+    // the fragments (and a plan that fits it).
+    let cmma = match kernel {
+        AttentionKernel::Cmma | AttentionKernel::CmmaEmulated => Some(plan_cmma::<R, E>(
+            client,
+            &problem,
+            vector,
+            kernel == AttentionKernel::CmmaEmulated,
+        )?),
+        AttentionKernel::Auto if seq_k == seq && cmma_supported::<R, E>(client) => {
+            plan_cmma::<R, E>(client, &problem, vector, false).ok()
+        }
+        _ => None,
+    };
     let kernel = match kernel {
         AttentionKernel::Auto if seq_k != seq => AttentionKernel::Rows,
-        AttentionKernel::Auto
-            if cmma_supported::<R, E>(client)
-                && plan_cmma::<R, E>(client, &problem, vector, false).is_ok() =>
-        {
-            AttentionKernel::Cmma
-        }
         AttentionKernel::Auto if client.properties().features.plane.contains(Plane::Ops) => {
             AttentionKernel::Tiled
         }
@@ -389,13 +397,7 @@ pub fn flash_attention_with<R: Runtime, E: FloatElement>(
     };
     let (qo, ko, vo) = (q.offset_u32(OP)?, k.offset_u32(OP)?, v.offset_u32(OP)?);
     let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
-    if let AttentionKernel::Cmma | AttentionKernel::CmmaEmulated = kernel {
-        let cfg = plan_cmma::<R, E>(
-            client,
-            &problem,
-            vector,
-            kernel == AttentionKernel::CmmaEmulated,
-        )?;
+    if let Some(cfg) = cmma {
         let cubes = (batch * heads * seq.div_ceil(cfg.block_q())) as u32;
         let cube_dim = CubeDim::new_2d(cfg.plane_size as u32, cfg.planes as u32);
         // SAFETY: shapes were validated above; the kernel bounds-checks rows against S and
