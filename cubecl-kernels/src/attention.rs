@@ -852,6 +852,10 @@ pub struct RowsConfig {
     /// Read q from memory at every key instead of holding it in registers (see
     /// [`RowsConfig::q_from_memory_for`]).
     pub q_from_memory: bool,
+    /// Units per row block: each computes the rows' full scores but accumulates, and writes,
+    /// only its own [`RowsConfig::split_vectors`] head-dim vectors of the output. 1 for one
+    /// unit per row block.
+    pub splits: usize,
 }
 
 impl RowsConfig {
@@ -862,7 +866,23 @@ impl RowsConfig {
     pub fn q_from_memory_for(rows: usize, head_dim: usize, plane_ops: bool) -> bool {
         rows == 1 && (plane_ops || head_dim > 64)
     }
+
+    /// Splits that leave each unit at most [`SPLIT_ACCUMULATORS`] f32 accumulators per row.
+    pub fn splits_for(head_dim: usize, vector: usize) -> usize {
+        (head_dim / vector).div_ceil((SPLIT_ACCUMULATORS / vector).max(1))
+    }
+
+    /// Head-dim vectors each unit accumulates: ceil(D / vector / splits).
+    pub fn split_vectors(&self) -> usize {
+        (self.head_dim / self.vector).div_ceil(self.splits)
+    }
 }
+
+/// Output accumulators per row and unit that [`RowsConfig::splits_for`] aims for. With a
+/// whole row of 80 f32 accumulators the decode kernel needed 168 registers on sm_90 (254 at
+/// 128), and ptxas spilled to fit two cubes of 256 units in 128; split to at most 32 it uses
+/// 89-120 at head dims 32 to 128, without spills.
+pub const SPLIT_ACCUMULATORS: usize = 32;
 
 /// Head-dim vectors per step of [`flash_attention_rows`]'s dot product when q is read from
 /// memory.
@@ -877,6 +897,11 @@ const Q_STEP: usize = 2;
 /// This suits devices where barriers are expensive and caches large (CPU Vulkan drivers such as
 /// lavapipe), and the local regime; on GPUs the tiled [`flash_attention`] reuses K/V through
 /// shared memory instead.
+///
+/// With `cfg.splits > 1`, `splits` neighbouring units share a row block: each recomputes the
+/// scores (the same K rows, so from cache) and accumulates its own slice of the head dims.
+/// Decoding on GPUs uses this: one row per (batch, head) gives few units, and a whole row of
+/// accumulators per unit costs registers.
 #[cube(launch_unchecked)]
 pub fn flash_attention_rows<F: Float, N: Size>(
     q: &Tensor<Vector<F, N>>,
@@ -902,9 +927,14 @@ pub fn flash_attention_rows<F: Float, N: Size>(
     let seq_k = k.shape(1);
     let shift = seq_k - seq;
     let n_rb = seq.div_ceil(rr);
-    if ABSOLUTE_POS < batch * heads * n_rb {
-        let i0 = (ABSOLUTE_POS % n_rb) * rr;
-        let bh = ABSOLUTE_POS / n_rb;
+    let dps = comptime!(cfg.split_vectors());
+    if ABSOLUTE_POS < batch * heads * n_rb * cfg.splits {
+        // This unit's first head-dim vector of the output.
+        let split = ABSOLUTE_POS % cfg.splits;
+        let c0 = split * dps;
+        let unit = ABSOLUTE_POS / cfg.splits;
+        let i0 = (unit % n_rb) * rr;
+        let bh = unit / n_rb;
         let h = bh % heads;
         let b = bh / heads;
 
@@ -914,19 +944,22 @@ pub fn flash_attention_rows<F: Float, N: Size>(
         } else {
             cfg.rows * cfg.head_dim / cfg.vector
         }));
-        let mut acc = Array::<Vector<f32, N>>::new(comptime!(cfg.rows * cfg.head_dim / cfg.vector));
+        let mut acc = Array::<Vector<f32, N>>::new(comptime!(cfg.rows * cfg.split_vectors()));
         let mut m = Array::<f32>::new(rr);
         let mut l = Array::<f32>::new(rr);
         #[unroll]
         for r in 0..rr {
             let i = min(i0 + r, seq - 1);
             let q_at = (q_row0 + i * q.stride(1)) / nv;
-            #[unroll]
-            for c in 0..dv {
-                if comptime!(!cfg.q_from_memory) {
+            if comptime!(!cfg.q_from_memory) {
+                #[unroll]
+                for c in 0..dv {
                     qr[r * dv + c] = Vector::<f32, N>::cast_from(q[q_at + c]);
                 }
-                acc[r * dv + c] = Vector::<f32, N>::new(0.0);
+            }
+            #[unroll]
+            for c in 0..dps {
+                acc[r * dps + c] = Vector::<f32, N>::new(0.0);
             }
             m[r] = NEG;
             l[r] = 0.0;
@@ -1020,8 +1053,8 @@ pub fn flash_attention_rows<F: Float, N: Size>(
                 l[r] = l[r] * alpha + sum;
                 m[r] = m_new;
                 #[unroll]
-                for c in 0..dv {
-                    acc[r * dv + c] = acc[r * dv + c] * Vector::new(alpha);
+                for c in 0..dps {
+                    acc[r * dps + c] = acc[r * dps + c] * Vector::new(alpha);
                 }
             }
             for u in 0..ch {
@@ -1029,11 +1062,14 @@ pub fn flash_attention_rows<F: Float, N: Size>(
                 if j < end {
                     let v_at = (v_row0 + j * v.stride(1)) / nv;
                     #[unroll]
-                    for c in 0..dv {
-                        let vc = Vector::<f32, N>::cast_from(v[v_at + c]);
-                        #[unroll]
-                        for r in 0..rr {
-                            acc[r * dv + c] += Vector::new(sp[r * ch + u]) * vc;
+                    for c in 0..dps {
+                        // The last split's slice may run past D (with one split, c0 = 0 and it never does).
+                        if c0 + c < dv {
+                            let vc = Vector::<f32, N>::cast_from(v[v_at + c0 + c]);
+                            #[unroll]
+                            for r in 0..rr {
+                                acc[r * dps + c] += Vector::new(sp[r * ch + u]) * vc;
+                            }
                         }
                     }
                 }
@@ -1049,10 +1085,15 @@ pub fn flash_attention_rows<F: Float, N: Size>(
                 let inv_l = Vector::<f32, N>::new(1.0 / l[r]);
                 let o_at = (o_row0 + i * out.stride(1)) / nv;
                 #[unroll]
-                for c in 0..dv {
-                    out[o_at + c] = Vector::cast_from(acc[r * dv + c] * inv_l);
+                for c in 0..dps {
+                    if c0 + c < dv {
+                        out[o_at + c0 + c] = Vector::cast_from(acc[r * dps + c] * inv_l);
+                    }
                 }
-                lse[b * lse.stride(0) + h * lse.stride(1) + i * lse.stride(2)] = m[r] + l[r].ln();
+                if split == 0 {
+                    lse[b * lse.stride(0) + h * lse.stride(1) + i * lse.stride(2)] =
+                        m[r] + l[r].ln();
+                }
             }
         }
     }

@@ -7,7 +7,7 @@
 //!
 //! Decoding against a KV cache: k and v may hold S_kv > S positions, (B, S_kv, H, D); query i
 //! is then position i + S_kv - S and, when causal, sees keys 0..=i + S_kv - S. That case runs
-//! the `Rows` kernel.
+//! the `Rows` kernel (`RowsSplitDims` on devices with plane operations).
 
 use cubecl::ir::features::Plane;
 use cubecl::prelude::*;
@@ -35,13 +35,18 @@ pub enum AttentionKernel {
     /// with f32 accumulation (when queries and keys are the same length); otherwise `Tiled` on
     /// devices with plane (warp) operations, `Rows` on devices without them, which in practice
     /// are CPU drivers such as lavapipe (cubecl's wgpu runtime hides plane ops on CPU
-    /// adapters), where barriers are expensive and caches large.
+    /// adapters), where barriers are expensive and caches large. Decoding against a longer KV
+    /// cache runs `RowsSplitDims` on devices with plane ops and `Rows` on the others.
     Auto,
     /// Groups of units share Q/K/V tiles through shared memory; several short sequences per
     /// cube in the local regime.
     Tiled,
     /// One query row per unit, registers only, no barriers.
     Rows,
+    /// The `Rows` kernel with each row's head dims spread over units, each accumulating at most
+    /// 32 floats of output per row (and recomputing the row's scores): more units and fewer
+    /// registers per unit, for decoding on GPUs.
+    RowsSplitDims,
     /// QKᵀ and PV on tensor-core (CMMA) fragments, f16/bf16 only, on devices that have them.
     Cmma,
     /// The `Cmma` kernel with each fragment product computed by plain loops over the same
@@ -348,7 +353,7 @@ pub fn flash_attention_with<R: Runtime, E: FloatElement>(
             what: "key sequence length",
             value: seq_k,
             reason: format!(
-                "the {kernel:?} kernel needs as many keys as queries ({seq}); `Rows` or `Auto` decode against a longer cache"
+                "the {kernel:?} kernel needs as many keys as queries ({seq}); `Rows`, `RowsSplitDims` or `Auto` decode against a longer cache"
             ),
         });
     }
@@ -384,11 +389,11 @@ pub fn flash_attention_with<R: Runtime, E: FloatElement>(
         }
         _ => None,
     };
+    let plane_ops = client.properties().features.plane.contains(Plane::Ops);
     let kernel = match kernel {
+        AttentionKernel::Auto if seq_k != seq && plane_ops => AttentionKernel::RowsSplitDims,
         AttentionKernel::Auto if seq_k != seq => AttentionKernel::Rows,
-        AttentionKernel::Auto if client.properties().features.plane.contains(Plane::Ops) => {
-            AttentionKernel::Tiled
-        }
+        AttentionKernel::Auto if plane_ops => AttentionKernel::Tiled,
         // llvmpipe caps a shader loop at 65,535 iterations per unit; the `Rows` kernel's key
         // loops run S times, the tiled kernel's S / 16.
         AttentionKernel::Auto if seq < ROWS_MAX_SEQ => AttentionKernel::Rows,
@@ -426,24 +431,27 @@ pub fn flash_attention_with<R: Runtime, E: FloatElement>(
     // SAFETY (both launches): shapes were validated above; the kernels bounds-check rows
     // against S and work items against their count, and `vector` divides D, all strides and
     // all offsets.
-    if kernel == AttentionKernel::Rows {
+    if matches!(
+        kernel,
+        AttentionKernel::Rows | AttentionKernel::RowsSplitDims
+    ) {
         let rows_per_unit = (ROWS_VECTORS / (head_dim / vector))
             .clamp(1, ROWS_PER_UNIT)
             .min(seq);
         let rows = batch * heads * seq.div_ceil(rows_per_unit);
-        let (cube_count, cube_dim) = grid_1d(client, rows);
         let cfg = RowsConfig {
             head_dim,
             vector,
             causal,
             chunk: ROWS_CHUNK,
             rows: rows_per_unit,
-            q_from_memory: RowsConfig::q_from_memory_for(
-                rows_per_unit,
-                head_dim,
-                client.properties().features.plane.contains(Plane::Ops),
-            ),
+            q_from_memory: RowsConfig::q_from_memory_for(rows_per_unit, head_dim, plane_ops),
+            splits: match kernel {
+                AttentionKernel::RowsSplitDims => RowsConfig::splits_for(head_dim, vector),
+                _ => 1,
+            },
         };
+        let (cube_count, cube_dim) = grid_1d(client, rows * cfg.splits);
         unsafe {
             flash_attention_rows::launch_unchecked::<E, R>(
                 client,

@@ -46,7 +46,11 @@ fn run_case<E: FloatElement>(
     naive_attention(&t(&q), &t(&k), &t(&v), &naive_out, &naive_lse, causal).unwrap();
     let (naive_out, naive_lse) = (read_f64(&naive_out), read_f64(&naive_lse));
 
-    let mut kernels = vec![AttentionKernel::Tiled, AttentionKernel::Rows];
+    let mut kernels = vec![
+        AttentionKernel::Tiled,
+        AttentionKernel::Rows,
+        AttentionKernel::RowsSplitDims,
+    ];
     if std::mem::size_of::<E>() == 2 {
         kernels.push(AttentionKernel::CmmaEmulated);
         if cmma_supported::<TestRuntime, E>(client) {
@@ -242,33 +246,41 @@ fn run_decode_case<E: FloatElement>(
     let q_view = qt
         .strided((s - sq) * h * d, &[b, sq, h, d], &[s * h * d, h * d, d, 1])
         .unwrap();
-    let out = Tensor::<TestRuntime, E>::full(client, &[b, sq, h, d], f64::NAN);
-    let lse = Tensor::<TestRuntime, f32>::full(client, &[b, h, sq], f64::NAN);
-    flash_attention(
-        &q_view,
-        &kc.strided(0, &[b, s, h, d], &kv_strides).unwrap(),
-        &vc.strided(0, &[b, s, h, d], &kv_strides).unwrap(),
-        &out,
-        &lse,
-        true,
-    )
-    .unwrap();
-    check::<E>(
-        &case,
-        "out",
-        &read_f64(&out),
-        &rows(&naive_out),
-        &rows(&ref_out),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    check::<f32>(
-        &case,
-        "lse",
-        &read_f64(&lse),
-        &lse_rows(&naive_lse),
-        &lse_rows(&ref_lse),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    for kernel in [
+        AttentionKernel::Auto,
+        AttentionKernel::Rows,
+        AttentionKernel::RowsSplitDims,
+    ] {
+        let case = format!("{case} {kernel:?}");
+        let out = Tensor::<TestRuntime, E>::full(client, &[b, sq, h, d], f64::NAN);
+        let lse = Tensor::<TestRuntime, f32>::full(client, &[b, h, sq], f64::NAN);
+        flash_attention_with(
+            kernel,
+            &q_view,
+            &kc.strided(0, &[b, s, h, d], &kv_strides).unwrap(),
+            &vc.strided(0, &[b, s, h, d], &kv_strides).unwrap(),
+            &out,
+            &lse,
+            true,
+        )
+        .unwrap();
+        check::<E>(
+            &case,
+            "out",
+            &read_f64(&out),
+            &rows(&naive_out),
+            &rows(&ref_out),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        check::<f32>(
+            &case,
+            "lse",
+            &read_f64(&lse),
+            &lse_rows(&naive_lse),
+            &lse_rows(&ref_lse),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
 }
 
 #[test]
@@ -283,6 +295,8 @@ fn decode_against_a_cache() {
             // One row per unit past head dim 64: q re-read from memory at every key.
             (2, 50, 1, 2, 128),
             (1, 17, 1, 1, 80),
+            // An odd head dim: scalar loads, and the last split's slice runs past D.
+            (2, 12, 3, 1, 33),
         ]
         .iter()
         .enumerate()
