@@ -2,7 +2,8 @@
 //! cubek-attention 0.2.0 (its register-tile "unit" routine, the one that runs without plane
 //! ops or tensor cores) on the same runtime; on devices with tensor cores, also the CMMA flash
 //! kernel next to the plain tiled one in f16. Throughput counts causal FLOPs: half of
-//! 4·S²·D per (batch, head).
+//! 4·S²·D per (batch, head). Decoding (one new query row per sequence against a KV cache)
+//! compares `Rows` with `RowsSplitDims`; its throughput counts 4·S_kv·D per (batch, head).
 //!
 //! `cargo bench -p megabyte-benches --bench attention`
 
@@ -183,6 +184,37 @@ fn bench(c: &mut Criterion) {
                     })
                 })
             },
+        );
+    }
+    // Decoding: one query row per (batch, head) against a cache of 2,048 positions.
+    for (name, b, s_kv, h, d) in [
+        ("decode_kv2048_d64", 4usize, 2048usize, 8usize, 64usize),
+        ("decode_kv2048_d128", 4, 2048, 8, 128),
+    ] {
+        group.throughput(Throughput::Elements((4 * b * h * s_kv * d) as u64));
+        let data: Vec<f32> = (0..b * s_kv * h * d)
+            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        let t = |shape: &[usize]| {
+            let n = shape.iter().product();
+            Tensor::<Rt, f32>::from_f32(&client, &data[..n], shape).unwrap()
+        };
+        let (q, k, v) = (t(&[b, 1, h, d]), t(&[b, s_kv, h, d]), t(&[b, s_kv, h, d]));
+        let out = Tensor::<Rt, f32>::empty(&client, &[b, 1, h, d]);
+        let lse = Tensor::<Rt, f32>::empty(&client, &[b, h, 1]);
+        bench_flash(
+            &mut group,
+            &client,
+            name,
+            &[
+                ("wgpu_attention_f32_flash_rows", AttentionKernel::Rows),
+                (
+                    "wgpu_attention_f32_flash_rows_split",
+                    AttentionKernel::RowsSplitDims,
+                ),
+            ],
+            [&q, &k, &v, &out],
+            &lse,
         );
     }
     group.finish();

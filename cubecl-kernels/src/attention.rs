@@ -852,9 +852,9 @@ pub struct RowsConfig {
     /// Read q from memory at every key instead of holding it in registers (see
     /// [`RowsConfig::q_from_memory_for`]).
     pub q_from_memory: bool,
-    /// Units per row block: each computes the rows' full scores but accumulates, and writes,
-    /// only its own [`RowsConfig::split_vectors`] head-dim vectors of the output. 1 for one
-    /// unit per row block.
+    /// Units per row block (at least 1, at most D / vector): each computes the rows' full
+    /// scores but accumulates, and writes, only its own [`RowsConfig::split_vectors`] head-dim
+    /// vectors of the output. 1 for one unit per row block.
     pub splits: usize,
 }
 
@@ -891,8 +891,8 @@ const Q_STEP: usize = 2;
 /// Flash attention with a few query rows per unit and no shared memory or barriers: the unit
 /// keeps its rows' q and output accumulators in registers and streams keys from global memory,
 /// `chunk` at a time (one rescale of the accumulators per chunk); each loaded K/V vector serves
-/// all `rows` rows. Units are numbered (b, h, row block) with the row block fastest, so
-/// neighbouring units read the same K/V rows from cache.
+/// all `rows` rows. Units are numbered (b, h, row block, split) with the split fastest, then
+/// the row block, so neighbouring units read the same K/V rows from cache.
 ///
 /// This suits devices where barriers are expensive and caches large (CPU Vulkan drivers such as
 /// lavapipe), and the local regime; on GPUs the tiled [`flash_attention`] reuses K/V through

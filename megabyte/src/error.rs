@@ -24,6 +24,14 @@ pub enum Error {
     EmptyPrompt,
     #[error("the context of {context} bytes is full: no position is left to predict")]
     ContextFull { context: usize },
+    #[error("the evaluation stride {stride} must be between 1 and the window length {context}")]
+    EvalStride { stride: usize, context: usize },
+    #[error("the evaluation window {window} must be a multiple of the patch size {patch} between {patch} and the context length {context}")]
+    EvalWindow {
+        window: usize,
+        patch: usize,
+        context: usize,
+    },
     #[error("weights do not match the config: tensor `{name}` has {got} elements, the config needs {expected}")]
     WeightsMismatch {
         name: String,

@@ -14,7 +14,7 @@ use std::time::Instant;
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use megabyte::checkpoint;
-use megabyte::eval::{evaluate, Evaluation};
+use megabyte::eval::{evaluate, evaluate_strided, Evaluation};
 use megabyte::info::{flops_per_byte, memory, parameters};
 use megabyte::ops::cubecl::prelude::*;
 use megabyte::ops::{try_client, FloatElement};
@@ -114,6 +114,16 @@ enum Command {
         /// Evaluate at most this many bytes of the file.
         #[arg(long)]
         limit: Option<usize>,
+        /// Window length in bytes, a multiple of the patch size up to the context length
+        /// (default: the context length). A model trained on shorter sequences than its context
+        /// has never seen the positions past them.
+        #[arg(long)]
+        window: Option<usize>,
+        /// Start a window every this many bytes, scoring only the bytes past the previous
+        /// window, so each byte after the first window has at least window - stride bytes
+        /// before it. Default: the window length (consecutive windows).
+        #[arg(long)]
+        stride: Option<usize>,
     },
     /// Train a model on a file or a directory of files (read recursively, in path order).
     Train(TrainArgs),
@@ -238,7 +248,9 @@ fn main() {
             model,
             batch,
             limit,
-        } => eval(&model, &file, batch, limit),
+            window,
+            stride,
+        } => eval(&model, &file, batch, limit, window, stride),
         Command::Train(args) => train(&args),
         Command::Export {
             checkpoint,
@@ -504,12 +516,34 @@ fn device_generate<R: Runtime>(
     }
 }
 
-fn eval(args: &ModelArgs, file: &PathBuf, batch: usize, limit: Option<usize>) -> Result<(), Error> {
+fn eval(
+    args: &ModelArgs,
+    file: &PathBuf,
+    batch: usize,
+    limit: Option<usize>,
+    window: Option<usize>,
+    stride: Option<usize>,
+) -> Result<(), Error> {
     let (cfg, w) = load(
         args.checkpoint.as_ref(),
         args.preset.as_deref(),
         args.init_seed,
     )?;
+    let window = window.unwrap_or(cfg.context);
+    if window == 0 || window % cfg.patch != 0 || window > cfg.context {
+        return Err(Error::EvalWindow {
+            window,
+            patch: cfg.patch,
+            context: cfg.context,
+        });
+    }
+    let stride = stride.unwrap_or(window);
+    if stride == 0 || stride > window {
+        return Err(Error::EvalStride {
+            stride,
+            context: window,
+        });
+    }
     let mut data = if file.as_os_str() == "-" {
         read_prompt(None)?
     } else {
@@ -534,9 +568,10 @@ fn eval(args: &ModelArgs, file: &PathBuf, batch: usize, limit: Option<usize>) ->
     let start = Instant::now();
     let progress = |done: usize| bar.set_position(done as u64);
     let result = match backend(args.device)? {
-        Backend::Cpu => evaluate(
+        Backend::Cpu => evaluate_strided(
             &data,
-            cfg.context,
+            window,
+            stride,
             cfg.patch,
             batch,
             |ids, b, t| {
@@ -549,9 +584,13 @@ fn eval(args: &ModelArgs, file: &PathBuf, batch: usize, limit: Option<usize>) ->
             progress,
         )?,
         #[cfg(feature = "wgpu")]
-        Backend::Wgpu(c) => device_eval(&c, args.dtype, &cfg, &w, &data, batch, progress)?,
+        Backend::Wgpu(c) => device_eval(
+            &c, args.dtype, &cfg, &w, &data, window, stride, batch, progress,
+        )?,
         #[cfg(feature = "cuda")]
-        Backend::Cuda(c) => device_eval(&c, args.dtype, &cfg, &w, &data, batch, progress)?,
+        Backend::Cuda(c) => device_eval(
+            &c, args.dtype, &cfg, &w, &data, window, stride, batch, progress,
+        )?,
     };
     bar.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
@@ -564,27 +603,34 @@ fn eval(args: &ModelArgs, file: &PathBuf, batch: usize, limit: Option<usize>) ->
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn device_eval<R: Runtime>(
     client: &ComputeClient<R>,
     dtype: DtypeArg,
     cfg: &Config,
     w: &Weights,
     data: &[u8],
+    window: usize,
+    stride: usize,
     batch: usize,
     progress: impl FnMut(usize),
 ) -> Result<Evaluation, Error> {
+    #[allow(clippy::too_many_arguments)]
     fn run<R: Runtime, E: FloatElement>(
         client: &ComputeClient<R>,
         cfg: &Config,
         w: &Weights,
         data: &[u8],
+        window: usize,
+        stride: usize,
         batch: usize,
         progress: impl FnMut(usize),
     ) -> Result<Evaluation, Error> {
         let model = Model::<R, E>::new(client, cfg, w)?;
-        evaluate(
+        evaluate_strided(
             data,
-            cfg.context,
+            window,
+            stride,
             cfg.patch,
             batch,
             |ids, b, _| model.losses(ids, b),
@@ -592,8 +638,8 @@ fn device_eval<R: Runtime>(
         )
     }
     match dtype {
-        DtypeArg::F32 => run::<R, f32>(client, cfg, w, data, batch, progress),
-        DtypeArg::F16 => run::<R, half::f16>(client, cfg, w, data, batch, progress),
+        DtypeArg::F32 => run::<R, f32>(client, cfg, w, data, window, stride, batch, progress),
+        DtypeArg::F16 => run::<R, half::f16>(client, cfg, w, data, window, stride, batch, progress),
     }
 }
 

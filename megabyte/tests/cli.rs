@@ -145,6 +145,25 @@ fn wgpu_and_cpu_agree() {
         "{}",
         text(&gpu.stdout)
     );
+    // Overlapping windows: every byte still scored once, the same on both devices.
+    let strided = ["eval", "--window", "32", "--stride", "12", d];
+    let (cpu, gpu) = (run("cpu", &strided), run("wgpu", &strided));
+    assert!(
+        cpu.status.success() && gpu.status.success(),
+        "{}{}",
+        text(&cpu.stderr),
+        text(&gpu.stderr)
+    );
+    let (a, b) = (bits(&cpu), bits(&gpu));
+    assert!(
+        (a - b).abs() < 1e-3,
+        "strided bits per byte: cpu {a}, wgpu {b}"
+    );
+    assert!(
+        text(&gpu.stdout).contains("over 225 bytes"),
+        "{}",
+        text(&gpu.stdout)
+    );
 }
 
 #[test]
@@ -228,6 +247,36 @@ fn bad_input_gets_a_one_line_error() {
     assert_one_line_error(
         &out,
         "prompt of 3 bytes plus 100 new bytes exceeds the context of 64 bytes",
+    );
+    // An evaluation stride longer than the context.
+    let out = megabyte(&[
+        "eval",
+        "--checkpoint",
+        p,
+        "--device",
+        "cpu",
+        "--stride",
+        "65",
+        "/nonexistent/file",
+    ]);
+    assert_one_line_error(
+        &out,
+        "the evaluation stride 65 must be between 1 and the window length 64",
+    );
+    // A window that is not a whole number of patches, and a stride past a shorter window.
+    let eval_with = |flags: &[&str]| {
+        let mut args = vec!["eval", "--checkpoint", p, "--device", "cpu"];
+        args.extend(flags);
+        args.push("/nonexistent/file");
+        megabyte(&args)
+    };
+    assert_one_line_error(
+        &eval_with(&["--window", "30"]),
+        "the evaluation window 30 must be a multiple of the patch size 4 between 4 and the context length 64",
+    );
+    assert_one_line_error(
+        &eval_with(&["--window", "32", "--stride", "48"]),
+        "the evaluation stride 48 must be between 1 and the window length 32",
     );
     // A missing file to evaluate, and no model at all.
     let out = megabyte(&[

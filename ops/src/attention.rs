@@ -41,11 +41,12 @@ pub enum AttentionKernel {
     /// Groups of units share Q/K/V tiles through shared memory; several short sequences per
     /// cube in the local regime.
     Tiled,
-    /// One query row per unit, registers only, no barriers.
+    /// A few query rows per unit (each K/V vector loaded serves them all), registers only, no
+    /// barriers.
     Rows,
-    /// The `Rows` kernel with each row's head dims spread over units, each accumulating at most
-    /// 32 floats of output per row (and recomputing the row's scores): more units and fewer
-    /// registers per unit, for decoding on GPUs.
+    /// The `Rows` kernel with one query row per unit group and the row's head dims spread over
+    /// the group's units, each accumulating at most 32 floats of output (and recomputing the
+    /// row's scores): more units and fewer registers per unit, for decoding on GPUs.
     RowsSplitDims,
     /// QKᵀ and PV on tensor-core (CMMA) fragments, f16/bf16 only, on devices that have them.
     Cmma,
@@ -435,9 +436,13 @@ pub fn flash_attention_with<R: Runtime, E: FloatElement>(
         kernel,
         AttentionKernel::Rows | AttentionKernel::RowsSplitDims
     ) {
-        let rows_per_unit = (ROWS_VECTORS / (head_dim / vector))
-            .clamp(1, ROWS_PER_UNIT)
-            .min(seq);
+        // Split units keep one row each, so their accumulators stay within the split's bound.
+        let rows_per_unit = match kernel {
+            AttentionKernel::RowsSplitDims => 1,
+            _ => (ROWS_VECTORS / (head_dim / vector))
+                .clamp(1, ROWS_PER_UNIT)
+                .min(seq),
+        };
         let rows = batch * heads * seq.div_ceil(rows_per_unit);
         let cfg = RowsConfig {
             head_dim,

@@ -246,8 +246,11 @@ fn run_decode_case<E: FloatElement>(
     let q_view = qt
         .strided((s - sq) * h * d, &[b, sq, h, d], &[s * h * d, h * d, d, 1])
         .unwrap();
-    // (`Auto` picks one of the two.)
-    for kernel in [AttentionKernel::Rows, AttentionKernel::RowsSplitDims] {
+    for kernel in [
+        AttentionKernel::Auto,
+        AttentionKernel::Rows,
+        AttentionKernel::RowsSplitDims,
+    ] {
         let case = format!("{case} {kernel:?}");
         let out = Tensor::<TestRuntime, E>::full(client, &[b, sq, h, d], f64::NAN);
         let lse = Tensor::<TestRuntime, f32>::full(client, &[b, h, sq], f64::NAN);
