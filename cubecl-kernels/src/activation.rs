@@ -6,7 +6,7 @@
 
 use cubecl::prelude::*;
 
-/// Comptime tag for [`activation`].
+/// Comptime tag for [`activation()`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ActivationKind {
     Gelu,
@@ -23,7 +23,7 @@ impl ActivationKind {
 }
 
 /// erf(z) by its Taylor series, 2/√π · Σ (-1)^n z^(2n+1) / (n! (2n+1)); 11 terms reach 1e-9
-/// at |z| = 1. Used for -1/2 < z < 1 (see [`gelu`]).
+/// at |z| = 1. Used for -1/2 < z < 1 (see [`gelu()`]).
 #[cube]
 fn erf_series<F: Float, N: Size>(z: Vector<F, N>) -> Vector<F, N> {
     let u = z * z;
@@ -97,7 +97,7 @@ pub fn gelu<F: Float, N: Size>(x: Vector<F, N>) -> Vector<F, N> {
     )
 }
 
-/// GELU'(x) = Φ(x) + x·φ(x), with Φ from the same two pieces as [`gelu`].
+/// GELU'(x) = Φ(x) + x·φ(x), with Φ from the same two pieces as [`gelu()`].
 #[cube]
 pub fn gelu_grad<F: Float, N: Size>(x: Vector<F, N>) -> Vector<F, N> {
     let z = x * Vector::new(F::new(comptime!(core::f32::consts::FRAC_1_SQRT_2)));
@@ -128,7 +128,7 @@ pub fn apply_activation<F: Float, N: Size>(x: Vector<F, N>, #[comptime] act: u32
     }
 }
 
-/// output[i] = act(input[i]) for every vector i < input.len(). Half-precision inputs are
+/// `output[i] = act(input[i])` for every vector `i < input.len()`. Half-precision inputs are
 /// computed in f32 and rounded once on the store: the polynomial erf loses several ulps when
 /// every step rounds to f16.
 #[cube(launch_unchecked)]
@@ -146,7 +146,7 @@ pub fn activation<F: Float, N: Size>(
 
 /// The straightforward GELU, `x/2 · (1 + erf(x/√2))` with the backend's `erf` in the element
 /// type: the same-precision naive implementation that tests and benches measure
-/// [`activation`] against.
+/// [`activation()`] against.
 #[cube(launch_unchecked)]
 pub fn gelu_naive<F: Float>(input: &Array<F>, output: &mut Array<F>) {
     if ABSOLUTE_POS < input.len() {
@@ -157,8 +157,8 @@ pub fn gelu_naive<F: Float>(input: &Array<F>, output: &mut Array<F>) {
     }
 }
 
-/// d_input[i] = d_output[i] · act'(pre[i]) for every vector i, act selected as in
-/// [`apply_activation`] (ReLU'(0) = 0). Computed in f32, rounded once on the store.
+/// `d_input[i] = d_output[i] · act'(pre[i])` for every vector i, act selected as in
+/// [`apply_activation()`] (ReLU'(0) = 0). Computed in f32, rounded once on the store.
 #[cube(launch_unchecked)]
 pub fn activation_backward<F: Float, N: Size>(
     pre: &Array<Vector<F, N>>,

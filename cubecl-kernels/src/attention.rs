@@ -285,7 +285,7 @@ pub fn flash_attention<F: Float, N: Size>(
     }
 }
 
-/// Comptime shape of [`flash_attention_cmma`].
+/// Comptime shape of [`flash_attention_cmma()`].
 ///
 /// A cube of `planes` planes of `plane_size` units computes `16 · planes` query rows of one
 /// (batch, head) pair; plane p owns rows 16p..16p + 16. K/V tiles of `block_k` keys stream
@@ -441,7 +441,7 @@ fn fragment_mma_emulated<F: Float>(
 }
 
 /// The tensor-core flash attention: the same function, layouts, offsets and log-sum-exp as
-/// [`flash_attention`], with QKᵀ and PV on CMMA fragments (see [`FlashCmmaConfig`]). Per K/V
+/// [`flash_attention()`], with QKᵀ and PV on CMMA fragments (see [`FlashCmmaConfig`]). Per K/V
 /// tile, each plane computes its 16 × block_k scores into an f32 tile; the lane owning a row
 /// applies scale and mask, updates the running max and sum and writes the unnormalised
 /// probabilities as F; the output accumulator (f32, shared) is rescaled row by row, loaded as
@@ -760,7 +760,7 @@ pub fn flash_attention_cmma<F: Float, N: Size>(
 }
 
 /// Naive attention, step 1: scores[b, h, i, j] = q_i · k_j · scale in f32, stored in F; one unit
-/// per score. Masked scores are left as computed; [`naive_softmax`] applies the mask.
+/// per score. Masked scores are left as computed; [`naive_softmax()`] applies the mask.
 #[cube(launch_unchecked)]
 pub fn naive_scores<F: Float>(q: &Tensor<F>, k: &Tensor<F>, scores: &mut Tensor<F>, scale: f32) {
     let seq = q.shape(1);
@@ -838,7 +838,7 @@ pub fn naive_weighted_sum<F: Float>(probs: &Tensor<F>, v: &Tensor<F>, out: &mut 
     }
 }
 
-/// Comptime shape of [`flash_attention_rows`].
+/// Comptime shape of [`flash_attention_rows()`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RowsConfig {
     pub head_dim: usize,
@@ -884,7 +884,7 @@ impl RowsConfig {
 /// 89-120 at head dims 32 to 128, without spills.
 pub const SPLIT_ACCUMULATORS: usize = 32;
 
-/// Head-dim vectors per step of [`flash_attention_rows`]'s dot product when q is read from
+/// Head-dim vectors per step of [`flash_attention_rows()`]'s dot product when q is read from
 /// memory.
 const Q_STEP: usize = 2;
 
@@ -895,7 +895,7 @@ const Q_STEP: usize = 2;
 /// the row block, so neighbouring units read the same K/V rows from cache.
 ///
 /// This suits devices where barriers are expensive and caches large (CPU Vulkan drivers such as
-/// lavapipe), and the local regime; on GPUs the tiled [`flash_attention`] reuses K/V through
+/// lavapipe), and the local regime; on GPUs the tiled [`flash_attention()`] reuses K/V through
 /// shared memory instead.
 ///
 /// With `cfg.splits > 1`, `splits` neighbouring units share a row block: each recomputes the
@@ -1159,7 +1159,7 @@ fn dots_from_memory<F: Float>(
     (s, t)
 }
 
-/// (q_i·k_j, dO_i·v_j) for [`attention_backward_q`]: q_i from registers (`qr`) when
+/// (q_i·k_j, dO_i·v_j) for [`attention_backward_q()`]: q_i from registers (`qr`) when
 /// `in_registers`, otherwise every operand through [`dots_from_memory`].
 #[cube]
 #[allow(clippy::too_many_arguments)]
@@ -1200,7 +1200,7 @@ fn query_row_dots<F: Float>(
 /// P_ij = exp(s_ij - m_i) / l_i. (Recomputing m and l instead of reading the forward's f32
 /// log-sum-exp keeps P as accurate as a naive softmax: exp(s - lse) inherits lse's rounding,
 /// about |lse|·eps, on every probability.) Writes m, l and delta (B, H, S) for
-/// [`attention_backward_kv`]. q, k, v, dq are strided views (unit stride over D, offsets
+/// [`attention_backward_kv()`]. q, k, v, dq are strided views (unit stride over D, offsets
 /// passed separately); d_out is contiguous (B, S, H, D). `cfg.chunks` units share a row, each
 /// accumulating dQ over its own slice of the head dims; the first writes the statistics.
 #[allow(clippy::too_many_arguments)]
@@ -1333,7 +1333,7 @@ pub fn attention_backward_q<F: Float>(
 
 /// Attention backward, key side: one unit per (b, h, key j), over the queries that see it:
 /// dV_j = Σ_i P_ij dO_i, dK_j = scale · Σ_i P_ij (dO_i·V_j - delta_i) Q_i, with the row
-/// statistics m, l and delta from [`attention_backward_q`]. Views, layouts and chunks as there.
+/// statistics m, l and delta from [`attention_backward_q()`]. Views, layouts and chunks as there.
 #[allow(clippy::too_many_arguments)]
 #[cube(launch_unchecked)]
 pub fn attention_backward_kv<F: Float>(

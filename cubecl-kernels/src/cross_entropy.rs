@@ -4,7 +4,7 @@
 
 use cubecl::prelude::*;
 
-/// Comptime shape of [`tied_cross_entropy`].
+/// Comptime shape of [`tied_cross_entropy()`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CrossEntropyConfig {
     /// Units per cube, a power of two; unit u scores the entries v = u + j·units.
@@ -20,8 +20,8 @@ pub struct CrossEntropyConfig {
 /// Large negative stand-in for -inf: `exp(NEG - NEG)` stays finite.
 const NEG: f32 = -1.0e30;
 
-/// For each row r: z[v] = x[r, :] · table[v, :] (f32), lse[r] = log Σ_v exp z[v] and
-/// loss[r] = lse[r] - z[targets[r]] in nats; logits[r, v] = z[v] when `cfg.write_logits`
+/// For each row r: `z[v] = x[r, :] · table[v, :]` (f32), `lse[r] = log Σ_v exp z[v]` and
+/// `loss[r] = lse[r] - z[targets[r]]` in nats; `logits[r, v] = z[v]` when `cfg.write_logits`
 /// (a placeholder otherwise).
 ///
 /// A cube takes `rows` rows. Unit u accumulates the dot products of its `per_unit` vocabulary
@@ -146,7 +146,7 @@ pub fn tied_cross_entropy<F: Float, N: Size>(
 }
 
 /// Cross-entropy backward in place: logits (rows, V) become
-/// d_logits = (exp(z - lse[r]) - [v == target[r]]) · scale, the probabilities never stored
+/// `d_logits = (exp(z - lse[r]) - [v == target[r]]) · scale`, the probabilities never stored
 /// on their own. One unit per element; `lse` is the forward's.
 #[cube(launch_unchecked)]
 pub fn cross_entropy_backward<F: Float>(

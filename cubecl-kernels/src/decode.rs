@@ -57,7 +57,7 @@ pub mod output {
     pub const ARGMAX: u32 = 3;
 }
 
-/// Comptime shape of [`decode_stack`].
+/// Comptime shape of [`decode_stack()`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct DecodeConfig {
     /// Channels C.

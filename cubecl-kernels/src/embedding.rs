@@ -35,7 +35,7 @@ pub fn embedding_backward_by_position<F: Float>(
     }
 }
 
-/// Comptime shape of [`embedding_backward_by_id`].
+/// Comptime shape of [`embedding_backward_by_id()`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ByIdConfig {
     /// Units per cube.

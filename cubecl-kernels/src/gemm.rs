@@ -1,8 +1,8 @@
 //! Tiled GEMM with register blocking and a fused epilogue, and the naive one-unit-per-output
 //! GEMM it is measured against.
 //!
-//! out[b] = act(scale · (A[b] · B[b]) + bias) + residual[b], where A[b] is (M, K), B[b] is
-//! (K, N) and out[b] is (M, N), for b in 0..batch. A and B are read through arbitrary element
+//! `out[b] = act(scale · (A[b] · B[b]) + bias) + residual[b]`, where `A[b]` is (M, K), `B[b]` is
+//! (K, N) and `out[b]` is (M, N), for b in 0..batch. A and B are read through arbitrary element
 //! strides over (batch, rows, cols) plus an element offset, so transposed operands, a weight
 //! broadcast over the batch (stride 0) or a slice of a fused projection need no copy. The
 //! output and the residual are contiguous.
@@ -21,7 +21,7 @@ use crate::activation::{apply_activation, ActivationKind};
 /// Width of the shared-memory vectors, and the granularity of register tiles.
 pub const STAGE_VECTOR: usize = 4;
 
-/// Comptime shape and epilogue of [`gemm`]. The launcher picks it.
+/// Comptime shape and epilogue of [`gemm()`]. The launcher picks it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct GemmConfig {
     /// Output rows per cube.
@@ -50,8 +50,8 @@ pub struct GemmConfig {
     pub activation: Option<ActivationKind>,
     /// Add `residual[b, m, n]` last.
     pub residual: bool,
-    /// Run [`register_main_loop`] instead of the shared-memory [`gemm_main_loop`] (A must be read
-    /// with vectors along K and B with vectors along N).
+    /// Run [`register_main_loop()`] instead of the shared-memory [`gemm_main_loop()`] (A must
+    /// be read with vectors along K and B with vectors along N).
     pub registers: bool,
 }
 
@@ -196,7 +196,7 @@ fn stage_tile<F: Float, NV: Size, S: Size>(
     }
 }
 
-/// The main loop: accumulates this unit's `tile_m × tile_n` register tile of A[b]·B[b] for the
+/// The main loop: accumulates this unit's `tile_m × tile_n` register tile of `A[b]·B[b]` for the
 /// block at (m0, n0) into `acc`: `tile_m` rows of `tile_n / S` vectors along n, zeroed here.
 /// `a` is (batch, M, K), `b` is (batch, K, N), both with element offsets. Every unit of the
 /// cube must call it.
@@ -303,7 +303,8 @@ pub fn gemm_main_loop<F: Float, NA: Size, NB: Size, S: Size>(
 }
 
 /// Output vector `jv` (NO lanes along n) of row `i` of a unit's register tile, as left by
-/// [`gemm_main_loop`] or [`register_main_loop`] (rows of `tile_n / STAGE_VECTOR` stage vectors).
+/// [`gemm_main_loop()`] or [`register_main_loop()`] (rows of `tile_n / STAGE_VECTOR` stage
+/// vectors).
 #[cube]
 pub fn tile_vector<NO: Size, S: Size>(
     acc: &Array<Vector<f32, S>>,
@@ -354,8 +355,8 @@ pub fn store_epilogue<F: Float, NO: Size>(
     out[at] = Vector::cast_from(v);
 }
 
-/// The fused epilogue: writes a unit's register tile (as left by [`gemm_main_loop`]) to
-/// out[b, m, n] = act(scale · acc + bias[n]) + residual[b, m, n].
+/// The fused epilogue: writes a unit's register tile (as left by [`gemm_main_loop()`]) to
+/// `out[b, m, n] = act(scale · acc + bias[n]) + residual[b, m, n]`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub fn write_tile<F: Float, NO: Size, S: Size>(
@@ -399,7 +400,7 @@ pub fn write_tile<F: Float, NO: Size, S: Size>(
     }
 }
 
-/// out[b, m, n] = act(scale · Σ_k A[b, m, k] · B[b, k, n] + bias[n]) + residual[b, m, n],
+/// `out[b, m, n] = act(scale · Σ_k A[b, m, k] · B[b, k, n] + bias[n]) + residual[b, m, n]`,
 /// through the main loop the config names. `bias` and `residual` are read only when the config
 /// enables them (the launcher passes placeholders otherwise). The grid is (N blocks, M blocks ×
 /// batch over y and z).
@@ -458,11 +459,11 @@ pub fn gemm_naive<F: Float>(
     }
 }
 
-/// The main loop of [`gemm`] with `cfg.registers`: no shared memory and no barriers; each unit streams
-/// its rows of A (vectors along k) and its columns of B (vectors along n) straight from
-/// global memory, four k at a time, and accumulates its register tile. Neighbouring units
-/// read the same rows and columns, which caches serve; on CPU drivers, where barriers are
-/// expensive and caches large, this beats staging through shared memory.
+/// The main loop of [`gemm()`] with `cfg.registers`: no shared memory and no barriers; each
+/// unit streams its rows of A (vectors along k) and its columns of B (vectors along n)
+/// straight from global memory, four k at a time, and accumulates its register tile.
+/// Neighbouring units read the same rows and columns, which caches serve; on CPU drivers, where
+/// barriers are expensive and caches large, this beats staging through shared memory.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub fn register_main_loop<F: Float, NA: Size, NB: Size, S: Size>(
@@ -548,7 +549,7 @@ pub fn register_main_loop<F: Float, NA: Size, NB: Size, S: Size>(
     }
 }
 
-/// The main loop the config names: [`register_main_loop`] or [`gemm_main_loop`].
+/// The main loop the config names: [`register_main_loop()`] or [`gemm_main_loop()`].
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub fn main_loop<F: Float, NA: Size, NB: Size, S: Size>(
@@ -571,17 +572,17 @@ pub fn main_loop<F: Float, NA: Size, NB: Size, S: Size>(
 /// and bf16 offers).
 pub const FRAGMENT: usize = 16;
 
-/// Alignment in bytes of [`gemm_cmma`]'s shared tiles: fragment loads and stores need 256-bit
+/// Alignment in bytes of [`gemm_cmma()`]'s shared tiles: fragment loads and stores need 256-bit
 /// aligned addresses.
 pub(crate) const SMEM_ALIGN: usize = 128;
 
-/// Comptime shape and epilogue of [`gemm_cmma`].
+/// Comptime shape and epilogue of [`gemm_cmma()`].
 ///
 /// A cube of `planes_m × planes_n` planes of `plane_size` units computes a `block_m × block_n`
 /// output block; each plane owns a `block_m/planes_m × block_n/planes_n` sub-block of 16 × 16
 /// fragments. Operand tiles are staged in shared memory as F (row-major A `[m][k]`, row-major
 /// B `[k][n]`), the fragments multiply them with f32 accumulation, and the accumulators go
-/// through a shared f32 output tile to the same fused epilogue as [`gemm`].
+/// through a shared f32 output tile to the same fused epilogue as [`gemm()`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CmmaConfig {
     pub block_m: usize,
@@ -780,11 +781,11 @@ pub(crate) fn zero_accumulator() -> cmma::Matrix<f32> {
     )
 }
 
-/// The tensor-core GEMM: the same function, operands and epilogue as [`gemm`], with the
+/// The tensor-core GEMM: the same function, operands and epilogue as [`gemm()`], with the
 /// products on CMMA fragments (16 × 16 × 16, F inputs, f32 accumulation). F is f16 or bf16 on
 /// a device whose properties list that CMMA shape; the launcher checks. With `cfg.emulated`
 /// the fragments are computed by plain loops. Cube: (`plane_size`, planes) units; grid as
-/// [`gemm`]'s.
+/// [`gemm()`]'s.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_cmma<F: Float, NA: Size, NB: Size, NO: Size>(

@@ -8,7 +8,7 @@
 
 use cubecl::prelude::*;
 
-/// Comptime shape of [`layer_norm`].
+/// Comptime shape of [`layer_norm()`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct LayerNormConfig {
     /// Units per row, a power of two.
@@ -58,10 +58,10 @@ fn tree_sum(smem: &mut SharedMemory<f32>, base: usize, x: usize) -> f32 {
     total
 }
 
-/// out[r, :] = (x[r, :] - mean) · rstd · weight + bias; mean[r], rstd[r] = 1/sqrt(var + eps),
-/// where x = input, or x = input + residual (then also written to `sum`) when `cfg.residual`.
-/// `residual` and `sum` are placeholders otherwise. Input, residual, sum and out share one
-/// row stride.
+/// `out[r, :] = (x[r, :] - mean) · rstd · weight + bias`; `mean[r]`,
+/// `rstd[r] = 1/sqrt(var + eps)`, where x = input, or x = input + residual (then also written
+/// to `sum`) when `cfg.residual`. `residual` and `sum` are placeholders otherwise. Input,
+/// residual, sum and out share one row stride.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn layer_norm<F: Float, N: Size>(
@@ -189,7 +189,7 @@ pub fn layer_norm_backward<F: Float, N: Size>(
 }
 
 /// LayerNorm backward for the parameters, one unit per column c, summing over rows in order
-/// (deterministic): d_weight[c] = Σ_r d_out[r, c]·x̂[r, c], d_bias[c] = Σ_r d_out[r, c].
+/// (deterministic): `d_weight[c] = Σ_r d_out[r, c]·x̂[r, c]`, `d_bias[c] = Σ_r d_out[r, c]`.
 #[cube(launch_unchecked)]
 pub fn layer_norm_backward_params<F: Float>(
     input: &Tensor<F>,

@@ -6,7 +6,7 @@ use cubecl::prelude::*;
 
 use crate::gemm::{block_pos, main_loop, tile_vector, GemmConfig, STAGE_VECTOR};
 
-/// out[r, :] = g[r, :] · W_GL + (p == 0 ? lpad : E_L[ids[r - 1]]) + lpos[p] for each byte row
+/// `out[r, :] = g[r, :] · W_GL + (p == 0 ? lpad : E_L[ids[r - 1]]) + lpos[p]` for each byte row
 /// r = b·T + t, p = t mod P. `g` is (1, B·T, D_G), i.e. (B, K, P·D_G) seen per byte, `w` is
 /// (1, D_G, D_L), `ids` (B·T), `e_l` (V, D_L), `lpad` (D_L), `lpos` (P, D_L) (a placeholder
 /// unless `positions`), `out` (1, B·T, D_L). The main loop is the one `cfg` names. An id >= V

@@ -3,8 +3,8 @@
 
 use cubecl::prelude::*;
 
-/// out[c] = Σ_r input[r, c] (plus out[c] when `accumulate`), one unit per column, rows summed in
-/// order. `input` is a (rows, cols) view with any strides.
+/// `out[c] = Σ_r input[r, c]` (plus `out[c]` when `accumulate`), one unit per column, rows
+/// summed in order. `input` is a (rows, cols) view with any strides.
 #[cube(launch_unchecked)]
 pub fn column_sum<F: Float>(
     input: &Tensor<F>,
@@ -28,7 +28,7 @@ pub fn column_sum<F: Float>(
     }
 }
 
-/// out[out_offset + u] = Σ input[i]² over i ≡ u (mod units), for each of `units` units: the
+/// `out[out_offset + u] = Σ input[i]²` over i ≡ u (mod units), for each of `units` units: the
 /// partial sums of one tensor's squared norm, added up on the host in a fixed order.
 #[cube(launch_unchecked)]
 pub fn sum_squares<F: Float>(input: &Array<F>, out: &mut Array<f32>, out_offset: u32, units: u32) {

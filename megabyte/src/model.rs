@@ -413,8 +413,8 @@ impl<R: Runtime, E: FloatElement> Model<R, E> {
         Ok(logits)
     }
 
-    /// Per-position cross-entropy in nats, (B·T): position t's target is ids[t], predicted from
-    /// ids[..t]. The logits are never stored.
+    /// Per-position cross-entropy in nats, (B·T): position t's target is `ids[t]`, predicted from
+    /// `ids[..t]`. The logits are never stored.
     pub fn losses(&self, ids: &[u32], batch: usize) -> Result<Vec<f32>, Error> {
         let seq = self.checked_seq(ids, batch)?;
         let ids = Tensor::from_ids(&self.client, ids, &[batch, seq])?;

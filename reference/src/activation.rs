@@ -18,7 +18,7 @@ pub fn activation_scalar(act: Activation, x: f64) -> f64 {
     }
 }
 
-/// out[i] = gelu(inp[i])
+/// `out[i] = gelu(inp[i])`
 pub fn gelu(out: &mut [f32] /* (N) */, inp: &[f32] /* (N) */) {
     assert_eq!(out.len(), inp.len());
     for (o, &x) in out.iter_mut().zip(inp) {
@@ -26,7 +26,7 @@ pub fn gelu(out: &mut [f32] /* (N) */, inp: &[f32] /* (N) */) {
     }
 }
 
-/// out[i] = max(inp[i], 0)
+/// `out[i] = max(inp[i], 0)`
 pub fn relu(out: &mut [f32] /* (N) */, inp: &[f32] /* (N) */) {
     assert_eq!(out.len(), inp.len());
     for (o, &x) in out.iter_mut().zip(inp) {
@@ -59,7 +59,7 @@ pub fn activation_grad_scalar(act: Activation, x: f64) -> f64 {
     }
 }
 
-/// d_inp[i] = d_out[i] · act'(inp[i]).
+/// `d_inp[i] = d_out[i] · act'(inp[i])`.
 pub fn activation_backward(
     act: Activation,
     d_inp: &mut [f32], // (N)

@@ -3,7 +3,7 @@
 //! Layout: q, k, v and out are (B, T, NH, HS), contiguous. The score scale is 1/sqrt(HS).
 //! Row (b, h, i) attends to keys j <= i when causal, to all keys otherwise.
 
-/// Softmax of one row in f64: out[j] = exp(x[j] - max) / sum. Entries equal to -inf get
+/// Softmax of one row in f64: `out[j] = exp(x[j] - max) / sum`. Entries equal to -inf get
 /// probability 0 (that is how masked scores are passed). Returns ln(sum exp(x)), the
 /// row's log-sum-exp.
 pub fn softmax_row(out: &mut [f64], x: &[f64]) -> f64 {

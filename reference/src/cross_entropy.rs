@@ -33,7 +33,7 @@ pub fn logits_untied(out: &mut [f32], l_out: &[f32], head: &[f32], n: usize, d: 
 }
 
 /// Per-position cross-entropy in nats and each row's log-sum-exp, in f64:
-/// losses[n] = lse(logits[n, :]) - logits[n, targets[n]].
+/// `losses[n] = lse(logits[n, :]) - logits[n, targets[n]]`.
 pub fn cross_entropy(
     losses: &mut [f64], // (N)
     lse: &mut [f64],    // (N)

@@ -1,6 +1,6 @@
 //! Linear layers: matrix multiply plus bias.
 
-/// out[n, o] = sum_c inp[n, c] · weight[c, o] + bias[o], accumulated in f64.
+/// `out[n, o] = sum_c inp[n, c] · weight[c, o] + bias[o]`, accumulated in f64.
 pub fn linear(
     out: &mut [f32],      // (N, OC)
     inp: &[f32],          // (N, C)

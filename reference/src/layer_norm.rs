@@ -29,7 +29,7 @@ pub fn layer_norm_f64(
 }
 
 /// out[n, :] = (inp[n, :] - mean) · rstd · weight + bias, with the statistics in f64.
-/// Saves mean[n] and rstd[n] = 1 / sqrt(var + eps) (population variance) for the backward pass.
+/// Saves `mean[n]` and `rstd[n] = 1 / sqrt(var + eps)` (population variance) for the backward pass.
 pub fn layer_norm(
     out: &mut [f32],  // (N, C)
     mean: &mut [f32], // (N)

@@ -1,8 +1,10 @@
 //! The local model's input: global output projected to the local width, plus the byte
 //! embedding of the previous byte in the patch (a learned pad at p = 0) and local positions.
 
+/// ```text
 /// out[b, k, p, :] = g[b, k, p·D_G .. (p+1)·D_G] · W_GL
 ///                   + (p == 0 ? lpad : E_L[x[b, k·P + p - 1]]) + E_lpos[p]
+/// ```
 pub fn local_input(
     out: &mut [f32],      // (B, K, P, D_L)
     g: &[f32],            // (B, K, P·D_G)
@@ -52,8 +54,8 @@ pub fn local_input(
 }
 
 /// Backward of [`local_input`]: writes d_g (B, K, P·D_G) = d_out · W_GLᵀ (per byte slice) and
-/// accumulates d_w_gl += Σ g_sliceᵀ · d_out, d_lpad (p = 0 rows), d_e_l[x[t - 1]] (other rows),
-/// d_lpos[p].
+/// accumulates `d_w_gl += Σ g_sliceᵀ · d_out`, `d_lpad` (p = 0 rows), `d_e_l[x[t - 1]]` (other
+/// rows), `d_lpos[p]`.
 pub fn local_input_backward(
     d_g: &mut [f32],            // (B, K, P·D_G)
     d_w_gl: &mut [f32],         // (D_G, D_L)

@@ -173,7 +173,7 @@ pub fn forward(
     Ok(head(cfg, w, &l_out, b * t))
 }
 
-/// Mean cross-entropy over all B·T positions in bits per byte; position t's target is x[t].
+/// Mean cross-entropy over all B·T positions in bits per byte; position t's target is `x[t]`.
 pub fn loss_bits_per_byte(
     cfg: &Config,
     w: &Weights,

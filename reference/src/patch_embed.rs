@@ -70,7 +70,7 @@ pub fn global_input(
 }
 
 /// Backward of [`global_input`], accumulated: d_pad += Σ_b d_out[b, 0]; for k >= 1 and byte
-/// t = (k-1)·P + p, d_wte[x[b, t]] and d_wpe[t] += d_out[b, k, p·C ..]. The bytes of the last
+/// t = (k-1)·P + p, `d_wte[x[b, t]]` and `d_wpe[t] += d_out[b, k, p·C ..]`. The bytes of the last
 /// patch feed nothing and get no gradient.
 pub fn global_input_backward(
     d_wte: &mut [f32], // (V, C)
