@@ -340,12 +340,12 @@ impl FlashCmmaConfig {
     pub fn is_valid(&self) -> bool {
         self.planes >= 1
             && self.block_k >= FRAGMENT
-            && self.block_k % FRAGMENT == 0
+            && self.block_k.is_multiple_of(FRAGMENT)
             && self.plane_size >= 1
-            && (FRAGMENT * FRAGMENT) % self.plane_size == 0
+            && (FRAGMENT * FRAGMENT).is_multiple_of(self.plane_size)
             && self.plane_size >= FRAGMENT
             && self.vector >= 1
-            && self.head_dim % self.vector == 0
+            && self.head_dim.is_multiple_of(self.vector)
     }
 }
 

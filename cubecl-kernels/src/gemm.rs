@@ -70,13 +70,14 @@ impl GemmConfig {
     /// kernel requires.
     pub fn is_valid(&self) -> bool {
         let sv = STAGE_VECTOR;
-        let fits =
-            |along_k: bool, v: usize| v <= sv && sv % v == 0 && (!along_k || self.block_k % v == 0);
-        self.block_m % self.tile_m == 0
-            && self.block_n % self.tile_n == 0
-            && self.tile_m % sv == 0
-            && self.tile_n % sv == 0
-            && self.tile_n % self.vector_out == 0
+        let fits = |along_k: bool, v: usize| {
+            v <= sv && sv.is_multiple_of(v) && (!along_k || self.block_k.is_multiple_of(v))
+        };
+        self.block_m.is_multiple_of(self.tile_m)
+            && self.block_n.is_multiple_of(self.tile_n)
+            && self.tile_m.is_multiple_of(sv)
+            && self.tile_n.is_multiple_of(sv)
+            && self.tile_n.is_multiple_of(self.vector_out)
             && self.vector_out <= sv
             && fits(self.a_along_k, self.vector_a)
             && fits(self.b_along_k, self.vector_b)
@@ -633,13 +634,13 @@ impl CmmaConfig {
     /// True when fragments, planes and vectors tile the blocks evenly.
     pub fn is_valid(&self) -> bool {
         let f = FRAGMENT;
-        let divides = |v: usize, len: usize| v >= 1 && len % v == 0;
-        self.block_m % self.planes_m == 0
-            && self.block_n % self.planes_n == 0
-            && self.sub_m() % f == 0
-            && self.sub_n() % f == 0
-            && self.block_k % f == 0
-            && (FRAGMENT * FRAGMENT) % self.plane_size == 0
+        let divides = |v: usize, len: usize| v >= 1 && len.is_multiple_of(v);
+        self.block_m.is_multiple_of(self.planes_m)
+            && self.block_n.is_multiple_of(self.planes_n)
+            && self.sub_m().is_multiple_of(f)
+            && self.sub_n().is_multiple_of(f)
+            && self.block_k.is_multiple_of(f)
+            && (FRAGMENT * FRAGMENT).is_multiple_of(self.plane_size)
             && divides(
                 self.vector_a,
                 if self.a_along_k {

@@ -240,7 +240,7 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
         self.check_push(bytes, 1)?;
         let p = self.model.config().patch;
         self.append(bytes);
-        if self.pos % p == 0 {
+        if self.pos.is_multiple_of(p) {
             self.global(self.pos / p)?;
             self.patch_bytes.fill(0);
         }
@@ -288,7 +288,7 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
         let generated = Tensor::<R, u32>::empty(&client, &[b, steps]);
         let first = self.pos;
         for i in 0..steps {
-            if self.pos % p == 0 {
+            if self.pos.is_multiple_of(p) {
                 self.global_with(self.pos / p, &ids)?;
             }
             self.local_fused_step(self.pos % p, &ids, Some((&generated, i)))?;

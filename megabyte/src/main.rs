@@ -530,7 +530,7 @@ fn eval(
         args.init_seed,
     )?;
     let window = window.unwrap_or(cfg.context);
-    if window == 0 || window % cfg.patch != 0 || window > cfg.context {
+    if window == 0 || !window.is_multiple_of(cfg.patch) || window > cfg.context {
         return Err(Error::EvalWindow {
             window,
             patch: cfg.patch,
@@ -654,7 +654,7 @@ fn info(
         (None, None) => Config::tiny(),
     };
     let t = context.unwrap_or(cfg.context);
-    if t == 0 || t % cfg.patch != 0 {
+    if t == 0 || !t.is_multiple_of(cfg.patch) {
         return Err(megabyte::reference::Error::SequenceNotPatchMultiple {
             seq: t,
             patch: cfg.patch,

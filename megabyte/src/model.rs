@@ -448,7 +448,7 @@ impl<R: Runtime, E: FloatElement> Model<R, E> {
     }
 
     fn checked_seq(&self, ids: &[u32], batch: usize) -> Result<usize, Error> {
-        let seq = if batch == 0 { 0 } else { ids.len() / batch };
+        let seq = ids.len().checked_div(batch).unwrap_or(0);
         check_input(&self.cfg, ids, batch, seq)?;
         Ok(seq)
     }

@@ -467,8 +467,7 @@ fn tiny_beats_order0_entropy() {
     assert!(run.status.success(), "{err}");
     let last = err
         .lines()
-        .filter(|l| l.contains("validation") && l.starts_with("step"))
-        .last()
+        .rfind(|l| l.contains("validation") && l.starts_with("step"))
         .unwrap();
     let bits: f64 = last
         .split("validation ")

@@ -242,7 +242,7 @@ fn config_for<R: Runtime, E: FloatElement>(
             shape: vec![layers, width, hidden],
         });
     }
-    if heads == 0 || width % heads != 0 {
+    if heads == 0 || !width.is_multiple_of(heads) {
         return Err(unsupported(
             "heads",
             heads,

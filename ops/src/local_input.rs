@@ -57,7 +57,7 @@ pub fn local_input_with<R: Runtime, E: FloatElement>(
         return Err(OpError::shape(OP, "ids", ids.shape(), vec![0, 0]));
     }
     let (b, t) = (ids.shape()[0], ids.shape()[1]);
-    if g.shape().len() != 3 || g.shape()[0] != b || g.shape()[2] % dg.max(1) != 0 {
+    if g.shape().len() != 3 || g.shape()[0] != b || !g.shape()[2].is_multiple_of(dg.max(1)) {
         return Err(OpError::shape(OP, "g", g.shape(), vec![b, 0, dg]));
     }
     let (k, width) = (g.shape()[1], g.shape()[2]);

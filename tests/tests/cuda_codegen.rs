@@ -58,8 +58,11 @@ fn settings(dim: CubeDim) -> KernelSettings {
 /// CUDA C++ for a kernel definition, as `cubecl-cuda` generates it at run time, and the
 /// kernel's dynamic shared memory in bytes (which `ptxas -v` does not see).
 fn cuda_source(def: KernelDefinition) -> Result<(String, usize), String> {
-    let mut opts: <CudaCompiler as cubecl::Compiler>::CompilationOptions = Default::default();
-    opts.warp_size = 32;
+    type Options = <CudaCompiler as cubecl::Compiler>::CompilationOptions;
+    let opts = Options {
+        warp_size: 32,
+        ..Default::default()
+    };
     let repr = cubecl::Compiler::compile(
         &mut CudaCompiler::default(),
         def,
