@@ -946,18 +946,18 @@ fn local_memory_in_loops(sass: &str) -> usize {
         b
     };
     let nb = starts.len();
-    let mut succ = vec![Vec::new(); nb];
-    for k in 0..nb {
-        let last = starts.get(k + 1).copied().unwrap_or(n) - 1;
-        let (op, predicated, target) = &ins[last];
-        let falls_through = !ends_block(op) || *predicated;
-        if let Some(t) = target {
-            succ[k].push(block_of[*t]);
-        }
-        if falls_through && last + 1 < n {
-            succ[k].push(block_of[last + 1]);
-        }
-    }
+    let succ: Vec<Vec<usize>> = (0..nb)
+        .map(|k| {
+            let last = starts.get(k + 1).copied().unwrap_or(n) - 1;
+            let (op, predicated, target) = &ins[last];
+            let falls_through = !ends_block(op) || *predicated;
+            let mut next: Vec<usize> = target.iter().map(|&t| block_of[t]).collect();
+            if falls_through && last + 1 < n {
+                next.push(block_of[last + 1]);
+            }
+            next
+        })
+        .collect();
     // Reverse postorder from the entry, then immediate dominators (Cooper, Harvey, Kennedy).
     let mut order = Vec::new();
     let mut seen = vec![false; nb];
@@ -982,8 +982,8 @@ fn local_memory_in_loops(sass: &str) -> usize {
         rank[b] = r;
     }
     let mut pred = vec![Vec::new(); nb];
-    for b in 0..nb {
-        for &s in &succ[b] {
+    for (b, next) in succ.iter().enumerate() {
+        for &s in next {
             pred[s].push(b);
         }
     }
