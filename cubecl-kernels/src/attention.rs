@@ -867,9 +867,9 @@ impl RowsConfig {
         rows == 1 && (plane_ops || head_dim > 64)
     }
 
-    /// Splits that leave each unit at most [`SPLIT_ACCUMULATORS`] f32 accumulators per row.
+    /// Splits that leave each unit at most [`ROWS_SPLIT_ACCUMULATORS`] f32 accumulators per row.
     pub fn splits_for(head_dim: usize, vector: usize) -> usize {
-        (head_dim / vector).div_ceil((SPLIT_ACCUMULATORS / vector).max(1))
+        (head_dim / vector).div_ceil((ROWS_SPLIT_ACCUMULATORS / vector).max(1))
     }
 
     /// Head-dim vectors each unit accumulates: ceil(D / vector / splits).
@@ -882,7 +882,7 @@ impl RowsConfig {
 /// whole row of 80 f32 accumulators the decode kernel needed 168 registers on sm_90 (254 at
 /// 128), and ptxas spilled to fit two cubes of 256 units in 128; split to at most 32 it uses
 /// 89-120 at head dims 32 to 128, without spills.
-pub const SPLIT_ACCUMULATORS: usize = 32;
+pub const ROWS_SPLIT_ACCUMULATORS: usize = 32;
 
 /// Head-dim vectors per step of [`flash_attention_rows()`]'s dot product when q is read from
 /// memory.
@@ -1063,7 +1063,8 @@ pub fn flash_attention_rows<F: Float, N: Size>(
                     let v_at = (v_row0 + j * v.stride(1)) / nv;
                     #[unroll]
                     for c in 0..dps {
-                        // The last split's slice may run past D (with one split, c0 = 0 and it never does).
+                        // The last split's slice may run past D (with one split, c0 = 0 and it
+                        // never does).
                         if c0 + c < dv {
                             let vc = Vector::<f32, N>::cast_from(v[v_at + c0 + c]);
                             #[unroll]

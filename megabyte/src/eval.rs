@@ -24,6 +24,31 @@ impl Evaluation {
     }
 }
 
+/// Checks an evaluation window and stride for a model of `context` bytes and patches of
+/// `patch`: the window a whole number of patches, at most the context; the stride between 1
+/// and the window.
+pub fn check_window(
+    window: usize,
+    stride: usize,
+    patch: usize,
+    context: usize,
+) -> Result<(), Error> {
+    if window == 0 || !window.is_multiple_of(patch) || window > context {
+        return Err(Error::EvalWindow {
+            window,
+            patch,
+            context,
+        });
+    }
+    if stride == 0 || stride > window {
+        return Err(Error::EvalStride {
+            stride,
+            context: window,
+        });
+    }
+    Ok(())
+}
+
 /// Evaluates `data` in consecutive windows of `context` bytes, `batch` full windows per call of
 /// `losses` ([`evaluate_strided`] with `stride == context`).
 pub fn evaluate(
@@ -40,7 +65,8 @@ pub fn evaluate(
 /// Evaluates `data` in windows of `context` bytes starting every `stride` bytes (see the
 /// module docs), `batch` full windows per call of `losses`. `losses(ids, batch, seq)` returns
 /// per-position nats for ids (batch, seq); `progress` is told how many bytes are scored after
-/// each call. A stride outside 1..=context is an error.
+/// each call. A stride outside 1..=context, or a window that is not a whole number of patches,
+/// is an error ([`check_window`]).
 pub fn evaluate_strided(
     data: &[u8],
     context: usize,
@@ -50,9 +76,7 @@ pub fn evaluate_strided(
     mut losses: impl FnMut(&[u32], usize, usize) -> Result<Vec<f32>, Error>,
     mut progress: impl FnMut(usize),
 ) -> Result<Evaluation, Error> {
-    if stride == 0 || stride > context {
-        return Err(Error::EvalStride { stride, context });
-    }
+    check_window(context, stride, patch, context)?;
     let batch = batch.max(1);
     let mut eval = Evaluation {
         bytes: 0,

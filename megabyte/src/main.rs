@@ -14,7 +14,7 @@ use std::time::Instant;
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use megabyte::checkpoint;
-use megabyte::eval::{evaluate, evaluate_strided, Evaluation};
+use megabyte::eval::{check_window, evaluate, evaluate_strided, Evaluation};
 use megabyte::info::{flops_per_byte, memory, parameters};
 use megabyte::ops::cubecl::prelude::*;
 use megabyte::ops::{try_client, FloatElement};
@@ -530,20 +530,9 @@ fn eval(
         args.init_seed,
     )?;
     let window = window.unwrap_or(cfg.context);
-    if window == 0 || !window.is_multiple_of(cfg.patch) || window > cfg.context {
-        return Err(Error::EvalWindow {
-            window,
-            patch: cfg.patch,
-            context: cfg.context,
-        });
-    }
     let stride = stride.unwrap_or(window);
-    if stride == 0 || stride > window {
-        return Err(Error::EvalStride {
-            stride,
-            context: window,
-        });
-    }
+    // Before any device work; `evaluate_strided` checks the same again.
+    check_window(window, stride, cfg.patch, cfg.context)?;
     let mut data = if file.as_os_str() == "-" {
         read_prompt(None)?
     } else {

@@ -573,8 +573,9 @@ pub enum BackwardKernel {
     SplitDims,
 }
 
-/// Accumulator floats per unit in the `SplitDims` backward.
-const SPLIT_ACCUMULATORS: usize = 64;
+/// Accumulator floats per unit in the `SplitDims` backward (the forward's `RowsSplitDims`
+/// keeps to [`megabyte_kernels::attention::ROWS_SPLIT_ACCUMULATORS`]).
+const BACKWARD_SPLIT_ACCUMULATORS: usize = 64;
 
 /// The configs of the dQ and the dK/dV backward kernels at head dim `head_dim`: `split` for
 /// [`BackwardKernel::SplitDims`], otherwise [`BackwardKernel::RowsInRegisters`].
@@ -588,7 +589,7 @@ pub fn backward_configs(
         head_dim,
         causal,
         chunks: if split {
-            accumulators.div_ceil(SPLIT_ACCUMULATORS)
+            accumulators.div_ceil(BACKWARD_SPLIT_ACCUMULATORS)
         } else {
             1
         },

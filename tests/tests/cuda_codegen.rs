@@ -8,9 +8,9 @@
 //! (see there for the few bytes ptxas may spill outside loops). A tensor-core (CMMA) variant
 //! whose PTX has no `wmma`/`mma` instruction fails the test.
 //!
-//! NVRTC, ptxas and nvdisasm come from NVIDIA's PyPI wheels, unpacked by `scripts/install-cuda-tools.sh`
-//! into the folder named by `MEGABYTE_CUDA_TOOLS`. Without it the test skips, except under
-//! `CI=true`, where it fails. Run:
+//! NVRTC, ptxas and nvdisasm come from NVIDIA's PyPI wheels, unpacked by
+//! `scripts/install-cuda-tools.sh` into the folder named by `MEGABYTE_CUDA_TOOLS`. Without it
+//! the test skips, except under `CI=true`, where it fails. Run:
 //! `MEGABYTE_CUDA_TOOLS=DIR cargo test -p megabyte-tests --features cuda --test cuda_codegen`.
 //! `MEGABYTE_CODEGEN_ONLY=text` keeps only the variants whose name contains `text` (for
 //! iterating on one kernel; refused under `CI=true`, where every variant must be checked).
