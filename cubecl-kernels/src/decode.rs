@@ -15,6 +15,15 @@
 //! with eight partial results where the chunk is long, rather than by reduction trees whose
 //! barriers cost more than the arithmetic on CPU drivers.
 //!
+//! Loop iterations per unit are bounded: Mesa's CPU Vulkan driver (lavapipe, through
+//! llvmpipe) ends every loop of an invocation, silently, once its loops have run 65,535
+//! iterations in total, so a launch that loops more computes part of the stack and leaves the
+//! rest of its outputs as they were. The launcher therefore spreads a wide stack's row over
+//! more units there and runs a deep or long stack as several launches over ranges of its
+//! layers (`layer_begin .. layer_end`), each under a bound it computes from the kernel's loops
+//! (`megabyte_ops::decode::loop_trips`). (Unrolling the inner loops instead multiplied the
+//! driver's compile time of the kernel by five.)
+//!
 //! The arithmetic per step is one row's GEMVs (C·(4C + 2H) multiply-adds per layer) and one
 //! query per head against `pos + 1` keys. One cube per row suits the widths of a local model
 //! or of a small global model; the launcher refuses wide stacks, which run as unfused blocks,
@@ -28,7 +37,7 @@ use crate::activation::apply_activation;
 const NEG: f32 = -1.0e30;
 
 /// Partial results per reduction over a chunk of keys (fewer with fewer units).
-const PARTS: usize = 8;
+pub const PARTS: usize = 8;
 
 /// Where a step's row comes from.
 pub mod input {
@@ -65,7 +74,6 @@ pub struct DecodeConfig {
     /// FFN hidden width H.
     pub hidden: usize,
     pub heads: usize,
-    pub layers: usize,
     /// Units per cube.
     pub units: usize,
     /// Keys scored per softmax rescale.
@@ -202,11 +210,33 @@ fn dot_columns<F: Float, N: Size>(
     acc
 }
 
-/// One decoding step of `cfg.layers` pre-LN blocks for row b = CUBE_POS of every (B, ·)
+/// One key's value vector: the step's own from shared memory at `own` (rounded as stored), an
+/// earlier one from the cache at vector index `at`.
+#[cube]
+fn value_at<F: Float, N: Size>(
+    v_cache: &Tensor<Vector<F, N>>,
+    big: &SharedMemory<f32>,
+    at: usize,
+    own: usize,
+    is_own: bool,
+) -> Vector<f32, N> {
+    let mut v = Vector::<f32, N>::empty();
+    if is_own {
+        #[unroll]
+        for lane in 0..N::value() {
+            v[lane] = big[own + lane];
+        }
+    } else {
+        v = Vector::<f32, N>::cast_from(v_cache[at]);
+    }
+    v
+}
+
+/// One decoding step of a range of pre-LN blocks for row b = CUBE_POS of every (B, ·)
 /// tensor, `cfg.units` units per cube:
 ///
 /// - the row x, from `cfg.input` (see [`input`]);
-/// - per layer l: x += proj(attn(LN1(x))), where the step's key and value are written to slot
+/// - per layer l in `layer_begin .. layer_end`: x += proj(attn(LN1(x))), where the step's key and value are written to slot
 ///   `pos` of `k_cache`/`v_cache` (L, B, cap, C) and its query attends to slots 0 ..= pos;
 ///   then x += fc2(act(fc1(LN2(x))));
 /// - `h[b]` = x, and `out[b]` as `cfg.output` says (see [`output`]).
@@ -214,7 +244,10 @@ fn dot_columns<F: Float, N: Size>(
 /// `weights` holds the layers' parameters packed as [`LayerOffsets`] says, layer after layer;
 /// `weights_v` is the same buffer read in vectors of N (N divides C, H and the head width).
 /// `h` (B, C), `g` (B, P·D), `ids` and `out` contiguous; the head `table` (V, C) is read in
-/// vectors. Tensors a disabled stage would read are placeholders.
+/// vectors. Tensors a disabled stage would read are placeholders. A stack run as several
+/// launches gives the first its input and the last its output; the others read and write `h`
+/// ([`input::ROW`], [`output::ROW`]), which holds the residual stream in F as the layers do
+/// between themselves, so the split changes no result.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn decode_stack<F: Float, N: Size>(
@@ -236,6 +269,8 @@ pub fn decode_stack<F: Float, N: Size>(
     pos: u32,
     slot: u32,
     gen_at: u32,
+    layer_begin: u32,
+    layer_end: u32,
     scale: f32,
     eps: f32,
     #[comptime] cfg: DecodeConfig,
@@ -305,7 +340,7 @@ pub fn decode_stack<F: Float, N: Size>(
     let pos_u = pos as usize;
     let n_keys = pos_u + 1;
     let kv_slot = k_cache.stride(2) / nv;
-    for layer in 0..cfg.layers {
+    for layer in layer_begin as usize..layer_end as usize {
         let base = layer * comptime!(off.len);
         let kv_row = (layer * k_cache.stride(0) + b * k_cache.stride(1)) / nv;
 
@@ -468,18 +503,13 @@ pub fn decode_stack<F: Float, N: Size>(
                         acc[lane] = att[q0 + d + lane] * alpha;
                     }
                     for t in 0..count {
-                        let jj = j0 + t;
-                        let mut v = Vector::<f32, N>::empty();
-                        if jj == pos_u {
-                            #[unroll]
-                            for lane in 0..nv {
-                                v[lane] = big[2 * c + q0 + d + lane];
-                            }
-                        } else {
-                            v = Vector::<f32, N>::cast_from(
-                                v_cache[kv_row + jj * kv_slot + (q0 + d) / nv],
-                            );
-                        }
+                        let v = value_at::<F, N>(
+                            v_cache,
+                            &big,
+                            kv_row + (j0 + t) * kv_slot + (q0 + d) / nv,
+                            2 * c + q0 + d,
+                            j0 + t == pos_u,
+                        );
                         acc += Vector::new(scores[t]) * v;
                     }
                     #[unroll]

@@ -23,8 +23,8 @@ use cubecl::prelude::*;
 use megabyte_ops::copy::copy;
 use megabyte_ops::cross_entropy::tied_cross_entropy;
 use megabyte_ops::decode::{
-    decode_stack, decode_stack_supported, LocalInputStep, PackedStack, PatchInputStep, StepInput,
-    StepOutput,
+    decode_stack, decode_stack_max_keys, decode_stack_supported, LocalInputStep, PackedStack,
+    PatchInputStep, StepInput, StepOutput,
 };
 use megabyte_ops::layer_norm::layer_norm;
 use megabyte_ops::local_input::local_input;
@@ -55,6 +55,9 @@ pub struct Decoder<'m, R: Runtime, E: FloatElement> {
     /// Each stack's packed parameters, when its steps use the fused kernel.
     global_fused: Option<PackedStack<R, E>>,
     local_fused: Option<PackedStack<R, E>>,
+    /// Most keys of a fused global step (`decode_stack_max_keys`; unbounded with
+    /// [`DecodeKernel::Fused`]); past it, global steps run the unfused blocks.
+    global_fused_keys: usize,
     /// Per global layer, in (L_G, B, K, P·D_G) buffers.
     global_cache: Vec<LayerCache<R, E>>,
     /// Per local layer, in (L_L, B, P, D_L) buffers.
@@ -95,29 +98,67 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
         let client = model.client();
         let (p, dl, wg, v) = (cfg.patch, cfg.d_local, cfg.global_width(), cfg.vocab);
         let w = &model.w;
+        // A stack is fused if the kernel takes its shape and, for the local stack, all P keys
+        // of a patch; the global stack's steps past `global_fused_keys` run unfused (Auto) or
+        // fail (Fused).
         let fused = |stack: crate::model::Stack,
                      blocks: &[crate::model::DeviceBlock<R, E>],
-                     ln_f: &(Tensor<R, E>, Tensor<R, E>)|
-         -> Result<Option<PackedStack<R, E>>, Error> {
-            let (width, hidden, heads) = (stack.width, stack.hidden, stack.heads);
-            let ok = decode_stack_supported::<R, E>(client, width, hidden, heads, blocks.len());
+                     ln_f: &(Tensor<R, E>, Tensor<R, E>),
+                     d_in: usize,
+                     keys: usize|
+         -> Result<(Option<PackedStack<R, E>>, usize), Error> {
+            let (width, hidden, heads, layers) =
+                (stack.width, stack.hidden, stack.heads, blocks.len());
+            let max_keys =
+                decode_stack_max_keys::<R, E>(client, width, hidden, heads, layers, d_in, v);
+            let ok = decode_stack_supported::<R, E>(client, width, hidden, heads, layers)
+                .and_then(|()| {
+                    if max_keys >= keys {
+                        Ok(())
+                    } else {
+                        Err(megabyte_ops::OpError::Unsupported {
+                            op: "decode_stack",
+                            what: "keys",
+                            value: keys,
+                            reason: format!(
+                                "a fused step of this stack takes at most {max_keys} keys on this device"
+                            ),
+                        })
+                    }
+                });
             let use_it = match (kernel, ok) {
                 (DecodeKernel::Unfused, _) => false,
                 (DecodeKernel::Auto, ok) => ok.is_ok(),
                 (DecodeKernel::Fused, ok) => ok.map(|()| true)?,
             };
             if !use_it {
-                return Ok(None);
+                return Ok((None, 0));
             }
             let steps: Vec<_> = blocks.iter().map(|b| b.step_weights()).collect();
             let packed = PackedStack::pack(&steps, stack.heads, Some((&ln_f.0, &ln_f.1)))?;
-            Ok(Some(packed))
+            // Fused: every step fused, an error past the kernel's limit.
+            let limit = if kernel == DecodeKernel::Fused {
+                usize::MAX
+            } else {
+                max_keys
+            };
+            Ok((Some(packed), limit))
         };
+        let (global_fused, global_fused_keys) =
+            fused(model.global_stack(), &w.global_blocks, &w.global_ln_f, 0, 1)?;
+        let (local_fused, _) = fused(
+            model.local_stack(),
+            &w.local_blocks,
+            &w.local_ln_f,
+            cfg.d_global,
+            p,
+        )?;
         Ok(Decoder {
             model,
             batch,
-            global_fused: fused(model.global_stack(), &w.global_blocks, &w.global_ln_f)?,
-            local_fused: fused(model.local_stack(), &w.local_blocks, &w.local_ln_f)?,
+            global_fused,
+            local_fused,
+            global_fused_keys,
             global_cache: LayerCache::stack(client, cfg.layers_global, batch, cfg.patches(), wg),
             local_cache: LayerCache::stack(client, cfg.layers_local, batch, p, dl),
             global_step: Scratch::new(client, model.global_stack(), batch, 1),
@@ -365,7 +406,11 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
         let client = self.model.client();
         let w = &self.model.w;
         let act = activation_kind(cfg.activation);
-        if let Some(stack) = &self.global_fused {
+        let fused = self
+            .global_fused
+            .as_ref()
+            .filter(|_| k < self.global_fused_keys);
+        if let Some(stack) = fused {
             let input = StepInput::Patch(PatchInputStep {
                 embed: &w.global_embed,
                 positions: &w.global_pos,

@@ -488,6 +488,43 @@ fn tiny_beats_order0_entropy() {
     );
 }
 
+/// The README's first command, greedy: the shipped model (the `small` preset, whose global
+/// stack is 256 wide and 4 deep) gives the same bytes on wgpu as on cpu (the reference
+/// generator), from a prompt that ends inside its third patch.
+#[test]
+fn the_shipped_model_generates_the_same_bytes_on_wgpu_and_cpu() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let model = root.join("models/small-pydoc.safetensors");
+    let run = |device: &str| {
+        megabyte(&[
+            "generate",
+            "--checkpoint",
+            model.to_str().unwrap(),
+            "--device",
+            device,
+            "--temperature",
+            "0",
+            "--max-new",
+            "48",
+            "The function returns",
+        ])
+    };
+    let gpu = run("wgpu");
+    if !gpu.status.success() && !in_ci() && text(&gpu.stderr).contains("no compute device") {
+        eprintln!("SKIPPED: no wgpu adapter; install mesa-vulkan-drivers");
+        return;
+    }
+    let cpu = run("cpu");
+    assert!(cpu.status.success(), "{}", text(&cpu.stderr));
+    assert!(gpu.status.success(), "{}", text(&gpu.stderr));
+    assert_eq!(
+        text(&gpu.stdout),
+        text(&cpu.stdout),
+        "greedy bytes of the shipped model differ between wgpu and cpu"
+    );
+    assert!(gpu.stdout.len() >= 48, "{}", text(&gpu.stdout));
+}
+
 /// The shipped model loads from a fresh checkout as the `small` preset, and scores a passage in
 /// its training domain (reStructuredText prose, written for this test) well below the passage's
 /// order-0 entropy.

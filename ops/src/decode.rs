@@ -11,7 +11,7 @@ use cubecl::ir::features::Plane;
 use cubecl::prelude::*;
 use megabyte_kernels::activation::ActivationKind;
 use megabyte_kernels::decode::{
-    decode_stack as decode_stack_kernel, input, output, DecodeConfig, LayerOffsets,
+    decode_stack as decode_stack_kernel, input, output, DecodeConfig, LayerOffsets, PARTS,
 };
 
 use crate::copy::copy;
@@ -30,6 +30,15 @@ pub const MAX_FUSED_WIDTH: usize = 512;
 
 /// Buffers the kernel binds (the runtime adds its metadata buffer).
 const BINDINGS: u32 = 15;
+
+/// Most loop iterations one unit may run in one launch of the kernel, as [`loop_trips`]
+/// counts them. Mesa's CPU Vulkan driver (lavapipe, llvmpipe's compiler) ends every loop of an
+/// invocation once its loops have run 65,535 iterations in total, without an error: a launch
+/// past that computes part of the stack and leaves the rest of its outputs as they were. A
+/// stack whose step would loop more runs as several launches over ranges of its layers; this
+/// bound is half the driver's, so the count need not be exact. It applies on every device
+/// (a launch of this much serial work per unit is one a GPU would rather split too).
+pub const LOOP_TRIPS_PER_LAUNCH: usize = 32_768;
 
 /// One pre-LN block's parameters: LayerNorms (C), qkv (C, 3C), proj (C, C), fc1 (C, H),
 /// fc2 (H, C), each with its bias; linear weights (in, out).
@@ -208,7 +217,8 @@ pub enum StepOutput<'a, R: Runtime, E> {
 /// units to cover the row (32 to 256) and one key per unit per chunk. Without them (CPU
 /// drivers such as lavapipe, where cubecl-wgpu hides plane ops), one plane's worth of units:
 /// a CPU driver runs a cube's units as SIMD lanes of one thread and pays for every barrier
-/// per lane group, so one group that loops over the row is the fastest shape there.
+/// per lane group, so one group that loops over the row is the fastest shape there, as long
+/// as the loop bound allows it (`config_for` doubles the units for wide stacks).
 fn units_for<R: Runtime>(client: &ComputeClient<R>, width: usize) -> (usize, usize) {
     let props = client.properties();
     let max_units = props.hardware.max_units_per_cube.max(1) as usize;
@@ -272,7 +282,6 @@ fn config_for<R: Runtime, E: FloatElement>(
         width,
         hidden,
         heads,
-        layers,
         units,
         chunk,
         vector: 1,
@@ -285,7 +294,15 @@ fn config_for<R: Runtime, E: FloatElement>(
     // Weights, the head table and the caches are read in vectors along C, 3C, H and the head
     // width.
     let vector = vector_size_for::<R, E>(client, &[width, hidden, width / heads]);
-    let cfg = DecodeConfig { vector, ..cfg };
+    let mut cfg = DecodeConfig { vector, ..cfg };
+    // A wide stack on few units would fit few layers per launch (or none) under the loop
+    // bound: double the units until a layer at one chunk of keys takes at most half of it.
+    let max_units = (hw.max_units_per_cube as usize).min(256);
+    while loop_trips(&cfg, cfg.chunk, 1, 0, false, false) > LOOP_TRIPS_PER_LAUNCH / 2
+        && cfg.units * 2 <= max_units
+    {
+        cfg.units *= 2;
+    }
     let bytes = cfg.shared_words() * 4;
     if bytes > hw.max_shared_memory_size {
         return Err(unsupported(
@@ -298,6 +315,137 @@ fn config_for<R: Runtime, E: FloatElement>(
         ));
     }
     Ok((cfg, vector))
+}
+
+/// Loop iterations one unit runs, at most, in one launch of the kernel with this `cfg`: the
+/// input stage if `first`, `layers` layers against `keys` keys, and the output stage (with
+/// `vocab` logits) if `last`. Mirrors the kernel's loops (`megabyte_kernels::decode`): each
+/// loop counts its trips for the unit with the most, plus one.
+pub fn loop_trips(
+    cfg: &DecodeConfig,
+    keys: usize,
+    layers: usize,
+    vocab: usize,
+    first: bool,
+    last: bool,
+) -> usize {
+    let (c, h, u, n, k) = (cfg.width, cfg.hidden, cfg.units, cfg.vector, cfg.chunk);
+    let hs = c / cfg.heads;
+    let parts = PARTS.min(u);
+    let per = |len: usize, step: usize| len.div_ceil(step) + 1;
+    // dot_columns over n_in inputs for each of this unit's vectors of n_out columns.
+    let gemv = |n_in: usize, n_out: usize| per(n_out, u * n) * (n_in + 1);
+    // Every unit sums the whole row twice, then writes its columns.
+    let norm = 2 * (c + 1) + per(c, u);
+    let chunk =
+        per(k, u) + per(k, parts) + per(k, u) + per(k, parts) + per(hs, u * n) * (k + 1) + 1;
+    let head = 2 * per(hs, u * n) + keys.div_ceil(k) * chunk + 1;
+    let layer = 2 * norm
+        + gemv(c, 3 * c)
+        + per(c, u * n)
+        + cfg.heads * head
+        + 1
+        + gemv(c, c)
+        + gemv(c, h)
+        + gemv(h, c)
+        + 1;
+    let input = match cfg.input {
+        input::LOCAL => per(c, u) * (cfg.d_in + 1),
+        _ => per(c, u),
+    };
+    let output = per(c, u)
+        + match cfg.output {
+            output::ROW => 0,
+            output::NORM => norm + per(c, u),
+            _ => norm + per(vocab, u) * (c / n + 1) + u,
+        };
+    usize::from(first) * input + layers * layer + usize::from(last) * output
+}
+
+/// The launches of one step: consecutive layer ranges covering `0 .. layers`, each under
+/// [`LOOP_TRIPS_PER_LAUNCH`] with the first carrying the input stage and the last the output
+/// stage; or why one layer alone does not fit (too many keys for one launch).
+pub fn plan_launches(
+    cfg: &DecodeConfig,
+    keys: usize,
+    layers: usize,
+    vocab: usize,
+) -> Result<Vec<std::ops::Range<usize>>, OpError> {
+    let mut launches = Vec::new();
+    let mut begin = 0;
+    while begin < layers {
+        let fits = |end: usize| {
+            loop_trips(cfg, keys, end - begin, vocab, begin == 0, end == layers)
+                <= LOOP_TRIPS_PER_LAUNCH
+        };
+        // The most layers from `begin` that fit; at least one must.
+        let mut end = begin;
+        while end < layers && fits(end + 1) {
+            end += 1;
+        }
+        if end == begin {
+            let need = loop_trips(cfg, keys, 1, vocab, begin == 0, begin + 1 == layers);
+            return Err(OpError::Unsupported {
+                op: OP,
+                what: "keys",
+                value: keys,
+                reason: format!(
+                    "one layer of width {} at this many keys runs {need} loop iterations per unit, over the {LOOP_TRIPS_PER_LAUNCH} one launch may run; use the unfused blocks",
+                    cfg.width
+                ),
+            });
+        }
+        launches.push(begin..end);
+        begin = end;
+    }
+    Ok(launches)
+}
+
+/// The most keys (`pos + 1`) at which [`decode_stack`] runs a stack of this shape on this
+/// device, whatever its output, with a local input of `d_in` values per position (0 for a
+/// stack fed its row or a patch embedding), `vocab` logits (0 if it can't run it at all). Past
+/// this the step returns an error and the unfused blocks are the way to decode.
+pub fn decode_stack_max_keys<R: Runtime, E: FloatElement>(
+    client: &ComputeClient<R>,
+    width: usize,
+    hidden: usize,
+    heads: usize,
+    layers: usize,
+    d_in: usize,
+    vocab: usize,
+) -> usize {
+    let Ok((cfg, _)) = config_for::<R, E>(client, width, hidden, heads, layers) else {
+        return 0;
+    };
+    // The costliest stages: the local input in front, the logits and argmax behind.
+    let cfg = DecodeConfig {
+        input: input::LOCAL,
+        d_in,
+        output: output::ARGMAX,
+        ..cfg
+    };
+    let fits = |keys: usize| plan_launches(&cfg, keys, layers, vocab).is_ok();
+    if !fits(1) {
+        return 0;
+    }
+    // Trips grow with the keys: double, then bisect.
+    let (mut lo, mut hi) = (1usize, 2usize);
+    while fits(hi) {
+        lo = hi;
+        hi = match hi.checked_mul(2) {
+            Some(next) if next <= 1 << 40 => next,
+            _ => return lo,
+        };
+    }
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if fits(mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
 }
 
 /// Whether [`decode_stack`] runs a stack of this shape on this device (else the reason): at
@@ -480,38 +628,53 @@ pub fn decode_stack<R: Runtime, E: FloatElement>(
         value: b,
         reason: "more rows than a launch has cubes".into(),
     })?;
-    // SAFETY: every shape was validated above; the kernel indexes rows b < B (one cube each),
-    // layers below L, cache slots 0 ..= pos < cap and columns below C, H and V; `vector`
-    // divides C, H and the head width; every unit reaches every barrier (loop bounds depend
-    // only on comptime sizes and `pos`).
-    unsafe {
-        decode_stack_kernel::launch_unchecked::<E, R>(
-            client,
-            CubeCount::Static(cubes, 1, 1),
-            CubeDim::new_1d(cfg.units as u32),
-            vector,
-            h.arg(),
-            stack.weights.arg(),
-            stack.weights.arg(),
-            k_cache.arg(),
-            v_cache.arg(),
-            g.arg(),
-            w_gl.arg(),
-            embed.arg(),
-            pad.arg(),
-            positions.arg(),
-            ids.arg(),
-            stack.ln_f.arg(),
-            table.arg(),
-            out.arg(),
-            generated.arg(),
-            pos as u32,
-            slot as u32,
-            at as u32,
-            scale,
-            EPS,
-            cfg,
-        );
+    let vocab = table.shape().first().copied().unwrap_or(0);
+    let launches = plan_launches(&cfg, pos + 1, layers, vocab)?;
+    let last = launches.len() - 1;
+    for (i, range) in launches.into_iter().enumerate() {
+        // Only the first launch builds the row and only the last writes the output; the
+        // others pass the residual stream through `h`.
+        let cfg = DecodeConfig {
+            input: if i == 0 { cfg.input } else { input::ROW },
+            positions: cfg.positions && i == 0,
+            output: if i == last { cfg.output } else { output::ROW },
+            ..cfg
+        };
+        // SAFETY: every shape was validated above; the kernel indexes rows b < B (one cube
+        // each), layers in `range` (below L), cache slots 0 ..= pos < cap and columns below C,
+        // H and V; `vector` divides C, H and the head width; every unit reaches every barrier
+        // (loop bounds depend only on comptime sizes, `pos` and the range).
+        unsafe {
+            decode_stack_kernel::launch_unchecked::<E, R>(
+                client,
+                CubeCount::Static(cubes, 1, 1),
+                CubeDim::new_1d(cfg.units as u32),
+                vector,
+                h.arg(),
+                stack.weights.arg(),
+                stack.weights.arg(),
+                k_cache.arg(),
+                v_cache.arg(),
+                g.arg(),
+                w_gl.arg(),
+                embed.arg(),
+                pad.arg(),
+                positions.arg(),
+                ids.arg(),
+                stack.ln_f.arg(),
+                table.arg(),
+                out.arg(),
+                generated.arg(),
+                pos as u32,
+                slot as u32,
+                at as u32,
+                range.start as u32,
+                range.end as u32,
+                scale,
+                EPS,
+                cfg,
+            );
+        }
     }
     Ok(())
 }

@@ -202,7 +202,8 @@ fn elementwise<E: Float + CubeElement>(c: &ComputeClient<W>, out: &mut Vec<Varia
 fn decode<E: Float + CubeElement>(c: &ComputeClient<W>, out: &mut Vec<Variant>) {
     use megabyte_kernels::decode::{input, output};
     let ty = type_tag::<E>();
-    for (name, width, hidden, heads, layers, units, inp, outp, d_in) in [
+    // The kernel's depth is a launch argument (a range of layers), not part of its shape.
+    for (name, width, hidden, heads, _layers, units, inp, outp, d_in) in [
         (
             "local_c32",
             32usize,
@@ -230,7 +231,6 @@ fn decode<E: Float + CubeElement>(c: &ComputeClient<W>, out: &mut Vec<Variant>) 
             width,
             hidden,
             heads,
-            layers,
             units,
             chunk: units,
             vector: vec_of::<E>(),
@@ -258,6 +258,8 @@ fn decode<E: Float + CubeElement>(c: &ComputeClient<W>, out: &mut Vec<Variant>) 
             t(),
             t(),
             t(),
+            (),
+            (),
             (),
             (),
             (),

@@ -2,8 +2,10 @@
 //! the reference blocks over the whole sequence: the step's output row is the reference's last
 //! row, and the keys and values it appends are each layer's projections at that position. The
 //! cache holds the reference's keys and values before the step and NaN after it, so a read
-//! past `pos` fails. Proptest over shapes and depths, a sweep of awkward sizes (one key, key
-//! counts around the softmax chunk, odd head widths, 3 heads), f32 and f16, and errors. The
+//! past `pos` fails. Proptest over shapes and depths (narrow stacks, and stacks 192 to 512
+//! wide with 4 to 8 layers), a sweep of awkward sizes (one key, key counts around the softmax
+//! chunk, odd head widths, 3 heads), every built-in preset's own stacks, f32 and f16, and
+//! errors. The
 //! inputs (local input, patch embedding) and outputs (final LayerNorm, logits) are covered by
 //! the model's cached-decoding tests, which run the fused and the unfused steps.
 //!
@@ -13,7 +15,7 @@
 use cubecl::prelude::ComputeClient;
 use megabyte_ops::decode::{decode_stack, BlockWeights, PackedStack, StepInput, StepOutput};
 use megabyte_ops::{ActivationKind, FloatElement, OpError, Tensor};
-use megabyte_reference::config::Activation;
+use megabyte_reference::config::{Activation, Config, PRESET_NAMES};
 use megabyte_reference::ffn::{block_forward, split_qkv};
 use megabyte_reference::gemm::linear;
 use megabyte_reference::layer_norm::layer_norm_forward;
@@ -298,6 +300,109 @@ proptest! {
             run_case::<half::f16>(&client, b, keys, heads, hs, mult, layers, act, seed)
         } else {
             run_case::<f32>(&client, b, keys, heads, hs, mult, layers, act, seed)
+        });
+    }
+}
+
+/// Every built-in preset's global and local stacks at their own width, heads, hidden width,
+/// depth and activation, batch cut to 2: each stack the fused step takes runs at one key, at
+/// 70 (past a 64-key chunk) and at its full cache (K patches for the global stack, P bytes for
+/// the local one); each it refuses is refused for its width.
+fn preset_stacks<E: FloatElement>(keys_of: fn(usize) -> Vec<usize>) {
+    with_client!(TestRuntime, |client| {
+        let mut ran = 0;
+        for (i, name) in PRESET_NAMES.iter().enumerate() {
+            let cfg = Config::preset(name).unwrap();
+            let stacks = [
+                (
+                    "global",
+                    cfg.global_width(),
+                    cfg.heads_global,
+                    cfg.layers_global,
+                    cfg.patches(),
+                ),
+                (
+                    "local",
+                    cfg.d_local,
+                    cfg.heads_local,
+                    cfg.layers_local,
+                    cfg.patch,
+                ),
+            ];
+            for (j, (stack, width, heads, layers, cap)) in stacks.into_iter().enumerate() {
+                let hidden = cfg.ffn_mult * width;
+                let ok = megabyte_ops::decode::decode_stack_supported::<TestRuntime, E>(
+                    &client, width, hidden, heads, layers,
+                );
+                if let Err(err) = ok {
+                    assert!(
+                        width > megabyte_ops::decode::MAX_FUSED_WIDTH
+                            && err.to_string().contains(&format!("width = {width}")),
+                        "{name} {stack} stack (width {width}, {heads} heads, {layers} layers) refused: {err}"
+                    );
+                    continue;
+                }
+                for keys in keys_of(cap) {
+                    let seed = 1000 + 10 * i as u64 + j as u64 + keys as u64;
+                    eprintln!("{name} {stack}: width {width}, {heads} heads, H {hidden}, {layers} layers, {keys} keys");
+                    run_case::<E>(
+                        &client,
+                        2,
+                        keys,
+                        heads,
+                        width / heads,
+                        cfg.ffn_mult,
+                        layers,
+                        cfg.activation,
+                        seed,
+                    );
+                    ran += 1;
+                }
+            }
+        }
+        // tiny and small: both stacks each.
+        assert!(ran >= 4, "only {ran} preset stacks ran");
+    });
+}
+
+#[test]
+fn preset_stacks_f32() {
+    preset_stacks::<f32>(|cap| {
+        let mut keys = vec![1, 70.min(cap), cap];
+        keys.dedup();
+        keys
+    });
+}
+
+#[test]
+fn preset_stacks_f16() {
+    preset_stacks::<half::f16>(|cap| vec![cap]);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 6, ..ProptestConfig::default() })]
+    /// Stacks as wide as the presets' and wider, up to the widest the fused step takes, 4 to 8
+    /// layers deep: on CPU drivers these run as several launches per step.
+    #[test]
+    fn wide_stacks(
+        width in prop::sample::select(vec![192usize, 256, 384, 512]),
+        heads_pick in 0usize..4,
+        mult in 1usize..5,
+        layers in 4usize..9,
+        b in 1usize..3,
+        keys in 1usize..16,
+        relu in any::<bool>(),
+        f16 in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        // 3 to 8 heads, of those that divide the width.
+        let heads: Vec<usize> = [3usize, 4, 6, 8].into_iter().filter(|h| width % h == 0).collect();
+        let heads = heads[heads_pick % heads.len()];
+        let act = if relu { Activation::Relu } else { Activation::Gelu };
+        with_client!(TestRuntime, |client| if f16 {
+            run_case::<half::f16>(&client, b, keys, heads, width / heads, mult, layers, act, seed)
+        } else {
+            run_case::<f32>(&client, b, keys, heads, width / heads, mult, layers, act, seed)
         });
     }
 }

@@ -205,22 +205,35 @@ fn cached_decoding_matches_the_full_forward() {
     decode_case(&Config::tiny(), 2, 0, 11);
     decode_case(&Config::tiny(), 1, 9, 12);
     decode_case(&config(3, 8, 24, (1, 2), (2, 3), 0b0111), 3, 6, 13);
+    // Stacks as wide as the fused step's widest presets and deeper: on CPU drivers each
+    // step's stacks run as several launches (patch input and final LayerNorm, local input and
+    // logits, split over layer ranges).
+    decode_case(&wide_deep(), 1, 5, 14);
+}
+
+/// Global stack 384 wide (6 heads) and 5 deep, local stack 256 wide (4 heads) and 9 deep.
+fn wide_deep() -> Config {
+    config(4, 96, 256, (5, 9), (6, 4), 0)
 }
 
 #[test]
 fn greedy_generation_matches_the_reference() {
-    let cfg = Config::tiny();
-    let w = Weights::random(&cfg, 21);
-    let prompts: Vec<&[u8]> = vec![b"MEGA", b"by", b"te!!", b""];
-    let want = generate_batch(&cfg, &w, &prompts, 30, &Sampling::greedy()).unwrap();
+    greedy_case(&Config::tiny(), &[b"MEGA", b"by", b"te!!", b""], 30);
+    greedy_case(&wide_deep(), &[b"MEGA", b"byte"], 12);
+}
+
+fn greedy_case(cfg: &Config, prompts: &[&[u8]], max_new: usize) {
+    let w = Weights::random(cfg, 21);
+    let prompts = prompts.to_vec();
+    let want = generate_batch(cfg, &w, &prompts, max_new, &Sampling::greedy()).unwrap();
     with_client!(TestRuntime, |client| {
-        let model = Model::<TestRuntime, f32>::new(&client, &cfg, &w).unwrap();
+        let model = Model::<TestRuntime, f32>::new(&client, cfg, &w).unwrap();
         // Fused: greedy decoding on the device; unfused: argmax of read-back logits.
         for kernel in [DecodeKernel::Fused, DecodeKernel::Unfused] {
             let gen = Generator::new(
                 &model,
                 GenerateOptions {
-                    max_new: 30,
+                    max_new,
                     ..Default::default()
                 },
             )
@@ -233,6 +246,35 @@ fn greedy_generation_matches_the_reference() {
             assert_eq!(got, want, "{kernel:?}");
             assert_eq!(streamed, want, "{kernel:?}");
         }
+    });
+}
+
+/// The shipped model (`models/small-pydoc.safetensors`, the `small` preset: a global stack 256
+/// wide and 4 deep, a local one 128 wide) decodes greedily with `DecodeKernel::Auto` exactly
+/// as the reference generator does: 48 new bytes after prompts that end inside a patch, two
+/// lengths in one call.
+#[test]
+fn shipped_model_greedy_matches_the_reference() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../models/small-pydoc.safetensors"
+    );
+    let ckpt = megabyte::checkpoint::load(path).unwrap();
+    let (cfg, w) = (&ckpt.config, &ckpt.weights);
+    let prompts: Vec<&[u8]> = vec![b"The function returns", b"import os\n"];
+    let want = generate_batch(cfg, w, &prompts, 48, &Sampling::greedy()).unwrap();
+    with_client!(TestRuntime, |client| {
+        let model = Model::<TestRuntime, f32>::new(&client, cfg, w).unwrap();
+        let options = GenerateOptions {
+            max_new: 48,
+            ..Default::default()
+        };
+        let gen = Generator::new(&model, options).unwrap();
+        let got = gen.generate(&prompts, |_, _| {}).unwrap();
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(String::from_utf8_lossy(g), String::from_utf8_lossy(w));
+        }
+        assert_eq!(got, want);
     });
 }
 
