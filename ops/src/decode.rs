@@ -295,10 +295,11 @@ fn config_for<R: Runtime, E: FloatElement>(
     // width.
     let vector = vector_size_for::<R, E>(client, &[width, hidden, width / heads]);
     let mut cfg = DecodeConfig { vector, ..cfg };
-    // A wide stack on few units would fit few layers per launch (or none) under the loop
-    // bound: double the units until a layer at one chunk of keys takes at most half of it.
+    // A wide stack on few units would not fit one layer per launch under the loop bound:
+    // double the units until a layer at one chunk of keys fits. (More units than needed cost
+    // more on CPU drivers, whose barriers switch between lane groups, than more launches.)
     let max_units = (hw.max_units_per_cube as usize).min(256);
-    while loop_trips(&cfg, cfg.chunk, 1, 0, false, false) > LOOP_TRIPS_PER_LAUNCH / 2
+    while loop_trips(&cfg, cfg.chunk, 1, 0, false, false) > LOOP_TRIPS_PER_LAUNCH
         && cfg.units * 2 <= max_units
     {
         cfg.units *= 2;

@@ -540,3 +540,51 @@ fn million_byte_forward() {
         );
     });
 }
+
+/// Cached decoding (`DecodeKernel::Auto`) against `Model::forward` over random models whose
+/// stacks are 192 to 512 wide (3 to 8 heads, FFN multiple 2 or 4, 1 to 6 layers, both stacks
+/// of one shape): the largest |decode − forward| over every position's logits, f32, below
+/// 1e-3. Prints each shape's error.
+/// `cargo test --release -p megabyte-tests --test model -- --ignored decode_sweep --nocapture`
+#[test]
+#[ignore]
+fn decode_sweep_wide_stacks() {
+    with_client!(TestRuntime, |client| {
+        let mut worst = 0f32;
+        for (width, heads) in [(192usize, 3usize), (256, 4), (384, 6), (512, 8)] {
+            for mult in [2usize, 4] {
+                for layers in [1usize, 3, 6] {
+                    let mut cfg = config(4, width / 4, width, (layers, layers), (heads, heads), 0);
+                    cfg.ffn_mult = mult;
+                    let seed = (width * 100 + mult * 10 + layers) as u64;
+                    let w = Weights::random(&cfg, seed);
+                    let t = cfg.context;
+                    let ids = uniform_ids(seed, t, 256);
+                    let model = Model::<TestRuntime, f32>::new(&client, &cfg, &w).unwrap();
+                    let full = model.forward(&ids, 1).unwrap();
+                    let mut dec = Decoder::new(&model, 1).unwrap();
+                    let empty: &[u8] = &[];
+                    let mut logits = dec.start(&[empty]).unwrap();
+                    let mut err = 0f32;
+                    for pos in 0..t {
+                        let row = &full[pos * cfg.vocab..][..cfg.vocab];
+                        for (a, b) in logits.iter().zip(row) {
+                            let d = (a - b).abs();
+                            err = if d.is_nan() {
+                                f32::INFINITY
+                            } else {
+                                err.max(d)
+                            };
+                        }
+                        if pos + 1 < t {
+                            logits = dec.push(&[ids[pos]]).unwrap();
+                        }
+                    }
+                    println!("width {width}, {heads} heads, FFN ×{mult}, {layers} layers: max |decode - forward| = {err:.2e}");
+                    worst = worst.max(err);
+                }
+            }
+        }
+        assert!(worst < 1e-3, "max |decode - forward| = {worst}");
+    });
+}
