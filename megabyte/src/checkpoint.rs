@@ -228,19 +228,56 @@ pub fn to_bytes(
         .map_err(|e| bad("(serialising)", format!("{e:?}")))
 }
 
-/// Writes a checkpoint file.
+/// Writes a checkpoint file (atomically, see [`write_atomic`]).
 pub fn save(
     path: impl AsRef<Path>,
     cfg: &Config,
     weights: &Weights,
     dtype: StorageDtype,
 ) -> Result<(), Error> {
-    let path = path.as_ref();
     let bytes = to_bytes(cfg, weights, dtype, &[])?;
-    std::fs::write(path, bytes).map_err(|source| Error::Io {
-        path: path.display().to_string(),
+    write_atomic(path.as_ref(), &bytes)
+}
+
+/// Writes `bytes` to `path` so that a reader (or a crash) sees either the old file or the whole
+/// new one, never a part: the bytes go to a temporary file in the same directory, which is
+/// flushed to the disk and then renamed over `path` (the directory is synced after, where the
+/// platform allows). On an error the temporary file is removed and `path` is untouched.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    use std::io::Write;
+    let io = |source, p: &Path| Error::Io {
+        path: p.display().to_string(),
         source,
-    })
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| {
+            io(
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file name"),
+                path,
+            )
+        })?
+        .to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let written = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(e, path));
+    }
+    // The rename is durable once the directory is; not every platform can open one to sync.
+    if let Ok(d) = std::fs::File::open(&dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
 }
 
 /// A loaded checkpoint: the config, the weights as f32, and any optimiser tensors.

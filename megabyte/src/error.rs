@@ -20,6 +20,14 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A numeric setting outside its range (NaN and infinities included), named as the
+    /// setting's field is (`lr`, `min_lr`, ...; the program's options spell `_` as `-`).
+    #[error("{name} = {value} is out of range: {reason}")]
+    Argument {
+        name: &'static str,
+        value: String,
+        reason: &'static str,
+    },
     #[error("the prompt is empty: give it as an argument or on stdin")]
     EmptyPrompt,
     #[error("the context of {context} bytes is full: no position is left to predict")]

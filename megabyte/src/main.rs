@@ -729,6 +729,20 @@ fn read_corpus(path: &std::path::Path) -> Result<Vec<u8>, Error> {
 }
 
 fn train(args: &TrainArgs) -> Result<(), Error> {
+    if args.eval_every == 0 {
+        return Err(Error::Argument {
+            name: "eval_every",
+            value: "0".into(),
+            reason: "validate every 1 or more steps",
+        });
+    }
+    if !(args.val_fraction.is_finite() && args.val_fraction > 0.0 && args.val_fraction < 1.0) {
+        return Err(Error::Argument {
+            name: "val_fraction",
+            value: format!("{}", args.val_fraction),
+            reason: "must be between 0 and 1",
+        });
+    }
     let data = read_corpus(&args.data)?;
     let resumed = match &args.resume {
         Some(p) => Some(checkpoint::load(p)?),
@@ -760,6 +774,7 @@ fn train(args: &TrainArgs) -> Result<(), Error> {
     tc.batch = args.batch;
     tc.seq = seq;
     tc.seed = args.seed;
+    tc.validate()?;
     let save_dtype = args.save_dtype.into();
     eprintln!(
         "data: {} bytes ({} train, {} validation); {} parameters; {} steps of {} x {} bytes",
@@ -864,10 +879,7 @@ fn train_on<R: Runtime>(
     }
     bar.finish();
     let svg_path = args.out.with_extension("loss.svg");
-    std::fs::write(&svg_path, loss_curve_svg(&curve, &val_curve)).map_err(|source| Error::Io {
-        path: svg_path.display().to_string(),
-        source,
-    })?;
+    checkpoint::write_atomic(&svg_path, loss_curve_svg(&curve, &val_curve).as_bytes())?;
     eprintln!(
         "wrote {} and {} ({} steps in {:.0} s)",
         args.out.display(),

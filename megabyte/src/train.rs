@@ -72,6 +72,50 @@ impl TrainConfig {
         }
     }
 
+    /// Checks every numeric setting: the learning rates finite with 0 <= `min_lr` <= `lr` and
+    /// `lr` > 0, betas in [0, 1), `eps` finite and > 0, weight decay and clipping finite and
+    /// >= 0, at least one step and one sequence per batch. The error names the setting.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |name, value: String, reason| {
+            Err(Error::Argument {
+                name,
+                value,
+                reason,
+            })
+        };
+        let f = |v: f32| format!("{v}");
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad("lr", f(self.lr), "must be finite and > 0");
+        }
+        if !(self.min_lr.is_finite() && self.min_lr >= 0.0 && self.min_lr <= self.lr) {
+            return bad(
+                "min_lr",
+                f(self.min_lr),
+                "must be finite, >= 0 and at most lr",
+            );
+        }
+        for (name, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return bad(name, f(v), "must be in [0, 1)");
+            }
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return bad("eps", f(self.eps), "must be finite and > 0");
+        }
+        for (name, v) in [("weight_decay", self.weight_decay), ("clip", self.clip)] {
+            if !(v.is_finite() && v >= 0.0) {
+                return bad(name, f(v), "must be finite and >= 0");
+            }
+        }
+        if self.steps == 0 {
+            return bad("steps", "0".into(), "train at least one step");
+        }
+        if self.batch == 0 {
+            return bad("batch", "0".into(), "a batch holds at least one sequence");
+        }
+        Ok(())
+    }
+
     /// Learning rate at step t (1-based): linear warmup, then cosine or linear decay to
     /// `min_lr` at `steps`.
     pub fn lr_at(&self, t: u64) -> f32 {
@@ -142,6 +186,7 @@ impl<R: Runtime> Trainer<R> {
         weights: &Weights,
         train: TrainConfig,
     ) -> Result<Self, Error> {
+        train.validate()?;
         let model = Model::<R, f32>::new(client, cfg, weights)?;
         megabyte_reference::model::check_shape(cfg, train.batch, train.seq)?;
         let grads = model.w.zeros_like();
@@ -485,10 +530,7 @@ impl<R: Runtime> Trainer<R> {
             }
         }
         let bytes = checkpoint::to_bytes(cfg, &weights, dtype, &extra)?;
-        std::fs::write(path, bytes).map_err(|source| Error::Io {
-            path: path.display().to_string(),
-            source,
-        })
+        checkpoint::write_atomic(path, &bytes)
     }
 }
 

@@ -488,6 +488,71 @@ fn tiny_beats_order0_entropy() {
     );
 }
 
+/// Out-of-range training settings (NaN, negative, zero where a count is needed) end in a
+/// one-line error naming the setting, before any training and without writing `--out`.
+#[test]
+fn bad_training_settings_are_refused_before_training() {
+    let data = temp("cli_bad_settings.txt");
+    std::fs::write(
+        &data,
+        "fn add(a: u32, b: u32) -> u32 { a + b }\n".repeat(50),
+    )
+    .unwrap();
+    let out = temp("cli_bad_settings.safetensors");
+    let _ = std::fs::remove_file(&out);
+    for (flag, value, what) in [
+        ("--lr", "nan", "lr = NaN"),
+        ("--lr", "-1", "lr = -1"),
+        ("--min-lr", "inf", "min_lr = inf"),
+        ("--clip", "-0.5", "clip = -0.5"),
+        ("--weight-decay", "nan", "weight_decay = NaN"),
+        ("--eval-every", "0", "eval_every = 0"),
+        ("--val-fraction", "1.5", "val_fraction = 1.5"),
+    ] {
+        let run = megabyte(&[
+            "train",
+            "--data",
+            data.to_str().unwrap(),
+            "--preset",
+            "tiny",
+            "--steps",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            out.to_str().unwrap(),
+            &format!("{flag}={value}"),
+        ]);
+        assert_one_line_error(&run, what);
+        assert!(
+            !out.exists(),
+            "{flag} {value}: {} was written",
+            out.display()
+        );
+    }
+}
+
+/// `checkpoint::write_atomic` replaces a file whole and leaves no temporary file beside it; a
+/// write into a missing directory fails and creates nothing.
+#[test]
+fn checkpoint_writes_are_atomic_renames() {
+    let dir = temp("cli_atomic");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("model.safetensors");
+    checkpoint::write_atomic(&path, b"old").unwrap();
+    checkpoint::write_atomic(&path, b"new contents").unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), b"new contents");
+    let names: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("model.safetensors")]);
+    let missing = dir.join("missing").join("model.safetensors");
+    assert!(checkpoint::write_atomic(&missing, b"x").is_err());
+    assert!(!dir.join("missing").exists());
+}
+
 /// The README's first command, greedy: the shipped model (the `small` preset, whose global
 /// stack is 256 wide and 4 deep) gives the same bytes on wgpu as on cpu (the reference
 /// generator), from a prompt that ends inside its third patch.
