@@ -233,7 +233,20 @@ impl<R: Runtime> Trainer<R> {
                 })
         };
         let (_, _, step) = find("optimizer.step")?;
-        t.step = step[0] as u64;
+        // One whole number of steps, as `save` writes it (exact in f32 up to 2^24).
+        t.step = match step.as_slice() {
+            [s] if s.is_finite() && *s >= 0.0 && s.fract() == 0.0 && *s <= 16_777_216.0 => {
+                *s as u64
+            }
+            other => {
+                return Err(Error::Checkpoint {
+                    path: "(resume)".into(),
+                    reason: format!(
+                        "optimizer tensor `optimizer.step` holds {other:?}: expected one whole number of steps >= 0"
+                    ),
+                })
+            }
+        };
         let specs = ckpt.config.tensor_specs();
         for (moments, key) in [(&t.m, "m"), (&t.v, "v")] {
             for ((name, _), dst) in specs.iter().zip(moments.tensors()) {

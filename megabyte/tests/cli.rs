@@ -532,6 +532,55 @@ fn bad_training_settings_are_refused_before_training() {
     }
 }
 
+/// `--resume` from a checkpoint whose step count is empty, NaN, negative or fractional ends in
+/// a one-line error naming `optimizer.step` (an empty one was an index panic).
+#[test]
+fn resume_refuses_a_bad_step_count() {
+    let cfg = Config::tiny();
+    let w = Weights::random(&cfg, 5);
+    let data = temp("cli_bad_step.txt");
+    std::fs::write(
+        &data,
+        "fn add(a: u32, b: u32) -> u32 { a + b }\n".repeat(50),
+    )
+    .unwrap();
+    for (i, step) in [
+        vec![],
+        vec![f32::NAN],
+        vec![-1.0],
+        vec![2.5],
+        vec![1.0, 2.0],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let extra = vec![("optimizer.step".to_string(), vec![step.len()], step.clone())];
+        let bytes = checkpoint::to_bytes(&cfg, &w, StorageDtype::F32, &extra).unwrap();
+        let path = temp(&format!("cli_bad_step_{i}.safetensors"));
+        std::fs::write(&path, bytes).unwrap();
+        let out = megabyte(&[
+            "train",
+            "--data",
+            data.to_str().unwrap(),
+            "--resume",
+            path.to_str().unwrap(),
+            "--steps",
+            "2",
+            "--device",
+            "wgpu",
+            "--out",
+            temp(&format!("cli_bad_step_out_{i}.safetensors"))
+                .to_str()
+                .unwrap(),
+        ]);
+        if !out.status.success() && !in_ci() && text(&out.stderr).contains("no compute device") {
+            eprintln!("SKIPPED: no wgpu adapter; install mesa-vulkan-drivers");
+            return;
+        }
+        assert_one_line_error(&out, "optimizer.step");
+    }
+}
+
 /// `checkpoint::write_atomic` replaces a file whole and leaves no temporary file beside it; a
 /// write into a missing directory fails and creates nothing.
 #[test]
