@@ -236,9 +236,9 @@ fn value_at<F: Float, N: Size>(
 /// tensor, `cfg.units` units per cube:
 ///
 /// - the row x, from `cfg.input` (see [`input`]);
-/// - per layer l in `layer_begin .. layer_end`: x += proj(attn(LN1(x))), where the step's key and value are written to slot
-///   `pos` of `k_cache`/`v_cache` (L, B, cap, C) and its query attends to slots 0 ..= pos;
-///   then x += fc2(act(fc1(LN2(x))));
+/// - per layer l in `layer_begin .. layer_end`: x += proj(attn(LN1(x))), where the step's key
+///   and value are written to slot `pos` of `k_cache`/`v_cache` (L, B, cap, C) and its query
+///   attends to slots 0 ..= pos; then x += fc2(act(fc1(LN2(x))));
 /// - `h[b]` = x, and `out[b]` as `cfg.output` says (see [`output`]).
 ///
 /// `weights` holds the layers' parameters packed as [`LayerOffsets`] says, layer after layer;

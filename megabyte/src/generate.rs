@@ -23,8 +23,8 @@ use cubecl::prelude::*;
 use megabyte_ops::copy::copy;
 use megabyte_ops::cross_entropy::tied_cross_entropy;
 use megabyte_ops::decode::{
-    decode_stack, decode_stack_max_keys, decode_stack_supported, LocalInputStep, PackedStack,
-    PatchInputStep, StepInput, StepOutput,
+    decode_stack, decode_stack_max_keys, LocalInputStep, PackedStack, PatchInputStep, StepInput,
+    StepOutput,
 };
 use megabyte_ops::layer_norm::layer_norm;
 use megabyte_ops::local_input::local_input;
@@ -109,12 +109,10 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
          -> Result<(Option<PackedStack<R, E>>, usize), Error> {
             let (width, hidden, heads, layers) =
                 (stack.width, stack.hidden, stack.heads, blocks.len());
-            let max_keys =
-                decode_stack_max_keys::<R, E>(client, width, hidden, heads, layers, d_in, v);
-            let ok = decode_stack_supported::<R, E>(client, width, hidden, heads, layers)
-                .and_then(|()| {
+            let ok = decode_stack_max_keys::<R, E>(client, width, hidden, heads, layers, d_in, v)
+                .and_then(|max_keys| {
                     if max_keys >= keys {
-                        Ok(())
+                        Ok(max_keys)
                     } else {
                         Err(megabyte_ops::OpError::Unsupported {
                             op: "decode_stack",
@@ -126,14 +124,13 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
                         })
                     }
                 });
-            let use_it = match (kernel, ok) {
-                (DecodeKernel::Unfused, _) => false,
-                (DecodeKernel::Auto, ok) => ok.is_ok(),
-                (DecodeKernel::Fused, ok) => ok.map(|()| true)?,
+            let max_keys = match (kernel, ok) {
+                (DecodeKernel::Unfused, _) | (DecodeKernel::Auto, Err(_)) => None,
+                (_, ok) => Some(ok?),
             };
-            if !use_it {
+            let Some(max_keys) = max_keys else {
                 return Ok((None, 0));
-            }
+            };
             let steps: Vec<_> = blocks.iter().map(|b| b.step_weights()).collect();
             let packed = PackedStack::pack(&steps, stack.heads, Some((&ln_f.0, &ln_f.1)))?;
             // Fused: every step fused, an error past the kernel's limit.

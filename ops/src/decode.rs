@@ -1,6 +1,7 @@
 //! Launcher for the fused decoding step of a stack of pre-LN blocks
-//! (`megabyte_kernels::decode`): one launch per stack per decoded position instead of nine per
-//! block, with the row's input built in front (the local model's input, or the global model's
+//! (`megabyte_kernels::decode`): one launch per stack per decoded position (a few for a deep or
+//! long stack, under [`LOOP_TRIPS_PER_LAUNCH`]) instead of nine per block, with the row's input
+//! built in front (the local model's input, or the global model's
 //! patch embedding) and the final LayerNorm (and the logits) behind.
 //!
 //! The kernel reads a stack's parameters from one packed buffer ([`PackedStack`]), so a
@@ -404,8 +405,9 @@ pub fn plan_launches(
 
 /// The most keys (`pos + 1`) at which [`decode_stack`] runs a stack of this shape on this
 /// device, whatever its output, with a local input of `d_in` values per position (0 for a
-/// stack fed its row or a patch embedding), `vocab` logits (0 if it can't run it at all). Past
-/// this the step returns an error and the unfused blocks are the way to decode.
+/// stack fed its row or a patch embedding) and `vocab` logits; 0 if one layer does not fit a
+/// launch even at one key, and [`decode_stack_supported`]'s error if the kernel does not take
+/// the shape. Past this the step returns an error and the unfused blocks are the way to decode.
 pub fn decode_stack_max_keys<R: Runtime, E: FloatElement>(
     client: &ComputeClient<R>,
     width: usize,
@@ -414,10 +416,8 @@ pub fn decode_stack_max_keys<R: Runtime, E: FloatElement>(
     layers: usize,
     d_in: usize,
     vocab: usize,
-) -> usize {
-    let Ok((cfg, _)) = config_for::<R, E>(client, width, hidden, heads, layers) else {
-        return 0;
-    };
+) -> Result<usize, OpError> {
+    let (cfg, _) = config_for::<R, E>(client, width, hidden, heads, layers)?;
     // The costliest stages: the local input in front, the logits and argmax behind.
     let cfg = DecodeConfig {
         input: input::LOCAL,
@@ -427,7 +427,7 @@ pub fn decode_stack_max_keys<R: Runtime, E: FloatElement>(
     };
     let fits = |keys: usize| plan_launches(&cfg, keys, layers, vocab).is_ok();
     if !fits(1) {
-        return 0;
+        return Ok(0);
     }
     // Trips grow with the keys: double, then bisect.
     let (mut lo, mut hi) = (1usize, 2usize);
@@ -435,7 +435,7 @@ pub fn decode_stack_max_keys<R: Runtime, E: FloatElement>(
         lo = hi;
         hi = match hi.checked_mul(2) {
             Some(next) if next <= 1 << 40 => next,
-            _ => return lo,
+            _ => return Ok(lo),
         };
     }
     while hi - lo > 1 {
@@ -446,7 +446,7 @@ pub fn decode_stack_max_keys<R: Runtime, E: FloatElement>(
             hi = mid;
         }
     }
-    lo
+    Ok(lo)
 }
 
 /// Whether [`decode_stack`] runs a stack of this shape on this device (else the reason): at
@@ -462,11 +462,12 @@ pub fn decode_stack_supported<R: Runtime, E: FloatElement>(
     config_for::<R, E>(client, width, hidden, heads, layers).map(|_| ())
 }
 
-/// One decoding step of a packed stack for B sequences, one new position each, in one
-/// launch. The row comes from `input`; every layer l then does h += proj(attn(LN1(h))),
+/// One decoding step of a packed stack for B sequences, one new position each, in one launch
+/// or, where [`plan_launches`] splits the layers, a few. The row comes from `input`; every layer l then does h += proj(attn(LN1(h))),
 /// h += fc2(act(fc1(LN2(h)))), writing its key and value to slot `pos` of `k_cache`/`v_cache`
 /// (L, B, cap, C) and attending to slots `0 ..= pos`; `h` (B, C) receives the result and
-/// `output` says what follows.
+/// `output` says what follows. Past the keys one layer can take in a launch, an
+/// [`OpError::Unsupported`] naming `keys` ([`decode_stack_max_keys`]).
 #[allow(clippy::too_many_arguments)]
 pub fn decode_stack<R: Runtime, E: FloatElement>(
     h: &Tensor<R, E>,

@@ -281,6 +281,31 @@ fn awkward_sizes_f16() {
     });
 }
 
+/// [`run_case`] for a proptest's draw of the element type and the activation.
+#[allow(clippy::too_many_arguments)]
+fn drawn_case(
+    f16: bool,
+    relu: bool,
+    b: usize,
+    keys: usize,
+    heads: usize,
+    hs: usize,
+    mult: usize,
+    layers: usize,
+    seed: u64,
+) {
+    let act = if relu {
+        Activation::Relu
+    } else {
+        Activation::Gelu
+    };
+    with_client!(TestRuntime, |client| if f16 {
+        run_case::<half::f16>(&client, b, keys, heads, hs, mult, layers, act, seed)
+    } else {
+        run_case::<f32>(&client, b, keys, heads, hs, mult, layers, act, seed)
+    });
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
     #[test]
@@ -295,12 +320,7 @@ proptest! {
         f16 in any::<bool>(),
         seed in any::<u64>(),
     ) {
-        let act = if relu { Activation::Relu } else { Activation::Gelu };
-        with_client!(TestRuntime, |client| if f16 {
-            run_case::<half::f16>(&client, b, keys, heads, hs, mult, layers, act, seed)
-        } else {
-            run_case::<f32>(&client, b, keys, heads, hs, mult, layers, act, seed)
-        });
+        drawn_case(f16, relu, b, keys, heads, hs, mult, layers, seed);
     }
 }
 
@@ -398,12 +418,7 @@ proptest! {
         // 3 to 8 heads, of those that divide the width.
         let heads: Vec<usize> = [3usize, 4, 6, 8].into_iter().filter(|h| width % h == 0).collect();
         let heads = heads[heads_pick % heads.len()];
-        let act = if relu { Activation::Relu } else { Activation::Gelu };
-        with_client!(TestRuntime, |client| if f16 {
-            run_case::<half::f16>(&client, b, keys, heads, width / heads, mult, layers, act, seed)
-        } else {
-            run_case::<f32>(&client, b, keys, heads, width / heads, mult, layers, act, seed)
-        });
+        drawn_case(f16, relu, b, keys, heads, width / heads, mult, layers, seed);
     }
 }
 
