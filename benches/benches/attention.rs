@@ -126,8 +126,8 @@ fn bench(c: &mut Criterion) {
             .collect();
         let t = |shape: &[usize]| Tensor::<Rt, f32>::from_f32(&client, &data, shape).unwrap();
         let (q, k, v) = (t(&[b, s, h, d]), t(&[b, s, h, d]), t(&[b, s, h, d]));
-        let out = Tensor::<Rt, f32>::empty(&client, &[b, s, h, d]);
-        let lse = Tensor::<Rt, f32>::empty(&client, &[b, h, s]);
+        let out = Tensor::<Rt, f32>::empty(&client, &[b, s, h, d]).unwrap();
+        let lse = Tensor::<Rt, f32>::empty(&client, &[b, h, s]).unwrap();
         bench_flash(
             &mut group,
             &client,
@@ -144,7 +144,7 @@ fn bench(c: &mut Criterion) {
             let h16 =
                 |shape: &[usize]| Tensor::<Rt, half::f16>::from_f32(&client, &data, shape).unwrap();
             let (q, k, v) = (h16(&[b, s, h, d]), h16(&[b, s, h, d]), h16(&[b, s, h, d]));
-            let out = Tensor::<Rt, half::f16>::empty(&client, &[b, s, h, d]);
+            let out = Tensor::<Rt, half::f16>::empty(&client, &[b, s, h, d]).unwrap();
             bench_flash(
                 &mut group,
                 &client,
@@ -171,7 +171,7 @@ fn bench(c: &mut Criterion) {
             );
         }
         let (qc, kc, vc) = (t(&[b, h, s, d]), t(&[b, h, s, d]), t(&[b, h, s, d]));
-        let outc = Tensor::<Rt, f32>::empty(&client, &[b, h, s, d]);
+        let outc = Tensor::<Rt, f32>::empty(&client, &[b, h, s, d]).unwrap();
         group.bench_function(
             BenchmarkId::new(
                 megabyte_benches::label("wgpu_attention_f32_cubek_unit"),
@@ -200,8 +200,8 @@ fn bench(c: &mut Criterion) {
             Tensor::<Rt, f32>::from_f32(&client, &data[..n], shape).unwrap()
         };
         let (q, k, v) = (t(&[b, 1, h, d]), t(&[b, s_kv, h, d]), t(&[b, s_kv, h, d]));
-        let out = Tensor::<Rt, f32>::empty(&client, &[b, 1, h, d]);
-        let lse = Tensor::<Rt, f32>::empty(&client, &[b, h, 1]);
+        let out = Tensor::<Rt, f32>::empty(&client, &[b, 1, h, d]).unwrap();
+        let lse = Tensor::<Rt, f32>::empty(&client, &[b, h, 1]).unwrap();
         bench_flash(
             &mut group,
             &client,

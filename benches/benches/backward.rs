@@ -75,9 +75,9 @@ fn bench(c: &mut Criterion) {
             up(&data(n, 4), &shape),
         );
         let (dq, dk, dv) = (
-            Tensor::<Rt, f32>::empty(&client, &shape),
-            Tensor::<Rt, f32>::empty(&client, &shape),
-            Tensor::<Rt, f32>::empty(&client, &shape),
+            Tensor::<Rt, f32>::empty(&client, &shape).unwrap(),
+            Tensor::<Rt, f32>::empty(&client, &shape).unwrap(),
+            Tensor::<Rt, f32>::empty(&client, &shape).unwrap(),
         );
         let flops = 5 * b * h * s * s * d;
         group.throughput(Throughput::Elements(flops as u64));
@@ -109,16 +109,16 @@ fn bench(c: &mut Criterion) {
             up(&data(n, 5), &[rows, width]),
             up(&data(n, 6), &[rows, width]),
         );
-        let dx = Tensor::<Rt, f32>::empty(&client, &[rows, width]);
+        let dx = Tensor::<Rt, f32>::empty(&client, &[rows, width]).unwrap();
         let bytes = (3 * n * 4) as u64;
         group.throughput(Throughput::Bytes(bytes));
         let weight = up(&data(width, 7), &[width]);
         let (dw, db) = (
-            Tensor::<Rt, f32>::empty(&client, &[width]),
-            Tensor::<Rt, f32>::empty(&client, &[width]),
+            Tensor::<Rt, f32>::empty(&client, &[width]).unwrap(),
+            Tensor::<Rt, f32>::empty(&client, &[width]).unwrap(),
         );
-        let mean = Tensor::<Rt, f32>::full(&client, &[rows], 0.1);
-        let rstd = Tensor::<Rt, f32>::full(&client, &[rows], 1.2);
+        let mean = Tensor::<Rt, f32>::full(&client, &[rows], 0.1).unwrap();
+        let rstd = Tensor::<Rt, f32>::full(&client, &[rows], 1.2).unwrap();
         group.bench_function(
             BenchmarkId::new(label("wgpu_layer_norm_backward_f32"), name),
             |bench| {
@@ -152,7 +152,7 @@ fn bench(c: &mut Criterion) {
         let targets: Vec<u32> = (0..rows).map(|i| (i * 31 % vocab) as u32).collect();
         let targets = Tensor::<Rt, u32>::from_ids(&client, &targets, &[rows]).unwrap();
         let logits = up(&data(rows * vocab, 8), &[rows, vocab]);
-        let lse = Tensor::<Rt, f32>::full(&client, &[rows], 6.0);
+        let lse = Tensor::<Rt, f32>::full(&client, &[rows], 6.0).unwrap();
         group.throughput(Throughput::Bytes((2 * rows * vocab * 4) as u64));
         group.bench_function(
             BenchmarkId::new(label("wgpu_cross_entropy_backward_f32"), name),
@@ -168,7 +168,7 @@ fn bench(c: &mut Criterion) {
         );
         let grad_rows = up(&data(rows * width, 9), &[1, rows, width]);
         let ids = targets.clone().reshape(&[1, rows]).unwrap();
-        let table = Tensor::<Rt, f32>::empty(&client, &[vocab, width]);
+        let table = Tensor::<Rt, f32>::empty(&client, &[vocab, width]).unwrap();
         group.throughput(Throughput::Bytes(((rows + vocab) * width * 4) as u64));
         group.bench_function(
             BenchmarkId::new(label("wgpu_embedding_backward_f32"), name),
@@ -192,8 +192,8 @@ fn bench(c: &mut Criterion) {
     ] {
         let (param, grad) = (up(&data(n, 10), &[n]), up(&data(n, 11), &[n]));
         let (m, v) = (
-            Tensor::<Rt, f32>::full(&client, &[n], 0.0),
-            Tensor::<Rt, f32>::full(&client, &[n], 0.0),
+            Tensor::<Rt, f32>::full(&client, &[n], 0.0).unwrap(),
+            Tensor::<Rt, f32>::full(&client, &[n], 0.0).unwrap(),
         );
         let hp = AdamW {
             lr: 1e-3,

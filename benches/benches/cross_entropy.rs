@@ -37,9 +37,9 @@ fn bench(c: &mut Criterion) {
         let table = Tensor::<Rt, f32>::from_f32(&client, &data(VOCAB * d), &[VOCAB, d]).unwrap();
         let targets: Vec<u32> = (0..rows as u32).map(|i| (i * 31) % VOCAB as u32).collect();
         let targets = Tensor::from_ids(&client, &targets, &[rows]).unwrap();
-        let loss = Tensor::<Rt, f32>::empty(&client, &[rows]);
-        let lse = Tensor::<Rt, f32>::empty(&client, &[rows]);
-        let logits = Tensor::<Rt, f32>::empty(&client, &[rows, VOCAB]);
+        let loss = Tensor::<Rt, f32>::empty(&client, &[rows]).unwrap();
+        let lse = Tensor::<Rt, f32>::empty(&client, &[rows]).unwrap();
+        let logits = Tensor::<Rt, f32>::empty(&client, &[rows, VOCAB]).unwrap();
         group.bench_function(
             BenchmarkId::new(megabyte_benches::label("wgpu_ce_f32_fused"), name),
             |bench| {

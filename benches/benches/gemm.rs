@@ -119,7 +119,7 @@ fn bench(c: &mut Criterion) {
         let b = Tensor::<Rt, f32>::from_f32(&client, &data(k * n, 2), &[k, n]).unwrap();
         let bias = Tensor::<Rt, f32>::from_f32(&client, &data(n, 3), &[n]).unwrap();
         let residual = Tensor::<Rt, f32>::from_f32(&client, &data(m * n, 4), &[m, n]).unwrap();
-        let out = Tensor::<Rt, f32>::empty(&client, &[m, n]);
+        let out = Tensor::<Rt, f32>::empty(&client, &[m, n]).unwrap();
         bench_ours(
             &mut group,
             &client,
@@ -162,7 +162,7 @@ fn bench(c: &mut Criterion) {
                 Tensor::<Rt, half::f16>::from_f32(&client, &t.to_f32_vec().unwrap(), t.shape())
                     .unwrap()
             };
-            let out = Tensor::<Rt, half::f16>::empty(&client, &[m, n]);
+            let out = Tensor::<Rt, half::f16>::empty(&client, &[m, n]).unwrap();
             bench_ours(
                 &mut group,
                 &client,

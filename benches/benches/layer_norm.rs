@@ -35,12 +35,12 @@ fn bench(c: &mut Criterion) {
             .collect();
         let x = Tensor::<Rt, f32>::from_f32(&client, &data, &[rows, width]).unwrap();
         let r = Tensor::<Rt, f32>::from_f32(&client, &data, &[rows, width]).unwrap();
-        let w = Tensor::<Rt, f32>::full(&client, &[width], 1.0);
-        let b = Tensor::<Rt, f32>::full(&client, &[width], 0.0);
-        let out = Tensor::<Rt, f32>::empty(&client, &[rows, width]);
-        let sum = Tensor::<Rt, f32>::empty(&client, &[rows, width]);
-        let mean = Tensor::<Rt, f32>::empty(&client, &[rows]);
-        let rstd = Tensor::<Rt, f32>::empty(&client, &[rows]);
+        let w = Tensor::<Rt, f32>::full(&client, &[width], 1.0).unwrap();
+        let b = Tensor::<Rt, f32>::full(&client, &[width], 0.0).unwrap();
+        let out = Tensor::<Rt, f32>::empty(&client, &[rows, width]).unwrap();
+        let sum = Tensor::<Rt, f32>::empty(&client, &[rows, width]).unwrap();
+        let mean = Tensor::<Rt, f32>::empty(&client, &[rows]).unwrap();
+        let rstd = Tensor::<Rt, f32>::empty(&client, &[rows]).unwrap();
         let bytes = (rows * width * 4) as u64;
         group.throughput(Throughput::Bytes(2 * bytes));
         group.bench_function(

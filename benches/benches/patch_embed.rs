@@ -44,7 +44,7 @@ fn bench(c: &mut Criterion) {
         let wte = Tensor::<Rt, f32>::from_f32(&client, &data(VOCAB * dg), &[VOCAB, dg]).unwrap();
         let wpe = Tensor::<Rt, f32>::from_f32(&client, &data(t * dg), &[t, dg]).unwrap();
         let pad = Tensor::<Rt, f32>::from_f32(&client, &data(p * dg), &[p * dg]).unwrap();
-        let g = Tensor::<Rt, f32>::empty(&client, &[b, k, p * dg]);
+        let g = Tensor::<Rt, f32>::empty(&client, &[b, k, p * dg]).unwrap();
         group.throughput(Throughput::Bytes((b * t * dg * 4) as u64));
         group.bench_function(
             BenchmarkId::new(megabyte_benches::label("wgpu_patch_embed_f32"), name),
@@ -61,7 +61,7 @@ fn bench(c: &mut Criterion) {
         let e_l = Tensor::<Rt, f32>::from_f32(&client, &data(VOCAB * dl), &[VOCAB, dl]).unwrap();
         let lpad = Tensor::<Rt, f32>::from_f32(&client, &data(dl), &[dl]).unwrap();
         let lpos = Tensor::<Rt, f32>::from_f32(&client, &data(p * dl), &[p, dl]).unwrap();
-        let out = Tensor::<Rt, f32>::empty(&client, &[b, t, dl]);
+        let out = Tensor::<Rt, f32>::empty(&client, &[b, t, dl]).unwrap();
         group.throughput(Throughput::Elements((2 * b * t * dg * dl) as u64));
         group.bench_function(
             BenchmarkId::new(megabyte_benches::label("wgpu_local_input_f32_fused"), name),

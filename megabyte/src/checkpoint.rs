@@ -15,7 +15,7 @@ use std::path::Path;
 
 use megabyte_reference::{Activation, Config, Weights};
 use safetensors::tensor::TensorView;
-use safetensors::{Dtype, SafeTensors};
+use safetensors::{Dtype, SafeTensorError, SafeTensors};
 
 use crate::error::Error;
 
@@ -197,6 +197,13 @@ pub fn to_bytes(
                 expected,
             });
         }
+        if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+            return Err(Error::NonFinite {
+                what: format!("weight `{name}`"),
+                value: data[i],
+                index: i,
+            });
+        }
         encoded.push((name, shape, encode(data, dtype)));
     }
     for (name, shape, data) in extra {
@@ -205,6 +212,13 @@ pub fn to_bytes(
                 "(extra tensors)",
                 format!("`{name}` must start with `{OPTIMIZER_PREFIX}`"),
             ));
+        }
+        if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+            return Err(Error::NonFinite {
+                what: format!("optimiser tensor `{name}`"),
+                value: data[i],
+                index: i,
+            });
         }
         // Optimiser state stays f32 whatever the weights' storage.
         encoded.push((name.clone(), shape.clone(), encode(data, StorageDtype::F32)));
@@ -280,28 +294,135 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     Ok(())
 }
 
+/// The string metadata of the safetensors file at `path`, from its header alone (its first
+/// 8 + n bytes; the tensors are not read), or `None` when the file is not a safetensors file.
+pub fn read_metadata(path: &Path) -> Result<Option<HashMap<String, String>>, Error> {
+    use std::io::Read;
+    let io = |source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let len = f.metadata().map_err(io)?.len();
+    let mut n = [0u8; 8];
+    if len < 8 || f.read_exact(&mut n).is_err() {
+        return Ok(None);
+    }
+    let n = u64::from_le_bytes(n);
+    // safetensors' own bound on a header.
+    if n > 100_000_000 || n > len - 8 {
+        return Ok(None);
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(io)?;
+    let parsed: Result<HashMap<String, serde_json::Value>, _> = serde_json::from_slice(&header);
+    let Ok(parsed) = parsed else { return Ok(None) };
+    let meta = parsed
+        .get("__metadata__")
+        .and_then(|m| m.as_object())
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Some(meta))
+}
+
+/// Whether `path` holds a checkpoint of this format (judged from its header alone).
+pub fn is_checkpoint(path: &Path) -> Result<bool, Error> {
+    Ok(read_metadata(path)?.is_some_and(|m| m.get("format").map(String::as_str) == Some(FORMAT)))
+}
+
 /// A loaded checkpoint: the config, the weights as f32, and any optimiser tensors.
 pub struct Checkpoint {
+    /// Where it was read from (the `path` given to [`from_bytes`]), for error messages.
+    pub source: String,
     pub config: Config,
     pub weights: Weights,
     /// (name, shape, values) of every tensor under [`OPTIMIZER_PREFIX`], sorted by name.
     pub optimizer: Vec<(String, Vec<usize>, Vec<f32>)>,
 }
 
+/// What is wrong with a file safetensors refuses, in words (its own error names the variant).
+fn describe(e: &SafeTensorError) -> String {
+    use SafeTensorError as S;
+    match e {
+        S::HeaderTooSmall => "shorter than the 8-byte header length (empty or truncated)".into(),
+        S::InvalidHeaderLength => {
+            "the header length points past the end of the file (truncated, or not a safetensors file)"
+                .into()
+        }
+        S::HeaderTooLarge => "the header length is over 100 MB (not a safetensors file)".into(),
+        S::InvalidHeader => "the header is not UTF-8 text".into(),
+        S::InvalidHeaderStart => "the header does not start with `{` (not a safetensors file)".into(),
+        S::InvalidHeaderDeserialization | S::JsonError(_) => {
+            "the header is not the JSON a safetensors file holds".into()
+        }
+        S::MetadataIncompleteBuffer => {
+            "the tensors the header lists do not cover the data exactly (truncated or padded)"
+                .into()
+        }
+        S::ValidationOverflow => "a tensor's size in the header overflows".into(),
+        S::TensorInvalidInfo => "a tensor's dtype and shape disagree with its byte range".into(),
+        S::InvalidOffset(name) => format!("tensor `{name}` has a byte range out of order or out of bounds"),
+        S::InvalidTensorView(dtype, shape, len) => {
+            format!("a {dtype:?} tensor of shape {shape:?} cannot span {len} bytes")
+        }
+        S::TensorNotFound(name) => format!("tensor `{name}` is missing"),
+        S::IoError(e) => e.to_string(),
+    }
+}
+
+/// The values of tensor `name`, refused if one is NaN or infinite.
+fn finite(path: &str, name: &str, values: Vec<f32>) -> Result<Vec<f32>, Error> {
+    match values.iter().position(|v| !v.is_finite()) {
+        None => Ok(values),
+        Some(i) => Err(bad(
+            path,
+            format!(
+                "tensor `{name}` holds {} at index {i}: the weights are corrupt or come from a run that diverged",
+                values[i]
+            ),
+        )),
+    }
+}
+
 /// Parses checkpoint bytes; `path` only names the source in errors.
+///
+/// Nothing is allocated from the metadata's word alone: the stored config's parameter count
+/// is compared with the file's size, and every tensor's name, shape and dtype with the
+/// config's, before the weights are decoded, so memory stays within a small multiple of the
+/// file's size whatever the header says. Non-finite values are refused, naming the tensor.
 pub fn from_bytes(path: &str, bytes: &[u8]) -> Result<Checkpoint, Error> {
-    let (_, meta) = SafeTensors::read_metadata(bytes)
-        .map_err(|e| bad(path, format!("not a readable safetensors file: {e:?}")))?;
+    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| {
+        bad(
+            path,
+            format!("not a readable safetensors file: {}", describe(&e)),
+        )
+    })?;
     let metadata = meta
         .metadata()
         .clone()
         .ok_or_else(|| bad(path, "no metadata: the config is missing"))?;
     let config = config_from_metadata(path, &metadata)?;
+    let params = config
+        .checked_parameters()
+        .expect("a validated config's parameter count does not overflow");
+    if params.saturating_mul(2) > bytes.len() {
+        return Err(bad(
+            path,
+            format!(
+                "the stored config has {params} parameters, more than the {} bytes of the file can hold (2 bytes each as f16): truncated, or the config does not match the tensors",
+                bytes.len()
+            ),
+        ));
+    }
     let st = SafeTensors::deserialize(bytes)
-        .map_err(|e| bad(path, format!("truncated or corrupt: {e:?}")))?;
-    let mut weights = Weights::zeros(&config);
+        .map_err(|e| bad(path, format!("truncated or corrupt: {}", describe(&e))))?;
     let specs = config.tensor_specs();
-    for ((name, shape), dst) in specs.iter().zip(weights.tensors_mut()) {
+    let mut views = Vec::with_capacity(specs.len());
+    for (name, shape) in &specs {
         let view = st.tensor(name).map_err(|_| {
             bad(
                 path,
@@ -317,7 +438,12 @@ pub fn from_bytes(path: &str, bytes: &[u8]) -> Result<Checkpoint, Error> {
                 ),
             ));
         }
-        *dst = decode(path, name, &view)?;
+        views.push(view);
+    }
+    // Every size is now the file's own: the weights take at most twice its bytes.
+    let mut weights = Weights::zeros(&config);
+    for (((name, _), view), dst) in specs.iter().zip(&views).zip(weights.tensors_mut()) {
+        *dst = finite(path, name, decode(path, name, view)?)?;
     }
     let known: std::collections::HashSet<&str> = specs.iter().map(|(n, _)| n.as_str()).collect();
     let mut names: Vec<&String> = st.names();
@@ -329,7 +455,7 @@ pub fn from_bytes(path: &str, bytes: &[u8]) -> Result<Checkpoint, Error> {
             optimizer.push((
                 name.clone(),
                 view.shape().to_vec(),
-                decode(path, name, &view)?,
+                finite(path, name, decode(path, name, &view)?)?,
             ));
         } else if !known.contains(name.as_str()) {
             return Err(bad(
@@ -339,6 +465,7 @@ pub fn from_bytes(path: &str, bytes: &[u8]) -> Result<Checkpoint, Error> {
         }
     }
     Ok(Checkpoint {
+        source: path.to_string(),
         config,
         weights,
         optimizer,
@@ -452,8 +579,12 @@ mod tests {
         assert_eq!(
             load_error(
                 |t| {
-                    let half_len = t[1].2.len() / 2;
-                    t[1].2.truncate(half_len);
+                    let values: Vec<f32> = t[1]
+                        .2
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect();
+                    t[1].2 = encode(&values, StorageDtype::F16);
                     t[1].3 = Dtype::F16;
                 },
                 None

@@ -28,6 +28,32 @@ pub enum Error {
         value: String,
         reason: &'static str,
     },
+    /// A NaN or infinity where a checkpoint is written: nothing is written.
+    #[error("{what} holds {value} at index {index}: refusing to write a checkpoint that cannot be loaded")]
+    NonFinite {
+        what: String,
+        value: f32,
+        index: usize,
+    },
+    /// The loss or the gradient norm of a training step is NaN or infinite (the step's update
+    /// is not applied: the weights stay those of the step before), or the validation loss is
+    /// (the weights are not saved). Either way the last checkpoint written is kept.
+    #[error("training diverged at step {step}: {what}; the last checkpoint saved is kept (try a lower --lr, or --clip)")]
+    Diverged { step: u64, what: String },
+    /// A device runtime reported a failure on its own thread (a panic it caught and logged);
+    /// what it computed since cannot be trusted, so nothing more is reported.
+    #[error("the device failed: {0}; no results from this run are reported")]
+    DeviceFailed(String),
+    /// Input data (training text, a file to evaluate) that cannot be used: empty, too short.
+    #[error("{path}: {reason}")]
+    Data { path: String, reason: String },
+    /// Arguments that do not make a run together: a missing model, nothing to do, a device
+    /// that cannot do what was asked.
+    #[error("{0}")]
+    Usage(String),
+    /// An output path that would destroy a file the run did not make (`--force` overrides).
+    #[error("--out {path}: {reason}")]
+    Output { path: String, reason: String },
     #[error("the prompt is empty: give it as an argument or on stdin")]
     EmptyPrompt,
     #[error("the context of {context} bytes is full: no position is left to predict")]

@@ -156,16 +156,30 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
             global_fused,
             local_fused,
             global_fused_keys,
-            global_cache: LayerCache::stack(client, cfg.layers_global, batch, cfg.patches(), wg),
-            local_cache: LayerCache::stack(client, cfg.layers_local, batch, p, dl),
-            global_step: Scratch::new(client, model.global_stack(), batch, 1),
-            local_step: Scratch::new(client, model.local_stack(), batch, 1),
-            g: Tensor::empty(client, &[batch, 1, wg]),
-            local_in: Tensor::empty(client, &[batch, p, dl]),
-            local_row: Tensor::empty(client, &[batch, dl]),
-            logits: Tensor::empty(client, &[batch, v]),
-            loss: Tensor::empty(client, &[batch]),
-            lse: Tensor::empty(client, &[batch]),
+            global_cache: LayerCache::stack(
+                client,
+                "KV cache of the global stack",
+                cfg.layers_global,
+                batch,
+                cfg.patches(),
+                wg,
+            )?,
+            local_cache: LayerCache::stack(
+                client,
+                "KV cache of the local stack",
+                cfg.layers_local,
+                batch,
+                p,
+                dl,
+            )?,
+            global_step: Scratch::new(client, model.global_stack(), batch, 1)?,
+            local_step: Scratch::new(client, model.local_stack(), batch, 1)?,
+            g: Tensor::empty(client, &[batch, 1, wg])?,
+            local_in: Tensor::empty(client, &[batch, p, dl])?,
+            local_row: Tensor::empty(client, &[batch, dl])?,
+            logits: Tensor::empty(client, &[batch, v])?,
+            loss: Tensor::empty(client, &[batch])?,
+            lse: Tensor::empty(client, &[batch])?,
             targets: Tensor::from_ids(client, &vec![0; batch], &[batch])?,
             patch_bytes: vec![0; batch * p],
             pos: 0,
@@ -230,7 +244,7 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
         } else {
             Tensor::from_ids(&client, &history, &[b, kc * p])?
         };
-        let h = Tensor::<R, E>::empty(&client, &[b, kc + 1, wg]);
+        let h = Tensor::<R, E>::empty(&client, &[b, kc + 1, wg])?;
         patch_embed_window(
             &ids,
             0,
@@ -242,12 +256,12 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
             0,
         )?;
         let h = h.reshape(&[b * (kc + 1), wg])?;
-        let scratch = Scratch::new(&client, self.model.global_stack(), b, kc + 1);
+        let scratch = Scratch::new(&client, self.model.global_stack(), b, kc + 1)?;
         for (blk, cache) in w.global_blocks.iter().zip(&self.global_cache) {
             block(&h, blk, &scratch, act, Some(CacheAt { cache, start: 0 }))?;
         }
         // Only the last position's output is needed: the current patch's g.
-        let last = Tensor::<R, E>::empty(&client, &[b, 1, wg]);
+        let last = Tensor::<R, E>::empty(&client, &[b, 1, wg])?;
         copy(
             &h.strided(kc * wg, &[b, 1, wg], &[(kc + 1) * wg, wg, 1])?,
             &last.view(),
@@ -323,7 +337,7 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
         // The current patch's bytes live on the device from here: each step reads byte p - 1
         // from it and writes its argmax at p; a global step reads the completed patch.
         let ids = Tensor::from_ids(&client, &self.patch_bytes, &[b, p])?;
-        let generated = Tensor::<R, u32>::empty(&client, &[b, steps]);
+        let generated = Tensor::<R, u32>::empty(&client, &[b, steps])?;
         let first = self.pos;
         for i in 0..steps {
             if self.pos.is_multiple_of(p) {
@@ -415,13 +429,13 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
                 first_byte: (k - 1) * p,
             });
             let g = self.g.clone().reshape(&[b, wg])?;
-            let h = Tensor::<R, E>::empty(client, &[b, wg]);
+            let h = Tensor::<R, E>::empty(client, &[b, wg])?;
             let cache = &self.global_cache[0];
             let out = StepOutput::Norm(&g);
             decode_stack(&h, stack, &cache.k, &cache.v, k, act, &input, &out)?;
             return Ok(());
         }
-        let h = Tensor::<R, E>::empty(client, &[b, 1, wg]);
+        let h = Tensor::<R, E>::empty(client, &[b, 1, wg])?;
         patch_embed_window(
             ids,
             (k - 1) * p,

@@ -8,7 +8,8 @@
 //! ```
 
 use std::io::{IsTerminal, Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -138,6 +139,9 @@ enum Command {
         /// Storage type of the written weights.
         #[arg(long, value_enum, default_value_t = DtypeArg::F16)]
         save_dtype: DtypeArg,
+        /// Write over an existing file at --out that is not a checkpoint.
+        #[arg(long)]
+        force: bool,
     },
     /// Parameters, FLOPs per byte and a memory estimate of a configuration.
     Info {
@@ -204,6 +208,10 @@ struct TrainArgs {
     /// Where to write the checkpoint; the loss curve goes next to it as `<out>.loss.svg`.
     #[arg(long)]
     out: PathBuf,
+    /// Write --out even where it would replace a file that is not a checkpoint, the training
+    /// data itself, or a file inside the --data folder.
+    #[arg(long)]
+    force: bool,
     /// Storage type of the saved weights (optimiser state is always f32).
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     save_dtype: DtypeArg,
@@ -211,7 +219,38 @@ struct TrainArgs {
     device: DeviceArg,
 }
 
+/// The first panic of any thread. The device runtimes run work on threads of their own and
+/// only log a task that panics there (an allocation the device refused, say); what they compute
+/// after it cannot be trusted, so the program reports no result once one happened.
+static PANIC: OnceLock<String> = OnceLock::new();
+
+/// An error once any thread has panicked (see [`PANIC`]).
+fn device_ok() -> Result<(), Error> {
+    match PANIC.get() {
+        Some(msg) => Err(Error::DeviceFailed(msg.clone())),
+        None => Ok(()),
+    }
+}
+
 fn main() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "a panic".into());
+        let thread = std::thread::current()
+            .name()
+            .unwrap_or("unnamed")
+            .to_string();
+        let _ = PANIC.set(format!(
+            "thread `{thread}` panicked: {}",
+            msg.lines().next().unwrap_or("")
+        ));
+        default_hook(info);
+    }));
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate {
@@ -256,26 +295,101 @@ fn main() {
             checkpoint,
             out,
             save_dtype,
-        } => export(&checkpoint, &out, save_dtype),
+            force,
+        } => export(&checkpoint, &out, save_dtype, force),
         Command::Info {
             checkpoint,
             preset,
             context,
         } => info(checkpoint, preset, context),
     };
-    if let Err(e) = result {
+    if let Err(e) = result.and_then(|()| device_ok()) {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
 }
 
-fn export(from: &PathBuf, out: &PathBuf, dtype: DtypeArg) -> Result<(), Error> {
-    if from == out {
-        return Err(Error::Checkpoint {
+/// `path` made absolute with every link resolved; a path that does not exist yet resolves its
+/// folder (which must exist) and keeps its file name.
+fn resolved(path: &Path, what: &str) -> Result<PathBuf, Error> {
+    if let Ok(p) = std::fs::canonicalize(path) {
+        return Ok(p);
+    }
+    let name = path.file_name().ok_or_else(|| Error::Output {
+        path: path.display().to_string(),
+        reason: format!("{what} names a folder, not a file"),
+    })?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let dir = std::fs::canonicalize(dir).map_err(|e| Error::Output {
+        path: path.display().to_string(),
+        reason: format!("its folder {} cannot be used: {e}", dir.display()),
+    })?;
+    Ok(dir.join(name))
+}
+
+/// Refuses an output path that would destroy what the run did not make, unless `force`: the
+/// training data itself, any file inside the data folder (the next run would train on its own
+/// checkpoint), an existing file that is not a checkpoint. Then proves the folder writable
+/// (a file is created there and removed), so a run does not train for hours only to fail at
+/// its first save. Paths are compared resolved, so `./a`, `a` and links to it are one file.
+fn check_out(out: &Path, data: Option<&Path>, force: bool) -> Result<PathBuf, Error> {
+    let refuse = |reason: String| {
+        Err(Error::Output {
             path: out.display().to_string(),
-            reason: "--out is the input checkpoint; write the weights to another file".into(),
+            reason: format!("{reason}; give --force to write it anyway"),
+        })
+    };
+    let target = resolved(out, "--out")?;
+    if target.is_dir() {
+        return Err(Error::Output {
+            path: out.display().to_string(),
+            reason: "is a folder; name the checkpoint file to write".into(),
         });
     }
+    if let Some(data) = data {
+        let data = std::fs::canonicalize(data).map_err(|source| Error::Io {
+            path: data.display().to_string(),
+            source,
+        })?;
+        if !force && target == data {
+            return refuse("is the training data".into());
+        }
+        if !force && data.is_dir() && target.starts_with(&data) {
+            return refuse(format!(
+                "is inside the --data folder {}, so a later run would train on it",
+                data.display()
+            ));
+        }
+    }
+    if !force && target.is_file() && !checkpoint::is_checkpoint(&target)? {
+        return refuse("exists and is not a megabyte checkpoint".into());
+    }
+    let dir = target.parent().unwrap_or(Path::new("/"));
+    let probe = dir.join(format!(".megabyte-write-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .and_then(|()| std::fs::remove_file(&probe))
+        .map_err(|e| Error::Output {
+            path: out.display().to_string(),
+            reason: format!("its folder {} is not writable: {e}", dir.display()),
+        })?;
+    Ok(target)
+}
+
+fn export(from: &Path, out: &Path, dtype: DtypeArg, force: bool) -> Result<(), Error> {
+    let source = std::fs::canonicalize(from).map_err(|source| Error::Io {
+        path: from.display().to_string(),
+        source,
+    })?;
+    if resolved(out, "--out")? == source {
+        return Err(Error::Output {
+            path: out.display().to_string(),
+            reason: "is the input checkpoint; write the weights to another file".into(),
+        });
+    }
+    check_out(out, None, force)?;
     let ckpt = checkpoint::load(from)?;
     checkpoint::save(out, &ckpt.config, &ckpt.weights, dtype.into())?;
     let size = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
@@ -318,14 +432,36 @@ fn load(
         (None, Some(name)) => {
             let cfg = Config::preset(name).expect("clap checked the preset name");
             eprintln!("note: preset `{name}` with untrained weights (seed {seed})");
+            note_size(&cfg);
             let w = Weights::init(&cfg, seed);
             Ok((cfg, w))
         }
-        (None, None) => Err(Error::Checkpoint {
-            path: "(none)".into(),
-            reason: "give --checkpoint FILE or --preset NAME".into(),
-        }),
+        (None, None) => Err(Error::Usage(
+            "no model: give --checkpoint FILE or --preset NAME".into(),
+        )),
     }
+}
+
+/// Says how much memory a model's weights take before they are made, when that is a lot (the
+/// paper presets' run to gigabytes).
+fn note_size(cfg: &Config) {
+    let params = cfg.num_parameters();
+    let gib = (params * 4) as f64 / (1u64 << 30) as f64;
+    if gib >= 0.5 {
+        eprintln!(
+            "note: {params} parameters: {gib:.1} GiB of f32 weights in host memory, and as much again on the device (half in f16)"
+        );
+    }
+}
+
+/// Refuses `--dtype f16` where it cannot apply: the cpu reference computes in f32 only.
+fn check_dtype(backend: &Backend, dtype: DtypeArg) -> Result<(), Error> {
+    if matches!(backend, Backend::Cpu) && dtype != DtypeArg::F32 {
+        return Err(Error::Usage(
+            "--dtype f16 needs a kernel device (--device wgpu or cuda): the cpu reference computes in f32 only".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// The backend a command runs on, resolved from `--device`.
@@ -339,10 +475,9 @@ enum Backend {
 
 #[cfg(not(all(feature = "cuda", feature = "wgpu")))]
 fn not_built(name: &str) -> Error {
-    Error::Op(megabyte::ops::OpError::NoDevice {
-        runtime: "megabyte",
-        reason: format!("this build has no `{name}` backend; rebuild with `--features {name}`"),
-    })
+    Error::Usage(format!(
+        "--device {name}: this build of megabyte has no `{name}` backend; rebuild with `--features {name}`"
+    ))
 }
 
 fn backend(arg: DeviceArg) -> Result<Backend, Error> {
@@ -423,7 +558,11 @@ fn generate(
     if prompt.len() >= cfg.context {
         return Err(megabyte::reference::Error::PromptTooLong {
             prompt: prompt.len(),
-            new: 1,
+            new: if default_length {
+                1
+            } else {
+                opts.max_new.max(1)
+            },
             context: cfg.context,
         }
         .into());
@@ -436,13 +575,16 @@ fn generate(
     let stdout = std::io::stdout();
     let stream = samples == 1;
     let mut emit = |_: usize, byte: u8| {
-        if stream {
+        // Nothing more reaches stdout once a device thread failed.
+        if stream && PANIC.get().is_none() {
             let mut out = stdout.lock();
             // A closed pipe (`| head`) ends the output; generation itself is not an error.
             let _ = out.write_all(&[byte]).and_then(|_| out.flush());
         }
     };
-    let outputs = match backend(args.device)? {
+    let backend = backend(args.device)?;
+    check_dtype(&backend, args.dtype)?;
+    let outputs = match backend {
         Backend::Cpu => {
             opts.sampling.validate()?;
             let mut outs = Vec::new();
@@ -464,6 +606,7 @@ fn generate(
         #[cfg(feature = "cuda")]
         Backend::Cuda(c) => device_generate(&c, args.dtype, &cfg, &w, &prompts, opts, &mut emit)?,
     };
+    device_ok()?;
     let elapsed = start.elapsed().as_secs_f64();
     let n: usize = outputs.iter().map(Vec::len).sum();
     if !stream {
@@ -545,7 +688,10 @@ fn eval(
         data.truncate(n);
     }
     if data.is_empty() {
-        return Err(megabyte::reference::Error::EmptySequence { seq: 0 }.into());
+        return Err(Error::Data {
+            path: file.display().to_string(),
+            reason: "the file is empty: no byte to evaluate".into(),
+        });
     }
     let bar = ProgressBar::new(data.len() as u64);
     bar.set_style(
@@ -556,7 +702,9 @@ fn eval(
     );
     let start = Instant::now();
     let progress = |done: usize| bar.set_position(done as u64);
-    let result = match backend(args.device)? {
+    let backend = backend(args.device)?;
+    check_dtype(&backend, args.dtype)?;
+    let result = match backend {
         Backend::Cpu => evaluate_strided(
             &data,
             window,
@@ -582,6 +730,7 @@ fn eval(
         )?,
     };
     bar.finish_and_clear();
+    device_ok()?;
     let secs = start.elapsed().as_secs_f64();
     println!(
         "{:.4} bits per byte over {} bytes ({:.0} bytes/s)",
@@ -654,6 +803,8 @@ fn info(
         context: t,
         ..cfg.clone()
     };
+    // Sizes (context below 2^31, no overflowing product) before any figure is computed.
+    c.validate()?;
     let p = parameters(&c);
     let f = flops_per_byte(&c, t);
     let m32 = memory(&c, t, 4);
@@ -743,7 +894,14 @@ fn train(args: &TrainArgs) -> Result<(), Error> {
             reason: "must be between 0 and 1",
         });
     }
+    check_out(&args.out, Some(&args.data), args.force)?;
     let data = read_corpus(&args.data)?;
+    if data.is_empty() {
+        return Err(Error::Data {
+            path: args.data.display().to_string(),
+            reason: "no bytes to train on (an empty file, or a folder without files)".into(),
+        });
+    }
     let resumed = match &args.resume {
         Some(p) => Some(checkpoint::load(p)?),
         None => None,
@@ -755,7 +913,7 @@ fn train(args: &TrainArgs) -> Result<(), Error> {
     let seq = args.seq.unwrap_or(cfg.context);
     let val_len = ((data.len() as f64 * args.val_fraction) as usize).max(seq);
     if data.len() < val_len + seq {
-        return Err(Error::Checkpoint {
+        return Err(Error::Data {
             path: args.data.display().to_string(),
             reason: format!(
                 "{} bytes is too little: need one sequence of {seq} bytes to train on and {val_len} held out",
@@ -787,10 +945,9 @@ fn train(args: &TrainArgs) -> Result<(), Error> {
         seq
     );
     match backend(args.device)? {
-        Backend::Cpu => Err(Error::Op(megabyte::ops::OpError::NoDevice {
-            runtime: "cpu",
-            reason: "training runs on the kernels: use --device wgpu (any Vulkan driver, lavapipe included) or cuda".into(),
-        })),
+        Backend::Cpu => Err(Error::Usage(
+            "training runs on the kernels, not the cpu reference: use --device wgpu (any Vulkan driver, lavapipe included) or cuda".into(),
+        )),
         #[cfg(feature = "wgpu")]
         Backend::Wgpu(c) => train_on(&c, args, &cfg, resumed, tc, train_data, val_data, save_dtype),
         #[cfg(feature = "cuda")]
@@ -812,7 +969,10 @@ fn train_on<R: Runtime>(
     use megabyte::train::Trainer;
     let mut trainer = match &resumed {
         Some(ckpt) => Trainer::resume(client, ckpt, tc)?,
-        None => Trainer::new(client, cfg, &Weights::init(cfg, args.seed), tc)?,
+        None => {
+            note_size(cfg);
+            Trainer::new(client, cfg, &Weights::init(cfg, args.seed), tc)?
+        }
     };
     let validate = |t: &Trainer<R>| -> Result<f64, Error> {
         let model = t.model();
@@ -840,12 +1000,9 @@ fn train_on<R: Runtime>(
     let mut last_val = f64::NAN;
     let last = args.stop_after.map_or(args.steps, |s| s.min(args.steps));
     if last <= start_step {
-        return Err(Error::Checkpoint {
-            path: args.out.display().to_string(),
-            reason: format!(
-                "nothing to do: the run is at step {start_step} and would stop at step {last}"
-            ),
-        });
+        return Err(Error::Usage(format!(
+            "nothing to do: the run is at step {start_step} and would stop at step {last} (raise --steps or --stop-after)"
+        )));
     }
     for step in start_step + 1..=last {
         let ids = trainer.batch_for(train_data, step)?;
@@ -854,7 +1011,17 @@ fn train_on<R: Runtime>(
         let rate = (step - start_step) as f64 * bytes_per_step / started.elapsed().as_secs_f64();
         if step % args.eval_every == 0 || step == last {
             last_val = validate(&trainer)?;
+            if !last_val.is_finite() {
+                return Err(Error::Diverged {
+                    step,
+                    what: format!(
+                        "validation loss {last_val} bits per byte: these weights were not saved"
+                    ),
+                });
+            }
             val_curve.push((step, last_val));
+            // Never replace a good checkpoint with weights computed after a device failure.
+            device_ok()?;
             trainer.save(&args.out, save_dtype)?;
             let line = format!(
                 "step {step}: train {:.3} bits/byte, validation {last_val:.3} bits/byte, saved {}",

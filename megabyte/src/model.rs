@@ -83,17 +83,17 @@ impl<R: Runtime, E: FloatElement> DeviceBlock<R, E> {
         BlockWeights::from_tensors(self.tensors())
     }
 
-    fn zeros_like(&self) -> Self {
+    fn zeros_like(&self) -> Result<Self, OpError> {
         let z = |t: &Tensor<R, E>| Tensor::full(t.client(), t.shape(), 0.0);
-        let pair = |p: &(Tensor<R, E>, Tensor<R, E>)| (z(&p.0), z(&p.1));
-        DeviceBlock {
-            ln1: pair(&self.ln1),
-            qkv: pair(&self.qkv),
-            proj: pair(&self.proj),
-            ln2: pair(&self.ln2),
-            fc1: pair(&self.fc1),
-            fc2: pair(&self.fc2),
-        }
+        let pair = |p: &(Tensor<R, E>, Tensor<R, E>)| Ok::<_, OpError>((z(&p.0)?, z(&p.1)?));
+        Ok(DeviceBlock {
+            ln1: pair(&self.ln1)?,
+            qkv: pair(&self.qkv)?,
+            proj: pair(&self.proj)?,
+            ln2: pair(&self.ln2)?,
+            fc1: pair(&self.fc1)?,
+            fc2: pair(&self.fc2)?,
+        })
     }
 }
 
@@ -139,36 +139,36 @@ impl<R: Runtime, E: FloatElement> DeviceWeights<R, E> {
 
     /// Zero tensors of the same shapes (gradients, optimiser moments); a tied table stays
     /// shared with the embedding.
-    pub fn zeros_like(&self) -> Self {
+    pub fn zeros_like(&self) -> Result<Self, OpError> {
         let z = |t: &Tensor<R, E>| Tensor::full(t.client(), t.shape(), 0.0);
-        let local_embed = z(&self.local_embed);
-        DeviceWeights {
-            global_embed: z(&self.global_embed),
-            global_pos: z(&self.global_pos),
-            global_pad: z(&self.global_pad),
+        let local_embed = z(&self.local_embed)?;
+        Ok(DeviceWeights {
+            global_embed: z(&self.global_embed)?,
+            global_pos: z(&self.global_pos)?,
+            global_pad: z(&self.global_pad)?,
             global_blocks: self
                 .global_blocks
                 .iter()
                 .map(DeviceBlock::zeros_like)
-                .collect(),
-            global_ln_f: (z(&self.global_ln_f.0), z(&self.global_ln_f.1)),
-            global_to_local: z(&self.global_to_local),
+                .collect::<Result<_, _>>()?,
+            global_ln_f: (z(&self.global_ln_f.0)?, z(&self.global_ln_f.1)?),
+            global_to_local: z(&self.global_to_local)?,
             head_table: if self.tied {
                 local_embed.clone()
             } else {
-                z(&self.head_table)
+                z(&self.head_table)?
             },
             local_embed,
-            local_pad: z(&self.local_pad),
-            local_pos: self.local_pos.as_ref().map(z),
+            local_pad: z(&self.local_pad)?,
+            local_pos: self.local_pos.as_ref().map(z).transpose()?,
             local_blocks: self
                 .local_blocks
                 .iter()
                 .map(DeviceBlock::zeros_like)
-                .collect(),
-            local_ln_f: (z(&self.local_ln_f.0), z(&self.local_ln_f.1)),
+                .collect::<Result<_, _>>()?,
+            local_ln_f: (z(&self.local_ln_f.0)?, z(&self.local_ln_f.1)?),
             tied: self.tied,
-        }
+        })
     }
 }
 
@@ -205,22 +205,27 @@ pub(crate) struct Scratch<R: Runtime, E> {
 }
 
 impl<R: Runtime, E: FloatElement> Scratch<R, E> {
-    pub fn new(client: &ComputeClient<R>, stack: Stack, batch: usize, seq: usize) -> Self {
+    pub fn new(
+        client: &ComputeClient<R>,
+        stack: Stack,
+        batch: usize,
+        seq: usize,
+    ) -> Result<Self, OpError> {
         let n = batch * seq;
         let c = stack.width;
         let hs = c / stack.heads;
-        Scratch {
+        Ok(Scratch {
             batch,
             seq,
-            normed: Tensor::empty(client, &[n, c]),
-            qkv: Tensor::empty(client, &[n, 3 * c]),
-            attn: Tensor::empty(client, &[batch, seq, stack.heads, hs]),
-            lse: Tensor::empty(client, &[batch, stack.heads, seq]),
-            mean: Tensor::empty(client, &[n]),
-            rstd: Tensor::empty(client, &[n]),
-            hidden: Tensor::empty(client, &[n, stack.hidden]),
-            mid: Tensor::empty(client, &[n, c]),
-        }
+            normed: Tensor::empty(client, &[n, c])?,
+            qkv: Tensor::empty(client, &[n, 3 * c])?,
+            attn: Tensor::empty(client, &[batch, seq, stack.heads, hs])?,
+            lse: Tensor::empty(client, &[batch, stack.heads, seq])?,
+            mean: Tensor::empty(client, &[n])?,
+            rstd: Tensor::empty(client, &[n])?,
+            hidden: Tensor::empty(client, &[n, stack.hidden])?,
+            mid: Tensor::empty(client, &[n, c])?,
+        })
     }
 }
 
@@ -233,23 +238,48 @@ pub(crate) struct LayerCache<R: Runtime, E> {
 }
 
 impl<R: Runtime, E: FloatElement> LayerCache<R, E> {
-    /// The caches of a stack of `layers` layers, sharing two buffers.
+    /// The caches of a stack of `layers` layers, sharing two buffers; `buffer` names them in
+    /// the error when they are larger than the device allows, which says how many sequences
+    /// would fit.
     pub fn stack(
         client: &ComputeClient<R>,
+        buffer: &'static str,
         layers: usize,
         batch: usize,
         capacity: usize,
         width: usize,
-    ) -> Vec<Self> {
+    ) -> Result<Vec<Self>, OpError> {
         let shape = [layers, batch, capacity, width];
-        let (k, v) = (Tensor::empty(client, &shape), Tensor::empty(client, &shape));
-        (0..layers)
+        let per_sequence = (layers * capacity * width).max(1) * std::mem::size_of::<E>();
+        let fit = max_buffer_bytes(client) / per_sequence;
+        let hint = if fit == 0 {
+            format!(
+                "one sequence's cache ({per_sequence} bytes) does not fit{}",
+                if E::NAME == "f32" {
+                    "; f16 weights (--dtype f16) halve it"
+                } else {
+                    ""
+                }
+            )
+        } else {
+            format!(
+                "at most {fit} sequences fit in one batch on this device (--samples){}",
+                if E::NAME == "f32" {
+                    ", twice as many in f16 (--dtype f16)"
+                } else {
+                    ""
+                }
+            )
+        };
+        let k = Tensor::empty_named(client, &shape, buffer, &hint)?;
+        let v = Tensor::empty_named(client, &shape, buffer, &hint)?;
+        Ok((0..layers)
             .map(|layer| LayerCache {
                 k: k.clone(),
                 v: v.clone(),
                 layer,
             })
-            .collect()
+            .collect())
     }
 }
 
@@ -525,7 +555,7 @@ impl<R: Runtime, E: FloatElement> Model<R, E> {
         )?;
         self.check_buffer("the per-byte losses", b * t, 4, t)?;
         let g = self.global(ids)?;
-        let loss = Tensor::<R, f32>::empty(client, &[b, t]);
+        let loss = Tensor::<R, f32>::empty(client, &[b, t])?;
         let chunk = self.local_chunk(b, k, on_logits.is_some())?;
         if chunk == k {
             let l = self.local(&g.reshape(&[b, k, wg])?, ids, on_logits.is_some(), &loss)?;
@@ -537,14 +567,14 @@ impl<R: Runtime, E: FloatElement> Model<R, E> {
         let mut k0 = 0;
         while k0 < k {
             let n = chunk.min(k - k0);
-            let g_c = Tensor::<R, E>::empty(client, &[b, n, wg]);
+            let g_c = Tensor::<R, E>::empty(client, &[b, n, wg])?;
             copy(
                 &g.strided(k0 * wg, &[b, n, wg], &[k * wg, wg, 1])?,
                 &g_c.view(),
             )?;
-            let ids_c = Tensor::<R, u32>::empty(client, &[b, n * p]);
+            let ids_c = Tensor::<R, u32>::empty(client, &[b, n * p])?;
             copy_ids(&ids.strided(k0 * p, &[b, n * p], &[t, 1])?, &ids_c.view())?;
-            let loss_c = Tensor::<R, f32>::empty(client, &[b, n * p]);
+            let loss_c = Tensor::<R, f32>::empty(client, &[b, n * p])?;
             let l = self.local(&g_c, &ids_c, on_logits.is_some(), &loss_c)?;
             copy(&loss_c.view(), &loss.strided(k0 * p, &[b, n * p], &[t, 1])?)?;
             if let (Some(f), Some(l)) = (on_logits.as_mut(), l) {
@@ -564,7 +594,7 @@ impl<R: Runtime, E: FloatElement> Model<R, E> {
         let k = t / p;
         let act = activation_kind(cfg.activation);
         // 1–2. Bytes → shifted patches (B, K, P·D_G).
-        let h = Tensor::<R, E>::empty(client, &[b, k, wg]);
+        let h = Tensor::<R, E>::empty(client, &[b, k, wg])?;
         patch_embed(
             ids,
             &self.w.global_embed,
@@ -575,11 +605,11 @@ impl<R: Runtime, E: FloatElement> Model<R, E> {
         )?;
         // 3. Global transformer over K patches, then the final LayerNorm.
         let h = h.reshape(&[b * k, wg])?;
-        let scratch = Scratch::new(client, self.global_stack(), b, k);
+        let scratch = Scratch::new(client, self.global_stack(), b, k)?;
         for blk in &self.w.global_blocks {
             block(&h, blk, &scratch, act, None)?;
         }
-        let g = Tensor::<R, E>::empty(client, &[b * k, wg]);
+        let g = Tensor::<R, E>::empty(client, &[b * k, wg])?;
         let (lw, lb) = &self.w.global_ln_f;
         layer_norm(&h, lw, lb, &g, &scratch.mean, &scratch.rstd)?;
         Ok(g)
@@ -601,7 +631,7 @@ impl<R: Runtime, E: FloatElement> Model<R, E> {
         let k = t / p;
         let act = activation_kind(cfg.activation);
         // 4–5. Global → local input (B, T, D_L).
-        let l = Tensor::<R, E>::empty(client, &[b, t, dl]);
+        let l = Tensor::<R, E>::empty(client, &[b, t, dl])?;
         local_input(
             g,
             ids,
@@ -613,7 +643,7 @@ impl<R: Runtime, E: FloatElement> Model<R, E> {
         )?;
         // 6. Local transformer: B·K sequences of P bytes, then the final LayerNorm.
         let l = l.reshape(&[b * t, dl])?;
-        let scratch = Scratch::new(client, self.local_stack(), b * k, p);
+        let scratch = Scratch::new(client, self.local_stack(), b * k, p)?;
         for blk in &self.w.local_blocks {
             block(&l, blk, &scratch, act, None)?;
         }
@@ -622,8 +652,10 @@ impl<R: Runtime, E: FloatElement> Model<R, E> {
         layer_norm(&l, lw, lb, &out, &scratch.mean, &scratch.rstd)?;
         // 7. Logits and the loss against the ids themselves.
         let n = b * t;
-        let logits = want_logits.then(|| Tensor::<R, E>::empty(client, &[n, v]));
-        let lse = Tensor::<R, f32>::empty(client, &[n]);
+        let logits = want_logits
+            .then(|| Tensor::<R, E>::empty(client, &[n, v]))
+            .transpose()?;
+        let lse = Tensor::<R, f32>::empty(client, &[n])?;
         tied_cross_entropy(
             &out,
             &self.w.head_table,

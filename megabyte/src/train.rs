@@ -189,9 +189,9 @@ impl<R: Runtime> Trainer<R> {
         train.validate()?;
         let model = Model::<R, f32>::new(client, cfg, weights)?;
         megabyte_reference::model::check_shape(cfg, train.batch, train.seq)?;
-        let grads = model.w.zeros_like();
-        let m = model.w.zeros_like();
-        let v = model.w.zeros_like();
+        let grads = model.w.zeros_like()?;
+        let m = model.w.zeros_like()?;
+        let v = model.w.zeros_like()?;
         let decay = cfg
             .tensor_specs()
             .iter()
@@ -226,7 +226,7 @@ impl<R: Runtime> Trainer<R> {
                 .iter()
                 .find(|(n, _, _)| n == name)
                 .ok_or_else(|| Error::Checkpoint {
-                    path: "(resume)".into(),
+                    path: ckpt.source.clone(),
                     reason: format!(
                         "optimizer tensor `{name}` is missing: not a training checkpoint"
                     ),
@@ -240,7 +240,7 @@ impl<R: Runtime> Trainer<R> {
             }
             other => {
                 return Err(Error::Checkpoint {
-                    path: "(resume)".into(),
+                    path: ckpt.source.clone(),
                     reason: format!(
                         "optimizer tensor `optimizer.step` holds {other:?}: expected one whole number of steps >= 0"
                     ),
@@ -253,7 +253,7 @@ impl<R: Runtime> Trainer<R> {
                 let (_, shape, data) = find(&format!("{OPTIMIZER_PREFIX}{key}.{name}"))?;
                 if shape != dst.shape() {
                     return Err(Error::Checkpoint {
-                        path: "(resume)".into(),
+                        path: ckpt.source.clone(),
                         reason: format!(
                             "optimizer tensor `{key}.{name}` has shape {shape:?}, expected {:?}",
                             dst.shape()
@@ -280,8 +280,8 @@ impl<R: Runtime> Trainer<R> {
     pub fn batch_for(&self, data: &[u8], t: u64) -> Result<Vec<u32>, Error> {
         let (b, s) = (self.train.batch, self.train.seq);
         if data.len() < s {
-            return Err(Error::Checkpoint {
-                path: "(training data)".into(),
+            return Err(Error::Data {
+                path: "(the training part)".into(),
                 reason: format!("{} bytes is shorter than one sequence of {s}", data.len()),
             });
         }
@@ -305,6 +305,12 @@ impl<R: Runtime> Trainer<R> {
         let loss = self.forward_backward(&ids_t)?;
         let grads: Vec<&Tensor<R, f32>> = self.grads.tensors();
         let norm = squared_norm(&grads)?.sqrt();
+        if !(loss.is_finite() && norm.is_finite()) {
+            return Err(Error::Diverged {
+                step: self.step + 1,
+                what: format!("loss {loss}, gradient norm {norm}: the update was not applied"),
+            });
+        }
         let clip = self.train.clip as f64;
         let scale = if clip > 0.0 && norm > clip {
             clip / norm
@@ -351,7 +357,7 @@ impl<R: Runtime> Trainer<R> {
         let (gs, ls) = (self.model.global_stack(), self.model.local_stack());
 
         // Forward, keeping each block's intermediates.
-        let h0 = Tensor::<R, f32>::empty(&client, &[b, k, c]);
+        let h0 = Tensor::<R, f32>::empty(&client, &[b, k, c])?;
         patch_embed(ids, &w.global_embed, &w.global_pos, &w.global_pad, &h0, p)?;
         let mut h = h0.reshape(&[b * k, c])?;
         let mut global_saved = Vec::new();
@@ -361,10 +367,10 @@ impl<R: Runtime> Trainer<R> {
             h = out;
         }
         let (gmean, grstd) = (
-            Tensor::empty(&client, &[b * k]),
-            Tensor::empty(&client, &[b * k]),
+            Tensor::empty(&client, &[b * k])?,
+            Tensor::empty(&client, &[b * k])?,
         );
-        let gout = Tensor::<R, f32>::empty(&client, &[b * k, c]);
+        let gout = Tensor::<R, f32>::empty(&client, &[b * k, c])?;
         layer_norm(
             &h,
             &w.global_ln_f.0,
@@ -373,7 +379,7 @@ impl<R: Runtime> Trainer<R> {
             &gmean,
             &grstd,
         )?;
-        let l0 = Tensor::<R, f32>::empty(&client, &[b, t, dl]);
+        let l0 = Tensor::<R, f32>::empty(&client, &[b, t, dl])?;
         local_input(
             &gout.clone().reshape(&[b, k, c])?,
             ids,
@@ -390,17 +396,17 @@ impl<R: Runtime> Trainer<R> {
             local_saved.push(saved);
             l = out;
         }
-        let (lmean, lrstd) = (Tensor::empty(&client, &[n]), Tensor::empty(&client, &[n]));
-        let lout = Tensor::<R, f32>::empty(&client, &[n, dl]);
+        let (lmean, lrstd) = (Tensor::empty(&client, &[n])?, Tensor::empty(&client, &[n])?);
+        let lout = Tensor::<R, f32>::empty(&client, &[n, dl])?;
         layer_norm(&l, &w.local_ln_f.0, &w.local_ln_f.1, &lout, &lmean, &lrstd)?;
-        let logits = Tensor::<R, f32>::empty(&client, &[n, v]);
-        let (loss, lse) = (Tensor::empty(&client, &[n]), Tensor::empty(&client, &[n]));
+        let logits = Tensor::<R, f32>::empty(&client, &[n, v])?;
+        let (loss, lse) = (Tensor::empty(&client, &[n])?, Tensor::empty(&client, &[n])?);
         let targets = ids.clone().reshape(&[n])?;
         tied_cross_entropy(&lout, &w.head_table, &targets, &loss, &lse, Some(&logits))?;
 
         // Backward. The logits become their gradient in place.
         cross_entropy_backward(&logits, &lse, &targets, 1.0 / n as f32)?;
-        let d_lout = Tensor::<R, f32>::empty(&client, &[n, dl]);
+        let d_lout = Tensor::<R, f32>::empty(&client, &[n, dl])?;
         gemm(
             &logits.view(),
             &w.head_table.view(),
@@ -415,7 +421,7 @@ impl<R: Runtime> Trainer<R> {
             &g.head_table,
             &Epilogue::none(),
         )?;
-        let d_l = Tensor::<R, f32>::empty(&client, &[n, dl]);
+        let d_l = Tensor::<R, f32>::empty(&client, &[n, dl])?;
         let (lw, lb) = &g.local_ln_f;
         layer_norm_backward(
             &l,
@@ -442,7 +448,7 @@ impl<R: Runtime> Trainer<R> {
             )?;
         }
         // Global → local input: d_g rows (B·T, D_G) are d_gout (B·K, C) in the same memory.
-        let d_gout = Tensor::<R, f32>::empty(&client, &[n, dg]);
+        let d_gout = Tensor::<R, f32>::empty(&client, &[n, dg])?;
         gemm(
             &d_l.view(),
             &w.global_to_local.view().t(),
@@ -475,7 +481,7 @@ impl<R: Runtime> Trainer<R> {
             let all = d_l.strided(0, &[bk, p, dl], &[p * dl, dl, 1])?;
             embedding_backward(&all, None, lpos, false)?;
         }
-        let d_h = Tensor::<R, f32>::empty(&client, &[bk, c]);
+        let d_h = Tensor::<R, f32>::empty(&client, &[bk, c])?;
         let d_gout = d_gout.reshape(&[bk, c])?;
         let (gw, gb) = &g.global_ln_f;
         layer_norm_backward(
@@ -548,7 +554,7 @@ impl<R: Runtime> Trainer<R> {
 }
 
 fn zero<R: Runtime>(t: &Tensor<R, f32>) -> Result<(), Error> {
-    let z = Tensor::<R, f32>::full(t.client(), t.shape(), 0.0);
+    let z = Tensor::<R, f32>::full(t.client(), t.shape(), 0.0)?;
     megabyte_ops::copy::copy(&z.view(), &t.view())?;
     Ok(())
 }
@@ -568,9 +574,9 @@ fn block_forward<R: Runtime>(
     let c = stack.width;
     let (nh, hs) = (stack.heads, c / stack.heads);
     let e = |shape: &[usize]| Tensor::<R, f32>::empty(client, shape);
-    let (x1, mean1, rstd1) = (e(&[n, c]), e(&[n]), e(&[n]));
+    let (x1, mean1, rstd1) = (e(&[n, c])?, e(&[n])?, e(&[n])?);
     layer_norm(h, &w.ln1.0, &w.ln1.1, &x1, &mean1, &rstd1)?;
-    let qkv = e(&[n, 3 * c]);
+    let qkv = e(&[n, 3 * c])?;
     gemm(
         &x1.view(),
         &w.qkv.0.view(),
@@ -579,28 +585,28 @@ fn block_forward<R: Runtime>(
     )?;
     let strides = [seq * 3 * c, 3 * c, hs, 1];
     let part = |i: usize| qkv.strided(i * c, &[batch, seq, nh, hs], &strides);
-    let attn = e(&[batch, seq, nh, hs]);
-    let lse = e(&[batch, nh, seq]);
+    let attn = e(&[batch, seq, nh, hs])?;
+    let lse = e(&[batch, nh, seq])?;
     flash_attention(&part(0)?, &part(1)?, &part(2)?, &attn, &lse, true)?;
-    let h_mid = e(&[n, c]);
+    let h_mid = e(&[n, c])?;
     gemm(
         &attn.strided(0, &[n, c], &[c, 1])?,
         &w.proj.0.view(),
         &h_mid,
         &Epilogue::none().bias(&w.proj.1).residual(h),
     )?;
-    let (x2, mean2, rstd2) = (e(&[n, c]), e(&[n]), e(&[n]));
+    let (x2, mean2, rstd2) = (e(&[n, c])?, e(&[n])?, e(&[n])?);
     layer_norm(&h_mid, &w.ln2.0, &w.ln2.1, &x2, &mean2, &rstd2)?;
-    let u = e(&[n, stack.hidden]);
+    let u = e(&[n, stack.hidden])?;
     gemm(
         &x2.view(),
         &w.fc1.0.view(),
         &u,
         &Epilogue::none().bias(&w.fc1.1),
     )?;
-    let z = e(&[n, stack.hidden]);
+    let z = e(&[n, stack.hidden])?;
     activation_into(&u, &z, act)?;
-    let out = e(&[n, c]);
+    let out = e(&[n, c])?;
     gemm(
         &z.view(),
         &w.fc2.0.view(),
@@ -646,17 +652,17 @@ fn block_backward<R: Runtime>(
     let e = |shape: &[usize]| Tensor::<R, f32>::empty(client, shape);
     let none = Epilogue::none;
     // FFN: out = h_mid + z·W2 + b2, z = act(u), u = x2·W1 + b1, x2 = LN2(h_mid).
-    let dz = e(&[n, stack.hidden]);
+    let dz = e(&[n, stack.hidden])?;
     gemm(&d_out.view(), &w.fc2.0.view().t(), &dz, &none())?;
     gemm(&s.z.view().t(), &d_out.view(), &g.fc2.0, &none())?;
     column_sum(&d_out.view(), &g.fc2.1, false)?;
-    let du = e(&[n, stack.hidden]);
+    let du = e(&[n, stack.hidden])?;
     activation_backward(&s.u, &dz, &du, act)?;
-    let dx2 = e(&[n, c]);
+    let dx2 = e(&[n, c])?;
     gemm(&du.view(), &w.fc1.0.view().t(), &dx2, &none())?;
     gemm(&s.x2.view().t(), &du.view(), &g.fc1.0, &none())?;
     column_sum(&du.view(), &g.fc1.1, false)?;
-    let d_mid = e(&[n, c]);
+    let d_mid = e(&[n, c])?;
     layer_norm_backward(
         &s.h_mid,
         &dx2,
@@ -669,7 +675,7 @@ fn block_backward<R: Runtime>(
         &g.ln2.1,
     )?;
     // Attention: h_mid = h_in + attn·Wp + bp.
-    let dy = e(&[n, c]);
+    let dy = e(&[n, c])?;
     gemm(&d_mid.view(), &w.proj.0.view().t(), &dy, &none())?;
     gemm(
         &s.attn.strided(0, &[n, c], &[c, 1])?.t(),
@@ -678,7 +684,7 @@ fn block_backward<R: Runtime>(
         &none(),
     )?;
     column_sum(&d_mid.view(), &g.proj.1, false)?;
-    let dqkv = e(&[n, 3 * c]);
+    let dqkv = e(&[n, 3 * c])?;
     let strides = [seq * 3 * c, 3 * c, hs, 1];
     let shape = [batch, seq, nh, hs];
     attention_backward(
@@ -691,11 +697,11 @@ fn block_backward<R: Runtime>(
         &dqkv.strided(2 * c, &shape, &strides)?,
         true,
     )?;
-    let dx1 = e(&[n, c]);
+    let dx1 = e(&[n, c])?;
     gemm(&dqkv.view(), &w.qkv.0.view().t(), &dx1, &none())?;
     gemm(&s.x1.view().t(), &dqkv.view(), &g.qkv.0, &none())?;
     column_sum(&dqkv.view(), &g.qkv.1, false)?;
-    let d_in = e(&[n, c]);
+    let d_in = e(&[n, c])?;
     layer_norm_backward(
         &s.h_in,
         &dx1,

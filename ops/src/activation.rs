@@ -58,7 +58,7 @@ pub fn activation<R: Runtime, E: FloatElement>(
     input: &Tensor<R, E>,
     act: ActivationKind,
 ) -> Result<Tensor<R, E>, OpError> {
-    let output = Tensor::empty(input.client(), input.shape());
+    let output = Tensor::empty(input.client(), input.shape())?;
     activation_into(input, &output, act)?;
     Ok(output)
 }
@@ -88,7 +88,7 @@ pub fn gelu_naive<R: Runtime, E: FloatElement>(
         });
     }
     let n = input.len();
-    let output = Tensor::empty(client, input.shape());
+    let output = Tensor::empty(client, input.shape())?;
     let (cube_count, cube_dim) = grid_1d(client, n);
     // SAFETY: both arrays hold `n` elements and the kernel bounds-checks every access.
     unsafe {

@@ -521,7 +521,7 @@ pub fn naive_attention<R: Runtime, E: FloatElement>(
     }
     check_outputs(dims, out, lse)?;
     let [b, s, h, d] = dims;
-    let scores = Tensor::<R, E>::empty(client, &[b, h, s, s]);
+    let scores = Tensor::<R, E>::empty(client, &[b, h, s, s])?;
     // SAFETY: all tensors are contiguous with the validated shapes; each kernel bounds-checks
     // ABSOLUTE_POS against its output length.
     unsafe {
@@ -669,7 +669,7 @@ pub fn attention_backward_with<R: Runtime, E: FloatElement>(
     let (cfg_q, cfg_kv) = backward_configs(d, causal, split);
     let scale = (1.0 / (d as f64).sqrt()) as f32;
     let stats = || Tensor::<R, f32>::empty(client, &[b, h, s]);
-    let (row_max, row_sum, delta) = (stats(), stats(), stats());
+    let (row_max, row_sum, delta) = (stats()?, stats()?, stats()?);
     let (count_q, dim_q) = grid_1d(client, b * h * s * cfg_q.chunks);
     let (count_kv, dim_kv) = grid_1d(client, b * h * s * cfg_kv.chunks);
     // SAFETY: every view was bounds-checked when made and has the validated shape with unit

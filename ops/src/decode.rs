@@ -104,7 +104,7 @@ impl<R: Runtime, E: FloatElement> PackedStack<R, E> {
             });
         }
         let off = LayerOffsets::new(c, hidden);
-        let weights = Tensor::<R, E>::empty(client, &[blocks.len() * off.len]);
+        let weights = Tensor::<R, E>::empty(client, &[blocks.len() * off.len])?;
         for (l, w) in blocks.iter().enumerate() {
             let base = l * off.len;
             for (name, t, at, shape) in [
@@ -129,7 +129,7 @@ impl<R: Runtime, E: FloatElement> PackedStack<R, E> {
                 )?;
             }
         }
-        let ln_f = Tensor::<R, E>::empty(client, &[2 * c]);
+        let ln_f = Tensor::<R, E>::empty(client, &[2 * c])?;
         if let Some((w, b)) = final_norm {
             w.expect_shape(OP, "ln_f.weight", &[c])?;
             b.expect_shape(OP, "ln_f.bias", &[c])?;
@@ -503,7 +503,7 @@ pub fn decode_stack<R: Runtime, E: FloatElement>(
     let ids_ph;
     let (g, w_gl, embed, pad, positions, ids, slot) = match input {
         StepInput::Row => {
-            ids_ph = Tensor::<R, u32>::empty(client, &[1]);
+            ids_ph = Tensor::<R, u32>::empty(client, &[1])?;
             (ph, ph, ph, ph, ph, &ids_ph, 0)
         }
         StepInput::Local(x) => {

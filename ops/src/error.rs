@@ -47,6 +47,16 @@ pub enum OpError {
         runtime: &'static str,
         reason: String,
     },
+    /// A buffer larger than the device's largest allocation (`bytes` is `None` when the size
+    /// overflows). `hint` says what to change; empty for a buffer the caller did not name.
+    #[error("{buffer} of shape {shape:?} needs {} but the device's largest buffer is {} bytes{}{hint}", .bytes.map_or("more than 2^64 bytes".to_string(), |b| format!("{b} bytes")), .limit, if .hint.is_empty() { "" } else { ": " })]
+    BufferTooLarge {
+        buffer: &'static str,
+        shape: Vec<usize>,
+        bytes: Option<usize>,
+        limit: usize,
+        hint: String,
+    },
     #[error("device error: {0}")]
     Device(String),
 }

@@ -48,18 +48,18 @@ pub fn ffn<R: Runtime, E: FloatElement>(
     }
     let rows = x.shape()[0];
     let hidden_width = w.fc1_bias.shape().first().copied().unwrap_or(0);
-    let normed = Tensor::empty(client, x.shape());
-    let mean = Tensor::empty(client, &[rows]);
-    let rstd = Tensor::empty(client, &[rows]);
+    let normed = Tensor::empty(client, x.shape())?;
+    let mean = Tensor::empty(client, &[rows])?;
+    let rstd = Tensor::empty(client, &[rows])?;
     layer_norm(x, w.ln_weight, w.ln_bias, &normed, &mean, &rstd)?;
-    let hidden = Tensor::empty(client, &[rows, hidden_width]);
+    let hidden = Tensor::empty(client, &[rows, hidden_width])?;
     gemm(
         &normed.view(),
         &w.fc1_weight.view(),
         &hidden,
         &Epilogue::none().bias(w.fc1_bias).activation(act),
     )?;
-    let out = Tensor::empty(client, x.shape());
+    let out = Tensor::empty(client, x.shape())?;
     gemm(
         &hidden.view(),
         &w.fc2_weight.view(),

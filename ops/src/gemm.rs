@@ -548,7 +548,7 @@ pub fn matmul<R: Runtime, E: FloatElement>(
     b: &TensorView<R, E>,
 ) -> Result<Tensor<R, E>, OpError> {
     let (_, shape) = check_operands(a, b)?;
-    let out = Tensor::empty(a.tensor.client(), &shape);
+    let out = Tensor::empty(a.tensor.client(), &shape)?;
     gemm(a, b, &out, &Epilogue::none())?;
     Ok(out)
 }
@@ -562,7 +562,7 @@ pub fn linear<R: Runtime, E: FloatElement>(
     activation: Option<ActivationKind>,
 ) -> Result<Tensor<R, E>, OpError> {
     let (_, shape) = check_operands(&x.view(), &weight.view())?;
-    let out = Tensor::empty(x.client(), &shape);
+    let out = Tensor::empty(x.client(), &shape)?;
     let epi = Epilogue {
         scale: 1.0,
         bias,

@@ -63,7 +63,7 @@ pub fn squared_norm<R: Runtime, E: FloatElement>(
         })
         .collect();
     let total: usize = units.iter().sum();
-    let partials = Tensor::<R, f32>::empty(client, &[total.max(1)]);
+    let partials = Tensor::<R, f32>::empty(client, &[total.max(1)])?;
     let mut at = 0usize;
     for (t, &u) in tensors.iter().zip(&units) {
         if t.is_empty() {

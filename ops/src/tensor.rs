@@ -56,10 +56,10 @@ impl<R: Runtime, E: FloatElement> Tensor<R, E> {
 
     /// A tensor with every element set to `value`; tests fill outputs with NaN before a launch
     /// so that an element a kernel forgets to write cannot pass.
-    pub fn full(client: &ComputeClient<R>, shape: &[usize], value: f64) -> Self {
-        let n: usize = shape.iter().product();
+    pub fn full(client: &ComputeClient<R>, shape: &[usize], value: f64) -> Result<Self, OpError> {
+        let n = check_buffer::<R, E>(client, "tensor", shape, "")?;
         let data = vec![E::from_f64(value); n];
-        Self::from_slice(client, &data, shape).expect("length matches shape by construction")
+        Self::from_slice(client, &data, shape)
     }
 
     /// Reads the tensor back to the host (waits for pending work).
@@ -94,16 +94,28 @@ impl<R: Runtime> Tensor<R, u32> {
 }
 
 impl<R: Runtime, E> Tensor<R, E> {
-    /// A tensor of `shape` whose contents are unspecified until a kernel writes them.
-    pub fn empty(client: &ComputeClient<R>, shape: &[usize]) -> Self {
-        let n: usize = shape.iter().product();
+    /// A tensor of `shape` whose contents are unspecified until a kernel writes them. An
+    /// error ([`OpError::BufferTooLarge`]) when the buffer is larger than the device's largest.
+    pub fn empty(client: &ComputeClient<R>, shape: &[usize]) -> Result<Self, OpError> {
+        Self::empty_named(client, shape, "tensor", "")
+    }
+
+    /// [`Tensor::empty`] for a buffer whose error, if it is too large, names it as `buffer`
+    /// ("KV cache of the global stack") and says what to change (`hint`: "use fewer samples").
+    pub fn empty_named(
+        client: &ComputeClient<R>,
+        shape: &[usize],
+        buffer: &'static str,
+        hint: &str,
+    ) -> Result<Self, OpError> {
+        let n = check_buffer::<R, E>(client, buffer, shape, hint)?;
         let handle = client.empty(n.max(1) * std::mem::size_of::<E>());
-        Tensor {
+        Ok(Tensor {
             client: client.clone(),
             handle,
             shape: shape.to_vec(),
             _elem: PhantomData,
-        }
+        })
     }
 
     /// Uploads `bytes`, `len` elements of E laid out row-major, as a tensor of `shape`.
@@ -113,7 +125,7 @@ impl<R: Runtime, E> Tensor<R, E> {
         len: usize,
         shape: &[usize],
     ) -> Result<Self, OpError> {
-        let expected: usize = shape.iter().product();
+        let expected = check_buffer::<R, E>(client, "tensor", shape, "")?;
         if len != expected {
             return Err(OpError::DataLength {
                 shape: shape.to_vec(),
@@ -134,6 +146,33 @@ impl<R: Runtime, E> Tensor<R, E> {
         self.client
             .read_one(self.handle.clone())
             .map_err(|e| OpError::Device(format!("{e:?}")))
+    }
+}
+
+/// The element count of a buffer of `shape` of `E`, or an error naming `buffer` when its bytes
+/// overflow or pass the device's largest buffer ([`crate::max_buffer_bytes`]). Allocations
+/// past that limit fail on the device's own thread (a panic there, not an error here), so
+/// every allocation is checked before it is made.
+pub fn check_buffer<R: Runtime, E>(
+    client: &ComputeClient<R>,
+    buffer: &'static str,
+    shape: &[usize],
+    hint: &str,
+) -> Result<usize, OpError> {
+    let limit = crate::max_buffer_bytes(client);
+    let bytes = shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .and_then(|n| n.checked_mul(std::mem::size_of::<E>()).map(|b| (n, b)));
+    match bytes {
+        Some((n, b)) if b <= limit => Ok(n),
+        _ => Err(OpError::BufferTooLarge {
+            buffer,
+            shape: shape.to_vec(),
+            bytes: bytes.map(|(_, b)| b),
+            limit,
+            hint: hint.to_string(),
+        }),
     }
 }
 

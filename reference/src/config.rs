@@ -219,6 +219,13 @@ impl Config {
                 return Err(bad(field, value, "must be at least 1"));
             }
         }
+        if self.patch.checked_mul(self.d_global).is_none() {
+            return Err(bad(
+                "d_global",
+                self.d_global,
+                format!("patch·d_global overflows with `patch` = {}", self.patch),
+            ));
+        }
         if self.vocab != 256 && self.vocab != 257 {
             return Err(bad(
                 "vocab",
@@ -254,7 +261,57 @@ impl Config {
         if self.context > u32::MAX as usize / 2 {
             return Err(bad("context", self.context, "must be below 2^31"));
         }
+        // Every size is computed from these fields: refuse a config whose parameter count
+        // overflows rather than let a product wrap later.
+        let global = self
+            .patch
+            .checked_mul(self.d_global)
+            .and_then(|wg| stack_parameters(self.layers_global, wg, self.ffn_mult));
+        if global.is_none() {
+            return Err(bad(
+                "layers_global",
+                self.layers_global,
+                format!(
+                    "with a global width of {} x {} the parameter count overflows",
+                    self.patch, self.d_global
+                ),
+            ));
+        }
+        if stack_parameters(self.layers_local, self.d_local, self.ffn_mult).is_none()
+            || self.checked_parameters().is_none()
+        {
+            return Err(bad(
+                "layers_local",
+                self.layers_local,
+                format!(
+                    "with `d_local` = {} the parameter count overflows",
+                    self.d_local
+                ),
+            ));
+        }
         Ok(())
+    }
+
+    /// [`Config::num_parameters`] computed from the fields alone, without listing the tensors,
+    /// or `None` when the count overflows `usize`; cheap for any config, however large.
+    pub fn checked_parameters(&self) -> Option<usize> {
+        let (v, p, t) = (self.vocab, self.patch, self.context);
+        let (dg, dl) = (self.d_global, self.d_local);
+        let wg = p.checked_mul(dg)?;
+        let mul = |a: usize, b: usize| a.checked_mul(b);
+        let terms = [
+            mul(v, dg)?,
+            mul(t, dg)?,
+            mul(wg, 3)?,
+            stack_parameters(self.layers_global, wg, self.ffn_mult)?,
+            mul(dg, dl)?,
+            mul(v, dl)?,
+            mul(dl, 3)?,
+            if self.local_positions { mul(p, dl)? } else { 0 },
+            stack_parameters(self.layers_local, dl, self.ffn_mult)?,
+            if self.tied_head { 0 } else { mul(dl, v)? },
+        ];
+        terms.iter().try_fold(0usize, |a, &b| a.checked_add(b))
     }
 
     /// Every parameter tensor of the model, in a fixed order, with its name and shape.
@@ -306,6 +363,28 @@ impl Config {
     }
 }
 
+/// Parameters of `layers` blocks of width `c` with an FFN of `ffn_mult`·c (the tensors of
+/// [`block_specs`]: two LayerNorms, qkv and output projections, two FFN layers, with biases),
+/// or `None` on overflow.
+fn stack_parameters(layers: usize, c: usize, ffn_mult: usize) -> Option<usize> {
+    let h = ffn_mult.checked_mul(c)?;
+    let c2 = c.checked_mul(c)?;
+    let per_block = [
+        c.checked_mul(4)?,  // ln1, ln2: gain and bias
+        c2.checked_mul(3)?, // qkv weight
+        c.checked_mul(3)?,  // qkv bias
+        c2,                 // proj weight
+        c,                  // proj bias
+        c.checked_mul(h)?,  // fc1 weight
+        h,                  // fc1 bias
+        h.checked_mul(c)?,  // fc2 weight
+        c,                  // fc2 bias
+    ]
+    .iter()
+    .try_fold(0usize, |a, &b| a.checked_add(b))?;
+    layers.checked_mul(per_block)
+}
+
 fn block_specs(
     specs: &mut Vec<(String, Vec<usize>)>,
     stack: &str,
@@ -333,6 +412,54 @@ fn block_specs(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_counted_parameters_are_those_of_the_tensor_list() {
+        for name in PRESET_NAMES {
+            let base = Config::preset(name).unwrap();
+            for (tied_head, local_positions) in [(true, true), (false, false), (false, true)] {
+                let cfg = Config {
+                    tied_head,
+                    local_positions,
+                    ..base.clone()
+                };
+                assert_eq!(
+                    cfg.checked_parameters(),
+                    Some(cfg.num_parameters()),
+                    "{name}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn sizes_that_overflow_are_refused_by_name() {
+        let huge = Config {
+            d_local: 1 << 31,
+            heads_local: 1,
+            layers_local: 1 << 20,
+            ..Config::tiny()
+        };
+        assert_eq!(huge.validate().unwrap_err().field, "layers_local");
+        let wide = Config {
+            d_global: 1 << 40,
+            heads_global: 1,
+            ..Config::tiny()
+        };
+        assert_eq!(wide.validate().unwrap_err().field, "layers_global");
+        let wider = Config {
+            d_global: usize::MAX / 2,
+            heads_global: 1,
+            ..Config::tiny()
+        };
+        assert_eq!(wider.validate().unwrap_err().field, "d_global");
+        // Large but representable: valid (whether it fits a device is not the config's concern).
+        let deep = Config {
+            layers_global: 1_000_000_000,
+            ..Config::tiny()
+        };
+        assert!(deep.validate().is_ok());
+    }
 
     #[test]
     fn every_preset_validates() {

@@ -27,7 +27,8 @@ pub enum Error {
         vocab: usize,
     },
     #[error(
-        "prompt of {prompt} bytes plus {new} new bytes exceeds the context of {context} bytes"
+        "prompt of {prompt} bytes plus {new} new byte{} exceeds the context of {context} bytes",
+        if *.new == 1 { "" } else { "s" }
     )]
     PromptTooLong {
         prompt: usize,

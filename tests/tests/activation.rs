@@ -38,7 +38,7 @@ fn run_range<E: FloatElement>(
     let xs: Vec<f64> = sample.iter().map(|&v| round::<E>(v as f64)).collect();
     let input = Tensor::<TestRuntime, E>::from_f32(client, &sample[..n], &[n]).unwrap();
     // Poison the output: any element the kernel skips stays NaN and fails the check.
-    let output = Tensor::<TestRuntime, E>::full(client, &[n], f64::NAN);
+    let output = Tensor::<TestRuntime, E>::full(client, &[n], f64::NAN).unwrap();
     megabyte_ops::activation::activation_into(&input, &output, act).unwrap();
     let got = read_f64(&output);
     // The reference sees exactly the values the kernel saw (rounded to E).
@@ -105,14 +105,14 @@ fn mismatched_output_shape_is_an_error() {
         let input =
             Tensor::<TestRuntime, f32>::from_f32(&client, &uniform(1, 12, -1.0, 1.0), &[3, 4])
                 .unwrap();
-        let output = Tensor::<TestRuntime, f32>::empty(&client, &[4, 3]);
+        let output = Tensor::<TestRuntime, f32>::empty(&client, &[4, 3]).unwrap();
         let err = megabyte_ops::activation::activation_into(&input, &output, ActivationKind::Gelu)
             .unwrap_err();
         assert_eq!(
             err.to_string(),
             "activation: `output` has shape [4, 3], expected [3, 4]"
         );
-        let empty = Tensor::<TestRuntime, f32>::empty(&client, &[0, 4]);
+        let empty = Tensor::<TestRuntime, f32>::empty(&client, &[0, 4]).unwrap();
         let err = activation(&empty, ActivationKind::Relu).unwrap_err();
         assert_eq!(
             err.to_string(),

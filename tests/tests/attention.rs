@@ -40,8 +40,8 @@ fn run_case<E: FloatElement>(
     let (q, k, v) = (gen(seed), gen(seed ^ 0x9e37), gen(seed ^ 0x7f4a));
     let (ref_out, ref_lse) = attention_f64(&q, &k, &v, b, s, h, d, causal);
 
-    let naive_out = Tensor::<TestRuntime, E>::full(client, &[b, s, h, d], f64::NAN);
-    let naive_lse = Tensor::<TestRuntime, f32>::full(client, &[b, h, s], f64::NAN);
+    let naive_out = Tensor::<TestRuntime, E>::full(client, &[b, s, h, d], f64::NAN).unwrap();
+    let naive_lse = Tensor::<TestRuntime, f32>::full(client, &[b, h, s], f64::NAN).unwrap();
     let t = |x: &[f32]| Tensor::<TestRuntime, E>::from_f32(client, x, &[b, s, h, d]).unwrap();
     naive_attention(&t(&q), &t(&k), &t(&v), &naive_out, &naive_lse, causal).unwrap();
     let (naive_out, naive_lse) = (read_f64(&naive_out), read_f64(&naive_lse));
@@ -60,8 +60,8 @@ fn run_case<E: FloatElement>(
     for kernel in kernels {
         let case = format!("{case} {kernel:?}");
         // Poisoned outputs: an element the kernel never writes stays NaN and fails.
-        let out = Tensor::<TestRuntime, E>::full(client, &[b, s, h, d], f64::NAN);
-        let lse = Tensor::<TestRuntime, f32>::full(client, &[b, h, s], f64::NAN);
+        let out = Tensor::<TestRuntime, E>::full(client, &[b, s, h, d], f64::NAN).unwrap();
+        let lse = Tensor::<TestRuntime, f32>::full(client, &[b, h, s], f64::NAN).unwrap();
         match layout {
             Layout::Contiguous => {
                 let (qt, kt, vt) = (t(&q), t(&k), t(&v));
@@ -217,8 +217,8 @@ fn run_decode_case<E: FloatElement>(
     let (ref_out, ref_lse) = attention_f64(&q, &k, &v, b, s, h, d, true);
     let t = |x: &[f32]| Tensor::<TestRuntime, E>::from_f32(client, x, &[b, s, h, d]).unwrap();
     let (naive_out, naive_lse) = (
-        Tensor::<TestRuntime, E>::full(client, &[b, s, h, d], f64::NAN),
-        Tensor::<TestRuntime, f32>::full(client, &[b, h, s], f64::NAN),
+        Tensor::<TestRuntime, E>::full(client, &[b, s, h, d], f64::NAN).unwrap(),
+        Tensor::<TestRuntime, f32>::full(client, &[b, h, s], f64::NAN).unwrap(),
     );
     naive_attention(&t(&q), &t(&k), &t(&v), &naive_out, &naive_lse, true).unwrap();
     let (naive_out, naive_lse) = (read_f64(&naive_out), read_f64(&naive_lse));
@@ -252,8 +252,8 @@ fn run_decode_case<E: FloatElement>(
         AttentionKernel::RowsSplitDims,
     ] {
         let case = format!("{case} {kernel:?}");
-        let out = Tensor::<TestRuntime, E>::full(client, &[b, sq, h, d], f64::NAN);
-        let lse = Tensor::<TestRuntime, f32>::full(client, &[b, h, sq], f64::NAN);
+        let out = Tensor::<TestRuntime, E>::full(client, &[b, sq, h, d], f64::NAN).unwrap();
+        let lse = Tensor::<TestRuntime, f32>::full(client, &[b, h, sq], f64::NAN).unwrap();
         flash_attention_with(
             kernel,
             &q_view,
@@ -305,7 +305,7 @@ fn decode_against_a_cache() {
             run_decode_case::<half::f16>(&client, b, s, sq, h, d, 750 + i as u64);
         }
         // The tiled kernel needs as many keys as queries: an error, not a wrong answer.
-        let t = |shape: &[usize]| Tensor::<TestRuntime, f32>::full(&client, shape, 0.5);
+        let t = |shape: &[usize]| Tensor::<TestRuntime, f32>::full(&client, shape, 0.5).unwrap();
         let (q, kv) = (t(&[1, 1, 2, 16]), t(&[1, 6, 2, 16]));
         let (out, lse) = (t(&[1, 1, 2, 16]), t(&[1, 2, 1]));
         let err = flash_attention_with(
@@ -353,11 +353,11 @@ proptest! {
 #[test]
 fn bad_shapes_are_errors() {
     with_client!(TestRuntime, |client| {
-        let t = |shape: &[usize]| Tensor::<TestRuntime, f32>::full(&client, shape, 0.5);
+        let t = |shape: &[usize]| Tensor::<TestRuntime, f32>::full(&client, shape, 0.5).unwrap();
         let (q, k, v) = (t(&[1, 8, 2, 16]), t(&[1, 8, 2, 16]), t(&[1, 9, 2, 16]));
         let (out, lse) = (
             t(&[1, 8, 2, 16]),
-            Tensor::<TestRuntime, f32>::full(&client, &[1, 2, 8], 0.0),
+            Tensor::<TestRuntime, f32>::full(&client, &[1, 2, 8], 0.0).unwrap(),
         );
         let err = flash_attention(&q.view(), &k.view(), &v.view(), &out, &lse, true).unwrap_err();
         assert_eq!(
@@ -365,7 +365,7 @@ fn bad_shapes_are_errors() {
             "attention: `v` has shape [1, 9, 2, 16], expected [1, 8, 2, 16]"
         );
 
-        let bad_lse = Tensor::<TestRuntime, f32>::full(&client, &[1, 8, 2], 0.0);
+        let bad_lse = Tensor::<TestRuntime, f32>::full(&client, &[1, 8, 2], 0.0).unwrap();
         let err =
             flash_attention(&q.view(), &k.view(), &k.view(), &out, &bad_lse, true).unwrap_err();
         assert_eq!(
@@ -374,7 +374,7 @@ fn bad_shapes_are_errors() {
         );
 
         let wide = t(&[1, 4, 1, 300]);
-        let lse1 = Tensor::<TestRuntime, f32>::full(&client, &[1, 1, 4], 0.0);
+        let lse1 = Tensor::<TestRuntime, f32>::full(&client, &[1, 1, 4], 0.0).unwrap();
         let err = flash_attention(&wide.view(), &wide.view(), &wide.view(), &wide, &lse1, true)
             .unwrap_err();
         assert!(
@@ -390,7 +390,7 @@ fn bad_shapes_are_errors() {
         );
 
         let empty = t(&[1, 0, 2, 16]);
-        let lse0 = Tensor::<TestRuntime, f32>::full(&client, &[1, 2, 0], 0.0);
+        let lse0 = Tensor::<TestRuntime, f32>::full(&client, &[1, 2, 0], 0.0).unwrap();
         let err = flash_attention(
             &empty.view(),
             &empty.view(),
@@ -424,9 +424,10 @@ fn bad_shapes_are_errors() {
             "{}",
             run(AttentionKernel::Cmma)
         );
-        let h = |shape: &[usize]| Tensor::<TestRuntime, half::f16>::full(&client, shape, 0.5);
+        let h =
+            |shape: &[usize]| Tensor::<TestRuntime, half::f16>::full(&client, shape, 0.5).unwrap();
         let (q16, cache16, out16) = (h(&[1, 2, 2, 16]), h(&[1, 8, 2, 16]), h(&[1, 2, 2, 16]));
-        let lse2 = Tensor::<TestRuntime, f32>::full(&client, &[1, 2, 2], 0.0);
+        let lse2 = Tensor::<TestRuntime, f32>::full(&client, &[1, 2, 2], 0.0).unwrap();
         let err = flash_attention_with(
             AttentionKernel::CmmaEmulated,
             &q16.view(),
@@ -470,8 +471,8 @@ fn global_16k_runs_in_linear_memory() {
         let t =
             |x: &[f32]| Tensor::<TestRuntime, f32>::from_f32(&client, x, &[b, s, h, d]).unwrap();
         let (qt, kt, vt) = (t(&q), t(&k), t(&v));
-        let out = Tensor::<TestRuntime, f32>::full(&client, &[b, s, h, d], f64::NAN);
-        let lse = Tensor::<TestRuntime, f32>::full(&client, &[b, h, s], f64::NAN);
+        let out = Tensor::<TestRuntime, f32>::full(&client, &[b, s, h, d], f64::NAN).unwrap();
+        let lse = Tensor::<TestRuntime, f32>::full(&client, &[b, h, s], f64::NAN).unwrap();
         let start = std::time::Instant::now();
         flash_attention(&qt.view(), &kt.view(), &vt.view(), &out, &lse, true).unwrap();
         let got = out.to_vec().unwrap();

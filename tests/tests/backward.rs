@@ -29,7 +29,7 @@ fn up(client: &ComputeClient<TestRuntime>, data: &[f32], shape: &[usize]) -> T {
 }
 
 fn nan(client: &ComputeClient<TestRuntime>, shape: &[usize]) -> T {
-    T::full(client, shape, f64::NAN)
+    T::full(client, shape, f64::NAN).unwrap()
 }
 
 fn f64s(v: &[f32]) -> Vec<f64> {

@@ -27,7 +27,7 @@ fn run_case(
         let (ds, dc) = dst_dims;
         let src = uniform(seed, b * ss * sc, -1.0, 1.0);
         let st = Tensor::<TestRuntime, f32>::from_f32(&client, &src, &[b, ss, sc]).unwrap();
-        let dt = Tensor::<TestRuntime, f32>::full(&client, &[b, ds, dc], f64::NAN);
+        let dt = Tensor::<TestRuntime, f32>::full(&client, &[b, ds, dc], f64::NAN).unwrap();
         let sv = st
             .strided(src_at.0 * sc + src_at.1, &[b, s, c], &[ss * sc, sc, 1])
             .unwrap();
@@ -86,7 +86,7 @@ proptest! {
 #[test]
 fn bad_views_are_errors() {
     with_client!(TestRuntime, |client| {
-        let t = Tensor::<TestRuntime, f32>::full(&client, &[4, 6], 0.0);
+        let t = Tensor::<TestRuntime, f32>::full(&client, &[4, 6], 0.0).unwrap();
         let a = t.strided(0, &[2, 3], &[6, 1]).unwrap();
         let wrong = t.strided(0, &[3, 2], &[6, 1]).unwrap();
         let err = copy(&a, &wrong).unwrap_err();

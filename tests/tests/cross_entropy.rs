@@ -29,9 +29,9 @@ fn run_case<E: FloatElement>(
     let table = r(uniform(seed ^ 1, vocab * d, -2.0, 2.0));
     let targets = uniform_ids(seed ^ 2, sample, vocab);
 
-    let loss = Tensor::<TestRuntime, f32>::full(client, &[rows], f64::NAN);
-    let lse = Tensor::<TestRuntime, f32>::full(client, &[rows], f64::NAN);
-    let logits = Tensor::<TestRuntime, E>::full(client, &[rows, vocab], f64::NAN);
+    let loss = Tensor::<TestRuntime, f32>::full(client, &[rows], f64::NAN).unwrap();
+    let lse = Tensor::<TestRuntime, f32>::full(client, &[rows], f64::NAN).unwrap();
+    let logits = Tensor::<TestRuntime, E>::full(client, &[rows, vocab], f64::NAN).unwrap();
     tied_cross_entropy(
         &Tensor::<TestRuntime, E>::from_f32(client, &x[..rows * d], &[rows, d]).unwrap(),
         &Tensor::<TestRuntime, E>::from_f32(client, &table, &[vocab, d]).unwrap(),
@@ -122,8 +122,8 @@ proptest! {
 fn uniform_predictor_is_eight_bits_per_byte() {
     with_client!(TestRuntime, |client| {
         let (rows, d) = (10, 8);
-        let loss = Tensor::<TestRuntime, f32>::full(&client, &[rows], f64::NAN);
-        let lse = Tensor::<TestRuntime, f32>::full(&client, &[rows], f64::NAN);
+        let loss = Tensor::<TestRuntime, f32>::full(&client, &[rows], f64::NAN).unwrap();
+        let lse = Tensor::<TestRuntime, f32>::full(&client, &[rows], f64::NAN).unwrap();
         let targets: Vec<u32> = (0..rows as u32).map(|i| i * 25).collect();
         tied_cross_entropy(
             &Tensor::<TestRuntime, f32>::from_f32(
@@ -132,7 +132,7 @@ fn uniform_predictor_is_eight_bits_per_byte() {
                 &[rows, d],
             )
             .unwrap(),
-            &Tensor::<TestRuntime, f32>::full(&client, &[256, d], 0.0),
+            &Tensor::<TestRuntime, f32>::full(&client, &[256, d], 0.0).unwrap(),
             &Tensor::from_ids(&client, &targets, &[rows]).unwrap(),
             &loss,
             &lse,
@@ -147,7 +147,7 @@ fn uniform_predictor_is_eight_bits_per_byte() {
 #[test]
 fn bad_input_is_an_error_or_nan() {
     with_client!(TestRuntime, |client| {
-        let f = |shape: &[usize]| Tensor::<TestRuntime, f32>::full(&client, shape, 0.5);
+        let f = |shape: &[usize]| Tensor::<TestRuntime, f32>::full(&client, shape, 0.5).unwrap();
         let t = Tensor::from_ids(&client, &[1, 2, 999], &[3]).unwrap();
         let err = tied_cross_entropy(&f(&[3, 8]), &f(&[256, 7]), &t, &f(&[3]), &f(&[3]), None)
             .unwrap_err();

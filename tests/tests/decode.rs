@@ -429,7 +429,7 @@ fn errors_name_the_bad_value() {
         let block = random_block::<f32>(c, hidden, 7);
         let uploaded = upload::<f32>(&client, &block, c, hidden);
         let stack = PackedStack::pack(&[borrow(&uploaded)], heads, None).unwrap();
-        let t = |shape: &[usize]| Tensor::<TestRuntime, f32>::full(&client, shape, 0.5);
+        let t = |shape: &[usize]| Tensor::<TestRuntime, f32>::full(&client, shape, 0.5).unwrap();
         let (h, kc, vc) = (t(&[b, c]), t(&[1, b, 4, c]), t(&[1, b, 4, c]));
         let gelu = ActivationKind::Gelu;
         let (row, out) = (StepInput::Row, StepOutput::Row);

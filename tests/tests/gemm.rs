@@ -145,7 +145,7 @@ fn run_case<E: FloatElement>(client: &ComputeClient<TestRuntime>, c: Case, seed:
     } else {
         vec![m, n]
     };
-    let out = Tensor::<TestRuntime, E>::full(client, &out_shape, f64::NAN);
+    let out = Tensor::<TestRuntime, E>::full(client, &out_shape, f64::NAN).unwrap();
     let bias_t = Tensor::<TestRuntime, E>::from_f32(client, &bias, &[n]).unwrap();
     let res_t = Tensor::<TestRuntime, E>::from_f32(client, &res_kernel, &out_shape).unwrap();
     let mut epi = Epilogue::none().scale(c.scale);
@@ -382,7 +382,7 @@ fn naive_kernel_agrees() {
         let b = uniform(8, k * n, -1.0, 1.0);
         let at = Tensor::<TestRuntime, f32>::from_f32(&client, &a, &[m, k]).unwrap();
         let bt = Tensor::<TestRuntime, f32>::from_f32(&client, &b, &[k, n]).unwrap();
-        let out = Tensor::<TestRuntime, f32>::full(&client, &[m, n], f64::NAN);
+        let out = Tensor::<TestRuntime, f32>::full(&client, &[m, n], f64::NAN).unwrap();
         gemm_naive(&at.view(), &bt.view(), &out).unwrap();
         let tiled = read_f64(&matmul(&at.view(), &bt.view()).unwrap());
         for (i, (x, y)) in read_f64(&out).iter().zip(&tiled).enumerate() {
@@ -430,7 +430,7 @@ fn linear_matches_gemm_with_bias_and_activation() {
 #[test]
 fn bad_shapes_are_errors() {
     with_client!(TestRuntime, |client| {
-        let t = |shape: &[usize]| Tensor::<TestRuntime, f32>::full(&client, shape, 1.0);
+        let t = |shape: &[usize]| Tensor::<TestRuntime, f32>::full(&client, shape, 1.0).unwrap();
         let (a, b) = (t(&[4, 8]), t(&[7, 5]));
         let err = gemm(&a.view(), &b.view(), &t(&[4, 5]), &Epilogue::none()).unwrap_err();
         assert_eq!(

@@ -60,12 +60,12 @@ fn run_case<E: FloatElement>(
         Tensor::<TestRuntime, E>::from_f32(client, &w, &[width]).unwrap(),
         Tensor::<TestRuntime, E>::from_f32(client, &b, &[width]).unwrap(),
     );
-    let out = Tensor::<TestRuntime, E>::full(client, &[rows, width], f64::NAN);
+    let out = Tensor::<TestRuntime, E>::full(client, &[rows, width], f64::NAN).unwrap();
     let (mean, rstd) = (
-        Tensor::<TestRuntime, f32>::full(client, &[rows], f64::NAN),
-        Tensor::<TestRuntime, f32>::full(client, &[rows], f64::NAN),
+        Tensor::<TestRuntime, f32>::full(client, &[rows], f64::NAN).unwrap(),
+        Tensor::<TestRuntime, f32>::full(client, &[rows], f64::NAN).unwrap(),
     );
-    let sum = Tensor::<TestRuntime, E>::full(client, &[rows, width], f64::NAN);
+    let sum = Tensor::<TestRuntime, E>::full(client, &[rows, width], f64::NAN).unwrap();
     if residual {
         let res_t =
             Tensor::<TestRuntime, E>::from_f32(client, &res[..rows * width], &[rows, width])
@@ -135,8 +135,8 @@ proptest! {
 #[test]
 fn bad_shapes_are_errors() {
     with_client!(TestRuntime, |client| {
-        let t = |shape: &[usize]| Tensor::<TestRuntime, f32>::full(&client, shape, 1.0);
-        let s = |shape: &[usize]| Tensor::<TestRuntime, f32>::full(&client, shape, 0.0);
+        let t = |shape: &[usize]| Tensor::<TestRuntime, f32>::full(&client, shape, 1.0).unwrap();
+        let s = |shape: &[usize]| Tensor::<TestRuntime, f32>::full(&client, shape, 0.0).unwrap();
         let err = layer_norm(
             &t(&[4, 8]),
             &t(&[7]),

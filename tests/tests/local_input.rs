@@ -42,7 +42,7 @@ fn run_case<E: FloatElement>(
     let lpos = r(uniform(seed ^ 4, p * dl, -1.0, 1.0));
     let ids = uniform_ids(seed ^ 5, sb * t, VOCAB);
 
-    let out = Tensor::<TestRuntime, E>::full(client, &[b, t, dl], f64::NAN);
+    let out = Tensor::<TestRuntime, E>::full(client, &[b, t, dl], f64::NAN).unwrap();
     let lpos_t = Tensor::<TestRuntime, E>::from_f32(client, &lpos, &[p, dl]).unwrap();
     local_input_with(
         kind,
@@ -131,7 +131,7 @@ proptest! {
 #[test]
 fn bad_input_is_an_error_or_nan() {
     with_client!(TestRuntime, |client| {
-        let f = |shape: &[usize]| Tensor::<TestRuntime, f32>::full(&client, shape, 0.5);
+        let f = |shape: &[usize]| Tensor::<TestRuntime, f32>::full(&client, shape, 0.5).unwrap();
         let ids = Tensor::from_ids(&client, &[1, 2, 300, 4, 5, 6], &[1, 6]).unwrap();
         let err = local_input(
             &f(&[1, 3, 8]),

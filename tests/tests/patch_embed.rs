@@ -30,7 +30,7 @@ fn run_case<E: FloatElement>(
     let wte = r(uniform(seed ^ 1, VOCAB * d, -1.0, 1.0));
     let wpe = r(uniform(seed ^ 2, (t + 3) * d, -1.0, 1.0));
     let pad = r(uniform(seed ^ 3, p * d, -1.0, 1.0));
-    let out = Tensor::<TestRuntime, E>::full(client, &[b, k, p * d], f64::NAN);
+    let out = Tensor::<TestRuntime, E>::full(client, &[b, k, p * d], f64::NAN).unwrap();
     patch_embed(
         &Tensor::from_ids(client, &x, &[b, t]).unwrap(),
         &Tensor::<TestRuntime, E>::from_f32(client, &wte, &[VOCAB, d]).unwrap(),
@@ -78,7 +78,7 @@ fn run_window_case(
     let window: Vec<u32> = (0..b)
         .flat_map(|bi| x[bi * t + lo..bi * t + hi].to_vec())
         .collect();
-    let out = Tensor::<TestRuntime, f32>::full(client, &[b, count, p * d], f64::NAN);
+    let out = Tensor::<TestRuntime, f32>::full(client, &[b, count, p * d], f64::NAN).unwrap();
     patch_embed_window(
         &Tensor::from_ids(client, &window, &[b, hi - lo]).unwrap(),
         lo,
@@ -113,7 +113,7 @@ fn window_matches_the_whole_sequence() {
             run_window_case(&client, b, k, p, d, first, count, 1300 + i as u64);
         }
         // Ids that stop short of the window's bytes are an error naming the ranges.
-        let f = |shape: &[usize]| Tensor::<TestRuntime, f32>::full(&client, shape, 0.0);
+        let f = |shape: &[usize]| Tensor::<TestRuntime, f32>::full(&client, shape, 0.0).unwrap();
         let ids = Tensor::from_ids(&client, &[1, 2, 3], &[1, 3]).unwrap();
         let err = patch_embed_window(
             &ids,
@@ -173,12 +173,12 @@ fn out_of_vocabulary_id_is_nan_not_a_number() {
     with_client!(TestRuntime, |client| {
         let (p, d) = (2, 4);
         let x = [1u32, 2, 300, 4, 5, 6];
-        let out = Tensor::<TestRuntime, f32>::full(&client, &[1, 3, p * d], 0.0);
+        let out = Tensor::<TestRuntime, f32>::full(&client, &[1, 3, p * d], 0.0).unwrap();
         patch_embed(
             &Tensor::from_ids(&client, &x, &[1, 6]).unwrap(),
-            &Tensor::<TestRuntime, f32>::full(&client, &[VOCAB, d], 0.5),
-            &Tensor::<TestRuntime, f32>::full(&client, &[6, d], 0.25),
-            &Tensor::<TestRuntime, f32>::full(&client, &[p * d], -1.0),
+            &Tensor::<TestRuntime, f32>::full(&client, &[VOCAB, d], 0.5).unwrap(),
+            &Tensor::<TestRuntime, f32>::full(&client, &[6, d], 0.25).unwrap(),
+            &Tensor::<TestRuntime, f32>::full(&client, &[p * d], -1.0).unwrap(),
             &out,
             p,
         )
@@ -194,7 +194,7 @@ fn out_of_vocabulary_id_is_nan_not_a_number() {
 #[test]
 fn bad_shapes_are_errors() {
     with_client!(TestRuntime, |client| {
-        let f = |shape: &[usize]| Tensor::<TestRuntime, f32>::full(&client, shape, 0.0);
+        let f = |shape: &[usize]| Tensor::<TestRuntime, f32>::full(&client, shape, 0.0).unwrap();
         let x = Tensor::from_ids(&client, &[1, 2, 3, 4, 5, 6], &[1, 6]).unwrap();
         let err = patch_embed(
             &x,
