@@ -35,6 +35,11 @@ use megabyte_reference::{Error as InputError, Sampler, Sampling};
 use crate::error::Error;
 use crate::model::{activation_kind, block, CacheAt, LayerCache, Model, Scratch};
 
+/// What to change when a decoding buffer is too large for the device.
+const BATCH_HINT: &str = "decode fewer sequences at once (--samples)";
+const PREFILL_HINT: &str =
+    "decode fewer sequences at once (--samples) or start from a shorter prompt";
+
 /// How a decoding step runs the blocks of one stack.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum DecodeKernel {
@@ -172,8 +177,8 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
                 p,
                 dl,
             )?,
-            global_step: Scratch::new(client, model.global_stack(), batch, 1)?,
-            local_step: Scratch::new(client, model.local_stack(), batch, 1)?,
+            global_step: Scratch::new(client, model.global_stack(), batch, 1, BATCH_HINT)?,
+            local_step: Scratch::new(client, model.local_stack(), batch, 1, BATCH_HINT)?,
             g: Tensor::empty(client, &[batch, 1, wg])?,
             local_in: Tensor::empty(client, &[batch, p, dl])?,
             local_row: Tensor::empty(client, &[batch, dl])?,
@@ -244,7 +249,8 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
         } else {
             Tensor::from_ids(&client, &history, &[b, kc * p])?
         };
-        let h = Tensor::<R, E>::empty(&client, &[b, kc + 1, wg])?;
+        let h =
+            Tensor::<R, E>::empty_named(&client, &[b, kc + 1, wg], "prompt patches", PREFILL_HINT)?;
         patch_embed_window(
             &ids,
             0,
@@ -256,7 +262,7 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
             0,
         )?;
         let h = h.reshape(&[b * (kc + 1), wg])?;
-        let scratch = Scratch::new(&client, self.model.global_stack(), b, kc + 1)?;
+        let scratch = Scratch::new(&client, self.model.global_stack(), b, kc + 1, PREFILL_HINT)?;
         for (blk, cache) in w.global_blocks.iter().zip(&self.global_cache) {
             block(&h, blk, &scratch, act, Some(CacheAt { cache, start: 0 }))?;
         }

@@ -1,6 +1,8 @@
-//! `megabyte`: generate with, evaluate and describe MEGABYTE byte-level models.
+//! `megabyte`: train, generate with, evaluate, export and describe MEGABYTE byte-level models.
 //!
 //! ```text
+//! megabyte train --data src/ --preset small --steps 1000 --out model.safetensors
+//! megabyte export --checkpoint model.safetensors --out weights.safetensors
 //! megabyte generate --checkpoint model.safetensors "fn main() {"
 //! echo "prompt" | megabyte generate --checkpoint model.safetensors --max-new 200
 //! megabyte eval --checkpoint model.safetensors some_file.txt
@@ -26,7 +28,7 @@ use megabyte::{Config, Error, GenerateOptions, Generator, Model, Sampling, Weigh
 #[command(
     name = "megabyte",
     version,
-    about = "MEGABYTE byte-level language models: generate, evaluate, inspect"
+    about = "MEGABYTE byte-level language models: train, generate, evaluate, export, inspect"
 )]
 struct Cli {
     #[command(subcommand)]

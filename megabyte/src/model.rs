@@ -205,11 +205,14 @@ pub(crate) struct Scratch<R: Runtime, E> {
 }
 
 impl<R: Runtime, E: FloatElement> Scratch<R, E> {
+    /// The buffers for `batch` sequences of `seq` positions; `hint` says what to change when
+    /// one is larger than the device allows (the error names the buffer).
     pub fn new(
         client: &ComputeClient<R>,
         stack: Stack,
         batch: usize,
         seq: usize,
+        hint: &str,
     ) -> Result<Self, OpError> {
         let n = batch * seq;
         let c = stack.width;
@@ -217,14 +220,24 @@ impl<R: Runtime, E: FloatElement> Scratch<R, E> {
         Ok(Scratch {
             batch,
             seq,
-            normed: Tensor::empty(client, &[n, c])?,
-            qkv: Tensor::empty(client, &[n, 3 * c])?,
-            attn: Tensor::empty(client, &[batch, seq, stack.heads, hs])?,
-            lse: Tensor::empty(client, &[batch, stack.heads, seq])?,
-            mean: Tensor::empty(client, &[n])?,
-            rstd: Tensor::empty(client, &[n])?,
-            hidden: Tensor::empty(client, &[n, stack.hidden])?,
-            mid: Tensor::empty(client, &[n, c])?,
+            normed: Tensor::empty_named(client, &[n, c], "LayerNorm output", hint)?,
+            qkv: Tensor::empty_named(client, &[n, 3 * c], "q/k/v projection", hint)?,
+            attn: Tensor::empty_named(
+                client,
+                &[batch, seq, stack.heads, hs],
+                "attention output",
+                hint,
+            )?,
+            lse: Tensor::empty_named(
+                client,
+                &[batch, stack.heads, seq],
+                "attention log-sum-exp",
+                hint,
+            )?,
+            mean: Tensor::empty_named(client, &[n], "LayerNorm mean", hint)?,
+            rstd: Tensor::empty_named(client, &[n], "LayerNorm rstd", hint)?,
+            hidden: Tensor::empty_named(client, &[n, stack.hidden], "FFN activations", hint)?,
+            mid: Tensor::empty_named(client, &[n, c], "residual stream", hint)?,
         })
     }
 }
@@ -282,6 +295,9 @@ impl<R: Runtime, E: FloatElement> LayerCache<R, E> {
             .collect())
     }
 }
+
+/// What to change when a forward's buffer is too large for the device.
+const SCORE_HINT: &str = "score fewer or shorter sequences at once (eval --batch, --window)";
 
 /// A MEGABYTE model whose weights live on a device of runtime `R`, stored as `E` (f32 or f16;
 /// kernels accumulate in f32 either way).
@@ -594,7 +610,7 @@ impl<R: Runtime, E: FloatElement> Model<R, E> {
         let k = t / p;
         let act = activation_kind(cfg.activation);
         // 1–2. Bytes → shifted patches (B, K, P·D_G).
-        let h = Tensor::<R, E>::empty(client, &[b, k, wg])?;
+        let h = Tensor::<R, E>::empty_named(client, &[b, k, wg], "global input", SCORE_HINT)?;
         patch_embed(
             ids,
             &self.w.global_embed,
@@ -605,7 +621,7 @@ impl<R: Runtime, E: FloatElement> Model<R, E> {
         )?;
         // 3. Global transformer over K patches, then the final LayerNorm.
         let h = h.reshape(&[b * k, wg])?;
-        let scratch = Scratch::new(client, self.global_stack(), b, k)?;
+        let scratch = Scratch::new(client, self.global_stack(), b, k, SCORE_HINT)?;
         for blk in &self.w.global_blocks {
             block(&h, blk, &scratch, act, None)?;
         }
@@ -643,7 +659,7 @@ impl<R: Runtime, E: FloatElement> Model<R, E> {
         )?;
         // 6. Local transformer: B·K sequences of P bytes, then the final LayerNorm.
         let l = l.reshape(&[b * t, dl])?;
-        let scratch = Scratch::new(client, self.local_stack(), b * k, p)?;
+        let scratch = Scratch::new(client, self.local_stack(), b * k, p, SCORE_HINT)?;
         for blk in &self.w.local_blocks {
             block(&l, blk, &scratch, act, None)?;
         }
