@@ -77,7 +77,13 @@ pub fn evaluate_strided(
     mut progress: impl FnMut(usize),
 ) -> Result<Evaluation, Error> {
     check_window(context, stride, patch, context)?;
-    let batch = batch.max(1);
+    if batch == 0 {
+        return Err(Error::Argument {
+            name: "batch",
+            value: "0".into(),
+            reason: "score at least one window per call",
+        });
+    }
     let mut eval = Evaluation {
         bytes: 0,
         nats: 0.0,

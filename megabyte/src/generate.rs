@@ -654,7 +654,7 @@ impl<'m, R: Runtime, E: FloatElement> Generator<'m, R, E> {
     ) -> Result<Vec<Vec<u8>>, Error> {
         let context = self.model.config().context;
         for q in prompts {
-            if q.len() + self.options.max_new > context {
+            if q.len().saturating_add(self.options.max_new) > context {
                 return Err(InputError::PromptTooLong {
                     prompt: q.len(),
                     new: self.options.max_new,

@@ -226,6 +226,10 @@ struct TrainArgs {
 /// after it cannot be trusted, so the program reports no result once one happened.
 static PANIC: OnceLock<String> = OnceLock::new();
 
+/// Most `--samples` of one run: their prompts are copied per sample before the device says
+/// how many it can hold.
+const MAX_SAMPLES: usize = 65_536;
+
 /// An error once any thread has panicked (see [`PANIC`]).
 fn device_ok() -> Result<(), Error> {
     match PANIC.get() {
@@ -281,8 +285,7 @@ fn main() {
                 sampling,
                 stop,
             };
-            read_prompt(prompt)
-                .and_then(|p| generate(&model, &p, opts, max_new.is_none(), samples.max(1)))
+            read_prompt(prompt).and_then(|p| generate(&model, &p, opts, max_new.is_none(), samples))
         }
         Command::Eval {
             file,
@@ -551,6 +554,13 @@ fn generate(
 ) -> Result<(), Error> {
     if prompt.is_empty() {
         return Err(Error::EmptyPrompt);
+    }
+    if !(1..=MAX_SAMPLES).contains(&samples) {
+        return Err(Error::Argument {
+            name: "samples",
+            value: samples.to_string(),
+            reason: "decode between 1 and 65536 samples at once",
+        });
     }
     let (cfg, w) = load(
         args.checkpoint.as_ref(),
@@ -913,6 +923,15 @@ fn train(args: &TrainArgs) -> Result<(), Error> {
         None => Config::preset(&args.preset).expect("clap checked the preset name"),
     };
     let seq = args.seq.unwrap_or(cfg.context);
+    // Before any arithmetic on them: a sequence of whole patches within the context.
+    megabyte::reference::model::check_shape(&cfg, args.batch, seq)?;
+    if args.val_bytes == 0 {
+        return Err(Error::Argument {
+            name: "val_bytes",
+            value: "0".into(),
+            reason: "validate on at least one byte",
+        });
+    }
     let val_len = ((data.len() as f64 * args.val_fraction) as usize).max(seq);
     if data.len() < val_len + seq {
         return Err(Error::Data {

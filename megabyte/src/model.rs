@@ -669,7 +669,7 @@ impl<R: Runtime, E: FloatElement> Model<R, E> {
         // 7. Logits and the loss against the ids themselves.
         let n = b * t;
         let logits = want_logits
-            .then(|| Tensor::<R, E>::empty(client, &[n, v]))
+            .then(|| Tensor::<R, E>::empty_named(client, &[n, v], "logits", SCORE_HINT))
             .transpose()?;
         let lse = Tensor::<R, f32>::empty(client, &[n])?;
         tied_cross_entropy(

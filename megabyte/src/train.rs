@@ -187,8 +187,9 @@ impl<R: Runtime> Trainer<R> {
         train: TrainConfig,
     ) -> Result<Self, Error> {
         train.validate()?;
-        let model = Model::<R, f32>::new(client, cfg, weights)?;
         megabyte_reference::model::check_shape(cfg, train.batch, train.seq)?;
+        check_training_buffers(client, cfg, train.batch, train.seq)?;
+        let model = Model::<R, f32>::new(client, cfg, weights)?;
         let grads = model.w.zeros_like()?;
         let m = model.w.zeros_like()?;
         let v = model.w.zeros_like()?;
@@ -551,6 +552,31 @@ impl<R: Runtime> Trainer<R> {
         let bytes = checkpoint::to_bytes(cfg, &weights, dtype, &extra)?;
         checkpoint::write_atomic(path, &bytes)
     }
+}
+
+/// Refuses a batch whose largest training buffers (the logits and FFN activations of every
+/// byte, the global FFN activations of every patch) pass the device's largest buffer, before
+/// anything is allocated, naming the buffer and what to lower.
+fn check_training_buffers<R: Runtime>(
+    client: &ComputeClient<R>,
+    cfg: &Config,
+    batch: usize,
+    seq: usize,
+) -> Result<(), Error> {
+    let hint = "lower --batch or --seq";
+    let rows = batch.checked_mul(seq);
+    let patches = rows.map(|n| n / cfg.patch);
+    let wg = cfg.global_width();
+    for (buffer, rows, width) in [
+        ("training logits", rows, cfg.vocab),
+        ("local FFN activations", rows, cfg.ffn_mult * cfg.d_local),
+        ("global FFN activations", patches, cfg.ffn_mult * wg),
+    ] {
+        // An overflowing row count is as refused as a too-large one.
+        let shape = [rows.unwrap_or(usize::MAX), width];
+        megabyte_ops::tensor::check_buffer::<R, f32>(client, buffer, &shape, hint)?;
+    }
+    Ok(())
 }
 
 fn zero<R: Runtime>(t: &Tensor<R, f32>) -> Result<(), Error> {

@@ -541,6 +541,13 @@ fn bad_training_settings_are_refused_before_training() {
         ("--weight-decay", "nan", "weight_decay = NaN"),
         ("--eval-every", "0", "eval_every = 0"),
         ("--val-fraction", "1.5", "val_fraction = 1.5"),
+        ("--val-bytes", "0", "val_bytes = 0"),
+        (
+            "--seq",
+            "18446744073709551615",
+            "is not a multiple of the patch size",
+        ),
+        ("--seq", "18446744073709551612", "exceeds the context"),
     ] {
         let run = megabyte(&[
             "train",
@@ -1071,6 +1078,47 @@ fn errors_say_what_is_wrong() {
         &out,
         "prompt of 64 bytes plus 16 new bytes exceeds the context of 64 bytes",
     );
+    // Counts that would overflow or allocate without bound.
+    let max = "18446744073709551615";
+    for (args, what) in [
+        (
+            vec!["generate", "--samples", "0", "x"],
+            "samples = 0 is out of range",
+        ),
+        (
+            vec!["generate", "--samples", "100000000000", "x"],
+            "samples = 100000000000",
+        ),
+        (
+            vec!["generate", "--max-new", max, "x"],
+            "prompt of 1 byte plus 18446744073709551615 new bytes",
+        ),
+        (vec!["eval", "--batch", "0", p], "batch = 0 is out of range"),
+    ] {
+        let mut all = args.clone();
+        all.extend(["--checkpoint", p, "--device", "cpu"]);
+        assert_one_line_error(&megabyte(&all), what);
+    }
+    let data = temp("cli_words_data.txt");
+    std::fs::write(
+        &data,
+        "fn add(a: u32, b: u32) -> u32 { a + b }\n".repeat(50),
+    )
+    .unwrap();
+    let out = megabyte(&[
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--batch",
+        "1000000000000",
+        "--device",
+        "wgpu",
+        "--out",
+        temp("cli_words_never.safetensors").to_str().unwrap(),
+    ]);
+    if !no_adapter(&out) {
+        assert_one_line_error(&out, "training logits of shape [64000000000000, 256]");
+    }
     let out = megabyte(&[
         "info",
         "--preset",

@@ -27,7 +27,8 @@ pub enum Error {
         vocab: usize,
     },
     #[error(
-        "prompt of {prompt} bytes plus {new} new byte{} exceeds the context of {context} bytes",
+        "prompt of {prompt} byte{} plus {new} new byte{} exceeds the context of {context} bytes",
+        if *.prompt == 1 { "" } else { "s" },
         if *.new == 1 { "" } else { "s" }
     )]
     PromptTooLong {

@@ -133,7 +133,7 @@ pub fn generate(
 ) -> Result<Vec<u8>, Error> {
     cfg.validate()?;
     // Byte n is predicted at position n, so the last new byte sits at prompt + max_new - 1.
-    if prompt.len() + max_new > cfg.context {
+    if prompt.len().saturating_add(max_new) > cfg.context {
         return Err(Error::PromptTooLong {
             prompt: prompt.len(),
             new: max_new,

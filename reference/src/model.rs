@@ -49,7 +49,7 @@ fn check_dims(cfg: &Config, b: usize, t: usize, len: Option<usize>) -> Result<()
     if t == 0 {
         return Err(Error::EmptySequence { seq: t });
     }
-    if let Some(len) = len.filter(|&len| len != b * t) {
+    if let Some(len) = len.filter(|&len| b.checked_mul(t) != Some(len)) {
         return Err(Error::InputLength {
             len,
             batch: b,
