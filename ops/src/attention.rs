@@ -20,7 +20,8 @@ use megabyte_kernels::attention::{
 use crate::device::{ensure_dtype, grid_1d};
 use crate::element::FloatElement;
 use crate::error::OpError;
-use crate::gemm::{cmma_supported, CMMA_PLANE};
+use crate::gemm::CMMA_PLANE;
+use crate::profile::{DeviceProfile, Dtype};
 use crate::tensor::{Tensor, TensorView};
 
 const OP: &str = "attention";
@@ -171,11 +172,11 @@ fn check_outputs<R: Runtime, E>(
 /// Picks tile sizes and groups per cube for the device: the largest square tile (16, 8, 4, 2, 1)
 /// no longer than the sequence whose shared memory fits, then as many groups as fit in 256 units,
 /// the cube-dim limit and shared memory.
-pub fn plan<R: Runtime>(
-    client: &ComputeClient<R>,
+pub fn plan_tiled(
     problem: &AttentionProblem,
+    profile: &DeviceProfile,
 ) -> Result<FlashConfig, OpError> {
-    let hw = &client.properties().hardware;
+    let hw = &profile.hardware;
     let smem_words = hw.max_shared_memory_size / 4;
     let d = problem.head_dim;
     if d > MAX_HEAD_DIM {
@@ -229,13 +230,14 @@ pub fn plan<R: Runtime>(
 /// than the sequence needs) and then the deepest K/V tile (64, 32, 16 keys) whose shared
 /// memory fits [`CMMA_SMEM_TARGET`], else the device's limit. `emulated` skips the check for
 /// tensor-core fragments.
-pub fn plan_cmma<R: Runtime, E: FloatElement>(
-    client: &ComputeClient<R>,
+pub fn plan_cmma(
     problem: &AttentionProblem,
+    dtype: Dtype,
+    profile: &DeviceProfile,
     vector: usize,
     emulated: bool,
 ) -> Result<FlashCmmaConfig, OpError> {
-    let elem = std::mem::size_of::<E>();
+    let elem = dtype.bytes();
     if elem != 2 {
         return Err(OpError::Unsupported {
             op: OP,
@@ -243,11 +245,11 @@ pub fn plan_cmma<R: Runtime, E: FloatElement>(
             value: elem,
             reason: format!(
                 "the CMMA attention takes f16 or bf16, not {}; use AttentionKernel::Auto",
-                E::NAME
+                dtype.name()
             ),
         });
     }
-    if !emulated && !cmma_supported::<R, E>(client) {
+    if !emulated && !profile.cmma(dtype) {
         return Err(OpError::Unsupported {
             op: OP,
             what: "tensor-core fragments for element bytes",
@@ -255,7 +257,7 @@ pub fn plan_cmma<R: Runtime, E: FloatElement>(
             reason: format!(
                 "this device lists no 16x16x16 {} CMMA with f32 accumulation in 32-unit planes; \
                  use AttentionKernel::Auto",
-                E::NAME
+                dtype.name()
             ),
         });
     }
@@ -268,7 +270,7 @@ pub fn plan_cmma<R: Runtime, E: FloatElement>(
             reason: format!("the flash kernels support head dims up to {MAX_HEAD_DIM}"),
         });
     }
-    let hw = &client.properties().hardware;
+    let hw = &profile.hardware;
     let rows = problem.seq.div_ceil(16);
     let keys = problem.seq.next_multiple_of(16);
     let mut candidates = Vec::new();
@@ -315,6 +317,129 @@ pub fn plan_cmma<R: Runtime, E: FloatElement>(
         })
 }
 
+/// An attention forward call as its planner sees it: the problem, the keys (more than the
+/// queries when decoding against a cache), the element type, and every length the vector
+/// width must divide (the head dim, the strides and offsets of q, k, v and out).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttentionCall {
+    pub problem: AttentionProblem,
+    pub seq_k: usize,
+    pub dtype: Dtype,
+    pub aligned: Vec<usize>,
+}
+
+/// The kernel an attention forward runs, with its comptime shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionPlan {
+    Tiled(FlashConfig),
+    Rows(RowsConfig),
+    Cmma(FlashCmmaConfig),
+}
+
+impl AttentionPlan {
+    /// The vector width the plan loads q, k, v and stores out with.
+    pub fn vector(&self) -> usize {
+        match self {
+            AttentionPlan::Tiled(c) => c.vector,
+            AttentionPlan::Rows(c) => c.vector,
+            AttentionPlan::Cmma(c) => c.vector,
+        }
+    }
+}
+
+/// The planner of the attention forward: which kernel `kernel` resolves to on this device
+/// (`Auto`: the tensor-core kernel where the device has the fragments and a plan fits; else,
+/// against a longer cache, `RowsSplitDims` with plane ops and `Rows` without; else `Tiled`
+/// with plane ops and `Rows` up to [`ROWS_MAX_SEQ`] without) and its shape. Pure: what it
+/// reads of the device is the profile; [`flash_attention_with`] runs what it returns.
+pub fn plan(
+    kernel: AttentionKernel,
+    call: &AttentionCall,
+    profile: &DeviceProfile,
+) -> Result<AttentionPlan, OpError> {
+    let problem = &call.problem;
+    let (seq, seq_k, head_dim) = (problem.seq, call.seq_k, problem.head_dim);
+    if seq_k != seq
+        && matches!(
+            kernel,
+            AttentionKernel::Tiled | AttentionKernel::Cmma | AttentionKernel::CmmaEmulated
+        )
+    {
+        return Err(OpError::Unsupported {
+            op: OP,
+            what: "key sequence length",
+            value: seq_k,
+            reason: format!(
+                "the {kernel:?} kernel needs as many keys as queries ({seq}); `Rows`, `RowsSplitDims` or `Auto` decode against a longer cache"
+            ),
+        });
+    }
+    // The tiled plan's checks (head dim, shared memory) stand for every kernel.
+    let tiled = plan_tiled(problem, profile)?;
+    let vector = profile.vector_for(call.dtype, &call.aligned);
+    let cmma = match kernel {
+        AttentionKernel::Cmma | AttentionKernel::CmmaEmulated => Some(plan_cmma(
+            problem,
+            call.dtype,
+            profile,
+            vector,
+            kernel == AttentionKernel::CmmaEmulated,
+        )?),
+        AttentionKernel::Auto if seq_k == seq && profile.cmma(call.dtype) => {
+            plan_cmma(problem, call.dtype, profile, vector, false).ok()
+        }
+        _ => None,
+    };
+    if let Some(cfg) = cmma {
+        return Ok(AttentionPlan::Cmma(cfg));
+    }
+    let plane_ops = profile.plane_ops;
+    let kernel = match kernel {
+        AttentionKernel::Auto if seq_k != seq && plane_ops => AttentionKernel::RowsSplitDims,
+        AttentionKernel::Auto if seq_k != seq => AttentionKernel::Rows,
+        AttentionKernel::Auto if plane_ops => AttentionKernel::Tiled,
+        // llvmpipe caps a shader loop at 65,535 iterations per unit; the `Rows` kernel's key
+        // loops run S times, the tiled kernel's S / 16.
+        AttentionKernel::Auto if seq < ROWS_MAX_SEQ => AttentionKernel::Rows,
+        AttentionKernel::Auto => AttentionKernel::Tiled,
+        chosen => chosen,
+    };
+    match kernel {
+        AttentionKernel::Rows | AttentionKernel::RowsSplitDims => {
+            let split = kernel == AttentionKernel::RowsSplitDims;
+            // At least four vectors per row: at head dim 16, 8-wide f16 vectors (two per row)
+            // made ptxas spill inside the key loop (sm_90, 9 local-memory instructions there);
+            // four 4-wide ones do not (`cuda_codegen`).
+            // (A smaller power of two still divides every length the vector divided.)
+            let quarter = (head_dim / 4).max(1);
+            let vector = vector.min(1 << quarter.ilog2());
+            // Split units keep one row each, so their accumulators stay within the split's
+            // bound.
+            let rows = if split {
+                1
+            } else {
+                (ROWS_VECTORS / (head_dim / vector))
+                    .clamp(1, ROWS_PER_UNIT)
+                    .min(seq)
+            };
+            Ok(AttentionPlan::Rows(RowsConfig {
+                head_dim,
+                vector,
+                causal: problem.causal,
+                chunk: ROWS_CHUNK,
+                rows,
+                q_from_memory: RowsConfig::q_from_memory_for(rows, head_dim, plane_ops),
+                splits: if split {
+                    RowsConfig::splits_for(head_dim, vector)
+                } else {
+                    1
+                },
+            }))
+        }
+        _ => Ok(AttentionPlan::Tiled(FlashConfig { vector, ..tiled })),
+    }
+}
+
 /// Flash attention: out = softmax(q kᵀ / sqrt(D) + mask) v, and each row's log-sum-exp.
 /// Never materialises the S × S scores. Picks the kernel with [`AttentionKernel::Auto`].
 pub fn flash_attention<R: Runtime, E: FloatElement>(
@@ -343,21 +468,6 @@ pub fn flash_attention_with<R: Runtime, E: FloatElement>(
     let (dims, seq_k) = check_qkv(q, k, v)?;
     check_outputs(dims, out, lse)?;
     let [batch, seq, heads, head_dim] = dims;
-    if seq_k != seq
-        && matches!(
-            kernel,
-            AttentionKernel::Tiled | AttentionKernel::Cmma | AttentionKernel::CmmaEmulated
-        )
-    {
-        return Err(OpError::Unsupported {
-            op: OP,
-            what: "key sequence length",
-            value: seq_k,
-            reason: format!(
-                "the {kernel:?} kernel needs as many keys as queries ({seq}); `Rows`, `RowsSplitDims` or `Auto` decode against a longer cache"
-            ),
-        });
-    }
     let problem = AttentionProblem {
         batch,
         seq,
@@ -365,8 +475,6 @@ pub fn flash_attention_with<R: Runtime, E: FloatElement>(
         head_dim,
         causal,
     };
-    let cfg = plan(client, &problem)?;
-
     // Widest vector that divides the head dim, every stride and every offset.
     let mut aligned: Vec<usize> = vec![head_dim];
     for t in [q, k, v] {
@@ -374,116 +482,74 @@ pub fn flash_attention_with<R: Runtime, E: FloatElement>(
         aligned.push(t.offset);
     }
     aligned.extend(&out.strides()[..3]);
-    let vector = crate::device::vector_size_for::<R, E>(client, &aligned);
-
-    // The tensor-core plan, when that kernel runs: asked for, or `Auto` on a device that has
-    // the fragments (and a plan that fits it).
-    let cmma = match kernel {
-        AttentionKernel::Cmma | AttentionKernel::CmmaEmulated => Some(plan_cmma::<R, E>(
-            client,
-            &problem,
-            vector,
-            kernel == AttentionKernel::CmmaEmulated,
-        )?),
-        AttentionKernel::Auto if seq_k == seq && cmma_supported::<R, E>(client) => {
-            plan_cmma::<R, E>(client, &problem, vector, false).ok()
-        }
-        _ => None,
+    let call = AttentionCall {
+        problem,
+        seq_k,
+        dtype: Dtype::of_name(E::NAME).expect("a float element type the planners know"),
+        aligned,
     };
-    let plane_ops = client.properties().features.plane.contains(Plane::Ops);
-    let kernel = match kernel {
-        AttentionKernel::Auto if seq_k != seq && plane_ops => AttentionKernel::RowsSplitDims,
-        AttentionKernel::Auto if seq_k != seq => AttentionKernel::Rows,
-        AttentionKernel::Auto if plane_ops => AttentionKernel::Tiled,
-        // llvmpipe caps a shader loop at 65,535 iterations per unit; the `Rows` kernel's key
-        // loops run S times, the tiled kernel's S / 16.
-        AttentionKernel::Auto if seq < ROWS_MAX_SEQ => AttentionKernel::Rows,
-        AttentionKernel::Auto => AttentionKernel::Tiled,
-        chosen => chosen,
-    };
+    let planned = plan(kernel, &call, &DeviceProfile::of(client))?;
     let (qo, ko, vo) = (q.offset_u32(OP)?, k.offset_u32(OP)?, v.offset_u32(OP)?);
     let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
-    if let Some(cfg) = cmma {
-        let cubes = (batch * heads * seq.div_ceil(cfg.block_q())) as u32;
-        let cube_dim = CubeDim::new_2d(cfg.plane_size as u32, cfg.planes as u32);
-        // SAFETY: shapes were validated above; the kernel bounds-checks rows against S and
-        // cubes against the item count, `vector` divides D, all strides and all offsets, and
-        // the planner checked the shared memory against the device's limit.
-        unsafe {
-            flash_attention_cmma::launch_unchecked::<E, R>(
-                client,
-                CubeCountSelection::new(client, cubes).cube_count(),
-                cube_dim,
-                vector,
-                q.arg(),
-                k.arg(),
-                v.arg(),
-                out.arg(),
-                lse.arg(),
-                qo,
-                ko,
-                vo,
-                scale,
-                cfg,
-            );
+    let vector = planned.vector();
+    // SAFETY (every launch): shapes were validated above; the kernels bounds-check rows
+    // against S and work items against their count, `vector` divides D, all strides and all
+    // offsets, and the planner checked shared memory against the device's limit.
+    let cfg = match planned {
+        AttentionPlan::Cmma(cfg) => cfg,
+        AttentionPlan::Rows(cfg) => {
+            let rows = batch * heads * seq.div_ceil(cfg.rows);
+            let (cube_count, cube_dim) = grid_1d(client, rows * cfg.splits);
+            unsafe {
+                flash_attention_rows::launch_unchecked::<E, R>(
+                    client,
+                    cube_count,
+                    cube_dim,
+                    vector,
+                    q.arg(),
+                    k.arg(),
+                    v.arg(),
+                    out.arg(),
+                    lse.arg(),
+                    qo,
+                    ko,
+                    vo,
+                    scale,
+                    cfg,
+                );
+            }
+            return Ok(());
         }
-        return Ok(());
-    }
-    // SAFETY (both launches): shapes were validated above; the kernels bounds-check rows
-    // against S and work items against their count, and `vector` divides D, all strides and
-    // all offsets.
-    if matches!(
-        kernel,
-        AttentionKernel::Rows | AttentionKernel::RowsSplitDims
-    ) {
-        // Split units keep one row each, so their accumulators stay within the split's bound.
-        let rows_per_unit = match kernel {
-            AttentionKernel::RowsSplitDims => 1,
-            _ => (ROWS_VECTORS / (head_dim / vector))
-                .clamp(1, ROWS_PER_UNIT)
-                .min(seq),
-        };
-        let rows = batch * heads * seq.div_ceil(rows_per_unit);
-        let cfg = RowsConfig {
-            head_dim,
-            vector,
-            causal,
-            chunk: ROWS_CHUNK,
-            rows: rows_per_unit,
-            q_from_memory: RowsConfig::q_from_memory_for(rows_per_unit, head_dim, plane_ops),
-            splits: match kernel {
-                AttentionKernel::RowsSplitDims => RowsConfig::splits_for(head_dim, vector),
-                _ => 1,
-            },
-        };
-        let (cube_count, cube_dim) = grid_1d(client, rows * cfg.splits);
-        unsafe {
-            flash_attention_rows::launch_unchecked::<E, R>(
-                client,
-                cube_count,
-                cube_dim,
-                vector,
-                q.arg(),
-                k.arg(),
-                v.arg(),
-                out.arg(),
-                lse.arg(),
-                qo,
-                ko,
-                vo,
-                scale,
-                cfg,
-            );
+        AttentionPlan::Tiled(cfg) => {
+            let items = batch * heads * seq.div_ceil(cfg.block_q);
+            let cubes = items.div_ceil(cfg.groups) as u32;
+            let cube_dim =
+                CubeDim::new_3d(cfg.block_k as u32, cfg.block_q as u32, cfg.groups as u32);
+            unsafe {
+                flash_kernel::launch_unchecked::<E, R>(
+                    client,
+                    CubeCountSelection::new(client, cubes).cube_count(),
+                    cube_dim,
+                    vector,
+                    q.arg(),
+                    k.arg(),
+                    v.arg(),
+                    out.arg(),
+                    lse.arg(),
+                    qo,
+                    ko,
+                    vo,
+                    scale,
+                    cfg,
+                );
+            }
+            return Ok(());
         }
-        return Ok(());
-    }
-
-    let cfg = FlashConfig { vector, ..cfg };
-    let items = batch * heads * seq.div_ceil(cfg.block_q);
-    let cubes = items.div_ceil(cfg.groups) as u32;
-    let cube_dim = CubeDim::new_3d(cfg.block_k as u32, cfg.block_q as u32, cfg.groups as u32);
+    };
+    let cubes = (batch * heads * seq.div_ceil(cfg.block_q())) as u32;
+    let cube_dim = CubeDim::new_2d(cfg.plane_size as u32, cfg.planes as u32);
     unsafe {
-        flash_kernel::launch_unchecked::<E, R>(
+        flash_attention_cmma::launch_unchecked::<E, R>(
             client,
             CubeCountSelection::new(client, cubes).cube_count(),
             cube_dim,

@@ -8,7 +8,6 @@
 //! launch binds 15 buffers whatever the depth: on CPU drivers each binding adds to the launch
 //! cost, and a launch costs more than a step's arithmetic.
 
-use cubecl::ir::features::Plane;
 use cubecl::prelude::*;
 use megabyte_kernels::activation::ActivationKind;
 use megabyte_kernels::decode::{
@@ -16,10 +15,11 @@ use megabyte_kernels::decode::{
 };
 
 use crate::copy::copy;
-use crate::device::{ensure_dtype, vector_size_for};
+use crate::device::ensure_dtype;
 use crate::element::FloatElement;
 use crate::error::OpError;
 use crate::layer_norm::EPS;
+use crate::profile::{DeviceProfile, Dtype};
 use crate::tensor::Tensor;
 
 const OP: &str = "decode_stack";
@@ -220,26 +220,40 @@ pub enum StepOutput<'a, R: Runtime, E> {
 /// a CPU driver runs a cube's units as SIMD lanes of one thread and pays for every barrier
 /// per lane group, so one group that loops over the row is the fastest shape there, as long
 /// as the loop bound allows it (`config_for` doubles the units for wide stacks).
-fn units_for<R: Runtime>(client: &ComputeClient<R>, width: usize) -> (usize, usize) {
-    let props = client.properties();
-    let max_units = props.hardware.max_units_per_cube.max(1) as usize;
-    if props.features.plane.contains(Plane::Ops) {
+fn units_for(profile: &DeviceProfile, width: usize) -> (usize, usize) {
+    let max_units = profile.hardware.max_units_per_cube.max(1) as usize;
+    if profile.plane_ops {
         let units = width.next_power_of_two().clamp(32, 256).min(max_units);
         (units, units)
     } else {
-        let units = (props.hardware.plane_size_max.max(1) as usize).min(max_units);
+        let units = (profile.hardware.plane_size_max.max(1) as usize).min(max_units);
         (units, 64)
     }
 }
 
-/// The kernel's comptime shape and vector width for a stack, or why it can't be fused.
-fn config_for<R: Runtime, E: FloatElement>(
-    client: &ComputeClient<R>,
-    width: usize,
-    hidden: usize,
-    heads: usize,
-    layers: usize,
-) -> Result<(DecodeConfig, usize), OpError> {
+/// The stack a fused decoding step runs: its width C, FFN hidden width H, heads, depth and
+/// element type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodeProblem {
+    pub width: usize,
+    pub hidden: usize,
+    pub heads: usize,
+    pub layers: usize,
+    pub dtype: Dtype,
+}
+
+/// The planner of the fused decoding step: the kernel's comptime shape (units, keys per chunk,
+/// vector width) for a stack on a device, or why it can't be fused. Pure: what it reads of the
+/// device is the profile. The per-call fields (input and output stage, positions, activation,
+/// `d_in`) are the launcher's, left at their row defaults here.
+pub fn plan(problem: &DecodeProblem, profile: &DeviceProfile) -> Result<DecodeConfig, OpError> {
+    let DecodeProblem {
+        width,
+        hidden,
+        heads,
+        layers,
+        dtype,
+    } = *problem;
     let unsupported = |what, value, reason: String| OpError::Unsupported {
         op: OP,
         what,
@@ -267,7 +281,7 @@ fn config_for<R: Runtime, E: FloatElement>(
             format!("the fused step takes widths up to {MAX_FUSED_WIDTH}; use the unfused blocks"),
         ));
     }
-    let hw = &client.properties().hardware;
+    let hw = &profile.hardware;
     if hw.max_bindings < BINDINGS {
         return Err(unsupported(
             "bindings",
@@ -278,7 +292,7 @@ fn config_for<R: Runtime, E: FloatElement>(
             ),
         ));
     }
-    let (units, chunk) = units_for(client, width);
+    let (units, chunk) = units_for(profile, width);
     let cfg = DecodeConfig {
         width,
         hidden,
@@ -294,7 +308,7 @@ fn config_for<R: Runtime, E: FloatElement>(
     };
     // Weights, the head table and the caches are read in vectors along C, 3C, H and the head
     // width.
-    let vector = vector_size_for::<R, E>(client, &[width, hidden, width / heads]);
+    let vector = profile.vector_for(dtype, &[width, hidden, width / heads]);
     let mut cfg = DecodeConfig { vector, ..cfg };
     // A wide stack on few units would not fit one layer per launch under the loop bound:
     // double the units until a layer at one chunk of keys fits. (More units than needed cost
@@ -316,7 +330,28 @@ fn config_for<R: Runtime, E: FloatElement>(
             ),
         ));
     }
-    Ok((cfg, vector))
+    Ok(cfg)
+}
+
+/// The decode problem of a stack for element type `E`, planned for `client`'s device.
+fn config_for<R: Runtime, E: FloatElement>(
+    client: &ComputeClient<R>,
+    width: usize,
+    hidden: usize,
+    heads: usize,
+    layers: usize,
+) -> Result<DecodeConfig, OpError> {
+    let dtype = Dtype::of_name(E::NAME).expect("a float element type the planners know");
+    plan(
+        &DecodeProblem {
+            width,
+            hidden,
+            heads,
+            layers,
+            dtype,
+        },
+        &DeviceProfile::of(client),
+    )
 }
 
 /// Loop iterations one unit runs, at most, in one launch of the kernel with this `cfg`: the
@@ -417,7 +452,7 @@ pub fn decode_stack_max_keys<R: Runtime, E: FloatElement>(
     d_in: usize,
     vocab: usize,
 ) -> Result<usize, OpError> {
-    let (cfg, _) = config_for::<R, E>(client, width, hidden, heads, layers)?;
+    let cfg = config_for::<R, E>(client, width, hidden, heads, layers)?;
     // The costliest stages: the local input in front, the logits and argmax behind.
     let cfg = DecodeConfig {
         input: input::LOCAL,
@@ -486,7 +521,8 @@ pub fn decode_stack<R: Runtime, E: FloatElement>(
         return Err(OpError::shape(OP, "h", h.shape(), vec![1, c]));
     }
     let b = h.shape()[0];
-    let (mut cfg, vector) = config_for::<R, E>(client, c, stack.hidden, stack.heads, layers)?;
+    let mut cfg = config_for::<R, E>(client, c, stack.hidden, stack.heads, layers)?;
+    let vector = cfg.vector;
     let cap = k_cache.shape().get(2).copied().unwrap_or(0);
     k_cache.expect_shape(OP, "k_cache", &[layers, b, cap, c])?;
     v_cache.expect_shape(OP, "v_cache", &[layers, b, cap, c])?;

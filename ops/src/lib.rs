@@ -22,6 +22,7 @@ pub mod layer_norm;
 pub mod local_input;
 pub mod optim;
 pub mod patch_embed;
+pub mod profile;
 pub mod reduce;
 pub mod tensor;
 
@@ -32,4 +33,5 @@ pub use element::FloatElement;
 pub use error::OpError;
 pub use gemm::{Epilogue, GemmProblem};
 pub use megabyte_kernels::activation::ActivationKind;
+pub use profile::{DeviceProfile, Dtype};
 pub use tensor::{Tensor, TensorView};

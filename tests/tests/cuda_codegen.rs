@@ -23,12 +23,15 @@ use cubecl::cuda::CudaCompiler;
 use cubecl::prelude::*;
 use cubecl::wgpu::WgpuRuntime;
 use megabyte_kernels::activation::ActivationKind;
-use megabyte_kernels::attention::{FlashCmmaConfig, FlashConfig, RowsConfig};
 use megabyte_kernels::cross_entropy::CrossEntropyConfig;
 use megabyte_kernels::decode::DecodeConfig;
 use megabyte_kernels::gemm::{CmmaConfig, GemmConfig};
 use megabyte_kernels::layer_norm::LayerNormConfig;
-use megabyte_ops::attention::backward_configs;
+use megabyte_ops::attention::{
+    backward_configs, AttentionCall, AttentionKernel, AttentionPlan, AttentionProblem,
+};
+use megabyte_ops::decode::DecodeProblem;
+use megabyte_ops::{DeviceProfile, Dtype};
 use megabyte_tests::in_ci;
 
 type W = WgpuRuntime;
@@ -196,52 +199,100 @@ fn elementwise<E: Float + CubeElement>(c: &ComputeClient<W>, out: &mut Vec<Varia
     }
 }
 
-/// The fused decoding step: a local step (2 layers, its input row and the logits, C = 32) and
-/// a global one (4 layers, the patch embedding and the final LayerNorm, C = 256, H = 1024: the
-/// `small` preset's global stack).
-fn decode<E: Float + CubeElement>(c: &ComputeClient<W>, out: &mut Vec<Variant>) {
+/// The CUDA device profiles the checks plan for.
+fn cuda_profiles() -> [DeviceProfile; 2] {
+    [DeviceProfile::cuda_sm80(), DeviceProfile::cuda_sm90()]
+}
+
+/// The fused decoding step exactly as the decoder launches it for every built-in preset's two
+/// stacks, planned for sm_80 and sm_90 by the launcher's own planner
+/// (`megabyte_ops::decode::plan`: units, keys per chunk, vector width): the global stack behind
+/// the patch embedding with the final LayerNorm, the local one behind the local input with the
+/// logits, and with the greedy argmax. Plans equal for both profiles or several presets are
+/// compiled once, named after all of them. A stack the planner refuses (wider than the fused
+/// step takes) is not compiled; the decoder runs it unfused, and `refused` lists it.
+fn decode<E: Float + CubeElement>(
+    c: &ComputeClient<W>,
+    out: &mut Vec<Variant>,
+    refused: &mut Vec<String>,
+) {
     use megabyte_kernels::decode::{input, output};
     let ty = type_tag::<E>();
-    // The kernel's depth is a launch argument (a range of layers), not part of its shape.
-    for (name, width, hidden, heads, _layers, units, inp, outp, d_in) in [
-        (
-            "local_c32",
-            32usize,
-            128,
-            2,
-            2,
-            32,
-            input::LOCAL,
-            output::LOGITS,
-            32,
-        ),
-        (
-            "global_c256",
-            256,
-            1024,
-            4,
-            4,
-            256,
-            input::PATCH,
-            output::NORM,
-            32,
-        ),
-    ] {
-        let cfg = DecodeConfig {
-            width,
-            hidden,
-            heads,
-            units,
-            chunk: units,
-            vector: vec_of::<E>(),
-            activation: 0,
-            input: inp,
-            positions: true,
-            d_in,
-            output: outp,
-        };
+    let dtype = Dtype::of_name(&ty).expect("f32, f16 or bf16");
+    let mut plans: Vec<(DecodeConfig, Vec<String>)> = Vec::new();
+    for preset in megabyte_reference::PRESET_NAMES {
+        let cfg = megabyte_reference::Config::preset(preset).unwrap();
+        let wg = cfg.global_width();
+        let stacks = [
+            (
+                "global",
+                wg,
+                cfg.ffn_mult * wg,
+                cfg.heads_global,
+                cfg.layers_global,
+            ),
+            (
+                "local",
+                cfg.d_local,
+                cfg.ffn_mult * cfg.d_local,
+                cfg.heads_local,
+                cfg.layers_local,
+            ),
+        ];
+        for (stack, width, hidden, heads, layers) in stacks {
+            for profile in cuda_profiles() {
+                let problem = DecodeProblem {
+                    width,
+                    hidden,
+                    heads,
+                    layers,
+                    dtype,
+                };
+                let planned = match megabyte_ops::decode::plan(&problem, &profile) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        refused.push(format!(
+                            "decode_stack {preset} {stack} {ty} on {}: {e}",
+                            profile.name
+                        ));
+                        continue;
+                    }
+                };
+                let activation = match cfg.activation {
+                    megabyte_reference::Activation::Gelu => ActivationKind::Gelu,
+                    megabyte_reference::Activation::Relu => ActivationKind::Relu,
+                }
+                .id();
+                let stages: &[(&str, u32, u32, bool)] = if stack == "global" {
+                    &[("norm", input::PATCH, output::NORM, true)]
+                } else {
+                    &[
+                        ("logits", input::LOCAL, output::LOGITS, cfg.local_positions),
+                        ("argmax", input::LOCAL, output::ARGMAX, cfg.local_positions),
+                    ]
+                };
+                for &(stage, inp, outp, positions) in stages {
+                    let k = DecodeConfig {
+                        activation,
+                        input: inp,
+                        output: outp,
+                        positions,
+                        d_in: cfg.d_global,
+                        ..planned
+                    };
+                    let name = format!("{preset}_{stack}_{stage}");
+                    match plans.iter_mut().find(|(p, _)| *p == k) {
+                        Some((_, names)) if names.contains(&name) => {}
+                        Some((_, names)) => names.push(name),
+                        None => plans.push((k, vec![name])),
+                    }
+                }
+            }
+        }
+    }
+    for (cfg, names) in plans {
         let k = megabyte_kernels::decode::decode_stack::DecodeStack::<E, W>::new(
-            settings(CubeDim::new_1d(units as u32)),
+            settings(CubeDim::new_1d(cfg.units as u32)),
             c.clone(),
             t(),
             t(),
@@ -265,74 +316,121 @@ fn decode<E: Float + CubeElement>(c: &ComputeClient<W>, out: &mut Vec<Variant>) 
             (),
             (),
             (),
-            vec_of::<E>(),
+            cfg.vector,
             cfg,
         );
         out.push(Variant {
-            name: format!("decode_stack_{name}_{ty}"),
+            name: format!(
+                "decode_stack_{}_u{}_v{}_{ty}",
+                names.join("+"),
+                cfg.units,
+                cfg.vector
+            ),
             main: false,
             def: k.define(),
         });
     }
 }
 
-fn attention<E: Float + CubeElement>(c: &ComputeClient<W>, out: &mut Vec<Variant>) {
+/// The attention problems the model launches for every built-in preset (each stack's self
+/// attention over its real heads and head dim: the global one over up to 2,048 patches, the
+/// local one over P bytes for 64 patches; and decoding one position against the cache, which
+/// the decoder runs unfused for stacks too wide for the fused step), and those the tests and
+/// benches use (head dims 32, 64, 80, 128). Each is (name, problem, keys, C): the vector
+/// width must divide the head dim and the strides of q/k/v in the fused projection (C, 3C,
+/// S·3C) as the model passes them.
+fn attention_problems() -> Vec<(String, AttentionProblem, usize, usize)> {
+    let mut problems = Vec::new();
+    let mut add = |name: String, batch, seq, heads, head_dim, seq_k| {
+        let problem = AttentionProblem {
+            batch,
+            seq,
+            heads,
+            head_dim,
+            causal: true,
+        };
+        problems.push((name, problem, seq_k, heads * head_dim));
+    };
+    for preset in megabyte_reference::PRESET_NAMES {
+        let cfg = megabyte_reference::Config::preset(preset).unwrap();
+        let (hg, dg) = (cfg.heads_global, cfg.head_dim_global());
+        let (hl, dl) = (cfg.heads_local, cfg.head_dim_local());
+        let k = cfg.patches().min(2048);
+        add(format!("{preset} global"), 1, k, hg, dg, k);
+        add(format!("{preset} local"), 64, cfg.patch, hl, dl, cfg.patch);
+        add(format!("{preset} global decode"), 1, 1, hg, dg, k);
+        add(format!("{preset} local decode"), 64, 1, hl, dl, cfg.patch);
+    }
+    for d in [32usize, 64, 80, 128] {
+        add(format!("test d{d} global"), 1, 256, 4, d, 256);
+        add(format!("test d{d} local"), 64, 8, 4, d, 8);
+        add(format!("test d{d} decode"), 1, 1, 4, d, 256);
+    }
+    problems
+}
+
+/// The attention forward exactly as `AttentionKernel::Auto` plans it for sm_80 and sm_90
+/// (`megabyte_ops::attention::plan`) over [`attention_problems`]: kernel, tiles, planes,
+/// rows, splits and vector width. A plan several problems or both profiles share is compiled
+/// once; `planned` records which problem got which variant.
+fn attention<E: Float + CubeElement>(
+    c: &ComputeClient<W>,
+    out: &mut Vec<Variant>,
+    planned: &mut Vec<String>,
+) {
     let ty = type_tag::<E>();
-    let n = vec_of::<E>();
-    for head_dim in [32usize, 64, 80, 128] {
-        // The global regime (16-row tiles) and the local one (P = 8, four sequences a cube).
-        for (tile, groups) in [(16usize, 1usize), (8, 4)] {
-            let cfg = FlashConfig {
-                block_q: tile,
-                block_k: tile,
-                head_dim,
-                groups,
-                causal: true,
-                vector: n,
+    let dtype = Dtype::of_name(&ty).expect("f32, f16 or bf16");
+    let mut plans: Vec<(AttentionPlan, String)> = Vec::new();
+    for (what, problem, seq_k, width) in attention_problems() {
+        for profile in cuda_profiles() {
+            let seq = problem.seq;
+            let call = AttentionCall {
+                problem,
+                seq_k,
+                dtype,
+                aligned: vec![
+                    problem.head_dim,
+                    width,
+                    3 * width,
+                    seq * 3 * width,
+                    seq * width,
+                ],
             };
-            let k = megabyte_kernels::attention::flash_attention::FlashAttention::<E, W>::new(
-                settings(CubeDim::new_3d(tile as u32, tile as u32, groups as u32)),
-                c.clone(),
-                t(),
-                t(),
-                t(),
-                t(),
-                t(),
-                (),
-                (),
-                (),
-                (),
-                n,
-                cfg,
-            );
-            out.push(Variant {
-                name: format!("flash_attention_d{head_dim}_tile{tile}x{groups}_{ty}"),
-                main: true,
-                def: k.define(),
-            });
+            let plan = megabyte_ops::attention::plan(AttentionKernel::Auto, &call, &profile)
+                .unwrap_or_else(|e| panic!("{what} {ty} on {}: {e}", profile.name));
+            let d = problem.head_dim;
+            let name = match plan {
+                AttentionPlan::Tiled(c) => format!(
+                    "flash_attention_d{d}_tile{}x{}_v{}_{ty}",
+                    c.block_q, c.groups, c.vector
+                ),
+                AttentionPlan::Cmma(c) => format!(
+                    "flash_attention_cmma_d{d}_{}planes_k{}_v{}_{ty}",
+                    c.planes, c.block_k, c.vector
+                ),
+                AttentionPlan::Rows(c) => format!(
+                    "attention_rows_d{d}_r{}_s{}_v{}_{ty}",
+                    c.rows, c.splits, c.vector
+                ),
+            };
+            planned.push(format!(
+                "| {what} | attention | {} | {ty} | {name} |",
+                profile.name
+            ));
+            if !plans.iter().any(|(p, _)| *p == plan) {
+                plans.push((plan, name));
+            }
         }
-        // Tensor cores (f16 and bf16): 64 query rows against 64- or 32-key tiles, and the
-        // one-plane shape the planner gives short (local) sequences.
-        if std::mem::size_of::<E>() == 2 {
-            for (planes, block_k) in [(4usize, 64usize), (4, 32), (1, 16)] {
-                if block_k == 64 && head_dim > 64 {
-                    continue;
-                }
-                let cfg = FlashCmmaConfig {
-                    planes,
-                    block_k,
-                    head_dim,
-                    plane_size: 32,
-                    causal: true,
-                    vector: n,
-                    emulated: false,
-                };
-                assert!(cfg.is_valid(), "{cfg:?}");
-                let k = megabyte_kernels::attention::flash_attention_cmma::FlashAttentionCmma::<
-                    E,
-                    W,
-                >::new(
-                    settings(CubeDim::new_2d(32, planes as u32)),
+    }
+    for (plan, name) in plans {
+        let def = match plan {
+            AttentionPlan::Tiled(cfg) => {
+                megabyte_kernels::attention::flash_attention::FlashAttention::<E, W>::new(
+                    settings(CubeDim::new_3d(
+                        cfg.block_k as u32,
+                        cfg.block_q as u32,
+                        cfg.groups as u32,
+                    )),
                     c.clone(),
                     t(),
                     t(),
@@ -343,48 +441,52 @@ fn attention<E: Float + CubeElement>(c: &ComputeClient<W>, out: &mut Vec<Variant
                     (),
                     (),
                     (),
-                    n,
+                    cfg.vector,
                     cfg,
-                );
-                out.push(Variant {
-                    name: format!(
-                        "flash_attention_cmma_d{head_dim}_{planes}planes_k{block_k}_{ty}"
-                    ),
-                    main: true,
-                    def: k.define(),
-                });
+                )
+                .define()
             }
-        }
-        // Decoding against a KV cache: one query row per unit.
-        let cfg = RowsConfig {
-            head_dim,
-            vector: n,
-            causal: true,
-            chunk: 8,
-            rows: 1,
-            q_from_memory: RowsConfig::q_from_memory_for(1, head_dim, true),
-            // As the launcher decodes on GPUs (`RowsSplitDims`).
-            splits: RowsConfig::splits_for(head_dim, n),
+            AttentionPlan::Cmma(cfg) => {
+                megabyte_kernels::attention::flash_attention_cmma::FlashAttentionCmma::<E, W>::new(
+                    settings(CubeDim::new_2d(cfg.plane_size as u32, cfg.planes as u32)),
+                    c.clone(),
+                    t(),
+                    t(),
+                    t(),
+                    t(),
+                    t(),
+                    (),
+                    (),
+                    (),
+                    (),
+                    cfg.vector,
+                    cfg,
+                )
+                .define()
+            }
+            AttentionPlan::Rows(cfg) => {
+                megabyte_kernels::attention::flash_attention_rows::FlashAttentionRows::<E, W>::new(
+                    settings(CubeDim::new_1d(256)),
+                    c.clone(),
+                    t(),
+                    t(),
+                    t(),
+                    t(),
+                    t(),
+                    (),
+                    (),
+                    (),
+                    (),
+                    cfg.vector,
+                    cfg,
+                )
+                .define()
+            }
         };
-        let k = megabyte_kernels::attention::flash_attention_rows::FlashAttentionRows::<E, W>::new(
-            settings(CubeDim::new_1d(256)),
-            c.clone(),
-            t(),
-            t(),
-            t(),
-            t(),
-            t(),
-            (),
-            (),
-            (),
-            (),
-            n,
-            cfg,
-        );
         out.push(Variant {
-            name: format!("attention_decode_d{head_dim}_{ty}"),
+            name,
             main: true,
-            def: k.define(),
+            def,
         });
     }
 }
@@ -1160,16 +1262,18 @@ fn compile_all() -> Option<Compiled> {
     elementwise::<f32>(&c, &mut variants);
     elementwise::<half::f16>(&c, &mut variants);
     elementwise::<half::bf16>(&c, &mut variants);
-    attention::<f32>(&c, &mut variants);
-    attention::<half::f16>(&c, &mut variants);
-    attention::<half::bf16>(&c, &mut variants);
+    let mut planned = Vec::new();
+    attention::<f32>(&c, &mut variants, &mut planned);
+    attention::<half::f16>(&c, &mut variants, &mut planned);
+    attention::<half::bf16>(&c, &mut variants, &mut planned);
     gemm::<f32>(&c, &mut variants);
     gemm::<half::f16>(&c, &mut variants);
     gemm::<half::bf16>(&c, &mut variants);
     backward(&c, &mut variants);
-    decode::<f32>(&c, &mut variants);
-    decode::<half::f16>(&c, &mut variants);
-    decode::<half::bf16>(&c, &mut variants);
+    let mut refused = Vec::new();
+    decode::<f32>(&c, &mut variants, &mut refused);
+    decode::<half::f16>(&c, &mut variants, &mut refused);
+    decode::<half::bf16>(&c, &mut variants, &mut refused);
 
     let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target");
     let dir = target.join("cuda-codegen");
@@ -1225,6 +1329,17 @@ fn compile_all() -> Option<Compiled> {
                 results.push((v.name, v.main, r));
             }
             Err(log) => failures.push(format!("{}: ptxas failed:\n{log}", v.name)),
+        }
+    }
+    table += "\n## The plan each problem gets\n\n| problem | op | profile | dtype | variant |\n| --- | --- | --- | --- | --- |\n";
+    for line in &planned {
+        table += line;
+        table += "\n";
+    }
+    if !refused.is_empty() {
+        table += "\n## Planned and refused (not compiled; the launcher runs these unfused)\n\n";
+        for r in &refused {
+            table += &format!("- {r}\n");
         }
     }
     std::fs::write(target.join("cuda-resources.md"), &table).unwrap();

@@ -1,0 +1,254 @@
+//! What the planners read of a device, as plain data: [`DeviceProfile`].
+//!
+//! A launcher takes the profile of its client ([`DeviceProfile::of`]) and hands it to the
+//! family's planner, a pure function of the problem and the profile. The named profiles
+//! ([`DeviceProfile::lavapipe`], [`DeviceProfile::cuda_sm80`], [`DeviceProfile::cuda_sm90`],
+//! [`DeviceProfile::hip_gfx90a`]) let the tests and the code-generation checks plan for devices
+//! this machine does not have: the CUDA check compiles what an A100 or an H100 would launch.
+
+use cubecl::ir::features::MmaConfig;
+use cubecl::ir::HardwareProperties;
+use cubecl::prelude::*;
+
+/// Element types the planners distinguish.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Dtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl Dtype {
+    pub fn bytes(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::Bf16 => 2,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::F16 => "f16",
+            Dtype::Bf16 => "bf16",
+        }
+    }
+
+    /// The dtype of a float element type by its name (`FloatElement::NAME`).
+    pub fn of_name(name: &str) -> Option<Dtype> {
+        match name {
+            "f32" => Some(Dtype::F32),
+            "f16" => Some(Dtype::F16),
+            "bf16" => Some(Dtype::Bf16),
+            _ => None,
+        }
+    }
+}
+
+/// Everything a planner may read of a device, taken from `client.properties()`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceProfile {
+    /// For tables and messages ("lavapipe", "cuda sm_90", or the runtime's name).
+    pub name: String,
+    /// Cube and unit limits, shared memory, plane sizes, load width and vector sizes, as the
+    /// runtime reports them.
+    pub hardware: HardwareProperties,
+    /// Plane (warp) operations: sums, broadcasts, shuffles across a plane.
+    pub plane_ops: bool,
+    /// 16 × 16 × 16 CMMA fragments with f32 accumulation in 32-unit planes, per input type.
+    pub cmma_f16: bool,
+    pub cmma_bf16: bool,
+    /// Element types the device stores and computes with.
+    pub f16: bool,
+    pub bf16: bool,
+    /// The largest single buffer, in bytes.
+    pub max_buffer: usize,
+}
+
+/// Units per plane the CMMA kernels are written for.
+pub const CMMA_PLANE: u32 = 32;
+/// The CMMA fragment edge.
+pub const FRAGMENT: u32 = 16;
+
+impl DeviceProfile {
+    /// The profile of the device behind `client`.
+    pub fn of<R: Runtime>(client: &ComputeClient<R>) -> Self {
+        let props = client.properties();
+        let hw = props.hardware.clone();
+        let f32_t = f32::cube_type();
+        let mma = |e: StorageType| {
+            hw.plane_size_min == CMMA_PLANE
+                && hw.plane_size_max == CMMA_PLANE
+                && props.features.matmul.cmma.contains(&MmaConfig {
+                    a_type: e,
+                    b_type: e,
+                    cd_type: f32_t,
+                    m: FRAGMENT,
+                    n: FRAGMENT,
+                    k: FRAGMENT,
+                })
+        };
+        let f16_t = half::f16::cube_type();
+        let bf16_t = half::bf16::cube_type();
+        DeviceProfile {
+            name: R::name(client).to_string(),
+            plane_ops: props.features.plane.contains(cubecl::features::Plane::Ops),
+            cmma_f16: mma(f16_t),
+            cmma_bf16: mma(bf16_t),
+            f16: props.supports_type(f16_t),
+            bf16: props.supports_type(bf16_t),
+            max_buffer: usize::try_from(props.memory.max_page_size).unwrap_or(usize::MAX),
+            hardware: hw,
+        }
+    }
+
+    /// The vector widths worth loading `dtype` with, widest first (cubecl's
+    /// `io_optimized_vector_sizes`: the load width over the element's bits, capped by the
+    /// device's largest vector).
+    pub fn vector_sizes(&self, dtype: Dtype) -> impl Iterator<Item = usize> {
+        let max = (self.hardware.load_width as usize / (dtype.bytes() * 8))
+            .min(self.hardware.max_vector_size)
+            .max(1);
+        let candidates = max.trailing_zeros() + 1;
+        (0..candidates).rev().map(|i| 1usize << i)
+    }
+
+    /// The widest vector for `dtype` that divides every length given (1 if none).
+    pub fn vector_for(&self, dtype: Dtype, lengths: &[usize]) -> usize {
+        self.vector_sizes(dtype)
+            .find(|&v| lengths.iter().all(|&n| n % v == 0))
+            .unwrap_or(1)
+    }
+
+    /// Whether the device has the CMMA fragments the tensor-core kernels use for `dtype`.
+    pub fn cmma(&self, dtype: Dtype) -> bool {
+        match dtype {
+            Dtype::F32 => false,
+            Dtype::F16 => self.cmma_f16,
+            Dtype::Bf16 => self.cmma_bf16,
+        }
+    }
+
+    /// Mesa's lavapipe (llvmpipe) through cubecl-wgpu 0.10, as it reports itself on the
+    /// machines this project is tested on (Mesa 22.3, LLVM 15, two cores): no plane ops (the
+    /// WGSL path hides them), no CMMA, 32 KiB of shared memory, 128 MiB buffers.
+    /// `profile::tests` checks it against the live adapter when that is lavapipe.
+    pub fn lavapipe() -> Self {
+        DeviceProfile {
+            name: "lavapipe".into(),
+            hardware: HardwareProperties {
+                load_width: 128,
+                plane_size_min: 8,
+                plane_size_max: 8,
+                max_bindings: 31,
+                max_shared_memory_size: 32_768,
+                max_cube_count: (65_535, 65_535, 65_535),
+                max_units_per_cube: 1024,
+                max_cube_dim: (1024, 1024, 1024),
+                num_streaming_multiprocessors: None,
+                num_cpu_cores: None,
+                num_tensor_cores: None,
+                min_tensor_cores_dim: None,
+                max_vector_size: 4,
+            },
+            plane_ops: false,
+            cmma_f16: false,
+            cmma_bf16: false,
+            f16: true,
+            bf16: false,
+            max_buffer: 134_217_728,
+        }
+    }
+
+    /// A CUDA device as cubecl-cuda 0.10 reports it (`runtime.rs`: 32-lane warps, 128-bit
+    /// loads, no cap on vector sizes, 1024 threads per block, plane ops, WMMA fragments for
+    /// f16 and bf16, a quarter of the memory as the largest buffer), with the shared memory
+    /// per block (opt-in), SM count and memory of the given part.
+    fn cuda(name: &str, shared: usize, sms: u32, memory: u64) -> Self {
+        DeviceProfile {
+            name: name.into(),
+            hardware: HardwareProperties {
+                load_width: 128,
+                plane_size_min: 32,
+                plane_size_max: 32,
+                max_bindings: 1024,
+                max_shared_memory_size: shared,
+                max_cube_count: (2_147_483_647, 65_535, 65_535),
+                max_units_per_cube: 1024,
+                max_cube_dim: (1024, 1024, 64),
+                num_streaming_multiprocessors: Some(sms),
+                num_cpu_cores: None,
+                num_tensor_cores: Some(4),
+                min_tensor_cores_dim: Some(8),
+                max_vector_size: usize::MAX,
+            },
+            plane_ops: true,
+            cmma_f16: true,
+            cmma_bf16: true,
+            f16: true,
+            bf16: true,
+            max_buffer: (memory / 4) as usize,
+        }
+    }
+
+    /// An A100 (sm_80, 80 GB): 163 KiB of shared memory per block, 108 SMs.
+    pub fn cuda_sm80() -> Self {
+        Self::cuda("cuda sm_80", 166_912, 108, 80 << 30)
+    }
+
+    /// An H100 SXM (sm_90, 80 GB): 227 KiB of shared memory per block, 132 SMs.
+    pub fn cuda_sm90() -> Self {
+        Self::cuda("cuda sm_90", 232_448, 132, 80 << 30)
+    }
+
+    /// An MI200-class part (gfx90a) as a HIP runtime would report it: 64-lane wavefronts,
+    /// 64 KiB of LDS per workgroup, 1024 work items, no CMMA the kernels can use here (ROCm 5.2
+    /// has no rocWMMA), no bf16 headers the HIP dialect can include.
+    pub fn hip_gfx90a() -> Self {
+        DeviceProfile {
+            name: "hip gfx90a".into(),
+            hardware: HardwareProperties {
+                load_width: 128,
+                plane_size_min: 64,
+                plane_size_max: 64,
+                max_bindings: 1024,
+                max_shared_memory_size: 65_536,
+                max_cube_count: (2_147_483_647, 65_535, 65_535),
+                max_units_per_cube: 1024,
+                max_cube_dim: (1024, 1024, 1024),
+                num_streaming_multiprocessors: Some(110),
+                num_cpu_cores: None,
+                num_tensor_cores: None,
+                min_tensor_cores_dim: None,
+                max_vector_size: usize::MAX,
+            },
+            plane_ops: true,
+            cmma_f16: false,
+            cmma_bf16: false,
+            f16: true,
+            bf16: false,
+            max_buffer: (64u64 << 30) as usize / 4,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vector_sizes_follow_the_load_width() {
+        let lvp = DeviceProfile::lavapipe();
+        assert_eq!(lvp.vector_sizes(Dtype::F32).collect::<Vec<_>>(), [4, 2, 1]);
+        assert_eq!(lvp.vector_sizes(Dtype::F16).collect::<Vec<_>>(), [4, 2, 1]);
+        let h100 = DeviceProfile::cuda_sm90();
+        assert_eq!(h100.vector_sizes(Dtype::F32).collect::<Vec<_>>(), [4, 2, 1]);
+        assert_eq!(
+            h100.vector_sizes(Dtype::F16).collect::<Vec<_>>(),
+            [8, 4, 2, 1]
+        );
+        assert_eq!(h100.vector_for(Dtype::Bf16, &[64, 24]), 8);
+        assert_eq!(h100.vector_for(Dtype::Bf16, &[64, 20]), 4);
+        assert_eq!(h100.vector_for(Dtype::F32, &[7]), 1);
+    }
+}
