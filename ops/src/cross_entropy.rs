@@ -14,6 +14,11 @@ const OP: &str = "cross_entropy";
 /// Rows per cube: each table vector a unit loads serves this many rows.
 const CE_ROWS: usize = 8;
 
+/// Widest vector the tied logits + cross-entropy kernel loads rows and the table with. At 8
+/// (f16/bf16 under CUDA's 128-bit loads) ptxas spilled about 1.5 KB per unit, with 178-319
+/// local-memory instructions inside its loops (sm_90, `cuda_codegen`); at 4 it does not.
+pub const MAX_VECTOR: usize = 4;
+
 /// For each row r of x (rows, D): the logits `z = x[r] · tableᵀ` against the (V, D) embedding
 /// table, `lse[r] = log Σ exp z` and `loss[r] = lse[r] - z[targets[r]]` in nats (both f32,
 /// (rows)).
@@ -55,7 +60,7 @@ pub fn tied_cross_entropy<R: Runtime, E: FloatElement>(
     if let Some(l) = logits {
         l.expect_shape(OP, "logits", &[rows, vocab])?;
     }
-    let vector = vector_size_for::<R, E>(client, &[d]);
+    let vector = vector_size_for::<R, E>(client, &[d]).min(MAX_VECTOR);
     let units = vocab.next_power_of_two().clamp(CE_ROWS, 64);
     let cfg = CrossEntropyConfig {
         units,

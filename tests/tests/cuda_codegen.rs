@@ -83,14 +83,18 @@ fn type_tag<E>() -> String {
     name.rsplit("::").next().unwrap_or(name).to_string()
 }
 
-/// Vector width a CUDA launch picks for E: 16-byte loads, capped at the GEMM's stage vector.
+/// Vector width a CUDA GEMM launch picks for E: 16-byte loads, capped at the GEMM's stage
+/// vector.
 fn vec_of<E>() -> usize {
     (16 / std::mem::size_of::<E>()).min(4)
 }
 
 fn elementwise<E: Float + CubeElement>(c: &ComputeClient<W>, out: &mut Vec<Variant>) {
     let ty = type_tag::<E>();
-    let n = vec_of::<E>();
+    // The vector width the launchers pick on sm_90 for these shapes (all multiples of 64):
+    // 8 for f16/bf16 under 128-bit loads, 4 for f32.
+    let dtype = Dtype::of_name(&ty).expect("f32, f16 or bf16");
+    let n = DeviceProfile::cuda_sm90().vector_for(dtype, &[64]);
     let dim = CubeDim::new_1d(256);
     for (act, name) in [
         (ActivationKind::Gelu, "gelu"),
@@ -172,6 +176,8 @@ fn elementwise<E: Float + CubeElement>(c: &ComputeClient<W>, out: &mut Vec<Varia
             def: k.define(),
         });
     }
+    // As the launcher caps it (`megabyte_ops::cross_entropy::MAX_VECTOR`).
+    let ce_vector = n.min(megabyte_ops::cross_entropy::MAX_VECTOR);
     for (vocab, logits) in [(256usize, false), (257, true)] {
         let cfg = CrossEntropyConfig {
             units: 64,
@@ -188,7 +194,7 @@ fn elementwise<E: Float + CubeElement>(c: &ComputeClient<W>, out: &mut Vec<Varia
             t(),
             t(),
             t(),
-            n,
+            ce_vector,
             cfg,
         );
         out.push(Variant {
