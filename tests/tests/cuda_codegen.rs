@@ -83,12 +83,6 @@ fn type_tag<E>() -> String {
     name.rsplit("::").next().unwrap_or(name).to_string()
 }
 
-/// Vector width a CUDA GEMM launch picks for E: 16-byte loads, capped at the GEMM's stage
-/// vector.
-fn vec_of<E>() -> usize {
-    (16 / std::mem::size_of::<E>()).min(4)
-}
-
 fn elementwise<E: Float + CubeElement>(c: &ComputeClient<W>, out: &mut Vec<Variant>) {
     let ty = type_tag::<E>();
     // The vector width the launchers pick on sm_90 for these shapes (all multiples of 64):
