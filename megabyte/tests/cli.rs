@@ -45,6 +45,17 @@ fn unchecked_checkpoint(
     w: &Weights,
     extra: &[(String, Vec<usize>, Vec<f32>)],
 ) -> Vec<u8> {
+    unchecked_checkpoint_with(cfg, w, extra, checkpoint::config_metadata(cfg))
+}
+
+/// [`unchecked_checkpoint`] with `meta` as the file's metadata (a config that may not match
+/// the tensors, or values that are not a config at all).
+fn unchecked_checkpoint_with(
+    cfg: &Config,
+    w: &Weights,
+    extra: &[(String, Vec<usize>, Vec<f32>)],
+    meta: std::collections::HashMap<String, String>,
+) -> Vec<u8> {
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = cfg
         .tensor_specs()
         .into_iter()
@@ -68,7 +79,7 @@ fn unchecked_checkpoint(
             )
         })
         .collect();
-    safetensors::serialize(views, &Some(checkpoint::config_metadata(cfg))).unwrap()
+    safetensors::serialize(views, &Some(meta)).unwrap()
 }
 
 /// Asserts a failed run: exit code 1 and exactly one line on stderr starting with `error:`
@@ -146,8 +157,7 @@ fn wgpu_and_cpu_agree() {
     ];
     let cpu = run("cpu", &gen);
     let gpu = run("wgpu", &gen);
-    if !gpu.status.success() && !in_ci() && text(&gpu.stderr).contains("no compute device") {
-        eprintln!("SKIPPED: no wgpu adapter; install mesa-vulkan-drivers");
+    if no_adapter(&gpu) {
         return;
     }
     assert!(gpu.status.success(), "{}", text(&gpu.stderr));
@@ -222,30 +232,9 @@ fn bad_input_gets_a_one_line_error() {
         heads_local: 1,
         ..cfg.clone()
     };
-    let mut meta = checkpoint::config_metadata(&wrong);
-    meta.insert("format".into(), "megabyte-rs".into());
-    let tensors: Vec<_> = cfg
-        .tensor_specs()
-        .into_iter()
-        .zip(w.tensors())
-        .map(|((name, shape), data)| (name, shape, checkpoint::encode(data, StorageDtype::F32)))
-        .collect();
-    let views: Vec<_> = tensors
-        .iter()
-        .map(|(n, s, b)| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                    .unwrap(),
-            )
-        })
-        .collect();
+    let meta = checkpoint::config_metadata(&wrong);
     let mismatched = temp("cli_mismatched.safetensors");
-    std::fs::write(
-        &mismatched,
-        safetensors::serialize(views, &Some(meta)).unwrap(),
-    )
-    .unwrap();
+    std::fs::write(&mismatched, unchecked_checkpoint_with(&cfg, &w, &[], meta)).unwrap();
     let out = megabyte(&[
         "generate",
         "--checkpoint",
@@ -355,8 +344,7 @@ fn train_writes_a_checkpoint_and_a_loss_curve_and_resumes() {
     let mut first: Vec<&str> = args.to_vec();
     first.extend(["--steps", "5", "--stop-after", "3", "--device", "wgpu"]);
     let run = megabyte(&first);
-    if !run.status.success() && !in_ci() && text(&run.stderr).contains("no compute device") {
-        eprintln!("SKIPPED: no wgpu adapter; install mesa-vulkan-drivers");
+    if no_adapter(&run) {
         return;
     }
     assert!(run.status.success(), "{}", text(&run.stderr));
@@ -612,8 +600,7 @@ fn resume_refuses_a_bad_step_count() {
                 .to_str()
                 .unwrap(),
         ]);
-        if !out.status.success() && !in_ci() && text(&out.stderr).contains("no compute device") {
-            eprintln!("SKIPPED: no wgpu adapter; install mesa-vulkan-drivers");
+        if no_adapter(&out) {
             return;
         }
         assert_one_line_error(&out, "optimizer.step");
@@ -663,8 +650,7 @@ fn the_shipped_model_generates_the_same_bytes_on_wgpu_and_cpu() {
         ])
     };
     let gpu = run("wgpu");
-    if !gpu.status.success() && !in_ci() && text(&gpu.stderr).contains("no compute device") {
-        eprintln!("SKIPPED: no wgpu adapter; install mesa-vulkan-drivers");
+    if no_adapter(&gpu) {
         return;
     }
     let cpu = run("cpu");
@@ -705,8 +691,7 @@ fn the_shipped_model_loads_and_predicts_documentation_text() {
         "wgpu",
         file.to_str().unwrap(),
     ]);
-    if !out.status.success() && !in_ci() && text(&out.stderr).contains("no compute device") {
-        eprintln!("SKIPPED: no wgpu adapter; install mesa-vulkan-drivers");
+    if no_adapter(&out) {
         return;
     }
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -956,24 +941,8 @@ fn corrupt_checkpoints_are_refused_naming_the_fault() {
     ] {
         let mut meta = checkpoint::config_metadata(&cfg);
         meta.insert(key.into(), value.into());
-        let tensors: Vec<_> = cfg
-            .tensor_specs()
-            .into_iter()
-            .zip(w.tensors())
-            .map(|((n, s), d)| (n, s, checkpoint::encode(d, StorageDtype::F32)))
-            .collect();
-        let views: Vec<_> = tensors
-            .iter()
-            .map(|(n, s, b)| {
-                (
-                    n.clone(),
-                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                        .unwrap(),
-                )
-            })
-            .collect();
         let path = temp(&format!("cli_absurd_{key}.safetensors"));
-        std::fs::write(&path, safetensors::serialize(views, &Some(meta)).unwrap()).unwrap();
+        std::fs::write(&path, unchecked_checkpoint_with(&cfg, &w, &[], meta)).unwrap();
         let out = megabyte(&["info", "--checkpoint", path.to_str().unwrap()]);
         assert_one_line_error(&out, what);
     }

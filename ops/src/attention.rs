@@ -485,7 +485,7 @@ pub fn flash_attention_with<R: Runtime, E: FloatElement>(
     let call = AttentionCall {
         problem,
         seq_k,
-        dtype: Dtype::of_name(E::NAME).expect("a float element type the planners know"),
+        dtype: E::DTYPE,
         aligned,
     };
     let planned = plan(kernel, &call, &DeviceProfile::of(client))?;

@@ -341,14 +341,13 @@ fn config_for<R: Runtime, E: FloatElement>(
     heads: usize,
     layers: usize,
 ) -> Result<DecodeConfig, OpError> {
-    let dtype = Dtype::of_name(E::NAME).expect("a float element type the planners know");
     plan(
         &DecodeProblem {
             width,
             hidden,
             heads,
             layers,
-            dtype,
+            dtype: E::DTYPE,
         },
         &DeviceProfile::of(client),
     )

@@ -46,10 +46,7 @@ pub fn vector_size_for<R: Runtime, E: FloatElement>(
     client: &ComputeClient<R>,
     lengths: &[usize],
 ) -> usize {
-    client
-        .io_optimized_vector_sizes(std::mem::size_of::<E>())
-        .find(|&v| lengths.iter().all(|&n| n % v == 0))
-        .unwrap_or(1)
+    crate::profile::widest_vector(&client.properties().hardware, E::DTYPE.bytes(), lengths)
 }
 
 /// Launch geometry for `units` independent units in one dimension: the runtime's default cube

@@ -370,22 +370,7 @@ pub(crate) const CMMA_PLANE: usize = 32;
 /// True when the device multiplies 16 × 16 × 16 fragments of E with f32 accumulation in
 /// 32-unit planes (CUDA tensor cores for f16 and bf16).
 pub fn cmma_supported<R: Runtime, E: FloatElement>(client: &ComputeClient<R>) -> bool {
-    let props = client.properties();
-    let e = E::cube_type();
-    let f32_t = f32::cube_type();
-    let f = FRAGMENT as u32;
-    let config = cubecl::ir::features::MmaConfig {
-        a_type: e,
-        b_type: e,
-        cd_type: f32_t,
-        m: f,
-        n: f,
-        k: f,
-    };
-    std::mem::size_of::<E>() == 2
-        && props.hardware.plane_size_max as usize == CMMA_PLANE
-        && props.hardware.plane_size_min as usize == CMMA_PLANE
-        && props.features.matmul.cmma.contains(&config)
+    crate::profile::DeviceProfile::of(client).cmma(E::DTYPE)
 }
 
 /// The CMMA kernel's tiles and vector widths (`emulated`: the plain-loop fragments).

@@ -7,6 +7,9 @@
 //! this machine does not have: the CUDA check compiles what an A100 or an H100 would launch.
 
 use cubecl::ir::features::MmaConfig;
+use megabyte_kernels::gemm::FRAGMENT;
+
+use crate::gemm::CMMA_PLANE;
 use cubecl::ir::HardwareProperties;
 use cubecl::prelude::*;
 
@@ -49,7 +52,7 @@ impl Dtype {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceProfile {
     /// For tables and messages ("lavapipe", "cuda sm_90", or the runtime's name).
-    pub name: String,
+    pub name: &'static str,
     /// Cube and unit limits, shared memory, plane sizes, load width and vector sizes, as the
     /// runtime reports them.
     pub hardware: HardwareProperties,
@@ -65,33 +68,29 @@ pub struct DeviceProfile {
     pub max_buffer: usize,
 }
 
-/// Units per plane the CMMA kernels are written for.
-pub const CMMA_PLANE: u32 = 32;
-/// The CMMA fragment edge.
-pub const FRAGMENT: u32 = 16;
-
 impl DeviceProfile {
     /// The profile of the device behind `client`.
     pub fn of<R: Runtime>(client: &ComputeClient<R>) -> Self {
         let props = client.properties();
         let hw = props.hardware.clone();
         let f32_t = f32::cube_type();
+        let (plane, f) = (CMMA_PLANE as u32, FRAGMENT as u32);
         let mma = |e: StorageType| {
-            hw.plane_size_min == CMMA_PLANE
-                && hw.plane_size_max == CMMA_PLANE
+            hw.plane_size_min == plane
+                && hw.plane_size_max == plane
                 && props.features.matmul.cmma.contains(&MmaConfig {
                     a_type: e,
                     b_type: e,
                     cd_type: f32_t,
-                    m: FRAGMENT,
-                    n: FRAGMENT,
-                    k: FRAGMENT,
+                    m: f,
+                    n: f,
+                    k: f,
                 })
         };
         let f16_t = half::f16::cube_type();
         let bf16_t = half::bf16::cube_type();
         DeviceProfile {
-            name: R::name(client).to_string(),
+            name: R::name(client),
             plane_ops: props.features.plane.contains(cubecl::features::Plane::Ops),
             cmma_f16: mma(f16_t),
             cmma_bf16: mma(bf16_t),
@@ -106,18 +105,12 @@ impl DeviceProfile {
     /// `io_optimized_vector_sizes`: the load width over the element's bits, capped by the
     /// device's largest vector).
     pub fn vector_sizes(&self, dtype: Dtype) -> impl Iterator<Item = usize> {
-        let max = (self.hardware.load_width as usize / (dtype.bytes() * 8))
-            .min(self.hardware.max_vector_size)
-            .max(1);
-        let candidates = max.trailing_zeros() + 1;
-        (0..candidates).rev().map(|i| 1usize << i)
+        vector_sizes(&self.hardware, dtype.bytes())
     }
 
     /// The widest vector for `dtype` that divides every length given (1 if none).
     pub fn vector_for(&self, dtype: Dtype, lengths: &[usize]) -> usize {
-        self.vector_sizes(dtype)
-            .find(|&v| lengths.iter().all(|&n| n % v == 0))
-            .unwrap_or(1)
+        widest_vector(&self.hardware, dtype.bytes(), lengths)
     }
 
     /// Whether the device has the CMMA fragments the tensor-core kernels use for `dtype`.
@@ -135,7 +128,7 @@ impl DeviceProfile {
     /// `profile::tests` checks it against the live adapter when that is lavapipe.
     pub fn lavapipe() -> Self {
         DeviceProfile {
-            name: "lavapipe".into(),
+            name: "lavapipe",
             hardware: HardwareProperties {
                 load_width: 128,
                 plane_size_min: 8,
@@ -164,9 +157,9 @@ impl DeviceProfile {
     /// loads, no cap on vector sizes, 1024 threads per block, plane ops, WMMA fragments for
     /// f16 and bf16, a quarter of the memory as the largest buffer), with the shared memory
     /// per block (opt-in), SM count and memory of the given part.
-    fn cuda(name: &str, shared: usize, sms: u32, memory: u64) -> Self {
+    fn cuda(name: &'static str, shared: usize, sms: u32, memory: u64) -> Self {
         DeviceProfile {
-            name: name.into(),
+            name,
             hardware: HardwareProperties {
                 load_width: 128,
                 plane_size_min: 32,
@@ -206,7 +199,7 @@ impl DeviceProfile {
     /// has no rocWMMA), no bf16 headers the HIP dialect can include.
     pub fn hip_gfx90a() -> Self {
         DeviceProfile {
-            name: "hip gfx90a".into(),
+            name: "hip gfx90a",
             hardware: HardwareProperties {
                 load_width: 128,
                 plane_size_min: 64,
@@ -230,6 +223,23 @@ impl DeviceProfile {
             max_buffer: (64u64 << 30) as usize / 4,
         }
     }
+}
+
+/// The vector widths worth loading `bytes`-wide elements with on hardware `hw`, widest first.
+fn vector_sizes(hw: &HardwareProperties, bytes: usize) -> impl Iterator<Item = usize> {
+    let max = (hw.load_width as usize / (bytes * 8))
+        .min(hw.max_vector_size)
+        .max(1);
+    let candidates = max.trailing_zeros() + 1;
+    (0..candidates).rev().map(|i| 1usize << i)
+}
+
+/// The widest of [`vector_sizes`] that divides every length given (1 if none); what every
+/// launcher's vector width comes from (`device::vector_size_for` on a live client).
+pub(crate) fn widest_vector(hw: &HardwareProperties, bytes: usize, lengths: &[usize]) -> usize {
+    vector_sizes(hw, bytes)
+        .find(|&v| lengths.iter().all(|&n| n % v == 0))
+        .unwrap_or(1)
 }
 
 #[cfg(test)]

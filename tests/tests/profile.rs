@@ -23,7 +23,7 @@ fn the_lavapipe_profile_is_what_lavapipe_reports() {
     eprintln!("{live:#?}");
     if !cfg!(feature = "cuda") && on_lavapipe() {
         let named = DeviceProfile {
-            name: live.name.clone(),
+            name: live.name,
             ..DeviceProfile::lavapipe()
         };
         assert_eq!(live, named);
