@@ -7,8 +7,6 @@
 //!
 //! `cargo bench -p megabyte-benches --bench attention`
 
-use std::time::Duration;
-
 use criterion::measurement::WallTime;
 use criterion::{
     criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, Throughput,
@@ -103,14 +101,9 @@ fn bench_flash<E: FloatElement>(
 }
 
 fn bench(c: &mut Criterion) {
-    let Some(client) = megabyte_benches::client_or_skip("attention") else {
+    let Some((client, mut group)) = megabyte_benches::group(c, "attention", 4) else {
         return;
     };
-    let mut group = c.benchmark_group("attention");
-    group
-        .sample_size(10)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(4));
     for &(name, b, s, h, d) in SHAPES {
         let problem = AttentionProblem {
             batch: b,
@@ -121,9 +114,7 @@ fn bench(c: &mut Criterion) {
         };
         group.throughput(Throughput::Elements(problem.flops() as u64));
         let n = b * s * h * d;
-        let data: Vec<f32> = (0..n)
-            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
-            .collect();
+        let data: Vec<f32> = megabyte_benches::data(n, 0, -1.0, 1.0);
         let t = |shape: &[usize]| Tensor::<Rt, f32>::from_f32(&client, &data, shape).unwrap();
         let (q, k, v) = (t(&[b, s, h, d]), t(&[b, s, h, d]), t(&[b, s, h, d]));
         let out = Tensor::<Rt, f32>::empty(&client, &[b, s, h, d]).unwrap();
@@ -192,9 +183,7 @@ fn bench(c: &mut Criterion) {
         ("decode_kv2048_d128", 4, 2048, 8, 128),
     ] {
         group.throughput(Throughput::Elements((4 * b * h * s_kv * d) as u64));
-        let data: Vec<f32> = (0..b * s_kv * h * d)
-            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
-            .collect();
+        let data: Vec<f32> = megabyte_benches::data(b * s_kv * h * d, 0, -1.0, 1.0);
         let t = |shape: &[usize]| {
             let n = shape.iter().product();
             Tensor::<Rt, f32>::from_f32(&client, &data[..n], shape).unwrap()

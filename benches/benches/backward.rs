@@ -15,8 +15,6 @@
 //!
 //! `cargo bench -p megabyte-benches --bench backward`
 
-use std::time::Duration;
-
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use megabyte_benches::{label, time_synced};
 use megabyte_ops::activation::activation_backward;
@@ -30,9 +28,7 @@ use megabyte_ops::{ActivationKind, Tensor};
 type Rt = megabyte_benches::BenchRuntime;
 
 fn data(n: usize, salt: usize) -> Vec<f32> {
-    (0..n)
-        .map(|i| (((i + salt) * 7919) % 1000) as f32 / 500.0 - 1.0)
-        .collect()
+    megabyte_benches::data(n, salt, -1.0, 1.0)
 }
 
 /// (name, B, S, H, D), causal: the global stack of `tiny` at T = 2048 (512 patches, width 64),
@@ -55,14 +51,9 @@ const ROWS: &[(&str, usize, usize)] = &[
 ];
 
 fn bench(c: &mut Criterion) {
-    let Some(client) = megabyte_benches::client_or_skip("backward") else {
+    let Some((client, mut group)) = megabyte_benches::group(c, "backward", 3) else {
         return;
     };
-    let mut group = c.benchmark_group("backward");
-    group
-        .sample_size(10)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3));
     let up = |v: &[f32], shape: &[usize]| Tensor::<Rt, f32>::from_f32(&client, v, shape).unwrap();
 
     for &(name, b, s, h, d) in ATTENTION {

@@ -3,8 +3,6 @@
 //!
 //! `cargo bench -p megabyte-benches --bench cross_entropy`
 
-use std::time::Duration;
-
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use megabyte_benches::time_synced;
 use megabyte_ops::cross_entropy::tied_cross_entropy;
@@ -18,21 +16,12 @@ const SHAPES: &[(&str, usize, usize)] = &[("tiny", 512, 32), ("text", 2048, 1024
 const VOCAB: usize = 256;
 
 fn bench(c: &mut Criterion) {
-    let Some(client) = megabyte_benches::client_or_skip("cross_entropy") else {
+    let Some((client, mut group)) = megabyte_benches::group(c, "cross_entropy", 3) else {
         return;
     };
-    let mut group = c.benchmark_group("cross_entropy");
-    group
-        .sample_size(10)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3));
     for &(name, rows, d) in SHAPES {
         group.throughput(Throughput::Elements((2 * rows * VOCAB * d) as u64));
-        let data = |n: usize| -> Vec<f32> {
-            (0..n)
-                .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
-                .collect()
-        };
+        let data = |n: usize| -> Vec<f32> { megabyte_benches::data(n, 0, -1.0, 1.0) };
         let x = Tensor::<Rt, f32>::from_f32(&client, &data(rows * d), &[rows, d]).unwrap();
         let table = Tensor::<Rt, f32>::from_f32(&client, &data(VOCAB * d), &[VOCAB, d]).unwrap();
         let targets: Vec<u32> = (0..rows as u32).map(|i| (i * 31) % VOCAB as u32).collect();

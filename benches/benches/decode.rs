@@ -7,8 +7,6 @@
 //!
 //! `cargo bench -p megabyte-benches --bench decode`
 
-use std::time::Duration;
-
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use megabyte_benches::{label, time_synced};
 use megabyte_ops::decode::{decode_stack, BlockWeights, PackedStack, StepInput, StepOutput};
@@ -26,20 +24,13 @@ const SHAPES: &[(&str, usize, usize, usize, usize, usize, usize, bool)] = &[
 ];
 
 fn bench(c: &mut Criterion) {
-    let Some(client) = megabyte_benches::client_or_skip("decode") else {
+    let Some((client, mut group)) = megabyte_benches::group(c, "decode", 3) else {
         return;
     };
-    let mut group = c.benchmark_group("decode");
-    group
-        .sample_size(10)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3));
     for &(name, width, hidden, heads, layers, cap, pos, logits) in SHAPES {
         let t = |shape: &[usize], salt: usize| {
             let n: usize = shape.iter().product();
-            let data: Vec<f32> = (0..n)
-                .map(|i| (((i + salt) * 7919) % 1000) as f32 / 5000.0 - 0.1)
-                .collect();
+            let data: Vec<f32> = megabyte_benches::data(n, salt, -0.1, 0.1);
             Tensor::<Rt, f32>::from_f32(&client, &data, shape).unwrap()
         };
         let params: Vec<Vec<Tensor<Rt, f32>>> = (0..layers)

@@ -7,8 +7,6 @@
 //!
 //! `cargo bench -p megabyte-benches --bench gemm` (a filter such as `tiny` picks shapes).
 
-use std::time::Duration;
-
 use criterion::measurement::WallTime;
 use criterion::{
     criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, Throughput,
@@ -99,22 +97,14 @@ fn bench_ours<E: FloatElement>(
 }
 
 fn bench(c: &mut Criterion) {
-    let Some(client) = megabyte_benches::client_or_skip("gemm") else {
+    let Some((client, mut group)) = megabyte_benches::group(c, "gemm", 4) else {
         return;
     };
-    let mut group = c.benchmark_group("gemm");
-    group
-        .sample_size(10)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(4));
     for &(name, m, k, n, fc1) in SHAPES {
         let problem = GemmProblem { batch: 1, m, n, k };
         group.throughput(Throughput::Elements(problem.flops() as u64));
-        let data = |len: usize, salt: usize| -> Vec<f32> {
-            (0..len)
-                .map(|i| (((i + salt) * 7919) % 1000) as f32 / 500.0 - 1.0)
-                .collect()
-        };
+        let data =
+            |len: usize, salt: usize| -> Vec<f32> { megabyte_benches::data(len, salt, -1.0, 1.0) };
         let a = Tensor::<Rt, f32>::from_f32(&client, &data(m * k, 1), &[m, k]).unwrap();
         let b = Tensor::<Rt, f32>::from_f32(&client, &data(k * n, 2), &[k, n]).unwrap();
         let bias = Tensor::<Rt, f32>::from_f32(&client, &data(n, 3), &[n]).unwrap();

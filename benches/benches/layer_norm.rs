@@ -3,8 +3,6 @@
 //!
 //! `cargo bench -p megabyte-benches --bench layer_norm`
 
-use std::time::Duration;
-
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use megabyte_benches::time_synced;
 use megabyte_ops::layer_norm::{add_layer_norm, layer_norm};
@@ -21,18 +19,11 @@ const SHAPES: &[(&str, usize, usize)] = &[
 ];
 
 fn bench(c: &mut Criterion) {
-    let Some(client) = megabyte_benches::client_or_skip("layer_norm") else {
+    let Some((client, mut group)) = megabyte_benches::group(c, "layer_norm", 3) else {
         return;
     };
-    let mut group = c.benchmark_group("layer_norm");
-    group
-        .sample_size(10)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3));
     for &(name, rows, width) in SHAPES {
-        let data: Vec<f32> = (0..rows * width)
-            .map(|i| ((i * 7919) % 1000) as f32 / 250.0)
-            .collect();
+        let data: Vec<f32> = megabyte_benches::data(rows * width, 0, -0.0, 4.0);
         let x = Tensor::<Rt, f32>::from_f32(&client, &data, &[rows, width]).unwrap();
         let r = Tensor::<Rt, f32>::from_f32(&client, &data, &[rows, width]).unwrap();
         let w = Tensor::<Rt, f32>::full(&client, &[width], 1.0).unwrap();

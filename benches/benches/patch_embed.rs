@@ -4,8 +4,6 @@
 //!
 //! `cargo bench -p megabyte-benches --bench patch_embed`
 
-use std::time::Duration;
-
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use megabyte_benches::time_synced;
 use megabyte_ops::gemm::{gemm, Epilogue};
@@ -22,21 +20,12 @@ const SHAPES: &[(&str, usize, usize, usize, usize, usize)] =
 const VOCAB: usize = 256;
 
 fn bench(c: &mut Criterion) {
-    let Some(client) = megabyte_benches::client_or_skip("patch_embed") else {
+    let Some((client, mut group)) = megabyte_benches::group(c, "patch_embed", 3) else {
         return;
     };
-    let mut group = c.benchmark_group("patch_embed");
-    group
-        .sample_size(10)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3));
     for &(name, b, t, p, dg, dl) in SHAPES {
         let k = t / p;
-        let data = |n: usize| -> Vec<f32> {
-            (0..n)
-                .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
-                .collect()
-        };
+        let data = |n: usize| -> Vec<f32> { megabyte_benches::data(n, 0, -1.0, 1.0) };
         let ids: Vec<u32> = (0..(b * t) as u32)
             .map(|i| (i * 31) % VOCAB as u32)
             .collect();

@@ -2,6 +2,8 @@
 
 use std::time::{Duration, Instant};
 
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, Criterion};
 use cubecl::prelude::*;
 
 /// Runs `f` `iters` times and waits for the device to finish before stopping the clock, so the
@@ -49,4 +51,28 @@ pub fn client_or_skip(benches: &str) -> Option<ComputeClient<BenchRuntime>> {
             None
         }
     }
+}
+
+/// The bench runtime's client and the criterion group `name` (10 samples, a 1 s warm-up,
+/// `seconds` of measurement per bench), or `None` (with a message) when there is no device.
+pub fn group<'a>(
+    c: &'a mut Criterion,
+    name: &str,
+    seconds: u64,
+) -> Option<(ComputeClient<BenchRuntime>, BenchmarkGroup<'a, WallTime>)> {
+    let client = client_or_skip(name)?;
+    let mut group = c.benchmark_group(name);
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(seconds));
+    Some((client, group))
+}
+
+/// `n` deterministic inputs in [lo, hi): 1,000 levels in a scrambled order, shifted by `salt`
+/// so that several operands differ.
+pub fn data(n: usize, salt: usize, lo: f32, hi: f32) -> Vec<f32> {
+    (0..n)
+        .map(|i| lo + (hi - lo) * (((i + salt) * 7919) % 1000) as f32 / 1000.0)
+        .collect()
 }

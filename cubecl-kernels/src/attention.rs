@@ -1105,10 +1105,10 @@ pub fn flash_attention_rows<F: Float, N: Size>(
 pub struct BackwardConfig {
     pub head_dim: usize,
     pub causal: bool,
-    /// Units per row: each accumulates the gradient over ceil(D / chunks) of the head dims
-    /// (and recomputes the row's full dot products). More chunks, fewer accumulator registers
+    /// Units per row: each accumulates the gradient over ceil(D / splits) of the head dims
+    /// (and recomputes the row's full dot products). More splits, fewer accumulator registers
     /// per unit.
-    pub chunks: usize,
+    pub splits: usize,
     /// Keep the row's own operand vectors (q_i; k_j and v_j) in registers for the whole key
     /// loop, instead of re-reading them from memory (the same row every time, so from cache).
     pub rows_in_registers: bool,
@@ -1116,8 +1116,8 @@ pub struct BackwardConfig {
 
 impl BackwardConfig {
     /// Head dims each unit accumulates.
-    pub fn dims_per_chunk(&self) -> usize {
-        self.head_dim.div_ceil(self.chunks)
+    pub fn dims_per_split(&self) -> usize {
+        self.head_dim.div_ceil(self.splits)
     }
 }
 
@@ -1202,7 +1202,7 @@ fn query_row_dots<F: Float>(
 /// log-sum-exp keeps P as accurate as a naive softmax: exp(s - lse) inherits lse's rounding,
 /// about |lse|·eps, on every probability.) Writes m, l and delta (B, H, S) for
 /// [`attention_backward_kv()`]. q, k, v, dq are strided views (unit stride over D, offsets
-/// passed separately); d_out is contiguous (B, S, H, D). `cfg.chunks` units share a row, each
+/// passed separately); d_out is contiguous (B, S, H, D). `cfg.splits` units share a row, each
 /// accumulating dQ over its own slice of the head dims; the first writes the statistics.
 #[allow(clippy::too_many_arguments)]
 #[cube(launch_unchecked)]
@@ -1223,13 +1223,13 @@ pub fn attention_backward_q<F: Float>(
     #[comptime] cfg: BackwardConfig,
 ) {
     let d = cfg.head_dim;
-    let dc = comptime!(cfg.dims_per_chunk());
+    let dc = comptime!(cfg.dims_per_split());
     let batch = q.shape(0);
     let seq = q.shape(1);
     let heads = q.shape(2);
-    if ABSOLUTE_POS < batch * heads * seq * cfg.chunks {
-        let chunk = ABSOLUTE_POS % cfg.chunks;
-        let row = ABSOLUTE_POS / cfg.chunks;
+    if ABSOLUTE_POS < batch * heads * seq * cfg.splits {
+        let split = ABSOLUTE_POS % cfg.splits;
+        let row = ABSOLUTE_POS / cfg.splits;
         let i = row % seq;
         let bh = row / seq;
         let h = bh % heads;
@@ -1238,7 +1238,7 @@ pub fn attention_backward_q<F: Float>(
         let k_row0 = k_offset as usize + b * k.stride(0) + h * k.stride(2);
         let v_row0 = v_offset as usize + b * v.stride(0) + h * v.stride(2);
         let o_at = b * d_out.stride(0) + i * d_out.stride(1) + h * d_out.stride(2);
-        // The dQ accumulator (this chunk's dims) lives in registers, and q_i too when
+        // The dQ accumulator (this split's dims) lives in registers, and q_i too when
         // `rows_in_registers`; dO_i is always re-read from memory (the same row every time,
         // so from cache): with it in registers too, ptxas spilled 172 bytes at D = 64 for
         // sm_90, 116 without.
@@ -1254,7 +1254,7 @@ pub fn attention_backward_q<F: Float>(
         for c in 0..dc {
             acc[c] = 0.0;
         }
-        let d0 = chunk * dc;
+        let d0 = split * dc;
         let steps = q.shape(3).div_ceil(DOT_STEP);
         let mut end = seq;
         if comptime!(cfg.causal) {
@@ -1290,13 +1290,13 @@ pub fn attention_backward_q<F: Float>(
             m = m_new;
         }
         let dl = t / l;
-        if chunk == 0 {
+        if split == 0 {
             let stat_at = (b * heads + h) * seq + i;
             row_max[stat_at] = m;
             row_sum[stat_at] = l;
             delta[stat_at] = dl;
         }
-        // Pass 2: dQ over this chunk's dims.
+        // Pass 2: dQ over this split's dims.
         for j in 0..end {
             let k_at = k_row0 + j * k.stride(1);
             let v_at = v_row0 + j * v.stride(1);
@@ -1334,7 +1334,7 @@ pub fn attention_backward_q<F: Float>(
 
 /// Attention backward, key side: one unit per (b, h, key j), over the queries that see it:
 /// dV_j = Σ_i P_ij dO_i, dK_j = scale · Σ_i P_ij (dO_i·V_j - delta_i) Q_i, with the row
-/// statistics m, l and delta from [`attention_backward_q()`]. Views, layouts and chunks as there.
+/// statistics m, l and delta from [`attention_backward_q()`]. Views, layouts and splits as there.
 #[allow(clippy::too_many_arguments)]
 #[cube(launch_unchecked)]
 pub fn attention_backward_kv<F: Float>(
@@ -1356,13 +1356,13 @@ pub fn attention_backward_kv<F: Float>(
     #[comptime] cfg: BackwardConfig,
 ) {
     let d = cfg.head_dim;
-    let dc = comptime!(cfg.dims_per_chunk());
+    let dc = comptime!(cfg.dims_per_split());
     let batch = q.shape(0);
     let seq = q.shape(1);
     let heads = q.shape(2);
-    if ABSOLUTE_POS < batch * heads * seq * cfg.chunks {
-        let chunk = ABSOLUTE_POS % cfg.chunks;
-        let row = ABSOLUTE_POS / cfg.chunks;
+    if ABSOLUTE_POS < batch * heads * seq * cfg.splits {
+        let split = ABSOLUTE_POS % cfg.splits;
+        let row = ABSOLUTE_POS / cfg.splits;
         let j = row % seq;
         let bh = row / seq;
         let h = bh % heads;
@@ -1392,7 +1392,7 @@ pub fn attention_backward_kv<F: Float>(
             gk[c] = 0.0;
             gv[c] = 0.0;
         }
-        let d0 = chunk * dc;
+        let d0 = split * dc;
         let steps = q.shape(3).div_ceil(DOT_STEP);
         let mut start = 0usize;
         if comptime!(cfg.causal) {

@@ -119,14 +119,9 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
                     if max_keys >= keys {
                         Ok(max_keys)
                     } else {
-                        Err(megabyte_ops::OpError::Unsupported {
-                            op: "decode_stack",
-                            what: "keys",
-                            value: keys,
-                            reason: format!(
+                        Err(megabyte_ops::OpError::unsupported("decode_stack", "keys", keys, format!(
                                 "a fused step of this stack takes at most {max_keys} keys on this device"
-                            ),
-                        })
+                            )))
                     }
                 });
             let max_keys = match (kernel, ok) {
@@ -318,21 +313,21 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
     /// local step ([`Decoder::greedy_on_device`]).
     pub fn push_greedy(&mut self, bytes: &[u32], steps: usize) -> Result<Vec<u32>, Error> {
         if steps == 0 {
-            return Err(megabyte_ops::OpError::Unsupported {
-                op: "push_greedy",
-                what: "steps",
-                value: 0,
-                reason: "decode at least one byte".into(),
-            }
+            return Err(megabyte_ops::OpError::unsupported(
+                "push_greedy",
+                "steps",
+                0,
+                "decode at least one byte",
+            )
             .into());
         }
         if self.local_fused.is_none() {
-            return Err(megabyte_ops::OpError::Unsupported {
-                op: "push_greedy",
-                what: "local width",
-                value: self.model.config().d_local,
-                reason: "greedy decoding on the device needs the fused local step".into(),
-            }
+            return Err(megabyte_ops::OpError::unsupported(
+                "push_greedy",
+                "local width",
+                self.model.config().d_local,
+                "greedy decoding on the device needs the fused local step",
+            )
             .into());
         }
         self.check_push(bytes, steps)?;

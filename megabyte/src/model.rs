@@ -519,14 +519,14 @@ impl<R: Runtime, E: FloatElement> Model<R, E> {
         let max = self.max_buffer;
         let bytes = elems.saturating_mul(elem_bytes);
         if bytes > max {
-            return Err(OpError::Unsupported {
-                op: "model",
-                what: "sequence length",
-                value: seq,
-                reason: format!(
+            return Err(OpError::unsupported(
+                "model",
+                "sequence length",
+                seq,
+                format!(
                     "{what} need {bytes} bytes in one buffer; the device allocates at most {max}"
                 ),
-            }
+            )
             .into());
         }
         Ok(())

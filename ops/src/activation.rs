@@ -19,11 +19,7 @@ pub fn activation_into<R: Runtime, E: FloatElement>(
     let client = input.client();
     ensure_dtype::<R, E>(client, OP)?;
     if input.is_empty() {
-        return Err(OpError::Empty {
-            op: OP,
-            tensor: "input",
-            shape: input.shape().to_vec(),
-        });
+        return Err(OpError::empty(OP, "input", input.shape().to_vec()));
     }
     if output.shape() != input.shape() {
         return Err(OpError::Shape {
@@ -81,11 +77,11 @@ pub fn gelu_naive<R: Runtime, E: FloatElement>(
     let client = input.client();
     ensure_dtype::<R, E>(client, "gelu_naive")?;
     if input.is_empty() {
-        return Err(OpError::Empty {
-            op: "gelu_naive",
-            tensor: "input",
-            shape: input.shape().to_vec(),
-        });
+        return Err(OpError::empty(
+            "gelu_naive",
+            "input",
+            input.shape().to_vec(),
+        ));
     }
     let n = input.len();
     let output = Tensor::empty(client, input.shape())?;
@@ -115,11 +111,7 @@ pub fn activation_backward<R: Runtime, E: FloatElement>(
     let client = pre.client();
     ensure_dtype::<R, E>(client, OP)?;
     if pre.is_empty() {
-        return Err(OpError::Empty {
-            op: OP,
-            tensor: "pre",
-            shape: pre.shape().to_vec(),
-        });
+        return Err(OpError::empty(OP, "pre", pre.shape().to_vec()));
     }
     d_output.expect_shape(OP, "d_output", pre.shape())?;
     d_input.expect_shape(OP, "d_input", pre.shape())?;

@@ -9,7 +9,6 @@
 //! is then position i + S_kv - S and, when causal, sees keys 0..=i + S_kv - S. That case runs
 //! the `Rows` kernel (`RowsSplitDims` on devices with plane operations).
 
-use cubecl::ir::features::Plane;
 use cubecl::prelude::*;
 use cubecl::server::CubeCountSelection;
 use megabyte_kernels::attention::{
@@ -125,20 +124,16 @@ fn check_qkv<R: Runtime, E>(
         }
     }
     if dims.contains(&0) {
-        return Err(OpError::Empty {
-            op: OP,
-            tensor: "q",
-            shape: q.shape.clone(),
-        });
+        return Err(OpError::empty(OP, "q", q.shape.clone()));
     }
     for (name, t) in [("q", q), ("k", k), ("v", v)] {
         if t.strides[3] != 1 {
-            return Err(OpError::Unsupported {
-                op: OP,
-                what: "head-dim stride",
-                value: t.strides[3],
-                reason: format!("`{name}` must be contiguous along the head dim (stride 1)"),
-            });
+            return Err(OpError::unsupported(
+                OP,
+                "head-dim stride",
+                t.strides[3],
+                format!("`{name}` must be contiguous along the head dim (stride 1)"),
+            ));
         }
     }
     Ok((dims, seq_k))
@@ -169,9 +164,12 @@ fn check_outputs<R: Runtime, E>(
     Ok(())
 }
 
-/// Picks tile sizes and groups per cube for the device: the largest square tile (16, 8, 4, 2, 1)
-/// no longer than the sequence whose shared memory fits, then as many groups as fit in 256 units,
-/// the cube-dim limit and shared memory.
+/// The smallest query and key tile of the tiled flash kernel, unless shared memory needs less.
+const MIN_TILE: usize = 8;
+
+/// Picks tile sizes and groups per cube for the device: the square tile of the sequence's next
+/// power of two between 8 and 16, halved (down to 1) until its shared memory fits, then as
+/// many groups as fit in 256 units, the cube-dim limit and shared memory.
 pub fn plan_tiled(
     problem: &AttentionProblem,
     profile: &DeviceProfile,
@@ -180,14 +178,17 @@ pub fn plan_tiled(
     let smem_words = hw.max_shared_memory_size / 4;
     let d = problem.head_dim;
     if d > MAX_HEAD_DIM {
-        return Err(OpError::Unsupported {
-            op: OP,
-            what: "head dim",
-            value: d,
-            reason: format!("the flash kernel supports head dims up to {MAX_HEAD_DIM}"),
-        });
+        return Err(OpError::unsupported(
+            OP,
+            "head dim",
+            d,
+            format!("the flash kernel supports head dims up to {MAX_HEAD_DIM}"),
+        ));
     }
-    let mut tile = 16usize.min(problem.seq.next_power_of_two());
+    // Tiles of 8 × 8 at least: the 4 × 4 tile at head dim 32 (f32, sm_90) spilled inside its
+    // key loop (48 registers, 2 local-memory instructions there; `cuda_codegen`), and a
+    // sequence shorter than the tile costs only masked rows.
+    let mut tile = 16usize.min(problem.seq.next_power_of_two()).max(MIN_TILE);
     let mut cfg = FlashConfig {
         block_q: tile,
         block_k: tile,
@@ -198,16 +199,16 @@ pub fn plan_tiled(
     };
     while cfg.shared_words() > smem_words {
         if tile == 1 {
-            return Err(OpError::Unsupported {
-                op: OP,
-                what: "head dim",
-                value: d,
-                reason: format!(
+            return Err(OpError::unsupported(
+                OP,
+                "head dim",
+                d,
+                format!(
                     "needs {} bytes of shared memory, the device has {}",
                     4 * cfg.shared_words(),
                     hw.max_shared_memory_size
                 ),
-            });
+            ));
         }
         tile /= 2;
         cfg = FlashConfig {
@@ -216,13 +217,15 @@ pub fn plan_tiled(
             ..cfg
         };
     }
-    let items = problem.batch * problem.heads * problem.seq.div_ceil(tile);
+    // As many groups as the cube holds, however few items there are (the last cube's spare
+    // groups idle): the plan then depends on the sequence only through its tile, so a GPU
+    // compiles one kernel per tile and head dim rather than one per batch × heads.
     let per_group_words = cfg.shared_words();
     let units = (tile * tile) as u32;
     let by_units = (256.min(hw.max_units_per_cube) / units).max(1) as usize;
     let by_smem = smem_words / per_group_words;
     let by_dim = hw.max_cube_dim.2 as usize;
-    cfg.groups = by_units.min(by_smem).min(by_dim).min(items).max(1);
+    cfg.groups = by_units.min(by_smem).min(by_dim).max(1);
     Ok(cfg)
 }
 
@@ -239,36 +242,36 @@ pub fn plan_cmma(
 ) -> Result<FlashCmmaConfig, OpError> {
     let elem = dtype.bytes();
     if elem != 2 {
-        return Err(OpError::Unsupported {
-            op: OP,
-            what: "element bytes for the tensor-core kernel",
-            value: elem,
-            reason: format!(
+        return Err(OpError::unsupported(
+            OP,
+            "element bytes for the tensor-core kernel",
+            elem,
+            format!(
                 "the CMMA attention takes f16 or bf16, not {}; use AttentionKernel::Auto",
                 dtype.name()
             ),
-        });
+        ));
     }
     if !emulated && !profile.cmma(dtype) {
-        return Err(OpError::Unsupported {
-            op: OP,
-            what: "tensor-core fragments for element bytes",
-            value: elem,
-            reason: format!(
+        return Err(OpError::unsupported(
+            OP,
+            "tensor-core fragments for element bytes",
+            elem,
+            format!(
                 "this device lists no 16x16x16 {} CMMA with f32 accumulation in 32-unit planes; \
                  use AttentionKernel::Auto",
                 dtype.name()
             ),
-        });
+        ));
     }
     let d = problem.head_dim;
     if d > MAX_HEAD_DIM {
-        return Err(OpError::Unsupported {
-            op: OP,
-            what: "head dim",
-            value: d,
-            reason: format!("the flash kernels support head dims up to {MAX_HEAD_DIM}"),
-        });
+        return Err(OpError::unsupported(
+            OP,
+            "head dim",
+            d,
+            format!("the flash kernels support head dims up to {MAX_HEAD_DIM}"),
+        ));
     }
     let hw = &profile.hardware;
     let rows = problem.seq.div_ceil(16);
@@ -304,16 +307,18 @@ pub fn plan_cmma(
                 .find(|c| fits(c, hw.max_shared_memory_size))
         })
         .copied()
-        .ok_or_else(|| OpError::Unsupported {
-            op: OP,
-            what: "head dim",
-            value: d,
-            reason: format!(
-                "the tensor-core kernel needs at least {} bytes of shared memory at this head \
+        .ok_or_else(|| {
+            OpError::unsupported(
+                OP,
+                "head dim",
+                d,
+                format!(
+                    "the tensor-core kernel needs at least {} bytes of shared memory at this head \
                  dim, the device has {}",
-                candidates.last().map_or(0, |c| c.shared_bytes(elem)),
-                hw.max_shared_memory_size
-            ),
+                    candidates.last().map_or(0, |c| c.shared_bytes(elem)),
+                    hw.max_shared_memory_size
+                ),
+            )
         })
 }
 
@@ -365,14 +370,9 @@ pub fn plan(
             AttentionKernel::Tiled | AttentionKernel::Cmma | AttentionKernel::CmmaEmulated
         )
     {
-        return Err(OpError::Unsupported {
-            op: OP,
-            what: "key sequence length",
-            value: seq_k,
-            reason: format!(
+        return Err(OpError::unsupported(OP, "key sequence length", seq_k, format!(
                 "the {kernel:?} kernel needs as many keys as queries ({seq}); `Rows`, `RowsSplitDims` or `Auto` decode against a longer cache"
-            ),
-        });
+            )));
     }
     // The tiled plan's checks (head dim, shared memory) stand for every kernel.
     let tiled = plan_tiled(problem, profile)?;
@@ -488,6 +488,7 @@ pub fn flash_attention_with<R: Runtime, E: FloatElement>(
         dtype: E::DTYPE,
         aligned,
     };
+    crate::record::note(|| crate::record::Planned::Attention(call.clone()));
     let planned = plan(kernel, &call, &DeviceProfile::of(client))?;
     let (qo, ko, vo) = (q.offset_u32(OP)?, k.offset_u32(OP)?, v.offset_u32(OP)?);
     let scale = (1.0 / (head_dim as f64).sqrt()) as f32;
@@ -643,25 +644,57 @@ pub enum BackwardKernel {
 /// keeps to [`megabyte_kernels::attention::ROWS_SPLIT_ACCUMULATORS`]).
 const BACKWARD_SPLIT_ACCUMULATORS: usize = 64;
 
-/// The configs of the dQ and the dK/dV backward kernels at head dim `head_dim`: `split` for
-/// [`BackwardKernel::SplitDims`], otherwise [`BackwardKernel::RowsInRegisters`].
-pub fn backward_configs(
-    head_dim: usize,
-    causal: bool,
-    split: bool,
-) -> (BackwardConfig, BackwardConfig) {
+/// An attention backward call as its planner sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BackwardProblem {
+    pub head_dim: usize,
+    pub causal: bool,
+}
+
+/// The dQ and the dK/dV kernels' comptime shapes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BackwardPlan {
+    pub q: BackwardConfig,
+    pub kv: BackwardConfig,
+}
+
+/// The planner of the attention backward: how each row's gradients are spread over units
+/// (`Auto`: split over head dims where the profile has plane ops), or why the head dim is not
+/// taken.
+pub fn plan_backward(
+    kernel: BackwardKernel,
+    problem: &BackwardProblem,
+    profile: &DeviceProfile,
+) -> Result<BackwardPlan, OpError> {
+    let head_dim = problem.head_dim;
+    if head_dim > MAX_HEAD_DIM {
+        return Err(OpError::unsupported(
+            "attention_backward",
+            "head dim",
+            head_dim,
+            format!("the backward kernels support head dims up to {MAX_HEAD_DIM}"),
+        ));
+    }
+    let split = match kernel {
+        BackwardKernel::Auto => profile.plane_ops,
+        BackwardKernel::RowsInRegisters => false,
+        BackwardKernel::SplitDims => true,
+    };
     // dQ accumulates D floats per row, dK and dV 2·D.
     let config = |accumulators: usize| BackwardConfig {
         head_dim,
-        causal,
-        chunks: if split {
+        causal: problem.causal,
+        splits: if split {
             accumulators.div_ceil(BACKWARD_SPLIT_ACCUMULATORS)
         } else {
             1
         },
         rows_in_registers: !split,
     };
-    (config(head_dim), config(2 * head_dim))
+    Ok(BackwardPlan {
+        q: config(head_dim),
+        kv: config(2 * head_dim),
+    })
 }
 
 /// Attention backward (flash style, no S × S buffer): the softmax statistics are recomputed
@@ -710,36 +743,31 @@ pub fn attention_backward_with<R: Runtime, E: FloatElement>(
             return Err(OpError::shape(OP, name, &t.shape, dims.to_vec()));
         }
         if t.strides[3] != 1 {
-            return Err(OpError::Unsupported {
-                op: OP,
-                what: "head-dim stride",
-                value: t.strides[3],
-                reason: format!("`{name}` must be contiguous along the head dim (stride 1)"),
-            });
+            return Err(OpError::unsupported(
+                OP,
+                "head-dim stride",
+                t.strides[3],
+                format!("`{name}` must be contiguous along the head dim (stride 1)"),
+            ));
         }
     }
     let [b, s, h, d] = dims;
-    if d > MAX_HEAD_DIM {
-        return Err(OpError::Unsupported {
-            op: OP,
-            what: "head dim",
-            value: d,
-            reason: format!("the backward kernels support head dims up to {MAX_HEAD_DIM}"),
-        });
-    }
-    let split = match kernel {
-        BackwardKernel::Auto => client.properties().features.plane.contains(Plane::Ops),
-        BackwardKernel::RowsInRegisters => false,
-        BackwardKernel::SplitDims => true,
+    let problem = BackwardProblem {
+        head_dim: d,
+        causal,
     };
-    let (cfg_q, cfg_kv) = backward_configs(d, causal, split);
+    crate::record::note(|| crate::record::Planned::AttentionBackward(problem));
+    let BackwardPlan {
+        q: cfg_q,
+        kv: cfg_kv,
+    } = plan_backward(kernel, &problem, &DeviceProfile::of(client))?;
     let scale = (1.0 / (d as f64).sqrt()) as f32;
     let stats = || Tensor::<R, f32>::empty(client, &[b, h, s]);
     let (row_max, row_sum, delta) = (stats()?, stats()?, stats()?);
-    let (count_q, dim_q) = grid_1d(client, b * h * s * cfg_q.chunks);
-    let (count_kv, dim_kv) = grid_1d(client, b * h * s * cfg_kv.chunks);
+    let (count_q, dim_q) = grid_1d(client, b * h * s * cfg_q.splits);
+    let (count_kv, dim_kv) = grid_1d(client, b * h * s * cfg_kv.splits);
     // SAFETY: every view was bounds-checked when made and has the validated shape with unit
-    // stride over D; the kernels guard on B·H·S·chunks units and index only inside those
+    // stride over D; the kernels guard on B·H·S·splits units and index only inside those
     // shapes (a chunk's dims past D are skipped).
     unsafe {
         megabyte_kernels::attention::attention_backward_q::launch_unchecked::<E, R>(

@@ -39,20 +39,16 @@ fn copy_any<R: Runtime, T: Numeric + CubeElement>(
     }
     let rank = dst.shape.len();
     if rank == 0 || dst.shape.contains(&0) {
-        return Err(OpError::Empty {
-            op: OP,
-            tensor: "src",
-            shape: src.shape.clone(),
-        });
+        return Err(OpError::empty(OP, "src", src.shape.clone()));
     }
     for (name, view) in [("src", src), ("dst", dst)] {
         if view.strides[rank - 1] != 1 {
-            return Err(OpError::Unsupported {
-                op: OP,
-                what: "last-dimension stride",
-                value: view.strides[rank - 1],
-                reason: format!("`{name}` must be contiguous along its last dimension"),
-            });
+            return Err(OpError::unsupported(
+                OP,
+                "last-dimension stride",
+                view.strides[rank - 1],
+                format!("`{name}` must be contiguous along its last dimension"),
+            ));
         }
     }
     let (so, d_o) = (src.offset_u32(OP)?, dst.offset_u32(OP)?);

@@ -4,9 +4,10 @@ use cubecl::prelude::*;
 use cubecl::server::CubeCountSelection;
 use megabyte_kernels::cross_entropy::{tied_cross_entropy as ce_kernel, CrossEntropyConfig};
 
-use crate::device::{ensure_dtype, vector_size_for};
+use crate::device::ensure_dtype;
 use crate::element::FloatElement;
 use crate::error::OpError;
+use crate::profile::{DeviceProfile, Dtype};
 use crate::tensor::Tensor;
 
 const OP: &str = "cross_entropy";
@@ -18,6 +19,39 @@ const CE_ROWS: usize = 8;
 /// (f16/bf16 under CUDA's 128-bit loads) ptxas spilled about 1.5 KB per unit, with 178-319
 /// local-memory instructions inside its loops (sm_90, `cuda_codegen`); at 4 it does not.
 pub const MAX_VECTOR: usize = 4;
+
+/// A tied logits + cross-entropy call as its planner sees it: the row width D, the
+/// vocabulary V, whether the logits are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CrossEntropyProblem {
+    pub width: usize,
+    pub vocab: usize,
+    pub write_logits: bool,
+    pub dtype: Dtype,
+}
+
+/// The kernel's comptime shape and vector width.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CrossEntropyPlan {
+    pub cfg: CrossEntropyConfig,
+    pub vector: usize,
+}
+
+/// The planner: [`CE_ROWS`] rows per cube, one unit per vocabulary entry up to 64 (each then
+/// takes several), vectors along D up to [`MAX_VECTOR`].
+pub fn plan(problem: &CrossEntropyProblem, profile: &DeviceProfile) -> CrossEntropyPlan {
+    let vector = profile
+        .vector_for(problem.dtype, &[problem.width])
+        .min(MAX_VECTOR);
+    let units = problem.vocab.next_power_of_two().clamp(CE_ROWS, 64);
+    let cfg = CrossEntropyConfig {
+        units,
+        rows: CE_ROWS,
+        per_unit: problem.vocab.div_ceil(units),
+        write_logits: problem.write_logits,
+    };
+    CrossEntropyPlan { cfg, vector }
+}
 
 /// For each row r of x (rows, D): the logits `z = x[r] · tableᵀ` against the (V, D) embedding
 /// table, `lse[r] = log Σ exp z` and `loss[r] = lse[r] - z[targets[r]]` in nats (both f32,
@@ -48,11 +82,7 @@ pub fn tied_cross_entropy<R: Runtime, E: FloatElement>(
         } else {
             ("x", x.shape())
         };
-        return Err(OpError::Empty {
-            op: OP,
-            tensor: name,
-            shape: shape.to_vec(),
-        });
+        return Err(OpError::empty(OP, name, shape.to_vec()));
     }
     loss.expect_shape(OP, "loss", &[rows])?;
     lse.expect_shape(OP, "lse", &[rows])?;
@@ -60,14 +90,15 @@ pub fn tied_cross_entropy<R: Runtime, E: FloatElement>(
     if let Some(l) = logits {
         l.expect_shape(OP, "logits", &[rows, vocab])?;
     }
-    let vector = vector_size_for::<R, E>(client, &[d]).min(MAX_VECTOR);
-    let units = vocab.next_power_of_two().clamp(CE_ROWS, 64);
-    let cfg = CrossEntropyConfig {
-        units,
-        rows: CE_ROWS,
-        per_unit: vocab.div_ceil(units),
+    let problem = CrossEntropyProblem {
+        width: d,
+        vocab,
         write_logits: logits.is_some(),
+        dtype: E::DTYPE,
     };
+    crate::record::note(|| crate::record::Planned::CrossEntropy(problem));
+    let CrossEntropyPlan { cfg, vector } = plan(&problem, &DeviceProfile::of(client));
+    let units = cfg.units;
     let count = CubeCountSelection::new(client, rows.div_ceil(CE_ROWS) as u32).cube_count();
     // SAFETY: shapes checked above; `vector` divides D; cubes wholly past the end skip every
     // barrier together, rows and vocabulary entries past the end are clamped on reads and
@@ -93,11 +124,7 @@ pub fn tied_cross_entropy<R: Runtime, E: FloatElement>(
 /// The mean of per-position losses (nats), read back and summed in f64, in bits per byte.
 pub fn bits_per_byte<R: Runtime>(loss: &Tensor<R, f32>) -> Result<f64, OpError> {
     if loss.is_empty() {
-        return Err(OpError::Empty {
-            op: OP,
-            tensor: "loss",
-            shape: loss.shape().to_vec(),
-        });
+        return Err(OpError::empty(OP, "loss", loss.shape().to_vec()));
     }
     let values = loss.to_f32_vec()?;
     let nats = values.iter().map(|&v| v as f64).sum::<f64>() / values.len() as f64;

@@ -88,20 +88,14 @@ impl<R: Runtime, E: FloatElement> PackedStack<R, E> {
         heads: usize,
         final_norm: Option<(&Tensor<R, E>, &Tensor<R, E>)>,
     ) -> Result<Self, OpError> {
-        let first = blocks.first().ok_or(OpError::Empty {
-            op: OP,
-            tensor: "blocks",
-            shape: vec![0],
-        })?;
+        let first = blocks
+            .first()
+            .ok_or(OpError::empty(OP, "blocks", vec![0]))?;
         let client = first.ln1.0.client();
         let c = first.ln1.0.shape().first().copied().unwrap_or(0);
         let hidden = first.fc1.1.shape().first().copied().unwrap_or(0);
         if c == 0 || hidden == 0 {
-            return Err(OpError::Empty {
-                op: OP,
-                tensor: "blocks",
-                shape: vec![c, hidden],
-            });
+            return Err(OpError::empty(OP, "blocks", vec![c, hidden]));
         }
         let off = LayerOffsets::new(c, hidden);
         let weights = Tensor::<R, E>::empty(client, &[blocks.len() * off.len])?;
@@ -261,11 +255,7 @@ pub fn plan(problem: &DecodeProblem, profile: &DeviceProfile) -> Result<DecodeCo
         reason,
     };
     if width == 0 || hidden == 0 || layers == 0 {
-        return Err(OpError::Empty {
-            op: OP,
-            tensor: "stack",
-            shape: vec![layers, width, hidden],
-        });
+        return Err(OpError::empty(OP, "stack", vec![layers, width, hidden]));
     }
     if heads == 0 || !width.is_multiple_of(heads) {
         return Err(unsupported(
@@ -421,15 +411,10 @@ pub fn plan_launches(
         }
         if end == begin {
             let need = loop_trips(cfg, keys, 1, vocab, begin == 0, begin + 1 == layers);
-            return Err(OpError::Unsupported {
-                op: OP,
-                what: "keys",
-                value: keys,
-                reason: format!(
+            return Err(OpError::unsupported(OP, "keys", keys, format!(
                     "one layer of width {} at this many keys runs {need} loop iterations per unit, over the {LOOP_TRIPS_PER_LAUNCH} one launch may run; use the unfused blocks",
                     cfg.width
-                ),
-            });
+                )));
         }
         launches.push(begin..end);
         begin = end;
@@ -526,12 +511,12 @@ pub fn decode_stack<R: Runtime, E: FloatElement>(
     k_cache.expect_shape(OP, "k_cache", &[layers, b, cap, c])?;
     v_cache.expect_shape(OP, "v_cache", &[layers, b, cap, c])?;
     if pos >= cap {
-        return Err(OpError::Unsupported {
-            op: OP,
-            what: "pos",
-            value: pos,
-            reason: format!("the cache holds {cap} positions"),
-        });
+        return Err(OpError::unsupported(
+            OP,
+            "pos",
+            pos,
+            format!("the cache holds {cap} positions"),
+        ));
     }
     // Placeholders for the tensors a disabled stage would read: any tensor of E (u32 for ids).
     let ph = &stack.ln_f;
@@ -587,14 +572,12 @@ pub fn decode_stack<R: Runtime, E: FloatElement>(
             let t = x.positions.shape().first().copied().unwrap_or(0);
             x.positions.expect_shape(OP, "positions", &[t, d])?;
             if x.first_byte + patch > t {
-                return Err(OpError::Unsupported {
-                    op: OP,
-                    what: "first_byte",
-                    value: x.first_byte,
-                    reason: format!(
-                        "the patch of {patch} bytes needs positions past the {t} given"
-                    ),
-                });
+                return Err(OpError::unsupported(
+                    OP,
+                    "first_byte",
+                    x.first_byte,
+                    format!("the patch of {patch} bytes needs positions past the {t} given"),
+                ));
             }
             x.ids.expect_shape(OP, "ids", &[b, patch])?;
             cfg.input = input::PATCH;
@@ -628,44 +611,55 @@ pub fn decode_stack<R: Runtime, E: FloatElement>(
         } => {
             check_head(table, logits)?;
             if cfg.input != input::LOCAL {
-                return Err(OpError::Unsupported {
-                    op: OP,
-                    what: "argmax output without a local input",
-                    value: 0,
-                    reason: "the argmax is written into the local input's patch bytes".into(),
-                });
+                return Err(OpError::unsupported(
+                    OP,
+                    "argmax output without a local input",
+                    0,
+                    "the argmax is written into the local input's patch bytes",
+                ));
             }
             let g = generated.shape().get(1).copied().unwrap_or(0);
             generated.expect_shape(OP, "generated", &[b, g])?;
             if *at >= g {
-                return Err(OpError::Unsupported {
-                    op: OP,
-                    what: "at",
-                    value: *at,
-                    reason: format!("`generated` holds {g} bytes per row"),
-                });
+                return Err(OpError::unsupported(
+                    OP,
+                    "at",
+                    *at,
+                    format!("`generated` holds {g} bytes per row"),
+                ));
             }
             cfg.output = output::ARGMAX;
             (*table, *logits, *generated, *at)
         }
     };
     if cfg.output != output::ROW && !stack.has_ln_f {
-        return Err(OpError::Unsupported {
-            op: OP,
-            what: "final LayerNorm",
-            value: 0,
-            reason: "the stack was packed without one; the output needs it".into(),
-        });
+        return Err(OpError::unsupported(
+            OP,
+            "final LayerNorm",
+            0,
+            "the stack was packed without one; the output needs it",
+        ));
     }
     cfg.activation = act.id();
     let scale = 1.0 / ((c / stack.heads) as f32).sqrt();
-    let cubes = u32::try_from(b).map_err(|_| OpError::Unsupported {
-        op: OP,
-        what: "batch",
-        value: b,
-        reason: "more rows than a launch has cubes".into(),
-    })?;
+    let cubes = u32::try_from(b)
+        .map_err(|_| OpError::unsupported(OP, "batch", b, "more rows than a launch has cubes"))?;
     let vocab = table.shape().first().copied().unwrap_or(0);
+    crate::record::note(|| {
+        let problem = DecodeProblem {
+            width: c,
+            hidden: stack.hidden,
+            heads: stack.heads,
+            layers,
+            dtype: E::DTYPE,
+        };
+        crate::record::Planned::Decode {
+            problem,
+            step: cfg,
+            keys: pos + 1,
+            vocab,
+        }
+    });
     let launches = plan_launches(&cfg, pos + 1, layers, vocab)?;
     let last = launches.len() - 1;
     for (i, range) in launches.into_iter().enumerate() {

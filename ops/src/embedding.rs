@@ -53,11 +53,13 @@ pub fn embedding_backward<R: Runtime, E: FloatElement>(
         let vocab = u32::try_from(out.shape()[0])
             .ok()
             .filter(|&v| v <= max_cubes)
-            .ok_or_else(|| OpError::Unsupported {
-                op: OP,
-                what: "table rows",
-                value: out.shape()[0],
-                reason: format!("one cube per row; the device launches at most {max_cubes}"),
+            .ok_or_else(|| {
+                OpError::unsupported(
+                    OP,
+                    "table rows",
+                    out.shape()[0],
+                    format!("one cube per row; the device launches at most {max_cubes}"),
+                )
             })?;
         // SAFETY: views were bounds-checked when made; one cube per row of out, columns
         // guarded by D, rows and ids read only inside their shapes; every unit reaches every

@@ -62,6 +62,26 @@ pub enum OpError {
 }
 
 impl OpError {
+    /// `op` does not take `what = value`, for `reason`.
+    pub fn unsupported(
+        op: &'static str,
+        what: &'static str,
+        value: usize,
+        reason: impl Into<String>,
+    ) -> Self {
+        OpError::Unsupported {
+            op,
+            what,
+            value,
+            reason: reason.into(),
+        }
+    }
+
+    /// `tensor` of `op` has no elements.
+    pub fn empty(op: &'static str, tensor: &'static str, shape: Vec<usize>) -> Self {
+        OpError::Empty { op, tensor, shape }
+    }
+
     /// `tensor` of `op` has shape `got` where `expected` was wanted.
     pub fn shape(
         op: &'static str,

@@ -7,7 +7,6 @@
 //! (and the residual, when given) is a contiguous (M, N) or (batch, M, N) tensor; the bias is
 //! (N). Accumulation and the epilogue run in f32; the result is rounded once to E.
 
-use cubecl::ir::features::Plane;
 use cubecl::prelude::*;
 use megabyte_kernels::activation::ActivationKind;
 use megabyte_kernels::gemm::{
@@ -18,6 +17,7 @@ use megabyte_kernels::gemm::{
 use crate::device::{ensure_dtype, grid_1d};
 use crate::element::FloatElement;
 use crate::error::OpError;
+use crate::profile::{DeviceProfile, Dtype};
 use crate::tensor::{Tensor, TensorView};
 
 const OP: &str = "gemm";
@@ -75,7 +75,7 @@ impl<'a, R: Runtime, E> Epilogue<'a, R, E> {
 }
 
 /// The shape of a GEMM call, independent of data.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct GemmProblem {
     pub batch: usize,
     pub m: usize,
@@ -120,11 +120,7 @@ fn check_operands<R: Runtime, E>(
             return Err(OpError::shape(OP, name, &t.shape, vec![0; 2]));
         }
         if t.shape.contains(&0) {
-            return Err(OpError::Empty {
-                op: OP,
-                tensor: name,
-                shape: t.shape.clone(),
-            });
+            return Err(OpError::empty(OP, name, t.shape.clone()));
         }
     }
     let (ra, rb) = (a.shape.len(), b.shape.len());
@@ -151,33 +147,139 @@ fn check_operands<R: Runtime, E>(
     Ok((GemmProblem { batch, m, n, k }, out_shape))
 }
 
-/// The grid and cube shape for a planned GEMM: (N blocks, M blocks × batch over y and z).
-pub(crate) fn geometry<R: Runtime>(
-    client: &ComputeClient<R>,
-    p: &GemmProblem,
-    cfg: &GemmConfig,
-) -> Result<(CubeCount, CubeDim), OpError> {
-    let smem = cfg.shared_words() * 4;
-    let max_smem = client.properties().hardware.max_shared_memory_size;
-    if smem > max_smem {
-        return Err(OpError::Unsupported {
-            op: OP,
-            what: "shared memory bytes",
-            value: smem,
-            reason: format!("the device allows {max_smem} per cube"),
-        });
+/// One operand of a GEMM call as the planner sees it: element strides (batch, rows, cols; a
+/// broadcast batch has stride 0) and the element offset of its first element.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct OperandLayout {
+    pub strides: [usize; 3],
+    pub offset: usize,
+}
+
+impl OperandLayout {
+    /// A contiguous (rows, cols) matrix, broadcast over the batch.
+    pub fn row_major(cols: usize) -> Self {
+        OperandLayout {
+            strides: [0, cols, 1],
+            offset: 0,
+        }
     }
-    let count = grid(p, cfg.block_m, cfg.block_n)?;
-    let dim = CubeDim::new_2d(
-        (cfg.block_n / cfg.tile_n) as u32,
-        (cfg.block_m / cfg.tile_m) as u32,
-    );
-    Ok((count, dim))
+
+    /// The transpose of a contiguous (cols, rows) matrix, broadcast over the batch.
+    pub fn transposed(rows: usize) -> Self {
+        OperandLayout {
+            strides: [0, 1, rows],
+            offset: 0,
+        }
+    }
+
+    fn of<R: Runtime, E>(v: &TensorView<R, E>) -> Self {
+        OperandLayout {
+            strides: [v.strides[0], v.strides[1], v.strides[2]],
+            offset: v.offset,
+        }
+    }
+}
+
+/// A GEMM call as its planner sees it: the problem, the element type, each operand's layout and
+/// which epilogue stages run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GemmCall {
+    pub problem: GemmProblem,
+    pub dtype: Dtype,
+    pub a: OperandLayout,
+    pub b: OperandLayout,
+    pub bias: bool,
+    pub activation: Option<ActivationKind>,
+    pub residual: bool,
+}
+
+/// The main loop a GEMM runs, with its comptime shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GemmPlan {
+    /// The shared-memory tiled kernel, or (`registers`) the one streaming from global memory.
+    Tiled(GemmConfig),
+    /// Tensor-core fragments (or their plain-loop twin, `emulated`).
+    Cmma(CmmaConfig),
+}
+
+impl GemmPlan {
+    /// Output rows and columns per cube.
+    pub fn block(&self) -> (usize, usize) {
+        match self {
+            GemmPlan::Tiled(c) => (c.block_m, c.block_n),
+            GemmPlan::Cmma(c) => (c.block_m, c.block_n),
+        }
+    }
+
+    /// Units per cube.
+    pub fn cube_dim(&self) -> CubeDim {
+        match self {
+            GemmPlan::Tiled(c) => {
+                CubeDim::new_2d((c.block_n / c.tile_n) as u32, (c.block_m / c.tile_m) as u32)
+            }
+            GemmPlan::Cmma(c) => {
+                CubeDim::new_2d(c.plane_size as u32, (c.planes_m * c.planes_n) as u32)
+            }
+        }
+    }
+
+    /// A short name for tables: kernel, block, unit tile or planes, vectors, epilogue.
+    pub fn name(&self) -> String {
+        let epi = |bias: bool, act: Option<ActivationKind>, res: bool| {
+            let mut s = String::new();
+            if bias {
+                s.push_str("_bias");
+            }
+            if let Some(a) = act {
+                s.push_str(&format!("_{a:?}").to_lowercase());
+            }
+            if res {
+                s.push_str("_residual");
+            }
+            s
+        };
+        let along = |k: bool| if k { "k" } else { "mn" };
+        match self {
+            GemmPlan::Tiled(c) => format!(
+                "gemm{}_{}x{}x{}_{}x{}_a{}{}_b{}{}_o{}{}",
+                if c.registers { "_registers" } else { "" },
+                c.block_m,
+                c.block_n,
+                c.block_k,
+                c.tile_m,
+                c.tile_n,
+                c.vector_a,
+                along(c.a_along_k),
+                c.vector_b,
+                along(c.b_along_k),
+                c.vector_out,
+                epi(c.bias, c.activation, c.residual)
+            ),
+            GemmPlan::Cmma(c) => format!(
+                "gemm_cmma{}_{}x{}x{}_{}x{}planes_a{}{}_b{}{}_o{}{}",
+                if c.emulated { "_emulated" } else { "" },
+                c.block_m,
+                c.block_n,
+                c.block_k,
+                c.planes_m,
+                c.planes_n,
+                c.vector_a,
+                along(c.a_along_k),
+                c.vector_b,
+                along(c.b_along_k),
+                c.vector_out,
+                epi(c.bias, c.activation, c.residual)
+            ),
+        }
+    }
 }
 
 /// The grid of a GEMM with `block_m × block_n` blocks: (N blocks, M blocks × batch over y and
 /// z).
-fn grid(p: &GemmProblem, block_m: usize, block_n: usize) -> Result<CubeCount, OpError> {
+pub(crate) fn grid(
+    p: &GemmProblem,
+    (block_m, block_n): (usize, usize),
+) -> Result<CubeCount, OpError> {
     let yz = p.m.div_ceil(block_m) * p.batch;
     let (y, z) = if yz <= MAX_GRID {
         (yz, 1)
@@ -185,12 +287,12 @@ fn grid(p: &GemmProblem, block_m: usize, block_n: usize) -> Result<CubeCount, Op
         (MAX_GRID, yz.div_ceil(MAX_GRID))
     };
     if z > MAX_GRID {
-        return Err(OpError::Unsupported {
-            op: OP,
-            what: "row blocks × batch",
-            value: yz,
-            reason: format!("at most {} fit in one launch", MAX_GRID * MAX_GRID),
-        });
+        return Err(OpError::unsupported(
+            OP,
+            "row blocks × batch",
+            yz,
+            format!("at most {} fit in one launch", MAX_GRID * MAX_GRID),
+        ));
     }
     let nb = p.n.div_ceil(block_n);
     Ok(CubeCount::Static(nb as u32, y as u32, z as u32))
@@ -199,14 +301,8 @@ fn grid(p: &GemmProblem, block_m: usize, block_n: usize) -> Result<CubeCount, Op
 /// Most cubes along one grid dimension (the WebGPU and CUDA y/z limit).
 const MAX_GRID: usize = 65_535;
 
-/// Picks the widest device vector width dividing everything a vectorised operand needs.
-fn widest<R: Runtime, E: FloatElement>(client: &ComputeClient<R>, lengths: &[usize]) -> usize {
-    client
-        .io_optimized_vector_sizes(std::mem::size_of::<E>())
-        .filter(|&v| v <= 4)
-        .find(|&v| lengths.iter().all(|&n| n % v == 0))
-        .unwrap_or(1)
-}
+/// The widest vector the GEMM kernels load: 4 (their register tiles are sized for it).
+pub const MAX_VECTOR: usize = 4;
 
 /// Vector widths of a GEMM's loads and stores, and the direction of each operand's vectors.
 struct OperandVectors {
@@ -219,27 +315,30 @@ struct OperandVectors {
 
 /// Vectors along each operand's unit-stride dimension, when lengths, strides and offset all
 /// divide; otherwise scalar loads. The output's vectors run along N.
-fn operand_vectors<R: Runtime, E: FloatElement>(
-    client: &ComputeClient<R>,
-    p: &GemmProblem,
-    a: &TensorView<R, E>,
-    b: &TensorView<R, E>,
-) -> OperandVectors {
-    let sa = &a.strides;
+fn operand_vectors(call: &GemmCall, profile: &DeviceProfile) -> OperandVectors {
+    let p = &call.problem;
+    let widest = |lengths: &[usize]| {
+        profile
+            .vector_sizes(call.dtype)
+            .filter(|&v| v <= MAX_VECTOR)
+            .find(|&v| lengths.iter().all(|&n| n % v == 0))
+            .unwrap_or(1)
+    };
+    let (sa, oa) = (&call.a.strides, call.a.offset);
     let a_along_k = sa[1] != 1 || sa[2] == 1;
     let va = if a_along_k && sa[2] == 1 {
-        widest::<R, E>(client, &[p.k, sa[1], sa[0], a.offset])
+        widest(&[p.k, sa[1], sa[0], oa])
     } else if !a_along_k {
-        widest::<R, E>(client, &[p.m, sa[2], sa[0], a.offset])
+        widest(&[p.m, sa[2], sa[0], oa])
     } else {
         1
     };
-    let sb = &b.strides;
+    let (sb, ob) = (&call.b.strides, call.b.offset);
     let b_along_k = sb[2] != 1 && sb[1] == 1;
     let vb = if b_along_k {
-        widest::<R, E>(client, &[p.k, sb[2], sb[0], b.offset])
+        widest(&[p.k, sb[2], sb[0], ob])
     } else if sb[2] == 1 {
-        widest::<R, E>(client, &[p.n, sb[1], sb[0], b.offset])
+        widest(&[p.n, sb[1], sb[0], ob])
     } else {
         1
     };
@@ -248,7 +347,7 @@ fn operand_vectors<R: Runtime, E: FloatElement>(
         a_along_k,
         b: vb,
         b_along_k,
-        out: widest::<R, E>(client, &[p.n]),
+        out: widest(&[p.n]),
     }
 }
 
@@ -277,51 +376,75 @@ pub enum GemmKernel {
 /// Cubes below which `Registers` shrinks its blocks (a handful per CPU thread is too few).
 const MIN_CUBES: usize = 16;
 
-/// Chooses the kernel, its tiles and the operands' vector widths.
-pub(crate) fn plan<R: Runtime, E: FloatElement>(
-    client: &ComputeClient<R>,
+fn shared_memory_error(bytes: usize, profile: &DeviceProfile) -> OpError {
+    OpError::unsupported(
+        OP,
+        "shared memory bytes",
+        bytes,
+        format!(
+            "the device allows {} per cube",
+            profile.hardware.max_shared_memory_size
+        ),
+    )
+}
+
+/// The plan of a GEMM call on a device: `Auto` takes tensor cores where the profile has them
+/// for the call's dtype (see [`GemmKernel`]). Errors name what the device or the call lacks.
+pub fn plan(
     kind: GemmKernel,
-    p: &GemmProblem,
-    a: &TensorView<R, E>,
-    b: &TensorView<R, E>,
-    epi: &Epilogue<R, E>,
+    call: &GemmCall,
+    profile: &DeviceProfile,
+) -> Result<GemmPlan, OpError> {
+    let plan = match kind {
+        GemmKernel::Auto if profile.cmma(call.dtype) => {
+            GemmPlan::Cmma(plan_cmma(call, profile, false)?)
+        }
+        GemmKernel::Cmma => GemmPlan::Cmma(plan_cmma(call, profile, false)?),
+        GemmKernel::CmmaEmulated => GemmPlan::Cmma(plan_cmma(call, profile, true)?),
+        other => GemmPlan::Tiled(plan_tiled(other, call, profile)?),
+    };
+    grid(&call.problem, plan.block())?;
+    Ok(plan)
+}
+
+/// The shared-memory or registers kernel's tiles and vector widths; what the gathering
+/// global-to-local GEMM (`local_input`), which has no CMMA form, runs.
+pub fn plan_tiled(
+    kind: GemmKernel,
+    call: &GemmCall,
+    profile: &DeviceProfile,
 ) -> Result<GemmConfig, OpError> {
-    let (sa, sb) = (&a.strides, &b.strides);
+    let p = &call.problem;
+    let (sa, sb) = (&call.a.strides, &call.b.strides);
     let row_major = sa[2] == 1 && sb[2] == 1;
     let kind = match kind {
-        GemmKernel::Auto
-            if row_major && !client.properties().features.plane.contains(Plane::Ops) =>
-        {
-            GemmKernel::Registers
-        }
+        GemmKernel::Auto if row_major && !profile.plane_ops => GemmKernel::Registers,
         GemmKernel::Auto => GemmKernel::Tiled,
         GemmKernel::Cmma | GemmKernel::CmmaEmulated => {
-            return Err(OpError::Unsupported {
-                op: OP,
-                what: "tensor-core fragment side",
-                value: FRAGMENT,
-                reason: format!(
+            return Err(OpError::unsupported(
+                OP,
+                "tensor-core fragment side",
+                FRAGMENT,
+                format!(
                     "{kind:?}: the gathering global-to-local GEMM has no CMMA form; use \
                      GemmKernel::Auto, Tiled or Registers"
                 ),
-            })
+            ))
         }
         GemmKernel::Registers if !row_major => {
-            return Err(OpError::Unsupported {
-                op: OP,
-                what: "operand column stride",
-                value: if sa[2] != 1 { sa[2] } else { sb[2] },
-                reason: "the registers GEMM needs `a` and `b` contiguous along their last dim; \
-                         use GemmKernel::Tiled"
-                    .into(),
-            })
+            return Err(OpError::unsupported(
+                OP,
+                "operand column stride",
+                if sa[2] != 1 { sa[2] } else { sb[2] },
+                "the registers GEMM needs `a` and `b` contiguous along their last dim; \
+                         use GemmKernel::Tiled",
+            ))
         }
         other => other,
     };
     let cubes = |bm: usize, bn: usize| p.m.div_ceil(bm) * p.n.div_ceil(bn) * p.batch;
     // Drivers that report no multiprocessor count (lavapipe) count as 8.
-    let sms = client
-        .properties()
+    let sms = profile
         .hardware
         .num_streaming_multiprocessors
         .map_or(8, |n| n as usize);
@@ -343,8 +466,7 @@ pub(crate) fn plan<R: Runtime, E: FloatElement>(
         _ if cubes(128, 64) < sms => (64, 64, 16, 8, 8),
         _ => (128, 64, 16, 16, 8),
     };
-
-    let v = operand_vectors(client, p, a, b);
+    let v = operand_vectors(call, profile);
     let cfg = GemmConfig {
         block_m,
         block_n,
@@ -356,48 +478,51 @@ pub(crate) fn plan<R: Runtime, E: FloatElement>(
         vector_b: v.b,
         b_along_k: v.b_along_k,
         vector_out: v.out,
-        bias: epi.bias.is_some(),
-        activation: epi.activation,
-        residual: epi.residual.is_some(),
+        bias: call.bias,
+        activation: call.activation,
+        residual: call.residual,
         registers: kind == GemmKernel::Registers,
     };
     debug_assert!(cfg.is_valid(), "{cfg:?}");
+    let smem = cfg.shared_words() * 4;
+    if smem > profile.hardware.max_shared_memory_size {
+        return Err(shared_memory_error(smem, profile));
+    }
     Ok(cfg)
 }
+
 /// Units per plane the CMMA kernel is written for: a fragment is shared by one 32-lane warp.
 pub(crate) const CMMA_PLANE: usize = 32;
 
 /// True when the device multiplies 16 × 16 × 16 fragments of E with f32 accumulation in
 /// 32-unit planes (CUDA tensor cores for f16 and bf16).
 pub fn cmma_supported<R: Runtime, E: FloatElement>(client: &ComputeClient<R>) -> bool {
-    crate::profile::DeviceProfile::of(client).cmma(E::DTYPE)
+    DeviceProfile::of(client).cmma(E::DTYPE)
 }
 
 /// The CMMA kernel's tiles and vector widths (`emulated`: the plain-loop fragments).
-fn plan_cmma<R: Runtime, E: FloatElement>(
-    client: &ComputeClient<R>,
-    p: &GemmProblem,
-    a: &TensorView<R, E>,
-    b: &TensorView<R, E>,
-    epi: &Epilogue<R, E>,
+fn plan_cmma(
+    call: &GemmCall,
+    profile: &DeviceProfile,
     emulated: bool,
 ) -> Result<CmmaConfig, OpError> {
-    if !emulated && !cmma_supported::<R, E>(client) {
-        return Err(OpError::Unsupported {
-            op: OP,
-            what: "tensor-core fragments for element bytes",
-            value: std::mem::size_of::<E>(),
-            reason: format!(
+    if !emulated && !profile.cmma(call.dtype) {
+        return Err(OpError::unsupported(
+            OP,
+            "tensor-core fragments for element bytes",
+            call.dtype.bytes(),
+            format!(
                 "this device lists no 16x16x16 {} CMMA with f32 accumulation in 32-unit planes; \
                  use GemmKernel::Auto",
-                E::NAME
+                call.dtype.name()
             ),
-        });
+        ));
     }
+    let p = &call.problem;
     // Few rows (generation): one plane-row of fragments; otherwise 2 × 2 planes of 32 × 32.
     let (block_m, planes_m) = if p.m <= FRAGMENT { (16, 1) } else { (64, 2) };
     let (block_n, planes_n) = if p.m <= FRAGMENT { (64, 4) } else { (64, 2) };
-    let v = operand_vectors(client, p, a, b);
+    let v = operand_vectors(call, profile);
     let mut cfg = CmmaConfig {
         block_m,
         block_n,
@@ -410,23 +535,18 @@ fn plan_cmma<R: Runtime, E: FloatElement>(
         vector_b: v.b,
         b_along_k: v.b_along_k,
         vector_out: v.out,
-        bias: epi.bias.is_some(),
-        activation: epi.activation,
-        residual: epi.residual.is_some(),
+        bias: call.bias,
+        activation: call.activation,
+        residual: call.residual,
         emulated,
     };
-    let max_smem = client.properties().hardware.max_shared_memory_size;
-    if cfg.shared_bytes(std::mem::size_of::<E>()) > max_smem {
+    let max_smem = profile.hardware.max_shared_memory_size;
+    if cfg.shared_bytes(call.dtype.bytes()) > max_smem {
         cfg.block_k = FRAGMENT;
     }
-    let smem = cfg.shared_bytes(std::mem::size_of::<E>());
+    let smem = cfg.shared_bytes(call.dtype.bytes());
     if smem > max_smem {
-        return Err(OpError::Unsupported {
-            op: OP,
-            what: "shared memory bytes",
-            value: smem,
-            reason: format!("the device allows {max_smem} per cube"),
-        });
+        return Err(shared_memory_error(smem, profile));
     }
     debug_assert!(cfg.is_valid(), "{cfg:?}");
     Ok(cfg)
@@ -465,19 +585,27 @@ pub fn gemm_with<R: Runtime, E: FloatElement>(
     let b3 = operand(b, p.batch);
     let out_view = out.view();
     let out3 = operand(&out_view, p.batch);
-    let kind = match kind {
-        GemmKernel::Auto if cmma_supported::<R, E>(client) => GemmKernel::Cmma,
-        other => other,
+    let call = GemmCall {
+        problem: p,
+        dtype: E::DTYPE,
+        a: OperandLayout::of(&a3),
+        b: OperandLayout::of(&b3),
+        bias: epilogue.bias.is_some(),
+        activation: epilogue.activation,
+        residual: epilogue.residual.is_some(),
     };
-    if matches!(kind, GemmKernel::Cmma | GemmKernel::CmmaEmulated) {
-        let emulated = kind == GemmKernel::CmmaEmulated;
-        let cfg = plan_cmma(client, &p, &a3, &b3, epilogue, emulated)?;
-        let count = grid(&p, cfg.block_m, cfg.block_n)?;
-        let dim = CubeDim::new_2d(cfg.plane_size as u32, (cfg.planes_m * cfg.planes_n) as u32);
+    crate::record::note(|| crate::record::Planned::Gemm(call));
+    let plan = plan(kind, &call, &DeviceProfile::of(client))?;
+    let (count, dim) = (grid(&p, plan.block())?, plan.cube_dim());
+    let (bias, residual) = (
+        epilogue.bias.unwrap_or(out).arg(),
+        epilogue.residual.map_or_else(|| out3.arg(), |r| r.arg()),
+    );
+    match plan {
         // SAFETY: as for the tiled kernel below; in addition every fragment's shared-memory
         // rows lie inside the tiles (`CmmaConfig::is_valid`) and the device has the fragment
         // shape (`plan_cmma` checks, unless emulated).
-        unsafe {
+        GemmPlan::Cmma(cfg) => unsafe {
             cmma_kernel::launch_unchecked::<E, R>(
                 client,
                 count,
@@ -487,42 +615,39 @@ pub fn gemm_with<R: Runtime, E: FloatElement>(
                 cfg.vector_out,
                 a3.arg(),
                 b3.arg(),
-                epilogue.bias.unwrap_or(out).arg(),
-                epilogue.residual.map_or_else(|| out3.arg(), |r| r.arg()),
+                bias,
+                residual,
                 out3.arg(),
                 a3.offset,
                 b3.offset,
                 epilogue.scale,
                 cfg,
             );
-        }
-        return Ok(());
-    }
-    let cfg = plan(client, kind, &p, &a3, &b3, epilogue)?;
-    let (count, dim) = geometry(client, &p, &cfg)?;
-    // SAFETY: operands were shape-checked and their views bounds-checked when made; vector
-    // widths divide every length, stride and offset they step over (see `plan`); loads outside
-    // (M, N, K) are masked in the kernel and stores outside (M, N) skipped; every unit of a cube
-    // reaches every barrier.
-    unsafe {
-        gemm_kernel::launch_unchecked::<E, R>(
-            client,
-            count,
-            dim,
-            cfg.vector_a,
-            cfg.vector_b,
-            cfg.vector_out,
-            STAGE_VECTOR,
-            a3.arg(),
-            b3.arg(),
-            epilogue.bias.unwrap_or(out).arg(),
-            epilogue.residual.map_or_else(|| out3.arg(), |r| r.arg()),
-            out3.arg(),
-            a3.offset,
-            b3.offset,
-            epilogue.scale,
-            cfg,
-        );
+        },
+        // SAFETY: operands were shape-checked and their views bounds-checked when made; vector
+        // widths divide every length, stride and offset they step over (see `plan`); loads
+        // outside (M, N, K) are masked in the kernel and stores outside (M, N) skipped; every
+        // unit of a cube reaches every barrier.
+        GemmPlan::Tiled(cfg) => unsafe {
+            gemm_kernel::launch_unchecked::<E, R>(
+                client,
+                count,
+                dim,
+                cfg.vector_a,
+                cfg.vector_b,
+                cfg.vector_out,
+                STAGE_VECTOR,
+                a3.arg(),
+                b3.arg(),
+                bias,
+                residual,
+                out3.arg(),
+                a3.offset,
+                b3.offset,
+                epilogue.scale,
+                cfg,
+            );
+        },
     }
     Ok(())
 }

@@ -7,6 +7,7 @@ use megabyte_kernels::layer_norm::{layer_norm as layer_norm_kernel, LayerNormCon
 use crate::device::{ensure_dtype, vector_size_for};
 use crate::element::FloatElement;
 use crate::error::OpError;
+use crate::profile::{DeviceProfile, Dtype};
 use crate::tensor::Tensor;
 
 const OP: &str = "layer_norm";
@@ -44,6 +45,39 @@ pub fn add_layer_norm<R: Runtime, E: FloatElement>(
     launch(input, Some((residual, sum)), weight, bias, out, mean, rstd)
 }
 
+/// A LayerNorm forward as its planner sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LayerNormProblem {
+    pub rows: usize,
+    pub width: usize,
+    /// The fused residual add ([`add_layer_norm`]).
+    pub residual: bool,
+    pub dtype: Dtype,
+}
+
+/// The LayerNorm kernel's comptime shape and vector width.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LayerNormPlan {
+    pub cfg: LayerNormConfig,
+    pub vector: usize,
+}
+
+/// The planner of the LayerNorm forward: vectors along the row, enough units per row to cover
+/// it in a few strides (at most 128), and as many rows per cube as fill 256 units, however few
+/// rows there are (the kernel masks rows past the end): the plan depends on the width alone,
+/// so a GPU compiles one kernel per width, not one per batch size.
+pub fn plan(problem: &LayerNormProblem, profile: &DeviceProfile) -> LayerNormPlan {
+    let vector = profile.vector_for(problem.dtype, &[problem.width]);
+    let units = (problem.width / vector).next_power_of_two().clamp(1, 128);
+    let rows = (256 / units).max(1);
+    let cfg = LayerNormConfig {
+        units,
+        rows,
+        residual: problem.residual,
+    };
+    LayerNormPlan { cfg, vector }
+}
+
 fn launch<R: Runtime, E: FloatElement>(
     input: &Tensor<R, E>,
     residual: Option<(&Tensor<R, E>, &Tensor<R, E>)>,
@@ -60,11 +94,7 @@ fn launch<R: Runtime, E: FloatElement>(
     }
     let (rows, width) = (input.shape()[0], input.shape()[1]);
     if rows == 0 || width == 0 {
-        return Err(OpError::Empty {
-            op: OP,
-            tensor: "input",
-            shape: input.shape().to_vec(),
-        });
+        return Err(OpError::empty(OP, "input", input.shape().to_vec()));
     }
     for (name, t, expected) in [
         ("weight", weight, vec![width]),
@@ -77,15 +107,15 @@ fn launch<R: Runtime, E: FloatElement>(
     }
     mean.expect_shape(OP, "mean", &[rows])?;
     rstd.expect_shape(OP, "rstd", &[rows])?;
-    let vector = vector_size_for::<R, E>(client, &[width]);
-    // Enough units per row to cover it in a few strides, at most 256 per cube.
-    let units = (width / vector).next_power_of_two().clamp(1, 128);
-    let rows_per_cube = (256 / units).clamp(1, rows.next_power_of_two());
-    let cfg = LayerNormConfig {
-        units,
-        rows: rows_per_cube,
+    let problem = LayerNormProblem {
+        rows,
+        width,
         residual: residual.is_some(),
+        dtype: E::DTYPE,
     };
+    crate::record::note(|| crate::record::Planned::LayerNorm(problem));
+    let LayerNormPlan { cfg, vector } = plan(&problem, &DeviceProfile::of(client));
+    let (units, rows_per_cube) = (cfg.units, cfg.rows);
     let cubes = rows.div_ceil(rows_per_cube) as u32;
     // SAFETY: shapes validated above; rows past the end are masked in the kernel, `vector`
     // divides the row width, and every unit reaches every barrier.

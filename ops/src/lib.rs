@@ -23,6 +23,7 @@ pub mod local_input;
 pub mod optim;
 pub mod patch_embed;
 pub mod profile;
+pub mod record;
 pub mod reduce;
 pub mod tensor;
 

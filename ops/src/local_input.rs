@@ -8,7 +8,10 @@ use megabyte_kernels::local_input::local_input as local_input_kernel;
 use crate::device::ensure_dtype;
 use crate::element::FloatElement;
 use crate::error::OpError;
-use crate::gemm::{geometry, operand, plan, Epilogue, GemmKernel, GemmProblem};
+use crate::gemm::{
+    grid, operand, plan_tiled, GemmCall, GemmKernel, GemmPlan, GemmProblem, OperandLayout,
+};
+use crate::profile::DeviceProfile;
 use crate::tensor::{Tensor, TensorView};
 
 const OP: &str = "local_input";
@@ -63,15 +66,15 @@ pub fn local_input_with<R: Runtime, E: FloatElement>(
     let (k, width) = (g.shape()[1], g.shape()[2]);
     let p = width / dg.max(1);
     if [b, t, dg, dl, k, e_l.shape()[0]].contains(&0) {
-        return Err(OpError::Empty {
-            op: OP,
-            tensor: if b * t == 0 { "ids" } else { "g" },
-            shape: if b * t == 0 {
+        return Err(OpError::empty(
+            OP,
+            if b * t == 0 { "ids" } else { "g" },
+            if b * t == 0 {
                 ids.shape().to_vec()
             } else {
                 g.shape().to_vec()
             },
-        });
+        ));
     }
     if k * p != t {
         return Err(OpError::shape(
@@ -105,8 +108,19 @@ pub fn local_input_with<R: Runtime, E: FloatElement>(
     };
     let a3 = operand(&gv, 1);
     let b3 = operand(&w_gl.view(), 1);
-    let cfg = plan(client, kind, &problem, &a3, &b3, &Epilogue::none())?;
-    let (count, dim) = geometry(client, &problem, &cfg)?;
+    let call = GemmCall {
+        problem,
+        dtype: E::DTYPE,
+        a: OperandLayout::row_major(dg),
+        b: OperandLayout::row_major(dl),
+        bias: false,
+        activation: None,
+        residual: false,
+    };
+    crate::record::note(|| crate::record::Planned::LocalInput(call));
+    let cfg = plan_tiled(kind, &call, &DeviceProfile::of(client))?;
+    let plan = GemmPlan::Tiled(cfg);
+    let (count, dim) = (grid(&problem, plan.block())?, plan.cube_dim());
     let outv = TensorView {
         tensor: out,
         offset: 0,

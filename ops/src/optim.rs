@@ -33,12 +33,7 @@ pub fn adamw<R: Runtime>(
         x.expect_shape(OP, name, param.shape())?;
     }
     if t == 0 {
-        return Err(OpError::Unsupported {
-            op: OP,
-            what: "step",
-            value: 0,
-            reason: "steps count from 1".into(),
-        });
+        return Err(OpError::unsupported(OP, "step", 0, "steps count from 1"));
     }
     let n = param.len();
     if n == 0 {

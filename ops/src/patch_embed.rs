@@ -26,12 +26,12 @@ pub fn patch_embed<R: Runtime, E: FloatElement>(
 ) -> Result<(), OpError> {
     let t = ids.shape().get(1).copied().unwrap_or(0);
     if patch == 0 || t % patch != 0 {
-        return Err(OpError::Unsupported {
-            op: OP,
-            what: "sequence length",
-            value: t,
-            reason: format!("must be a multiple of the patch size {patch}"),
-        });
+        return Err(OpError::unsupported(
+            OP,
+            "sequence length",
+            t,
+            format!("must be a multiple of the patch size {patch}"),
+        ));
     }
     let b = ids.shape().first().copied().unwrap_or(0);
     let d = wte.shape().get(1).copied().unwrap_or(0);
@@ -73,19 +73,15 @@ pub fn patch_embed_window<R: Runtime, E: FloatElement>(
         } else {
             ("wte", wte.shape())
         };
-        return Err(OpError::Empty {
-            op: OP,
-            tensor: name,
-            shape: shape.to_vec(),
-        });
+        return Err(OpError::empty(OP, name, shape.to_vec()));
     }
     if patch == 0 {
-        return Err(OpError::Unsupported {
-            op: OP,
-            what: "patch",
-            value: patch,
-            reason: "must be at least 1".into(),
-        });
+        return Err(OpError::unsupported(
+            OP,
+            "patch",
+            patch,
+            "must be at least 1",
+        ));
     }
     if out.shape().len() != 3 || out.shape()[0] != b || out.shape()[2] != patch * d {
         return Err(OpError::shape(
@@ -97,26 +93,17 @@ pub fn patch_embed_window<R: Runtime, E: FloatElement>(
     }
     let k_len = out.shape()[1];
     if k_len == 0 {
-        return Err(OpError::Empty {
-            op: OP,
-            tensor: "out",
-            shape: out.shape().to_vec(),
-        });
+        return Err(OpError::empty(OP, "out", out.shape().to_vec()));
     }
     // Bytes the patches read: (first - 1)·P .. (first + K' - 1)·P, none for the pad patch.
     let first_byte = first_patch.saturating_sub(1) * patch;
     let end_byte = (first_patch + k_len).saturating_sub(1) * patch;
     if end_byte > first_byte && (ids_start > first_byte || ids_start + t < end_byte) {
-        return Err(OpError::Unsupported {
-            op: OP,
-            what: "ids start",
-            value: ids_start,
-            reason: format!(
+        return Err(OpError::unsupported(OP, "ids start", ids_start, format!(
                 "ids cover bytes {ids_start}..{}, patches {first_patch}..{} need {first_byte}..{end_byte}",
                 ids_start + t,
                 first_patch + k_len
-            ),
-        });
+            )));
     }
     if wpe.shape().len() != 2 || wpe.shape()[1] != d || wpe.shape()[0] < end_byte {
         return Err(OpError::shape(OP, "wpe", wpe.shape(), vec![end_byte, d]));

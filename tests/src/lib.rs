@@ -11,6 +11,7 @@
 //! infinity where the reference is finite always fails.
 
 pub mod naive_model;
+pub mod plans;
 
 use cubecl::prelude::*;
 use megabyte_ops::{try_client, FloatElement};

@@ -23,16 +23,15 @@ use cubecl::cuda::CudaCompiler;
 use cubecl::prelude::*;
 use cubecl::wgpu::WgpuRuntime;
 use megabyte_kernels::activation::ActivationKind;
-use megabyte_kernels::cross_entropy::CrossEntropyConfig;
 use megabyte_kernels::decode::DecodeConfig;
-use megabyte_kernels::gemm::{CmmaConfig, GemmConfig};
-use megabyte_kernels::layer_norm::LayerNormConfig;
-use megabyte_ops::attention::{
-    backward_configs, AttentionCall, AttentionKernel, AttentionPlan, AttentionProblem,
-};
-use megabyte_ops::decode::DecodeProblem;
+use megabyte_kernels::gemm::GemmConfig;
+use megabyte_ops::attention::{AttentionPlan, BackwardPlan};
+use megabyte_ops::cross_entropy::CrossEntropyPlan;
+use megabyte_ops::gemm::GemmPlan;
+use megabyte_ops::layer_norm::LayerNormPlan;
 use megabyte_ops::{DeviceProfile, Dtype};
 use megabyte_tests::in_ci;
+use megabyte_tests::plans::{self, distinct, Planned};
 
 type W = WgpuRuntime;
 
@@ -83,764 +82,300 @@ fn type_tag<E>() -> String {
     name.rsplit("::").next().unwrap_or(name).to_string()
 }
 
-fn elementwise<E: Float + CubeElement>(c: &ComputeClient<W>, out: &mut Vec<Variant>) {
+/// Pushes the variant `$name` of kernel type `$kernel` (its launch's compilation arguments
+/// after the cube size and the client, in order); `$main` holds it to the loop rule.
+macro_rules! variant {
+    ($out:expr, $name:expr, $main:expr, $kernel:ty, $dim:expr, $c:expr; $($arg:expr),* $(,)?) => {
+        $out.push(Variant {
+            name: $name,
+            main: $main,
+            def: <$kernel>::new(settings($dim), $c.clone(), $($arg),*).define(),
+        })
+    };
+}
+
+/// The element-wise kernels at the vector width the launchers pick on sm_90 for the preset
+/// widths (all multiples of 64): 8 for f16/bf16 under 128-bit loads, 4 for f32; LayerNorm and
+/// the tied logits + cross-entropy as their planners plan every preset's shapes.
+fn elementwise<E: Float + CubeElement>(
+    c: &ComputeClient<W>,
+    out: &mut Vec<Variant>,
+    planned: &mut Vec<String>,
+) {
+    use megabyte_kernels::{activation, copy, cross_entropy, layer_norm, patch_embed};
     let ty = type_tag::<E>();
-    // The vector width the launchers pick on sm_90 for these shapes (all multiples of 64):
-    // 8 for f16/bf16 under 128-bit loads, 4 for f32.
     let dtype = Dtype::of_name(&ty).expect("f32, f16 or bf16");
     let n = DeviceProfile::cuda_sm90().vector_for(dtype, &[64]);
     let dim = CubeDim::new_1d(256);
-    for (act, name) in [
-        (ActivationKind::Gelu, "gelu"),
-        (ActivationKind::Relu, "relu"),
-    ] {
-        let k = megabyte_kernels::activation::activation::Activation::<E, W>::new(
-            settings(dim),
-            c.clone(),
-            a(),
-            a(),
-            n,
-            act.id(),
-        );
-        out.push(Variant {
-            name: format!("activation_{name}_{ty}"),
-            main: false,
-            def: k.define(),
-        });
+    for act in [ActivationKind::Gelu, ActivationKind::Relu] {
+        let name = format!("activation_{act:?}_{ty}").to_lowercase();
+        variant! { out, name, false, activation::activation::Activation<E, W>, dim, c; a(), a(), n, act.id() }
     }
-    let k = megabyte_kernels::copy::strided_copy::StridedCopy::<E, W>::new(
-        settings(dim),
-        c.clone(),
-        t(),
-        t(),
-        (),
-        (),
-        (),
-        n,
-    );
-    out.push(Variant {
-        name: format!("strided_copy_{ty}"),
-        main: false,
-        def: k.define(),
-    });
-    let k = megabyte_kernels::patch_embed::patch_embed::PatchEmbed::<E, W>::new(
-        settings(dim),
-        c.clone(),
-        t(),
-        t(),
-        t(),
-        t(),
-        t(),
-        (),
-        (),
-        (),
-        n,
-    );
-    out.push(Variant {
-        name: format!("patch_embed_{ty}"),
-        main: false,
-        def: k.define(),
-    });
-    for (width, residual) in [(64usize, false), (2048, true)] {
-        let units = (width / n).next_power_of_two().clamp(1, 128);
-        let rows = (256 / units).max(1);
-        let cfg = LayerNormConfig {
-            units,
-            rows,
-            residual,
-        };
-        let k = megabyte_kernels::layer_norm::layer_norm::LayerNorm::<E, W>::new(
-            settings(CubeDim::new_2d(units as u32, rows as u32)),
-            c.clone(),
-            t(),
-            t(),
-            t(),
-            t(),
-            t(),
-            t(),
-            t(),
-            t(),
-            (),
-            n,
-            cfg,
-        );
-        out.push(Variant {
-            name: format!("layer_norm_w{width}_res{residual}_{ty}"),
-            main: false,
-            def: k.define(),
-        });
+    let name = format!("strided_copy_{ty}");
+    variant! { out, name, false, copy::strided_copy::StridedCopy<E, W>, dim, c; t(), t(), (), (), (), n }
+    let name = format!("patch_embed_{ty}");
+    variant! { out, name, false, patch_embed::patch_embed::PatchEmbed<E, W>, dim, c; t(), t(), t(), t(), t(), (), (), (), n }
+    let ln = plans::layer_norm_plans(dtype);
+    note_plans(planned, "layer_norm", &ty, &ln, |p| layer_norm_name(p, &ty));
+    for p in distinct(&ln) {
+        let LayerNormPlan { cfg, vector } = p;
+        let dim = CubeDim::new_2d(cfg.units as u32, cfg.rows as u32);
+        let name = layer_norm_name(&p, &ty);
+        variant! { out, name, false, layer_norm::layer_norm::LayerNorm<E, W>, dim, c; t(), t(), t(), t(), t(), t(), t(), t(), (), vector, cfg }
     }
-    // As the launcher caps it (`megabyte_ops::cross_entropy::MAX_VECTOR`).
-    let ce_vector = n.min(megabyte_ops::cross_entropy::MAX_VECTOR);
-    for (vocab, logits) in [(256usize, false), (257, true)] {
-        let cfg = CrossEntropyConfig {
-            units: 64,
-            rows: 8,
-            per_unit: vocab.div_ceil(64),
-            write_logits: logits,
-        };
-        let k = megabyte_kernels::cross_entropy::tied_cross_entropy::TiedCrossEntropy::<E, W>::new(
-            settings(CubeDim::new_1d(64)),
-            c.clone(),
-            t(),
-            t(),
-            t(),
-            t(),
-            t(),
-            t(),
-            ce_vector,
-            cfg,
-        );
-        out.push(Variant {
-            name: format!("cross_entropy_v{vocab}_logits{logits}_{ty}"),
-            main: false,
-            def: k.define(),
-        });
+    let ce = plans::cross_entropy_plans(dtype);
+    let ce_name = |p: &CrossEntropyPlan| {
+        let c = &p.cfg;
+        format!(
+            "cross_entropy_u{}x{}_r{}_logits{}_v{}_{ty}",
+            c.units, c.per_unit, c.rows, c.write_logits, p.vector
+        )
+    };
+    note_plans(planned, "cross_entropy", &ty, &ce, ce_name);
+    for p in distinct(&ce) {
+        let dim = CubeDim::new_1d(p.cfg.units as u32);
+        let name = ce_name(&p);
+        variant! { out, name, false, cross_entropy::tied_cross_entropy::TiedCrossEntropy<E, W>, dim, c; t(), t(), t(), t(), t(), t(), p.vector, p.cfg }
     }
 }
 
-/// The CUDA device profiles the checks plan for.
-fn cuda_profiles() -> [DeviceProfile; 2] {
-    [DeviceProfile::cuda_sm80(), DeviceProfile::cuda_sm90()]
+fn layer_norm_name(p: &LayerNormPlan, ty: &str) -> String {
+    let c = &p.cfg;
+    format!(
+        "layer_norm_u{}_r{}_res{}_v{}_{ty}",
+        c.units, c.rows, c.residual, p.vector
+    )
 }
 
-/// The fused decoding step exactly as the decoder launches it for every built-in preset's two
-/// stacks, planned for sm_80 and sm_90 by the launcher's own planner
-/// (`megabyte_ops::decode::plan`: units, keys per chunk, vector width): the global stack behind
-/// the patch embedding with the final LayerNorm, the local one behind the local input with the
-/// logits, and with the greedy argmax. Plans equal for both profiles or several presets are
-/// compiled once, named after all of them. A stack the planner refuses (wider than the fused
-/// step takes) is not compiled; the decoder runs it unfused, and `refused` lists it.
+/// Adds a row per planned problem to the table of plans.
+fn note_plans<P>(
+    planned: &mut Vec<String>,
+    op: &str,
+    ty: &str,
+    plans: &[Planned<P>],
+    name: impl Fn(&P) -> String,
+) {
+    for p in plans {
+        let variant = name(&p.plan);
+        planned.push(format!(
+            "| {} | {op} | {} | {ty} | {variant} |",
+            p.problem, p.profile
+        ));
+    }
+}
+
+/// The fused decoding step as `megabyte_tests::plans::decode_plans` plans it for every
+/// preset's two stacks on sm_80 and sm_90 (units, keys per chunk, vector width, and each
+/// launch's stages). A stack the planner refuses is not compiled; the decoder runs it
+/// unfused, and `refused` lists it.
 fn decode<E: Float + CubeElement>(
     c: &ComputeClient<W>,
     out: &mut Vec<Variant>,
+    planned: &mut Vec<String>,
     refused: &mut Vec<String>,
 ) {
-    use megabyte_kernels::decode::{input, output};
     let ty = type_tag::<E>();
     let dtype = Dtype::of_name(&ty).expect("f32, f16 or bf16");
-    let mut plans: Vec<(DecodeConfig, Vec<String>)> = Vec::new();
-    for preset in megabyte_reference::PRESET_NAMES {
-        let cfg = megabyte_reference::Config::preset(preset).unwrap();
-        let wg = cfg.global_width();
-        let stacks = [
-            (
-                "global",
-                wg,
-                cfg.ffn_mult * wg,
-                cfg.heads_global,
-                cfg.layers_global,
-            ),
-            (
-                "local",
-                cfg.d_local,
-                cfg.ffn_mult * cfg.d_local,
-                cfg.heads_local,
-                cfg.layers_local,
-            ),
-        ];
-        for (stack, width, hidden, heads, layers) in stacks {
-            for profile in cuda_profiles() {
-                let problem = DecodeProblem {
-                    width,
-                    hidden,
-                    heads,
-                    layers,
-                    dtype,
-                };
-                let planned = match megabyte_ops::decode::plan(&problem, &profile) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        refused.push(format!(
-                            "decode_stack {preset} {stack} {ty} on {}: {e}",
-                            profile.name
-                        ));
-                        continue;
-                    }
-                };
-                let activation = match cfg.activation {
-                    megabyte_reference::Activation::Gelu => ActivationKind::Gelu,
-                    megabyte_reference::Activation::Relu => ActivationKind::Relu,
-                }
-                .id();
-                let stages: &[(&str, u32, u32, bool)] = if stack == "global" {
-                    &[("norm", input::PATCH, output::NORM, true)]
-                } else {
-                    &[
-                        ("logits", input::LOCAL, output::LOGITS, cfg.local_positions),
-                        ("argmax", input::LOCAL, output::ARGMAX, cfg.local_positions),
-                    ]
-                };
-                for &(stage, inp, outp, positions) in stages {
-                    let k = DecodeConfig {
-                        activation,
-                        input: inp,
-                        output: outp,
-                        positions,
-                        d_in: cfg.d_global,
-                        ..planned
-                    };
-                    let name = format!("{preset}_{stack}_{stage}");
-                    match plans.iter_mut().find(|(p, _)| *p == k) {
-                        Some((_, names)) if names.contains(&name) => {}
-                        Some((_, names)) => names.push(name),
-                        None => plans.push((k, vec![name])),
-                    }
-                }
-            }
-        }
-    }
-    for (cfg, names) in plans {
-        let k = megabyte_kernels::decode::decode_stack::DecodeStack::<E, W>::new(
-            settings(CubeDim::new_1d(cfg.units as u32)),
-            c.clone(),
-            t(),
-            t(),
-            t(),
-            t(),
-            t(),
-            t(),
-            t(),
-            t(),
-            t(),
-            t(),
-            t(),
-            t(),
-            t(),
-            t(),
-            t(),
-            (),
-            (),
-            (),
-            (),
-            (),
-            (),
-            (),
-            cfg.vector,
-            cfg,
-        );
-        out.push(Variant {
-            name: format!(
-                "decode_stack_{}_u{}_v{}_{ty}",
-                names.join("+"),
-                cfg.units,
-                cfg.vector
-            ),
-            main: false,
-            def: k.define(),
-        });
-    }
-}
-
-/// The attention problems the model launches for every built-in preset (each stack's self
-/// attention over its real heads and head dim: the global one over up to 2,048 patches, the
-/// local one over P bytes for 64 patches; and decoding one position against the cache, which
-/// the decoder runs unfused for stacks too wide for the fused step), and those the tests and
-/// benches use (head dims 32, 64, 80, 128). Each is (name, problem, keys, C): the vector
-/// width must divide the head dim and the strides of q/k/v in the fused projection (C, 3C,
-/// S·3C) as the model passes them.
-fn attention_problems() -> Vec<(String, AttentionProblem, usize, usize)> {
-    let mut problems = Vec::new();
-    let mut add = |name: String, batch, seq, heads, head_dim, seq_k| {
-        let problem = AttentionProblem {
-            batch,
-            seq,
-            heads,
-            head_dim,
-            causal: true,
-        };
-        problems.push((name, problem, seq_k, heads * head_dim));
+    let (plans, refusals) = plans::decode_plans(dtype);
+    refused.extend(
+        refusals
+            .into_iter()
+            .map(|r| format!("decode_stack {ty} {r}")),
+    );
+    let name = |cfg: &DecodeConfig| {
+        format!(
+            "decode_stack_c{}_h{}_n{}_in{}_out{}_pos{}_d{}_act{}_u{}_k{}_v{}_{ty}",
+            cfg.width,
+            cfg.hidden,
+            cfg.heads,
+            cfg.input,
+            cfg.output,
+            cfg.positions,
+            cfg.d_in,
+            cfg.activation,
+            cfg.units,
+            cfg.chunk,
+            cfg.vector
+        )
     };
-    for preset in megabyte_reference::PRESET_NAMES {
-        let cfg = megabyte_reference::Config::preset(preset).unwrap();
-        let (hg, dg) = (cfg.heads_global, cfg.head_dim_global());
-        let (hl, dl) = (cfg.heads_local, cfg.head_dim_local());
-        let k = cfg.patches().min(2048);
-        add(format!("{preset} global"), 1, k, hg, dg, k);
-        add(format!("{preset} local"), 64, cfg.patch, hl, dl, cfg.patch);
-        add(format!("{preset} global decode"), 1, 1, hg, dg, k);
-        add(format!("{preset} local decode"), 64, 1, hl, dl, cfg.patch);
+    note_plans(planned, "decode_stack", &ty, &plans, name);
+    for cfg in distinct(&plans) {
+        let dim = CubeDim::new_1d(cfg.units as u32);
+        variant! { out, name(&cfg), false, megabyte_kernels::decode::decode_stack::DecodeStack<E, W>, dim, c;
+        t(), t(), t(), t(), t(), t(), t(), t(), t(), t(), t(), t(), t(), t(), t(),
+        (), (), (), (), (), (), (), cfg.vector, cfg }
     }
-    for d in [32usize, 64, 80, 128] {
-        add(format!("test d{d} global"), 1, 256, 4, d, 256);
-        add(format!("test d{d} local"), 64, 8, 4, d, 8);
-        add(format!("test d{d} decode"), 1, 1, 4, d, 256);
-    }
-    problems
 }
 
 /// The attention forward exactly as `AttentionKernel::Auto` plans it for sm_80 and sm_90
-/// (`megabyte_ops::attention::plan`) over [`attention_problems`]: kernel, tiles, planes,
-/// rows, splits and vector width. A plan several problems or both profiles share is compiled
-/// once; `planned` records which problem got which variant.
+/// (`megabyte_ops::attention::plan`) over `megabyte_tests::plans::attention_calls`: kernel,
+/// tiles, planes, rows, splits and vector width. A plan several problems or both profiles
+/// share is compiled once; the table lists which problem got which variant.
 fn attention<E: Float + CubeElement>(
     c: &ComputeClient<W>,
     out: &mut Vec<Variant>,
     planned: &mut Vec<String>,
 ) {
+    use megabyte_kernels::attention::{
+        flash_attention, flash_attention_cmma, flash_attention_rows,
+    };
     let ty = type_tag::<E>();
     let dtype = Dtype::of_name(&ty).expect("f32, f16 or bf16");
-    let mut plans: Vec<(AttentionPlan, String)> = Vec::new();
-    for (what, problem, seq_k, width) in attention_problems() {
-        for profile in cuda_profiles() {
-            let seq = problem.seq;
-            let call = AttentionCall {
-                problem,
-                seq_k,
-                dtype,
-                aligned: vec![
-                    problem.head_dim,
-                    width,
-                    3 * width,
-                    seq * 3 * width,
-                    seq * width,
-                ],
-            };
-            let plan = megabyte_ops::attention::plan(AttentionKernel::Auto, &call, &profile)
-                .unwrap_or_else(|e| panic!("{what} {ty} on {}: {e}", profile.name));
-            let d = problem.head_dim;
-            let name = match plan {
-                AttentionPlan::Tiled(c) => format!(
-                    "flash_attention_d{d}_tile{}x{}_v{}_{ty}",
-                    c.block_q, c.groups, c.vector
-                ),
-                AttentionPlan::Cmma(c) => format!(
-                    "flash_attention_cmma_d{d}_{}planes_k{}_v{}_{ty}",
-                    c.planes, c.block_k, c.vector
-                ),
-                AttentionPlan::Rows(c) => format!(
-                    "attention_rows_d{d}_r{}_s{}_v{}_{ty}",
-                    c.rows, c.splits, c.vector
-                ),
-            };
-            planned.push(format!(
-                "| {what} | attention | {} | {ty} | {name} |",
-                profile.name
-            ));
-            if !plans.iter().any(|(p, _)| *p == plan) {
-                plans.push((plan, name));
-            }
-        }
-    }
-    for (plan, name) in plans {
-        let def = match plan {
+    let plans = plans::attention_plans(dtype);
+    let name = |plan: &AttentionPlan| match plan {
+        AttentionPlan::Tiled(c) => format!(
+            "flash_attention_d{}_tile{}x{}_v{}_{ty}",
+            c.head_dim, c.block_q, c.groups, c.vector
+        ),
+        AttentionPlan::Cmma(c) => format!(
+            "flash_attention_cmma_d{}_{}planes_k{}_v{}_{ty}",
+            c.head_dim, c.planes, c.block_k, c.vector
+        ),
+        AttentionPlan::Rows(c) => format!(
+            "attention_rows_d{}_r{}_s{}_v{}_{ty}",
+            c.head_dim, c.rows, c.splits, c.vector
+        ),
+    };
+    note_plans(planned, "attention", &ty, &plans, name);
+    for plan in distinct(&plans) {
+        let name = name(&plan);
+        match plan {
             AttentionPlan::Tiled(cfg) => {
-                megabyte_kernels::attention::flash_attention::FlashAttention::<E, W>::new(
-                    settings(CubeDim::new_3d(
-                        cfg.block_k as u32,
-                        cfg.block_q as u32,
-                        cfg.groups as u32,
-                    )),
-                    c.clone(),
-                    t(),
-                    t(),
-                    t(),
-                    t(),
-                    t(),
-                    (),
-                    (),
-                    (),
-                    (),
-                    cfg.vector,
-                    cfg,
-                )
-                .define()
+                let dim =
+                    CubeDim::new_3d(cfg.block_k as u32, cfg.block_q as u32, cfg.groups as u32);
+                variant! { out, name, true, flash_attention::FlashAttention<E, W>, dim, c;
+                t(), t(), t(), t(), t(), (), (), (), (), cfg.vector, cfg }
             }
             AttentionPlan::Cmma(cfg) => {
-                megabyte_kernels::attention::flash_attention_cmma::FlashAttentionCmma::<E, W>::new(
-                    settings(CubeDim::new_2d(cfg.plane_size as u32, cfg.planes as u32)),
-                    c.clone(),
-                    t(),
-                    t(),
-                    t(),
-                    t(),
-                    t(),
-                    (),
-                    (),
-                    (),
-                    (),
-                    cfg.vector,
-                    cfg,
-                )
-                .define()
+                let dim = CubeDim::new_2d(cfg.plane_size as u32, cfg.planes as u32);
+                variant! { out, name, true, flash_attention_cmma::FlashAttentionCmma<E, W>, dim, c;
+                t(), t(), t(), t(), t(), (), (), (), (), cfg.vector, cfg }
             }
             AttentionPlan::Rows(cfg) => {
-                megabyte_kernels::attention::flash_attention_rows::FlashAttentionRows::<E, W>::new(
-                    settings(CubeDim::new_1d(256)),
-                    c.clone(),
-                    t(),
-                    t(),
-                    t(),
-                    t(),
-                    t(),
-                    (),
-                    (),
-                    (),
-                    (),
-                    cfg.vector,
-                    cfg,
-                )
-                .define()
+                let dim = CubeDim::new_1d(256);
+                variant! { out, name, true, flash_attention_rows::FlashAttentionRows<E, W>, dim, c;
+                t(), t(), t(), t(), t(), (), (), (), (), cfg.vector, cfg }
             }
-        };
-        out.push(Variant {
-            name,
-            main: true,
-            def,
-        });
+        }
     }
 }
 
-fn gemm<E: Float + CubeElement>(c: &ComputeClient<W>, out: &mut Vec<Variant>) {
+/// The GEMM exactly as `GemmKernel::Auto` plans it for sm_80 and sm_90
+/// (`megabyte_ops::gemm::plan`) over `megabyte_tests::plans::gemm_calls` (the shared-memory
+/// tiles in f32, tensor cores in f16/bf16), and the gathering global-to-local GEMM as
+/// `plan_tiled` plans it for every preset.
+fn gemm<E: Float + CubeElement>(
+    c: &ComputeClient<W>,
+    out: &mut Vec<Variant>,
+    planned: &mut Vec<String>,
+) {
+    use megabyte_kernels::gemm::{gemm, gemm_cmma, STAGE_VECTOR};
+    use megabyte_kernels::local_input::local_input::LocalInput;
     let ty = type_tag::<E>();
-    // The tiled ladder the CUDA planner picks from: thin blocks for decoding, 64×64 when 128×64
-    // blocks would not fill the device, 128×64 otherwise.
-    let blocks = [
-        (16usize, 64usize, 16usize, 4usize, 4usize),
-        (64, 64, 16, 8, 8),
-        (128, 64, 16, 16, 8),
-    ];
-    // Epilogues of the model: fc1 (bias + GELU), fc2/proj (bias + residual), gradients (none,
-    // with a transposed operand).
-    let epilogues: [(&str, bool, Option<ActivationKind>, bool, bool, bool); 4] = [
-        (
-            "bias_gelu",
-            true,
-            Some(ActivationKind::Gelu),
-            false,
-            true,
-            false,
-        ),
-        ("bias_residual", true, None, true, true, false),
-        ("grad_input_bt", false, None, false, true, true),
-        ("grad_weight_at", false, None, false, false, false),
-    ];
-    for (bm, bn, bk, tm, tn) in blocks {
-        for (name, bias, activation, residual, a_along_k, b_along_k) in epilogues {
-            let cfg = GemmConfig {
-                block_m: bm,
-                block_n: bn,
-                block_k: bk,
-                tile_m: tm,
-                tile_n: tn,
-                vector_a: 4,
-                a_along_k,
-                vector_b: 4,
-                b_along_k,
-                vector_out: 4,
-                bias,
-                activation,
-                residual,
-                registers: false,
-            };
-            assert!(cfg.is_valid(), "{cfg:?}");
-            let dim = CubeDim::new_2d((bn / tn) as u32, (bm / tm) as u32);
-            let k = megabyte_kernels::gemm::gemm::Gemm::<E, W>::new(
-                settings(dim),
-                c.clone(),
-                t(),
-                t(),
-                t(),
-                t(),
-                t(),
-                (),
-                (),
-                (),
-                4,
-                4,
-                4,
-                4,
-                cfg,
-            );
-            out.push(Variant {
-                name: format!("gemm_{bm}x{bn}x{bk}_{tm}x{tn}_{name}_{ty}"),
-                main: true,
-                def: k.define(),
-            });
-        }
-    }
-    // Tensor cores (f16 and bf16): the CMMA kernel's two block shapes, same epilogues.
-    if std::mem::size_of::<E>() == 2 {
-        for (bm, bn, pm, pn) in [(64usize, 64usize, 2usize, 2usize), (16, 64, 1, 4)] {
-            for (name, bias, activation, residual, a_along_k, b_along_k) in epilogues {
-                let cfg = CmmaConfig {
-                    block_m: bm,
-                    block_n: bn,
-                    block_k: 32,
-                    planes_m: pm,
-                    planes_n: pn,
-                    plane_size: 32,
-                    vector_a: 4,
-                    a_along_k,
-                    vector_b: 4,
-                    b_along_k,
-                    vector_out: 4,
-                    bias,
-                    activation,
-                    residual,
-                    emulated: false,
-                };
-                assert!(cfg.is_valid(), "{cfg:?}");
-                let dim = CubeDim::new_2d(32, (pm * pn) as u32);
-                let k = megabyte_kernels::gemm::gemm_cmma::GemmCmma::<E, W>::new(
-                    settings(dim),
-                    c.clone(),
-                    t(),
-                    t(),
-                    t(),
-                    t(),
-                    t(),
-                    (),
-                    (),
-                    (),
-                    4,
-                    4,
-                    4,
-                    cfg,
-                );
-                out.push(Variant {
-                    name: format!("gemm_cmma_{bm}x{bn}x32_{pm}x{pn}planes_{name}_{ty}"),
-                    main: true,
-                    def: k.define(),
-                });
+    let dtype = Dtype::of_name(&ty).expect("f32, f16 or bf16");
+    let plans = plans::gemm_plans(dtype);
+    note_plans(planned, "gemm", &ty, &plans, |p| {
+        format!("{}_{ty}", p.name())
+    });
+    for plan in distinct(&plans) {
+        let name = format!("{}_{ty}", plan.name());
+        let dim = plan.cube_dim();
+        match plan {
+            GemmPlan::Tiled(cfg) => {
+                variant! { out, name, true, gemm::Gemm<E, W>, dim, c;
+                t(), t(), t(), t(), t(), (), (), (), cfg.vector_a, cfg.vector_b, cfg.vector_out, STAGE_VECTOR, cfg }
+            }
+            GemmPlan::Cmma(cfg) => {
+                variant! { out, name, true, gemm_cmma::GemmCmma<E, W>, dim, c;
+                t(), t(), t(), t(), t(), (), (), (), cfg.vector_a, cfg.vector_b, cfg.vector_out, cfg }
             }
         }
     }
-    let cfg = GemmConfig {
-        block_m: 64,
-        block_n: 64,
-        block_k: 16,
-        tile_m: 8,
-        tile_n: 8,
-        vector_a: 4,
-        a_along_k: true,
-        vector_b: 4,
-        b_along_k: false,
-        vector_out: 4,
-        bias: false,
-        activation: None,
-        residual: false,
-        registers: false,
+    let local = plans::local_input_plans(dtype);
+    let local_name = |cfg: &GemmConfig| {
+        format!("local_input_{}", GemmPlan::Tiled(*cfg).name()).replace("_gemm", "") + "_" + &ty
     };
-    let k = megabyte_kernels::local_input::local_input::LocalInput::<E, W>::new(
-        settings(CubeDim::new_2d(8, 8)),
-        c.clone(),
-        t(),
-        t(),
-        t(),
-        t(),
-        t(),
-        t(),
-        t(),
-        (),
-        4,
-        4,
-        4,
-        4,
-        cfg,
-        true,
-    );
-    out.push(Variant {
-        name: format!("local_input_{ty}"),
-        main: false,
-        def: k.define(),
-    });
+    note_plans(planned, "local_input", &ty, &local, local_name);
+    for cfg in distinct(&local) {
+        let dim = GemmPlan::Tiled(cfg).cube_dim();
+        // With position embeddings (every preset but one adds them; the flag only adds a load).
+        variant! { out, local_name(&cfg), true, LocalInput<E, W>, dim, c;
+        t(), t(), t(), t(), t(), t(), t(), (), cfg.vector_a, cfg.vector_b, cfg.vector_out, STAGE_VECTOR, cfg, true }
+    }
 }
 
-/// The training kernels, f32 only (training keeps f32 master weights).
-fn backward(c: &ComputeClient<W>, out: &mut Vec<Variant>) {
+/// The training kernels, f32 only (training keeps f32 master weights): the attention backward
+/// as `megabyte_ops::attention::plan_backward` plans it (split over head dims on CUDA) and,
+/// not main (CPU drivers run it), the one-unit-per-row dQ kernel at head dim 128, whose spills
+/// sit in its key loop: the table shows what the loop rule catches.
+fn backward(c: &ComputeClient<W>, out: &mut Vec<Variant>, planned: &mut Vec<String>) {
+    use megabyte_kernels::attention::{attention_backward_kv, attention_backward_q};
+    use megabyte_kernels::{activation, cross_entropy, embedding, layer_norm, optim, reduce};
     let dim = CubeDim::new_1d(256);
-    // What `BackwardKernel::Auto` launches on CUDA (plane ops): the split-dims kernels; and, not
-    // main (CPU drivers run it), the one-unit-per-row dQ kernel, whose spills sit in its key
-    // loop: the table shows what the loop rule catches.
-    for (head_dim, split) in [(64usize, true), (128, true), (128, false)] {
-        let (cfg_q, cfg_kv) = backward_configs(head_dim, true, split);
-        let kind = if split { "" } else { "_rows_in_registers" };
-        let k =
-            megabyte_kernels::attention::attention_backward_q::AttentionBackwardQ::<f32, W>::new(
-                settings(dim),
-                c.clone(),
-                t(),
-                t(),
-                t(),
-                t(),
-                t(),
-                t(),
-                t(),
-                t(),
-                (),
-                (),
-                (),
-                (),
-                (),
-                cfg_q,
-            );
-        out.push(Variant {
-            name: format!("attention_backward_q_d{head_dim}{kind}_f32"),
-            main: split,
-            def: k.define(),
-        });
-        if !split {
-            continue;
+    let plans = plans::backward_plans();
+    let name = |p: &BackwardPlan| {
+        format!(
+            "attention_backward_d{}_s{}x{}",
+            p.q.head_dim, p.q.splits, p.kv.splits
+        )
+    };
+    note_plans(planned, "attention_backward", "f32", &plans, name);
+    let rows = megabyte_ops::attention::plan_backward(
+        megabyte_ops::attention::BackwardKernel::RowsInRegisters,
+        &megabyte_ops::attention::BackwardProblem {
+            head_dim: 128,
+            causal: true,
+        },
+        &DeviceProfile::cuda_sm90(),
+    )
+    .unwrap();
+    let all = distinct(&plans)
+        .into_iter()
+        .map(|p| (p, true))
+        .chain([(rows, false)]);
+    for (p, main) in all {
+        let (q, kv) = (p.q, p.kv);
+        let tag = if main {
+            String::new()
+        } else {
+            "_rows_in_registers".into()
+        };
+        let name_q = format!(
+            "attention_backward_q_d{}_s{}{tag}_f32",
+            q.head_dim, q.splits
+        );
+        variant! { out, name_q, main, attention_backward_q::AttentionBackwardQ<f32, W>, dim, c;
+        t(), t(), t(), t(), t(), t(), t(), t(), (), (), (), (), (), q }
+        if main {
+            let name_kv = format!("attention_backward_kv_d{}_s{}_f32", kv.head_dim, kv.splits);
+            variant! { out, name_kv, true, attention_backward_kv::AttentionBackwardKv<f32, W>, dim, c;
+            t(), t(), t(), t(), t(), t(), t(), t(), t(), (), (), (), (), (), (), kv }
         }
-        let k =
-            megabyte_kernels::attention::attention_backward_kv::AttentionBackwardKv::<f32, W>::new(
-                settings(dim),
-                c.clone(),
-                t(),
-                t(),
-                t(),
-                t(),
-                t(),
-                t(),
-                t(),
-                t(),
-                t(),
-                (),
-                (),
-                (),
-                (),
-                (),
-                (),
-                cfg_kv,
-            );
-        out.push(Variant {
-            name: format!("attention_backward_kv_d{head_dim}_f32"),
-            main: true,
-            def: k.define(),
-        });
     }
     for act in [ActivationKind::Gelu, ActivationKind::Relu] {
-        let k =
-            megabyte_kernels::activation::activation_backward::ActivationBackward::<f32, W>::new(
-                settings(dim),
-                c.clone(),
-                a(),
-                a(),
-                a(),
-                4,
-                act.id(),
-            );
-        out.push(Variant {
-            name: format!("activation_backward_{act:?}_f32"),
-            main: false,
-            def: k.define(),
-        });
+        let name = format!("activation_backward_{act:?}_f32").to_lowercase();
+        variant! { out, name, false, activation::activation_backward::ActivationBackward<f32, W>, dim, c; a(), a(), a(), 4, act.id() }
     }
-    let k = megabyte_kernels::layer_norm::layer_norm_backward::LayerNormBackward::<f32, W>::new(
-        settings(dim),
-        c.clone(),
-        t(),
-        t(),
-        t(),
-        t(),
-        t(),
-        t(),
-        t(),
-        4,
-        true,
-    );
-    out.push(Variant {
-        name: "layer_norm_backward_f32".into(),
-        main: false,
-        def: k.define(),
-    });
-    let k = megabyte_kernels::layer_norm::layer_norm_backward_params::LayerNormBackwardParams::<
-        f32,
-        W,
-    >::new(settings(dim), c.clone(), t(), t(), t(), t(), t(), t());
-    out.push(Variant {
-        name: "layer_norm_backward_params_f32".into(),
-        main: false,
-        def: k.define(),
-    });
-    let k = megabyte_kernels::cross_entropy::cross_entropy_backward::CrossEntropyBackward::<f32, W>::new(
-        settings(dim), c.clone(), t(), t(), t(), (),
-    );
-    out.push(Variant {
-        name: "cross_entropy_backward_f32".into(),
-        main: false,
-        def: k.define(),
-    });
-    let k =
-        megabyte_kernels::embedding::embedding_backward_by_position::EmbeddingBackwardByPosition::<
-            f32,
-            W,
-        >::new(settings(dim), c.clone(), t(), t(), (), false);
-    out.push(Variant {
-        name: "embedding_backward_by_position_f32".into(),
-        main: false,
-        def: k.define(),
-    });
-    let cfg = megabyte_kernels::embedding::ByIdConfig {
+    variant! { out, "layer_norm_backward_f32".into(), false, layer_norm::layer_norm_backward::LayerNormBackward<f32, W>, dim, c;
+    t(), t(), t(), t(), t(), t(), t(), 4, true }
+    variant! { out, "layer_norm_backward_params_f32".into(), false, layer_norm::layer_norm_backward_params::LayerNormBackwardParams<f32, W>, dim, c;
+    t(), t(), t(), t(), t(), t() }
+    variant! { out, "cross_entropy_backward_f32".into(), false, cross_entropy::cross_entropy_backward::CrossEntropyBackward<f32, W>, dim, c;
+    t(), t(), t(), () }
+    variant! { out, "embedding_backward_by_position_f32".into(), false, embedding::embedding_backward_by_position::EmbeddingBackwardByPosition<f32, W>, dim, c;
+    t(), t(), (), false }
+    let cfg = embedding::ByIdConfig {
         units: 128,
         chunk: 512,
         cols: 1,
         accumulate: true,
     };
-    let k =
-        megabyte_kernels::embedding::embedding_backward_by_id::EmbeddingBackwardById::<f32, W>::new(
-            settings(CubeDim::new_1d(128)),
-            c.clone(),
-            t(),
-            t(),
-            t(),
-            (),
-            (),
-            cfg,
-        );
-    out.push(Variant {
-        name: "embedding_backward_by_id_f32".into(),
-        main: false,
-        def: k.define(),
-    });
-    let k = megabyte_kernels::reduce::column_sum::ColumnSum::<f32, W>::new(
-        settings(dim),
-        c.clone(),
-        t(),
-        t(),
-        (),
-        false,
-    );
-    out.push(Variant {
-        name: "column_sum_f32".into(),
-        main: false,
-        def: k.define(),
-    });
-    let k = megabyte_kernels::reduce::sum_squares::SumSquares::<f32, W>::new(
-        settings(dim),
-        c.clone(),
-        a(),
-        a(),
-        (),
-        (),
-    );
-    out.push(Variant {
-        name: "sum_squares_f32".into(),
-        main: false,
-        def: k.define(),
-    });
-    let k = megabyte_kernels::optim::adamw::Adamw::<W>::new(
-        settings(dim),
-        c.clone(),
-        a(),
-        a(),
-        a(),
-        a(),
-        (),
-        (),
-        (),
-        (),
-        (),
-        (),
-        (),
-        (),
-    );
-    out.push(Variant {
-        name: "adamw_f32".into(),
-        main: false,
-        def: k.define(),
-    });
+    variant! { out, "embedding_backward_by_id_f32".into(), false, embedding::embedding_backward_by_id::EmbeddingBackwardById<f32, W>, CubeDim::new_1d(128), c;
+    t(), t(), t(), (), (), cfg }
+    variant! { out, "column_sum_f32".into(), false, reduce::column_sum::ColumnSum<f32, W>, dim, c; t(), t(), (), false }
+    variant! { out, "sum_squares_f32".into(), false, reduce::sum_squares::SumSquares<f32, W>, dim, c; a(), a(), (), () }
+    variant! { out, "adamw_f32".into(), false, optim::adamw::Adamw<W>, dim, c;
+    a(), a(), a(), a(), (), (), (), (), (), (), (), () }
 }
 
 // ---- NVRTC through its C API, loaded from the wheel ----
@@ -1258,22 +793,28 @@ fn compile_all() -> Option<Compiled> {
         return None;
     };
     let nvrtc = Nvrtc::load(&tools).unwrap_or_else(|e| panic!("loading NVRTC: {e}"));
-    let mut variants = Vec::new();
-    elementwise::<f32>(&c, &mut variants);
-    elementwise::<half::f16>(&c, &mut variants);
-    elementwise::<half::bf16>(&c, &mut variants);
-    let mut planned = Vec::new();
+    let (mut variants, mut planned, mut refused) = (Vec::new(), Vec::new(), Vec::new());
+    elementwise::<f32>(&c, &mut variants, &mut planned);
+    elementwise::<half::f16>(&c, &mut variants, &mut planned);
+    elementwise::<half::bf16>(&c, &mut variants, &mut planned);
     attention::<f32>(&c, &mut variants, &mut planned);
     attention::<half::f16>(&c, &mut variants, &mut planned);
     attention::<half::bf16>(&c, &mut variants, &mut planned);
-    gemm::<f32>(&c, &mut variants);
-    gemm::<half::f16>(&c, &mut variants);
-    gemm::<half::bf16>(&c, &mut variants);
-    backward(&c, &mut variants);
-    let mut refused = Vec::new();
-    decode::<f32>(&c, &mut variants, &mut refused);
-    decode::<half::f16>(&c, &mut variants, &mut refused);
-    decode::<half::bf16>(&c, &mut variants, &mut refused);
+    gemm::<f32>(&c, &mut variants, &mut planned);
+    gemm::<half::f16>(&c, &mut variants, &mut planned);
+    gemm::<half::bf16>(&c, &mut variants, &mut planned);
+    backward(&c, &mut variants, &mut planned);
+    decode::<f32>(&c, &mut variants, &mut planned, &mut refused);
+    decode::<half::f16>(&c, &mut variants, &mut planned, &mut refused);
+    decode::<half::bf16>(&c, &mut variants, &mut planned, &mut refused);
+    let mut names: Vec<&str> = variants.iter().map(|v| v.name.as_str()).collect();
+    names.sort_unstable();
+    if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+        panic!(
+            "two variants named {}: their names must tell their plans apart",
+            w[0]
+        );
+    }
 
     let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target");
     let dir = target.join("cuda-codegen");

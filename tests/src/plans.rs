@@ -1,0 +1,518 @@
+//! The plans a GPU would launch: every built-in preset's calls (each stack's width, heads,
+//! hidden width and P; batch and sequence cut) and the problems the tests and benches use,
+//! planned for sm_80 and sm_90 by the launchers' own planners. The CUDA check
+//! (`tests/cuda_codegen.rs`) compiles exactly these plans; `tests/plans.rs` records what the
+//! model launches and fails on a plan missing here.
+
+use megabyte_kernels::decode::{input, output, DecodeConfig};
+use megabyte_kernels::gemm::GemmConfig;
+use megabyte_ops::attention::{
+    AttentionCall, AttentionKernel, AttentionPlan, AttentionProblem, BackwardKernel, BackwardPlan,
+    BackwardProblem,
+};
+use megabyte_ops::cross_entropy::{CrossEntropyPlan, CrossEntropyProblem};
+use megabyte_ops::decode::DecodeProblem;
+use megabyte_ops::gemm::{GemmCall, GemmKernel, GemmPlan, GemmProblem, OperandLayout};
+use megabyte_ops::layer_norm::{LayerNormPlan, LayerNormProblem};
+use megabyte_ops::{ActivationKind, DeviceProfile, Dtype};
+use megabyte_reference::{Activation, Config, PRESET_NAMES};
+
+/// The CUDA device profiles the check plans for.
+pub fn cuda_profiles() -> [DeviceProfile; 2] {
+    [DeviceProfile::cuda_sm80(), DeviceProfile::cuda_sm90()]
+}
+
+/// One plan, with the problem it was planned for ("tiny global qkv") and the profile's name.
+#[derive(Clone, Debug)]
+pub struct Planned<P> {
+    pub problem: String,
+    pub profile: &'static str,
+    pub plan: P,
+}
+
+/// Plans every (name, call) on both CUDA profiles; a call no profile can plan is a bug in the
+/// planner or in the list, so it panics naming both.
+fn plan_all<C, P>(
+    calls: Vec<(String, C)>,
+    plan: impl Fn(&C, &DeviceProfile) -> Result<P, megabyte_ops::OpError>,
+) -> Vec<Planned<P>> {
+    let mut out = Vec::new();
+    for (name, call) in calls {
+        for profile in cuda_profiles() {
+            let p =
+                plan(&call, &profile).unwrap_or_else(|e| panic!("{name} on {}: {e}", profile.name));
+            out.push(Planned {
+                problem: name.clone(),
+                profile: profile.name,
+                plan: p,
+            });
+        }
+    }
+    out
+}
+
+/// The distinct plans of a list, in first-seen order.
+pub fn distinct<P: PartialEq + Clone>(planned: &[Planned<P>]) -> Vec<P> {
+    let mut out: Vec<P> = Vec::new();
+    for p in planned {
+        if !out.contains(&p.plan) {
+            out.push(p.plan.clone());
+        }
+    }
+    out
+}
+
+fn activation(cfg: &Config) -> ActivationKind {
+    match cfg.activation {
+        Activation::Gelu => ActivationKind::Gelu,
+        Activation::Relu => ActivationKind::Relu,
+    }
+}
+
+/// Every preset, by name, with its config.
+fn presets() -> impl Iterator<Item = (&'static str, Config)> {
+    PRESET_NAMES
+        .iter()
+        .map(|&name| (name, Config::preset(name).expect("a built-in preset")))
+}
+
+/// The attention problems the model launches for every preset: each stack's self attention
+/// over its real heads and head dim, at every sequence length that reaches another tile (see
+/// [`seq_rungs`]) up to its full length (2,048 patches at most for the global stack, P bytes
+/// for the local one), and one or a few positions against a full cache, which the decoder
+/// runs unfused for stacks too wide for the fused step; and the same for the head dims the
+/// tests and benches use (32, 64, 80, 128). The vector width must divide the head dim and the
+/// strides of q/k/v in the fused projection (C, 3C, S·3C) as the model passes them.
+pub fn attention_calls(dtype: Dtype) -> Vec<(String, AttentionCall)> {
+    let mut calls = Vec::new();
+    let mut add = |name: String, batch, seq, heads, head_dim, seq_k| {
+        let width = heads * head_dim;
+        let problem = AttentionProblem {
+            batch,
+            seq,
+            heads,
+            head_dim,
+            causal: true,
+        };
+        let aligned = vec![head_dim, width, 3 * width, seq * 3 * width, seq * width];
+        let call = AttentionCall {
+            problem,
+            seq_k,
+            dtype,
+            aligned,
+        };
+        calls.push((name, call));
+    };
+    let mut stack = |name: &str, heads, head_dim, full: usize| {
+        for seq in seq_rungs(full) {
+            add(format!("{name} s{seq}"), 2, seq, heads, head_dim, seq);
+        }
+        // One position (or a few, prefilling a prompt) against a cache of `full` keys.
+        for seq in [1, 3] {
+            add(
+                format!("{name} s{seq} vs {full} keys"),
+                2,
+                seq,
+                heads,
+                head_dim,
+                full,
+            );
+        }
+    };
+    for (preset, cfg) in presets() {
+        let (hg, dg) = (cfg.heads_global, cfg.head_dim_global());
+        let (hl, dl) = (cfg.heads_local, cfg.head_dim_local());
+        stack(&format!("{preset} global"), hg, dg, cfg.patches().min(2048));
+        stack(&format!("{preset} local"), hl, dl, cfg.patch);
+    }
+    for d in [32usize, 64, 80, 128] {
+        stack(&format!("test d{d}"), 4, d, 256);
+    }
+    calls
+}
+
+/// Sequence lengths up to `full` that reach every tile the attention planners pick: the tiled
+/// kernel's query tile is the sequence's next power of two up to 16, the tensor-core kernel's
+/// planes and key depth grow with each 16 queries up to 64.
+fn seq_rungs(full: usize) -> Vec<usize> {
+    let mut rungs: Vec<usize> = [1, 2, 3, 5, 9, 17, 33, 49, 65]
+        .into_iter()
+        .filter(|&s| s < full)
+        .collect();
+    rungs.push(full);
+    rungs
+}
+
+/// [`attention_calls`] as `AttentionKernel::Auto` plans them.
+pub fn attention_plans(dtype: Dtype) -> Vec<Planned<AttentionPlan>> {
+    plan_all(attention_calls(dtype), |call, profile| {
+        megabyte_ops::attention::plan(AttentionKernel::Auto, call, profile)
+    })
+}
+
+/// The attention backward of every preset's two stacks and of the head dims the tests and
+/// benches use (training runs in f32 only).
+pub fn backward_plans() -> Vec<Planned<BackwardPlan>> {
+    let mut calls = Vec::new();
+    for (preset, cfg) in presets() {
+        for (stack, head_dim) in [
+            ("global", cfg.head_dim_global()),
+            ("local", cfg.head_dim_local()),
+        ] {
+            calls.push((format!("{preset} {stack}"), head_dim));
+        }
+    }
+    for d in [32usize, 64, 80, 128] {
+        calls.push((format!("test d{d}"), d));
+    }
+    let calls = calls
+        .into_iter()
+        .map(|(name, head_dim)| {
+            (
+                name,
+                BackwardProblem {
+                    head_dim,
+                    causal: true,
+                },
+            )
+        })
+        .collect();
+    plan_all(calls, |problem, profile| {
+        megabyte_ops::attention::plan_backward(BackwardKernel::Auto, problem, profile)
+    })
+}
+
+/// The GEMM calls of one stack of width `c` and hidden width `h` over `m` rows: the four
+/// linear layers of a block (training runs fc1 without its activation, which the backward
+/// applies itself), and, when `train`, each one's input and weight gradients (dX = dY·Wᵀ,
+/// dW = Xᵀ·dY).
+fn block_gemms(
+    out: &mut Vec<(String, GemmCall)>,
+    what: &str,
+    dtype: Dtype,
+    (c, h, m): (usize, usize, usize),
+    act: ActivationKind,
+    train: bool,
+) {
+    let linears = [
+        ("qkv", c, 3 * c, true, None, false),
+        ("proj", c, c, true, None, true),
+        ("fc1", c, h, true, Some(act), false),
+        ("fc2", h, c, true, None, true),
+    ];
+    for (name, k, n, bias, activation, residual) in linears {
+        let call = |problem, a, b, bias, activation, residual| GemmCall {
+            problem,
+            dtype,
+            a,
+            b,
+            bias,
+            activation,
+            residual,
+        };
+        let p = GemmProblem { batch: 1, m, n, k };
+        let (a, b) = (OperandLayout::row_major(k), OperandLayout::row_major(n));
+        out.push((
+            format!("{what} {name}"),
+            call(p, a, b, bias, activation, residual),
+        ));
+        if train {
+            if activation.is_some() {
+                out.push((
+                    format!("{what} {name} (training)"),
+                    call(p, a, b, bias, None, residual),
+                ));
+            }
+            let dx = GemmProblem {
+                batch: 1,
+                m,
+                n: k,
+                k: n,
+            };
+            let dw = GemmProblem {
+                batch: 1,
+                m: k,
+                n,
+                k: m,
+            };
+            let (dy, wt) = (OperandLayout::row_major(n), OperandLayout::transposed(n));
+            let xt = OperandLayout::transposed(k);
+            out.push((
+                format!("{what} {name} dX"),
+                call(dx, dy, wt, false, None, false),
+            ));
+            out.push((
+                format!("{what} {name} dW"),
+                call(dw, xt, dy, false, None, false),
+            ));
+        }
+    }
+}
+
+/// Every GEMM the model runs for every preset: each stack's blocks over its rows (up to
+/// 2,048 patches for the global stack, 64 patches of P bytes for the local one) and over a
+/// few rows when decoding unfused; in f32 also training's gradients, of the blocks, of the
+/// tied head (logits · E_L and its transpose) and of the global-to-local projection. Tests
+/// and benches run the same layouts and epilogues at other sizes, which reach the same block
+/// ladder.
+pub fn gemm_calls(dtype: Dtype) -> Vec<(String, GemmCall)> {
+    let mut calls = Vec::new();
+    let train = dtype == Dtype::F32;
+    for (preset, cfg) in presets() {
+        let act = activation(&cfg);
+        let (wg, dl) = (cfg.global_width(), cfg.d_local);
+        let (kg, ml) = (cfg.patches().min(2048), 64 * cfg.patch);
+        let stacks = [
+            ("global", wg, cfg.ffn_mult * wg, kg),
+            ("local", dl, cfg.ffn_mult * dl, ml),
+        ];
+        for (stack, c, h, rows) in stacks {
+            for m in rungs(rows) {
+                let what = format!("{preset} {stack} m{m}");
+                block_gemms(&mut calls, &what, dtype, (c, h, m), act, train);
+            }
+        }
+        if train {
+            let (v, dg) = (cfg.vocab, cfg.d_global);
+            let none = |problem, a, b| GemmCall {
+                problem,
+                dtype,
+                a,
+                b,
+                bias: false,
+                activation: None,
+                residual: false,
+            };
+            let row = OperandLayout::row_major;
+            let t = OperandLayout::transposed;
+            let gemms = [
+                ("head dX", true, (v, dl), row(v), row(dl)),
+                ("head dW", false, (v, dl), t(v), row(dl)),
+                ("global_to_local dX", true, (dl, dg), row(dl), t(dl)),
+                ("global_to_local dW", false, (dg, dl), t(dg), row(dl)),
+            ];
+            // dX: (rows × K) · (K × N); dW: (M × rows) · (rows × N).
+            for (name, dx, (x, n), a, b) in gemms {
+                for rows in rungs(ml) {
+                    let (m, k) = if dx { (rows, x) } else { (x, rows) };
+                    let p = GemmProblem { batch: 1, m, n, k };
+                    calls.push((format!("{preset} {name} rows{rows}"), none(p, a, b)));
+                }
+            }
+        }
+    }
+    calls
+}
+
+/// Row counts that reach every block shape the GEMM planners pick from for a stack of
+/// `rows` rows at full size: a few (decoding, thin blocks), some (too few full blocks to fill
+/// the device) and the full count.
+fn rungs(rows: usize) -> [usize; 4] {
+    [4, 64, 512, rows]
+}
+
+/// [`gemm_calls`] as `GemmKernel::Auto` plans them.
+pub fn gemm_plans(dtype: Dtype) -> Vec<Planned<GemmPlan>> {
+    plan_all(gemm_calls(dtype), |call, profile| {
+        megabyte_ops::gemm::plan(GemmKernel::Auto, call, profile)
+    })
+}
+
+/// The gathering global-to-local GEMM of every preset: all B·T byte rows (64 patches, and a
+/// few rows when decoding unfused) of width D_G into D_L.
+pub fn local_input_plans(dtype: Dtype) -> Vec<Planned<GemmConfig>> {
+    let mut calls = Vec::new();
+    for (preset, cfg) in presets() {
+        let (dg, dl) = (cfg.d_global, cfg.d_local);
+        for m in rungs(64 * cfg.patch) {
+            let what = format!(" m{m}");
+            let call = GemmCall {
+                problem: GemmProblem {
+                    batch: 1,
+                    m,
+                    n: dl,
+                    k: dg,
+                },
+                dtype,
+                a: OperandLayout::row_major(dg),
+                b: OperandLayout::row_major(dl),
+                bias: false,
+                activation: None,
+                residual: false,
+            };
+            calls.push((format!("{preset} local_input{what}"), call));
+        }
+    }
+    plan_all(calls, |call, profile| {
+        megabyte_ops::gemm::plan_tiled(GemmKernel::Auto, call, profile)
+    })
+}
+
+/// The configurations of the launches the fused step `step` (its first input and last output
+/// stage set) makes at `keys` keys, as `decode_stack` splits it (`decode::plan_launches`):
+/// one launch doing both, or a first, middle and last launch; none if one layer does not fit.
+pub fn launch_stages(
+    step: &DecodeConfig,
+    keys: usize,
+    layers: usize,
+    vocab: usize,
+) -> Vec<DecodeConfig> {
+    let Ok(launches) = megabyte_ops::decode::plan_launches(step, keys, layers, vocab) else {
+        return Vec::new();
+    };
+    let n = launches.len();
+    (0..n)
+        .map(|i| DecodeConfig {
+            input: if i == 0 { step.input } else { input::ROW },
+            positions: step.positions && i == 0,
+            output: if i + 1 == n { step.output } else { output::ROW },
+            ..*step
+        })
+        .collect()
+}
+
+/// The fused decoding step as the decoder launches it for every preset's two stacks: the
+/// planner's shape (`megabyte_ops::decode::plan`: units, keys per chunk, vector width) with
+/// each launch's stages (the global stack behind the patch embedding with the final
+/// LayerNorm; the local one behind the local input with the logits, the greedy argmax or no
+/// output (prompt bytes that only fill the caches);
+/// split over launches at long contexts). Also the stacks the planner refuses (wider than the
+/// fused step takes), which the decoder runs unfused.
+pub fn decode_plans(dtype: Dtype) -> (Vec<Planned<DecodeConfig>>, Vec<String>) {
+    let (mut plans, mut refused) = (Vec::new(), Vec::new());
+    for (preset, cfg) in presets() {
+        let wg = cfg.global_width();
+        let stacks = [
+            (
+                "global",
+                wg,
+                cfg.ffn_mult * wg,
+                cfg.heads_global,
+                cfg.layers_global,
+            ),
+            (
+                "local",
+                cfg.d_local,
+                cfg.ffn_mult * cfg.d_local,
+                cfg.heads_local,
+                cfg.layers_local,
+            ),
+        ];
+        for (stack, width, hidden, heads, layers) in stacks {
+            let problem = DecodeProblem {
+                width,
+                hidden,
+                heads,
+                layers,
+                dtype,
+            };
+            let stages: &[(&str, (u32, bool), u32)] = if stack == "global" {
+                &[("norm", (input::PATCH, true), output::NORM)]
+            } else {
+                let first = (input::LOCAL, cfg.local_positions);
+                // Feeding a prompt's bytes before its last fills the caches only.
+                &[
+                    ("logits", first, output::LOGITS),
+                    ("argmax", first, output::ARGMAX),
+                    ("cache only", first, output::ROW),
+                ]
+            };
+            for profile in cuda_profiles() {
+                let planned = match megabyte_ops::decode::plan(&problem, &profile) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        refused.push(format!("{preset} {stack} on {}: {e}", profile.name));
+                        continue;
+                    }
+                };
+                // Every cache length up to the context, halving.
+                let full = if stack == "global" {
+                    cfg.patches()
+                } else {
+                    cfg.patch
+                };
+                let lengths: Vec<usize> =
+                    std::iter::successors(Some(full), |k| (*k > 1).then_some(k / 2)).collect();
+                for &(stage, (inp, positions), last) in stages {
+                    let step = with_stages(planned, &cfg, (inp, positions, last));
+                    for &keys in &lengths {
+                        for launch in launch_stages(&step, keys, layers, cfg.vocab) {
+                            plans.push(Planned {
+                                problem: format!("{preset} {stack} {stage}"),
+                                profile: profile.name,
+                                plan: launch,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+    (plans, refused)
+}
+
+/// A planned decode shape with a launch's stage fields, as `decode_stack` sets them.
+pub fn with_stages(
+    planned: DecodeConfig,
+    cfg: &Config,
+    (input, positions, output): (u32, bool, u32),
+) -> DecodeConfig {
+    DecodeConfig {
+        activation: activation(cfg).id(),
+        input,
+        output,
+        positions,
+        d_in: cfg.d_global,
+        ..planned
+    }
+}
+
+/// LayerNorm over every preset's two widths (the global stack's P·D_G, the local D_L), plain
+/// and with the fused residual add, over one row and many.
+pub fn layer_norm_plans(dtype: Dtype) -> Vec<Planned<LayerNormPlan>> {
+    let mut calls = Vec::new();
+    for (preset, cfg) in presets() {
+        for (stack, width) in [("global", cfg.global_width()), ("local", cfg.d_local)] {
+            for residual in [false, true] {
+                for rows in [1, 4096] {
+                    let problem = LayerNormProblem {
+                        rows,
+                        width,
+                        residual,
+                        dtype,
+                    };
+                    calls.push((
+                        format!("{preset} {stack} rows{rows} residual {residual}"),
+                        problem,
+                    ));
+                }
+            }
+        }
+    }
+    plan_all(calls, |p, profile| {
+        Ok(megabyte_ops::layer_norm::plan(p, profile))
+    })
+}
+
+/// The tied logits + cross-entropy of every preset (D_L wide, its vocabulary), scoring
+/// (logits not stored) and training (stored for the backward), and the 257-entry vocabulary
+/// the tests use.
+pub fn cross_entropy_plans(dtype: Dtype) -> Vec<Planned<CrossEntropyPlan>> {
+    let mut calls = Vec::new();
+    for (preset, cfg) in presets() {
+        for vocab in [cfg.vocab, 257] {
+            for write_logits in [false, true] {
+                let problem = CrossEntropyProblem {
+                    width: cfg.d_local,
+                    vocab,
+                    write_logits,
+                    dtype,
+                };
+                calls.push((format!("{preset} V{vocab} logits {write_logits}"), problem));
+            }
+        }
+    }
+    plan_all(calls, |p, profile| {
+        Ok(megabyte_ops::cross_entropy::plan(p, profile))
+    })
+}
