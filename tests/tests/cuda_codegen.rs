@@ -299,7 +299,10 @@ fn gemm<E: Float + CubeElement>(
     for cfg in distinct(&local) {
         let dim = GemmPlan::Tiled(cfg).cube_dim();
         // With position embeddings (every preset but one adds them; the flag only adds a load).
-        variant! { out, local_name(&cfg), true, LocalInput<E, W>, dim, c;
+        // Not main: the thin 16 × 64 f32 block spilled inside its K loop in some runs (72
+        // registers, 2 local-memory instructions) and not in others (the shared-array layout
+        // changes between processes); listed in the table until it is fixed.
+        variant! { out, local_name(&cfg), false, LocalInput<E, W>, dim, c;
         t(), t(), t(), t(), t(), t(), t(), (), cfg.vector_a, cfg.vector_b, cfg.vector_out, STAGE_VECTOR, cfg, true }
     }
 }
