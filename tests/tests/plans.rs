@@ -54,6 +54,23 @@ fn launched(
     (inference, training)
 }
 
+/// `Ok` when `plan`, planned for `call`, is among the compiled `set`; otherwise the line that
+/// says so.
+fn in_set<C: std::fmt::Debug, P: PartialEq + std::fmt::Debug>(
+    set: &[P],
+    label: &str,
+    call: C,
+    plan: P,
+) -> Result<(), String> {
+    if set.contains(&plan) {
+        Ok(())
+    } else {
+        Err(format!("{label} {call:?} -> {plan:?}")
+            .trim_start()
+            .to_string())
+    }
+}
+
 /// The CUDA plans of the recorded `calls` (retyped to `dtype`) that the compiled lists lack.
 fn missing(calls: &[Planned], dtype: Dtype, cfg: &Config) -> Vec<String> {
     let attention_set = distinct(&plans::attention_plans(dtype));
@@ -70,51 +87,33 @@ fn missing(calls: &[Planned], dtype: Dtype, cfg: &Config) -> Vec<String> {
                 Planned::Gemm(c) => {
                     let c = gemm::GemmCall { dtype, ..*c };
                     let p = gemm::plan(gemm::GemmKernel::Auto, &c, &profile).unwrap();
-                    gemm_set
-                        .contains(&p)
-                        .then_some(())
-                        .ok_or(format!("{c:?} -> {}", p.name()))
+                    in_set(&gemm_set, "", c, p)
                 }
                 Planned::LocalInput(c) => {
                     let c = gemm::GemmCall { dtype, ..*c };
                     let p = gemm::plan_tiled(gemm::GemmKernel::Auto, &c, &profile).unwrap();
-                    local_set
-                        .contains(&p)
-                        .then_some(())
-                        .ok_or(format!("local_input {c:?} -> {p:?}"))
+                    in_set(&local_set, "local_input", c, p)
                 }
                 Planned::Attention(c) => {
                     let c = attention::AttentionCall { dtype, ..c.clone() };
                     let p =
                         attention::plan(attention::AttentionKernel::Auto, &c, &profile).unwrap();
-                    attention_set
-                        .contains(&p)
-                        .then_some(())
-                        .ok_or(format!("{c:?} -> {p:?}"))
+                    in_set(&attention_set, "", c, p)
                 }
                 Planned::LayerNorm(problem) => {
                     let problem = LayerNormProblem { dtype, ..*problem };
                     let p = layer_norm::plan(&problem, &profile);
-                    layer_norm_set
-                        .contains(&p)
-                        .then_some(())
-                        .ok_or(format!("{problem:?} -> {p:?}"))
+                    in_set(&layer_norm_set, "", problem, p)
                 }
                 Planned::CrossEntropy(problem) => {
                     let problem = CrossEntropyProblem { dtype, ..*problem };
                     let p = cross_entropy::plan(&problem, &profile);
-                    cross_entropy_set
-                        .contains(&p)
-                        .then_some(())
-                        .ok_or(format!("{problem:?} -> {p:?}"))
+                    in_set(&cross_entropy_set, "", problem, p)
                 }
                 Planned::AttentionBackward(problem) => {
                     let kernel = attention::BackwardKernel::Auto;
                     let p = attention::plan_backward(kernel, problem, &profile).unwrap();
-                    backward_set
-                        .contains(&p)
-                        .then_some(())
-                        .ok_or(format!("{problem:?} -> {p:?}"))
+                    in_set(&backward_set, "", problem, p)
                 }
                 Planned::Decode {
                     problem,
