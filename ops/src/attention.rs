@@ -496,76 +496,47 @@ pub fn flash_attention_with<R: Runtime, E: FloatElement>(
     // SAFETY (every launch): shapes were validated above; the kernels bounds-check rows
     // against S and work items against their count, `vector` divides D, all strides and all
     // offsets, and the planner checked shared memory against the device's limit.
-    let cfg = match planned {
-        AttentionPlan::Cmma(cfg) => cfg,
+    macro_rules! launch {
+        ($kernel:ident, $count:expr, $dim:expr, $cfg:expr) => {
+            unsafe {
+                $kernel::launch_unchecked::<E, R>(
+                    client,
+                    $count,
+                    $dim,
+                    vector,
+                    q.arg(),
+                    k.arg(),
+                    v.arg(),
+                    out.arg(),
+                    lse.arg(),
+                    qo,
+                    ko,
+                    vo,
+                    scale,
+                    $cfg,
+                )
+            }
+        };
+    }
+    match planned {
         AttentionPlan::Rows(cfg) => {
             let rows = batch * heads * seq.div_ceil(cfg.rows);
             let (cube_count, cube_dim) = grid_1d(client, rows * cfg.splits);
-            unsafe {
-                flash_attention_rows::launch_unchecked::<E, R>(
-                    client,
-                    cube_count,
-                    cube_dim,
-                    vector,
-                    q.arg(),
-                    k.arg(),
-                    v.arg(),
-                    out.arg(),
-                    lse.arg(),
-                    qo,
-                    ko,
-                    vo,
-                    scale,
-                    cfg,
-                );
-            }
-            return Ok(());
+            launch!(flash_attention_rows, cube_count, cube_dim, cfg);
         }
         AttentionPlan::Tiled(cfg) => {
-            let items = batch * heads * seq.div_ceil(cfg.block_q);
-            let cubes = items.div_ceil(cfg.groups) as u32;
+            let cubes = (batch * heads * seq.div_ceil(cfg.block_q)).div_ceil(cfg.groups) as u32;
             let cube_dim =
                 CubeDim::new_3d(cfg.block_k as u32, cfg.block_q as u32, cfg.groups as u32);
-            unsafe {
-                flash_kernel::launch_unchecked::<E, R>(
-                    client,
-                    CubeCountSelection::new(client, cubes).cube_count(),
-                    cube_dim,
-                    vector,
-                    q.arg(),
-                    k.arg(),
-                    v.arg(),
-                    out.arg(),
-                    lse.arg(),
-                    qo,
-                    ko,
-                    vo,
-                    scale,
-                    cfg,
-                );
-            }
-            return Ok(());
+            let count = CubeCountSelection::new(client, cubes).cube_count();
+            launch!(flash_kernel, count, cube_dim, cfg);
         }
-    };
-    let cubes = (batch * heads * seq.div_ceil(cfg.block_q())) as u32;
-    let cube_dim = CubeDim::new_2d(cfg.plane_size as u32, cfg.planes as u32);
-    unsafe {
-        flash_attention_cmma::launch_unchecked::<E, R>(
-            client,
-            CubeCountSelection::new(client, cubes).cube_count(),
-            cube_dim,
-            vector,
-            q.arg(),
-            k.arg(),
-            v.arg(),
-            out.arg(),
-            lse.arg(),
-            qo,
-            ko,
-            vo,
-            scale,
-            cfg,
-        );
+        AttentionPlan::Cmma(cfg) => {
+            let cubes = (batch * heads * seq.div_ceil(cfg.block_q())) as u32;
+            let cube_dim = CubeDim::new_2d(cfg.plane_size as u32, cfg.planes as u32);
+            let count = CubeCountSelection::new(client, cubes).cube_count();
+            launch!(flash_attention_cmma, count, cube_dim, cfg);
+        }
     }
     Ok(())
 }

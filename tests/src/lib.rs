@@ -196,3 +196,179 @@ macro_rules! with_client {
         }
     }};
 }
+
+pub use megabyte_ops::{DeviceProfile, Dtype};
+
+/// One kernel test case: a problem and its seed, named by its `Debug` form in every failure.
+/// `run` computes the reference, the naive baseline and the kernel(s) in E and applies the
+/// tolerance rule ([`check`]), panicking with the case's name. A case of a preset regime names
+/// the plan it must launch ([`KernelCase::expect`]); [`run_cases`] records the launches and
+/// fails if that plan is not among them.
+pub trait KernelCase: std::fmt::Debug {
+    /// The family's plan.
+    type Plan: PartialEq + std::fmt::Debug;
+
+    fn run<E: FloatElement>(&self, client: &ComputeClient<TestRuntime>);
+
+    /// The plan this case must launch, if any.
+    fn expect(&self) -> Option<&Self::Plan> {
+        None
+    }
+
+    /// A recorded call of this family as its planner plans it on `profile`; `None` for other
+    /// families' calls.
+    fn planned(call: &megabyte_ops::record::Planned, profile: &DeviceProfile)
+        -> Option<Self::Plan>;
+}
+
+/// Runs every case in E on the test device (skipped outside CI when there is none); a case
+/// with an expected plan must launch it (planned with the device's own profile, as the
+/// launchers plan).
+pub fn run_cases<E: FloatElement, C: KernelCase>(
+    cases: impl FnOnce(Dtype, &DeviceProfile) -> Vec<C>,
+) {
+    with_client!(TestRuntime, |client| {
+        let dtype = Dtype::of_name(E::NAME).expect("a float dtype");
+        let profile = DeviceProfile::of(&client);
+        let cases = cases(dtype, &profile);
+        assert!(!cases.is_empty(), "no {} cases", E::NAME);
+        for case in cases {
+            let Some(expected) = case.expect() else {
+                case.run::<E>(&client);
+                continue;
+            };
+            let ((), log) = megabyte_ops::record::recording(|| case.run::<E>(&client));
+            let launched: Vec<C::Plan> =
+                log.iter().filter_map(|c| C::planned(c, &profile)).collect();
+            assert!(
+                launched.contains(expected),
+                "{} {case:?}: expected plan {expected:?} on {}, launched {launched:?}",
+                E::NAME,
+                profile.name
+            );
+        }
+    });
+}
+
+/// The element type of a dtype's name in [`kernel_tests!`].
+#[macro_export]
+macro_rules! element {
+    (f32) => {
+        f32
+    };
+    (f16) => {
+        half::f16
+    };
+    (bf16) => {
+        half::bf16
+    };
+}
+
+/// A test per dtype × regime of one kernel family: `mod f32 { fn sweep, fn presets, fn
+/// random }` and so on, so a failing test names its family (the test binary), dtype and
+/// regime, and the panic names the case and kernel. Each regime is a function
+/// `(Dtype, &DeviceProfile) -> Vec<Case>`; `random` draws `$n` cases from a proptest strategy;
+/// regimes listed after `ignored` are `#[ignore]`d (long runs, `-- --ignored`).
+///
+/// ```ignore
+/// kernel_tests!(Case, [f32, f16], [sweep, presets], random(16, any_case()));
+/// ```
+#[macro_export]
+macro_rules! kernel_tests {
+    ($case:ty, [$($dt:ident),+ $(,)?], $regimes:tt, random($n:expr, $strategy:expr) $(,)?) => {
+        $crate::kernel_tests!($case, [$($dt),+], $regimes, random($n, $strategy), ignored []);
+    };
+    (
+        $case:ty, [$($dt:ident),+ $(,)?], $regimes:tt, random($n:expr, $strategy:expr),
+        ignored $slow:tt $(,)?
+    ) => {
+        $(
+            $crate::kernel_tests!(@dtype $dt, $case, $regimes, $slow, $n, $strategy);
+        )+
+    };
+    (
+        @dtype $dt:ident, $case:ty, [$($regime:ident),* $(,)?], [$($slow:ident),* $(,)?],
+        $n:expr, $strategy:expr
+    ) => {
+        mod $dt {
+            use super::*;
+            $(
+                #[test]
+                fn $regime() {
+                    $crate::run_cases::<$crate::element!($dt), $case>(super::$regime);
+                }
+            )*
+            $(
+                #[test]
+                #[ignore]
+                fn $slow() {
+                    $crate::run_cases::<$crate::element!($dt), $case>(super::$slow);
+                }
+            )*
+            ::proptest::proptest! {
+                #![proptest_config(::proptest::prelude::ProptestConfig {
+                    cases: $n,
+                    failure_persistence: None,
+                    ..::proptest::prelude::ProptestConfig::default()
+                })]
+                #[test]
+                fn random(case in $strategy) {
+                    $crate::run_cases::<$crate::element!($dt), $case>(|_, _| vec![case]);
+                }
+            }
+        }
+    };
+}
+
+/// The plan half of a [`KernelCase`] impl: `type Plan`, `expect` (the case's `expect` field)
+/// and `planned` (how a recorded call of the family is planned).
+///
+/// ```ignore
+/// impl KernelCase for Case {
+///     planned_by!(LayerNormPlan, |profile| Planned::LayerNorm(p) => plan(p, profile));
+///     fn run<E: FloatElement>(&self, client: &ComputeClient<TestRuntime>) { .. }
+/// }
+/// ```
+#[macro_export]
+macro_rules! planned_by {
+    ($plan:ty, |$profile:ident| $($pat:pat => $e:expr),+ $(,)?) => {
+        type Plan = $plan;
+
+        fn expect(&self) -> Option<&$plan> {
+            self.expect.as_ref()
+        }
+
+        fn planned(
+            call: &::megabyte_ops::record::Planned,
+            $profile: &$crate::DeviceProfile,
+        ) -> Option<$plan> {
+            #[allow(unreachable_patterns)]
+            match call {
+                $($pat => Some($e),)+
+                _ => None,
+            }
+        }
+    };
+}
+
+/// The plan half of a [`KernelCase`] impl for a family with one kernel and no planner.
+#[macro_export]
+macro_rules! no_plan {
+    () => {
+        type Plan = ();
+
+        fn planned(_: &::megabyte_ops::record::Planned, _: &$crate::DeviceProfile) -> Option<()> {
+            None
+        }
+    };
+}
+
+/// Every built-in preset's config, by name.
+pub fn preset_configs() -> impl Iterator<Item = (&'static str, megabyte_reference::Config)> {
+    megabyte_reference::PRESET_NAMES.iter().map(|&name| {
+        (
+            name,
+            megabyte_reference::Config::preset(name).expect("a built-in preset"),
+        )
+    })
+}

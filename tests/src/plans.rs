@@ -51,6 +51,27 @@ fn plan_all<C, P>(
     out
 }
 
+/// The distinct plans `profile` gives a list of calls, each with the cheapest call (by
+/// `cost`) that reaches it, in first-seen order: what the kernel tests run on their device
+/// (`presets` regimes). A call the profile cannot plan is a bug in the list or the planner.
+pub fn representatives<C: Clone, P: PartialEq + Clone>(
+    calls: Vec<(String, C)>,
+    profile: &DeviceProfile,
+    plan: impl Fn(&C, &DeviceProfile) -> Result<P, megabyte_ops::OpError>,
+    cost: impl Fn(&C) -> usize,
+) -> Vec<(String, C, P)> {
+    let mut out: Vec<(String, C, P)> = Vec::new();
+    for (name, call) in calls {
+        let p = plan(&call, profile).unwrap_or_else(|e| panic!("{name} on {}: {e}", profile.name));
+        match out.iter_mut().find(|(_, _, q)| *q == p) {
+            Some(slot) if cost(&call) < cost(&slot.1) => *slot = (name, call, p),
+            Some(_) => {}
+            None => out.push((name, call, p)),
+        }
+    }
+    out
+}
+
 /// The distinct plans of a list, in first-seen order.
 pub fn distinct<P: PartialEq + Clone>(planned: &[Planned<P>]) -> Vec<P> {
     let mut out: Vec<P> = Vec::new();
@@ -62,7 +83,8 @@ pub fn distinct<P: PartialEq + Clone>(planned: &[Planned<P>]) -> Vec<P> {
     out
 }
 
-fn activation(cfg: &Config) -> ActivationKind {
+/// The kernels' activation of a config.
+pub fn activation(cfg: &Config) -> ActivationKind {
     match cfg.activation {
         Activation::Gelu => ActivationKind::Gelu,
         Activation::Relu => ActivationKind::Relu,
@@ -152,7 +174,7 @@ pub fn attention_plans(dtype: Dtype) -> Vec<Planned<AttentionPlan>> {
 
 /// The attention backward of every preset's two stacks and of the head dims the tests and
 /// benches use (training runs in f32 only).
-pub fn backward_plans() -> Vec<Planned<BackwardPlan>> {
+pub fn backward_calls() -> Vec<(String, BackwardProblem)> {
     let mut calls = Vec::new();
     for (preset, cfg) in presets() {
         for (stack, head_dim) in [
@@ -165,7 +187,7 @@ pub fn backward_plans() -> Vec<Planned<BackwardPlan>> {
     for d in [32usize, 64, 80, 128] {
         calls.push((format!("test d{d}"), d));
     }
-    let calls = calls
+    calls
         .into_iter()
         .map(|(name, head_dim)| {
             (
@@ -176,8 +198,12 @@ pub fn backward_plans() -> Vec<Planned<BackwardPlan>> {
                 },
             )
         })
-        .collect();
-    plan_all(calls, |problem, profile| {
+        .collect()
+}
+
+/// [`backward_calls`] as `BackwardKernel::Auto` plans them.
+pub fn backward_plans() -> Vec<Planned<BackwardPlan>> {
+    plan_all(backward_calls(), |problem, profile| {
         megabyte_ops::attention::plan_backward(BackwardKernel::Auto, problem, profile)
     })
 }
@@ -320,7 +346,7 @@ pub fn gemm_plans(dtype: Dtype) -> Vec<Planned<GemmPlan>> {
 
 /// The gathering global-to-local GEMM of every preset: all B·T byte rows (64 patches, and a
 /// few rows when decoding unfused) of width D_G into D_L.
-pub fn local_input_plans(dtype: Dtype) -> Vec<Planned<GemmConfig>> {
+pub fn local_input_calls(dtype: Dtype) -> Vec<(String, GemmCall)> {
     let mut calls = Vec::new();
     for (preset, cfg) in presets() {
         let (dg, dl) = (cfg.d_global, cfg.d_local);
@@ -343,7 +369,12 @@ pub fn local_input_plans(dtype: Dtype) -> Vec<Planned<GemmConfig>> {
             calls.push((format!("{preset} local_input{what}"), call));
         }
     }
-    plan_all(calls, |call, profile| {
+    calls
+}
+
+/// [`local_input_calls`] as the local-input launcher plans them.
+pub fn local_input_plans(dtype: Dtype) -> Vec<Planned<GemmConfig>> {
+    plan_all(local_input_calls(dtype), |call, profile| {
         megabyte_ops::gemm::plan_tiled(GemmKernel::Auto, call, profile)
     })
 }
@@ -469,7 +500,7 @@ pub fn with_stages(
 
 /// LayerNorm over every preset's two widths (the global stack's P·D_G, the local D_L), plain
 /// and with the fused residual add, over one row and many.
-pub fn layer_norm_plans(dtype: Dtype) -> Vec<Planned<LayerNormPlan>> {
+pub fn layer_norm_calls(dtype: Dtype) -> Vec<(String, LayerNormProblem)> {
     let mut calls = Vec::new();
     for (preset, cfg) in presets() {
         for (stack, width) in [("global", cfg.global_width()), ("local", cfg.d_local)] {
@@ -489,7 +520,12 @@ pub fn layer_norm_plans(dtype: Dtype) -> Vec<Planned<LayerNormPlan>> {
             }
         }
     }
-    plan_all(calls, |p, profile| {
+    calls
+}
+
+/// [`layer_norm_calls`] as the LayerNorm launcher plans them.
+pub fn layer_norm_plans(dtype: Dtype) -> Vec<Planned<LayerNormPlan>> {
+    plan_all(layer_norm_calls(dtype), |p, profile| {
         Ok(megabyte_ops::layer_norm::plan(p, profile))
     })
 }
@@ -497,7 +533,7 @@ pub fn layer_norm_plans(dtype: Dtype) -> Vec<Planned<LayerNormPlan>> {
 /// The tied logits + cross-entropy of every preset (D_L wide, its vocabulary), scoring
 /// (logits not stored) and training (stored for the backward), and the 257-entry vocabulary
 /// the tests use.
-pub fn cross_entropy_plans(dtype: Dtype) -> Vec<Planned<CrossEntropyPlan>> {
+pub fn cross_entropy_calls(dtype: Dtype) -> Vec<(String, CrossEntropyProblem)> {
     let mut calls = Vec::new();
     for (preset, cfg) in presets() {
         for vocab in [cfg.vocab, 257] {
@@ -512,7 +548,12 @@ pub fn cross_entropy_plans(dtype: Dtype) -> Vec<Planned<CrossEntropyPlan>> {
             }
         }
     }
-    plan_all(calls, |p, profile| {
+    calls
+}
+
+/// [`cross_entropy_calls`] as the cross-entropy launcher plans them.
+pub fn cross_entropy_plans(dtype: Dtype) -> Vec<Planned<CrossEntropyPlan>> {
+    plan_all(cross_entropy_calls(dtype), |p, profile| {
         Ok(megabyte_ops::cross_entropy::plan(p, profile))
     })
 }

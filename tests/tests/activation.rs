@@ -1,28 +1,40 @@
-//! GELU / ReLU kernel against the reference, f32 and f16, proptest and a sweep of awkward sizes.
+//! GELU / ReLU kernel against the reference; per dtype a sweep of awkward sizes, every
+//! preset's hidden layers, and proptest.
 
+use cubecl::prelude::ComputeClient;
 use megabyte_ops::activation::{activation, gelu_naive};
 use megabyte_ops::{ActivationKind, FloatElement, Tensor};
 use megabyte_reference::activation::{gelu_scalar, relu_scalar};
-use megabyte_tests::{check, read_f64, round, uniform, with_client, TestRuntime, NAIVE_SAMPLE};
+use megabyte_tests::plans::activation as activation_of;
+use megabyte_tests::{
+    check, kernel_tests, no_plan, preset_configs, read_f64, round, uniform, with_client,
+    DeviceProfile, Dtype, KernelCase, TestRuntime, NAIVE_SAMPLE,
+};
 use proptest::prelude::*;
 
 /// Input ranges: the whole useful range, and near zero, where outputs are small and an
 /// inaccurate erf shows (the max-abs-error rule on the wide range is dominated by |x| ~ 6).
 const RANGES: &[(f32, f32)] = &[(-6.0, 6.0), (-0.5, 0.5), (-3.0, -0.5)];
 
-fn run_case<E: FloatElement>(
-    client: &cubecl::prelude::ComputeClient<TestRuntime>,
+#[derive(Clone, Debug)]
+struct Case {
     act: ActivationKind,
     n: usize,
     seed: u64,
-) {
-    for &(lo, hi) in RANGES {
-        run_range::<E>(client, act, n, seed, lo, hi);
+}
+
+impl KernelCase for Case {
+    no_plan!();
+
+    fn run<E: FloatElement>(&self, client: &ComputeClient<TestRuntime>) {
+        for &(lo, hi) in RANGES {
+            run_range::<E>(client, self.act, self.n, self.seed, lo, hi);
+        }
     }
 }
 
 fn run_range<E: FloatElement>(
-    client: &cubecl::prelude::ComputeClient<TestRuntime>,
+    client: &ComputeClient<TestRuntime>,
     act: ActivationKind,
     n: usize,
     seed: u64,
@@ -61,43 +73,47 @@ fn run_range<E: FloatElement>(
 /// Lengths that are 1, prime, one off a power of two, and larger than one cube.
 const SWEEP: &[usize] = &[1, 2, 3, 4, 7, 33, 255, 1000, 1023, 4097, 65_537];
 
-#[test]
-fn sweep_f32() {
-    with_client!(
-        TestRuntime,
-        |client| for act in [ActivationKind::Gelu, ActivationKind::Relu] {
-            for (i, &n) in SWEEP.iter().enumerate() {
-                run_case::<f32>(&client, act, n, 1000 + i as u64);
-            }
-        }
-    );
+const ACTS: [ActivationKind; 2] = [ActivationKind::Gelu, ActivationKind::Relu];
+
+fn sweep(_: Dtype, _: &DeviceProfile) -> Vec<Case> {
+    (ACTS.into_iter().enumerate())
+        .flat_map(|(j, act)| {
+            (SWEEP.iter().enumerate()).map(move |(i, &n)| Case {
+                act,
+                n,
+                seed: 1000 + 100 * j as u64 + i as u64,
+            })
+        })
+        .collect()
 }
 
-#[test]
-fn sweep_f16() {
-    with_client!(
-        TestRuntime,
-        |client| for act in [ActivationKind::Gelu, ActivationKind::Relu] {
-            for (i, &n) in SWEEP.iter().enumerate() {
-                run_case::<half::f16>(&client, act, n, 2000 + i as u64);
-            }
+/// Each preset's hidden layers (both stacks' FFN widths, over three rows), with its
+/// activation, at most 4M values.
+fn presets(_: Dtype, _: &DeviceProfile) -> Vec<Case> {
+    let mut cases = Vec::new();
+    for (i, (_, cfg)) in preset_configs().enumerate() {
+        let act = activation_of(&cfg);
+        for (j, width) in [cfg.global_width(), cfg.d_local].into_iter().enumerate() {
+            let n = (3 * cfg.ffn_mult * width).min(1 << 22);
+            cases.push(Case {
+                act,
+                n,
+                seed: 3000 + 2 * i as u64 + j as u64,
+            });
         }
-    );
-}
-
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 16, failure_persistence: None, ..ProptestConfig::default() })]
-
-    #[test]
-    fn random_lengths(n in 1usize..5000, seed: u64, gelu: bool, f16: bool) {
-        let act = if gelu { ActivationKind::Gelu } else { ActivationKind::Relu };
-        with_client!(TestRuntime, |client| if f16 {
-            run_case::<half::f16>(&client, act, n, seed)
-        } else {
-            run_case::<f32>(&client, act, n, seed)
-        });
     }
+    cases
 }
+
+fn any_case() -> impl Strategy<Value = Case> {
+    (1usize..5000, any::<bool>(), any::<u64>()).prop_map(|(n, gelu, seed)| Case {
+        act: ACTS[gelu as usize],
+        n,
+        seed,
+    })
+}
+
+kernel_tests!(Case, [f32, f16], [sweep, presets], random(8, any_case()));
 
 #[test]
 fn mismatched_output_shape_is_an_error() {

@@ -1,14 +1,23 @@
 //! Flash attention against the f64 reference, with the naive score-materialising kernel in the
-//! same precision as the tolerance baseline: proptest over shapes and dtypes, fixed sweeps of
-//! awkward sizes for the global and the local regime, strided views, and errors.
+//! same precision as the tolerance baseline. Per dtype, for self attention and for decoding
+//! against a cache (`decode::`): fixed sweeps of awkward sizes for the global and the local
+//! regime and strided views, every plan a preset's stacks get on this device (each kernel,
+//! the tensor-core one as its emulated twin where the device has no CMMA), proptest; errors.
 
 use cubecl::prelude::ComputeClient;
-use megabyte_ops::attention::{flash_attention, flash_attention_with, naive_attention};
+use megabyte_ops::attention::{
+    flash_attention, flash_attention_with, naive_attention, plan, AttentionCall, AttentionPlan,
+};
 use megabyte_ops::gemm::cmma_supported;
+use megabyte_ops::record::Planned;
 use megabyte_ops::AttentionKernel;
 use megabyte_ops::{FloatElement, OpError, Tensor};
 use megabyte_reference::attention::attention_f64;
-use megabyte_tests::{check, read_f64, round_all, uniform, with_client, TestRuntime};
+use megabyte_tests::plans::{attention_calls, representatives};
+use megabyte_tests::{
+    check, kernel_tests, planned_by, read_f64, round_all, uniform, with_client, DeviceProfile,
+    Dtype, KernelCase, TestRuntime,
+};
 use proptest::prelude::*;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -19,291 +28,397 @@ enum Layout {
     FusedQkv,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_case<E: FloatElement>(
-    client: &ComputeClient<TestRuntime>,
+#[derive(Clone, Debug)]
+struct Case {
     b: usize,
     s: usize,
     h: usize,
     d: usize,
     causal: bool,
-    seed: u64,
     layout: Layout,
-) {
-    let case = format!(
-        "attention({}, b={b}, s={s}, h={h}, d={d}, causal={causal}, {layout:?}, seed={seed})",
-        E::NAME
-    );
-    let n = b * s * h * d;
-    // Inputs rounded to E, so the reference sees exactly what the kernels see.
-    let gen = |sd: u64| round_all::<E>(uniform(sd, n, -2.0, 2.0));
-    let (q, k, v) = (gen(seed), gen(seed ^ 0x9e37), gen(seed ^ 0x7f4a));
-    let (ref_out, ref_lse) = attention_f64(&q, &k, &v, b, s, h, d, causal);
+    seed: u64,
+    /// The plan `Auto` must launch (the preset regime).
+    expect: Option<AttentionPlan>,
+}
 
-    let naive_out = Tensor::<TestRuntime, E>::full(client, &[b, s, h, d], f64::NAN).unwrap();
-    let naive_lse = Tensor::<TestRuntime, f32>::full(client, &[b, h, s], f64::NAN).unwrap();
-    let t = |x: &[f32]| Tensor::<TestRuntime, E>::from_f32(client, x, &[b, s, h, d]).unwrap();
-    naive_attention(&t(&q), &t(&k), &t(&v), &naive_out, &naive_lse, causal).unwrap();
-    let (naive_out, naive_lse) = (read_f64(&naive_out), read_f64(&naive_lse));
+/// How `Auto` plans a recorded attention call on `profile`.
+fn auto(call: &AttentionCall, profile: &DeviceProfile) -> AttentionPlan {
+    plan(AttentionKernel::Auto, call, profile).expect("an attention plan")
+}
 
-    let mut kernels = vec![
-        AttentionKernel::Tiled,
-        AttentionKernel::Rows,
-        AttentionKernel::RowsSplitDims,
-    ];
-    if std::mem::size_of::<E>() == 2 {
-        kernels.push(AttentionKernel::CmmaEmulated);
-        if cmma_supported::<TestRuntime, E>(client) {
-            kernels.push(AttentionKernel::Cmma);
-        }
-    }
-    for kernel in kernels {
-        let case = format!("{case} {kernel:?}");
-        // Poisoned outputs: an element the kernel never writes stays NaN and fails.
-        let out = Tensor::<TestRuntime, E>::full(client, &[b, s, h, d], f64::NAN).unwrap();
-        let lse = Tensor::<TestRuntime, f32>::full(client, &[b, h, s], f64::NAN).unwrap();
-        match layout {
-            Layout::Contiguous => {
-                let (qt, kt, vt) = (t(&q), t(&k), t(&v));
-                flash_attention_with(
-                    kernel,
-                    &qt.view(),
-                    &kt.view(),
-                    &vt.view(),
-                    &out,
-                    &lse,
-                    causal,
-                )
-                .unwrap();
+impl KernelCase for Case {
+    planned_by!(AttentionPlan, |profile| Planned::Attention(call) => auto(call, profile));
+
+    /// Against the reference: the tiled and rows kernels (a preset case: `Auto`, which must
+    /// launch the expected plan), and for 2-byte floats the tensor-core kernel's emulated twin,
+    /// and the kernel itself on a device with CMMA.
+    fn run<E: FloatElement>(&self, client: &ComputeClient<TestRuntime>) {
+        let (b, s, h, d) = (self.b, self.s, self.h, self.d);
+        let (causal, layout, seed) = (self.causal, self.layout, self.seed);
+        let case = format!("attention {} {self:?}", E::NAME);
+        let n = b * s * h * d;
+        // Inputs rounded to E, so the reference sees exactly what the kernels see.
+        let gen = |sd: u64| round_all::<E>(uniform(sd, n, -2.0, 2.0));
+        let (q, k, v) = (gen(seed), gen(seed ^ 0x9e37), gen(seed ^ 0x7f4a));
+        let (ref_out, ref_lse) = attention_f64(&q, &k, &v, b, s, h, d, causal);
+
+        let naive_out = Tensor::<TestRuntime, E>::full(client, &[b, s, h, d], f64::NAN).unwrap();
+        let naive_lse = Tensor::<TestRuntime, f32>::full(client, &[b, h, s], f64::NAN).unwrap();
+        let t = |x: &[f32]| Tensor::<TestRuntime, E>::from_f32(client, x, &[b, s, h, d]).unwrap();
+        naive_attention(&t(&q), &t(&k), &t(&v), &naive_out, &naive_lse, causal).unwrap();
+        let (naive_out, naive_lse) = (read_f64(&naive_out), read_f64(&naive_lse));
+
+        // A preset case runs the plan it must launch (`Auto`); the others every kernel.
+        let mut kernels = if self.expect.is_some() {
+            vec![AttentionKernel::Auto]
+        } else {
+            vec![
+                AttentionKernel::Tiled,
+                AttentionKernel::Rows,
+                AttentionKernel::RowsSplitDims,
+            ]
+        };
+        if std::mem::size_of::<E>() == 2 {
+            kernels.push(AttentionKernel::CmmaEmulated);
+            if cmma_supported::<TestRuntime, E>(client) {
+                kernels.push(AttentionKernel::Cmma);
             }
-            Layout::FusedQkv => {
-                let mut fused = vec![0f32; 3 * n];
-                for row in 0..b * s {
-                    for (part, src) in [&q, &k, &v].into_iter().enumerate() {
-                        fused[(row * 3 + part) * h * d..][..h * d]
-                            .copy_from_slice(&src[row * h * d..][..h * d]);
-                    }
-                }
-                let qkv =
-                    Tensor::<TestRuntime, E>::from_f32(client, &fused, &[b, s, 3, h, d]).unwrap();
-                let strides = [s * 3 * h * d, 3 * h * d, d, 1];
-                let view =
-                    |part: usize| qkv.strided(part * h * d, &[b, s, h, d], &strides).unwrap();
-                flash_attention_with(kernel, &view(0), &view(1), &view(2), &out, &lse, causal)
+        }
+        for kernel in kernels {
+            let case = format!("{case} {kernel:?}");
+            // Poisoned outputs: an element the kernel never writes stays NaN and fails.
+            let out = Tensor::<TestRuntime, E>::full(client, &[b, s, h, d], f64::NAN).unwrap();
+            let lse = Tensor::<TestRuntime, f32>::full(client, &[b, h, s], f64::NAN).unwrap();
+            match layout {
+                Layout::Contiguous => {
+                    let (qt, kt, vt) = (t(&q), t(&k), t(&v));
+                    flash_attention_with(
+                        kernel,
+                        &qt.view(),
+                        &kt.view(),
+                        &vt.view(),
+                        &out,
+                        &lse,
+                        causal,
+                    )
                     .unwrap();
+                }
+                Layout::FusedQkv => {
+                    let mut fused = vec![0f32; 3 * n];
+                    for row in 0..b * s {
+                        for (part, src) in [&q, &k, &v].into_iter().enumerate() {
+                            fused[(row * 3 + part) * h * d..][..h * d]
+                                .copy_from_slice(&src[row * h * d..][..h * d]);
+                        }
+                    }
+                    let qkv = Tensor::<TestRuntime, E>::from_f32(client, &fused, &[b, s, 3, h, d])
+                        .unwrap();
+                    let strides = [s * 3 * h * d, 3 * h * d, d, 1];
+                    let view =
+                        |part: usize| qkv.strided(part * h * d, &[b, s, h, d], &strides).unwrap();
+                    flash_attention_with(kernel, &view(0), &view(1), &view(2), &out, &lse, causal)
+                        .unwrap();
+                }
             }
+            check::<E>(&case, "out", &read_f64(&out), &naive_out, &ref_out)
+                .unwrap_or_else(|e| panic!("{e}"));
+            // Every kernel keeps softmax statistics in f32.
+            check::<f32>(&case, "lse", &read_f64(&lse), &naive_lse, &ref_lse)
+                .unwrap_or_else(|e| panic!("{e}"));
         }
-        check::<E>(&case, "out", &read_f64(&out), &naive_out, &ref_out)
-            .unwrap_or_else(|e| panic!("{e}"));
-        // Every kernel keeps softmax statistics in f32.
-        check::<f32>(&case, "lse", &read_f64(&lse), &naive_lse, &ref_lse)
-            .unwrap_or_else(|e| panic!("{e}"));
     }
 }
 
 /// (batch, seq, heads, head_dim): sequences of 1, 2, 7, 113, 1023, 1025; head dims 32, 64, 80,
 /// 128 and odd ones; batches of 1, 3 and 75; nothing a multiple of the 16-row tile but 64.
+#[rustfmt::skip]
 const GLOBAL_SWEEP: &[(usize, usize, usize, usize)] = &[
-    (1, 1, 1, 64),
-    (1, 2, 2, 32),
-    (3, 7, 2, 80),
-    (1, 113, 1, 128),
-    (3, 113, 2, 33),
-    (1, 1023, 1, 64),
-    (1, 1025, 1, 32),
-    (75, 7, 1, 64),
-    (2, 64, 3, 80),
+    (1, 1, 1, 64), (1, 2, 2, 32), (3, 7, 2, 80), (1, 113, 1, 128), (3, 113, 2, 33),
+    (1, 1023, 1, 64), (1, 1025, 1, 32), (75, 7, 1, 64), (2, 64, 3, 80),
 ];
 
 /// The local regime: many sequences of a patch's length.
+#[rustfmt::skip]
 const LOCAL_SWEEP: &[(usize, usize, usize, usize)] = &[
-    (300, 8, 2, 64),
-    (75, 4, 1, 32),
-    (9, 32, 2, 64),
-    (40, 12, 1, 80),
-    (3, 192, 1, 64),
+    (300, 8, 2, 64), (75, 4, 1, 32), (9, 32, 2, 64), (40, 12, 1, 80), (3, 192, 1, 64),
     (500, 1, 1, 16),
 ];
 
-#[test]
-fn global_sweep_f32() {
-    with_client!(
-        TestRuntime,
-        |client| for (i, &(b, s, h, d)) in GLOBAL_SWEEP.iter().enumerate() {
-            for causal in [true, false] {
-                run_case::<f32>(
-                    &client,
-                    b,
-                    s,
-                    h,
-                    d,
-                    causal,
-                    100 + i as u64,
-                    Layout::Contiguous,
-                );
-            }
+fn sweep(dtype: Dtype, _: &DeviceProfile) -> Vec<Case> {
+    let case = |(b, s, h, d), causal, layout, seed| Case {
+        b,
+        s,
+        h,
+        d,
+        causal,
+        layout,
+        seed,
+        expect: None,
+    };
+    let mut cases = Vec::new();
+    // Non-causal global cases in f32 only (the same code path in f16, twice the time).
+    let both: &[bool] = if dtype == Dtype::F32 {
+        &[true, false]
+    } else {
+        &[true]
+    };
+    for (i, &shape) in GLOBAL_SWEEP.iter().enumerate() {
+        for &causal in both {
+            cases.push(case(shape, causal, Layout::Contiguous, 100 + i as u64));
         }
-    );
+    }
+    let local = if dtype == Dtype::F32 {
+        Layout::Contiguous
+    } else {
+        Layout::FusedQkv
+    };
+    for (i, &shape) in LOCAL_SWEEP.iter().enumerate() {
+        cases.push(case(shape, true, local, 300 + i as u64));
+    }
+    for (i, &shape) in FUSED_SWEEP.iter().enumerate() {
+        cases.push(case(shape, true, Layout::FusedQkv, 500 + i as u64));
+    }
+    cases
 }
 
-#[test]
-fn global_sweep_f16() {
-    with_client!(
-        TestRuntime,
-        |client| for (i, &(b, s, h, d)) in GLOBAL_SWEEP.iter().enumerate() {
-            run_case::<half::f16>(
-                &client,
-                b,
-                s,
-                h,
-                d,
-                true,
-                200 + i as u64,
-                Layout::Contiguous,
-            );
-        }
+/// Views into one fused projection, as the model passes them.
+const FUSED_SWEEP: &[(usize, usize, usize, usize)] =
+    &[(2, 37, 3, 64), (1, 16, 4, 32), (5, 8, 2, 80)];
+
+/// Every plan `Auto` gives the presets' self attention here (each stack's heads and head dim,
+/// every sequence length that reaches another tile), the cheapest call of each, over one
+/// sequence in the fused projection's layout.
+fn presets(dtype: Dtype, profile: &DeviceProfile) -> Vec<Case> {
+    let calls = attention_calls(dtype)
+        .into_iter()
+        .filter(|(_, c)| c.seq_k == c.problem.seq);
+    let plans = representatives(
+        calls.collect(),
+        profile,
+        |c, p| Ok(auto(c, p)),
+        |c| {
+            let p = &c.problem;
+            p.seq * p.seq * p.heads * p.head_dim
+        },
     );
+    (plans.into_iter().enumerate())
+        .map(|(i, (_, call, plan))| Case {
+            b: 1,
+            s: call.problem.seq,
+            h: call.problem.heads,
+            d: call.problem.head_dim,
+            causal: true,
+            layout: Layout::FusedQkv,
+            seed: 2500 + i as u64,
+            expect: Some(plan),
+        })
+        .collect()
 }
 
-#[test]
-fn local_sweep() {
-    with_client!(
-        TestRuntime,
-        |client| for (i, &(b, s, h, d)) in LOCAL_SWEEP.iter().enumerate() {
-            run_case::<f32>(
-                &client,
-                b,
-                s,
-                h,
-                d,
-                true,
-                300 + i as u64,
-                Layout::Contiguous,
-            );
-            run_case::<half::f16>(&client, b, s, h, d, true, 400 + i as u64, Layout::FusedQkv);
-        }
-    );
+fn any_case() -> impl Strategy<Value = Case> {
+    let d = prop::sample::select(vec![8usize, 16, 24, 32, 40, 64, 80, 96, 128, 17, 33]);
+    let dims = (1usize..4, 1usize..150, 1usize..4, d);
+    (dims, any::<bool>(), any::<bool>(), any::<u64>()).prop_map(
+        |((b, s, h, d), causal, fused, seed)| Case {
+            b,
+            s,
+            h,
+            d,
+            causal,
+            layout: if fused {
+                Layout::FusedQkv
+            } else {
+                Layout::Contiguous
+            },
+            seed,
+            expect: None,
+        },
+    )
 }
 
-#[test]
-fn fused_qkv_views() {
-    with_client!(TestRuntime, |client| for (i, &(b, s, h, d)) in
-        [(2, 37, 3, 64), (1, 16, 4, 32), (5, 8, 2, 80)]
-            .iter()
-            .enumerate()
-    {
-        run_case::<f32>(&client, b, s, h, d, true, 500 + i as u64, Layout::FusedQkv);
-    });
-}
+kernel_tests!(Case, [f32, f16], [sweep, presets], random(6, any_case()));
 
 /// Decoding against a KV cache: the last `sq` query rows against all `s` keys, read out of a
-/// cache buffer with room for `s + 5` positions, must equal those rows of full causal attention.
-fn run_decode_case<E: FloatElement>(
-    client: &ComputeClient<TestRuntime>,
-    b: usize,
-    s: usize,
-    sq: usize,
-    h: usize,
-    d: usize,
-    seed: u64,
-) {
-    let case = format!(
-        "decode attention({}, b={b}, s={s}, sq={sq}, h={h}, d={d}, seed={seed})",
-        E::NAME
-    );
-    let n = b * s * h * d;
-    let gen = |sd: u64| round_all::<E>(uniform(sd, n, -2.0, 2.0));
-    let (q, k, v) = (gen(seed), gen(seed ^ 0x9e37), gen(seed ^ 0x7f4a));
-    let (ref_out, ref_lse) = attention_f64(&q, &k, &v, b, s, h, d, true);
-    let t = |x: &[f32]| Tensor::<TestRuntime, E>::from_f32(client, x, &[b, s, h, d]).unwrap();
-    let (naive_out, naive_lse) = (
-        Tensor::<TestRuntime, E>::full(client, &[b, s, h, d], f64::NAN).unwrap(),
-        Tensor::<TestRuntime, f32>::full(client, &[b, h, s], f64::NAN).unwrap(),
-    );
-    naive_attention(&t(&q), &t(&k), &t(&v), &naive_out, &naive_lse, true).unwrap();
-    let (naive_out, naive_lse) = (read_f64(&naive_out), read_f64(&naive_lse));
-    // The last sq rows of (B, S, H, D) and of (B, H, S).
-    let rows = |x: &[f64]| -> Vec<f64> {
-        (0..b)
-            .flat_map(|bi| x[(bi * s + s - sq) * h * d..(bi + 1) * s * h * d].to_vec())
-            .collect()
-    };
-    let lse_rows = |x: &[f64]| -> Vec<f64> {
-        (0..b * h)
-            .flat_map(|bh| x[bh * s + s - sq..(bh + 1) * s].to_vec())
-            .collect()
-    };
-    let cap = s + 5;
-    let cache = |x: &[f32]| {
-        let mut buf = vec![f32::NAN; b * cap * h * d];
-        for bi in 0..b {
-            buf[bi * cap * h * d..][..s * h * d].copy_from_slice(&x[bi * s * h * d..][..s * h * d]);
-        }
-        Tensor::<TestRuntime, E>::from_f32(client, &buf, &[b, cap, h, d]).unwrap()
-    };
-    let (kc, vc, qt) = (cache(&k), cache(&v), t(&q));
-    let kv_strides = [cap * h * d, h * d, d, 1];
-    let q_view = qt
-        .strided((s - sq) * h * d, &[b, sq, h, d], &[s * h * d, h * d, d, 1])
-        .unwrap();
-    for kernel in [
-        AttentionKernel::Auto,
-        AttentionKernel::Rows,
-        AttentionKernel::RowsSplitDims,
-    ] {
-        let case = format!("{case} {kernel:?}");
-        let out = Tensor::<TestRuntime, E>::full(client, &[b, sq, h, d], f64::NAN).unwrap();
-        let lse = Tensor::<TestRuntime, f32>::full(client, &[b, h, sq], f64::NAN).unwrap();
-        flash_attention_with(
-            kernel,
-            &q_view,
-            &kc.strided(0, &[b, s, h, d], &kv_strides).unwrap(),
-            &vc.strided(0, &[b, s, h, d], &kv_strides).unwrap(),
-            &out,
-            &lse,
-            true,
-        )
-        .unwrap();
-        check::<E>(
-            &case,
-            "out",
-            &read_f64(&out),
-            &rows(&naive_out),
-            &rows(&ref_out),
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        check::<f32>(
-            &case,
-            "lse",
-            &read_f64(&lse),
-            &lse_rows(&naive_lse),
-            &lse_rows(&ref_lse),
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+/// cache buffer with room for `s + 5` positions, must equal those rows of full causal
+/// attention.
+mod decode {
+    use super::*;
+
+    #[derive(Clone, Debug)]
+    pub(super) struct Case {
+        b: usize,
+        s: usize,
+        sq: usize,
+        h: usize,
+        d: usize,
+        seed: u64,
+        /// The plan `Auto` must launch (the preset regime).
+        expect: Option<AttentionPlan>,
     }
+
+    impl KernelCase for Case {
+        planned_by!(AttentionPlan, |profile| Planned::Attention(call) => auto(call, profile));
+
+        fn run<E: FloatElement>(&self, client: &ComputeClient<TestRuntime>) {
+            let (b, s, sq, h, d, seed) = (self.b, self.s, self.sq, self.h, self.d, self.seed);
+            let case = format!("decode attention {} {self:?}", E::NAME);
+            let n = b * s * h * d;
+            let gen = |sd: u64| round_all::<E>(uniform(sd, n, -2.0, 2.0));
+            let (q, k, v) = (gen(seed), gen(seed ^ 0x9e37), gen(seed ^ 0x7f4a));
+            let (ref_out, ref_lse) = attention_f64(&q, &k, &v, b, s, h, d, true);
+            let t =
+                |x: &[f32]| Tensor::<TestRuntime, E>::from_f32(client, x, &[b, s, h, d]).unwrap();
+            let (naive_out, naive_lse) = (
+                Tensor::<TestRuntime, E>::full(client, &[b, s, h, d], f64::NAN).unwrap(),
+                Tensor::<TestRuntime, f32>::full(client, &[b, h, s], f64::NAN).unwrap(),
+            );
+            naive_attention(&t(&q), &t(&k), &t(&v), &naive_out, &naive_lse, true).unwrap();
+            let (naive_out, naive_lse) = (read_f64(&naive_out), read_f64(&naive_lse));
+            // The last sq rows of (B, S, H, D) and of (B, H, S).
+            let rows = |x: &[f64]| -> Vec<f64> {
+                (0..b)
+                    .flat_map(|bi| x[(bi * s + s - sq) * h * d..(bi + 1) * s * h * d].to_vec())
+                    .collect()
+            };
+            let lse_rows = |x: &[f64]| -> Vec<f64> {
+                (0..b * h)
+                    .flat_map(|bh| x[bh * s + s - sq..(bh + 1) * s].to_vec())
+                    .collect()
+            };
+            let cap = s + 5;
+            let cache = |x: &[f32]| {
+                let mut buf = vec![f32::NAN; b * cap * h * d];
+                for bi in 0..b {
+                    buf[bi * cap * h * d..][..s * h * d]
+                        .copy_from_slice(&x[bi * s * h * d..][..s * h * d]);
+                }
+                Tensor::<TestRuntime, E>::from_f32(client, &buf, &[b, cap, h, d]).unwrap()
+            };
+            let (kc, vc, qt) = (cache(&k), cache(&v), t(&q));
+            let kv_strides = [cap * h * d, h * d, d, 1];
+            let q_view = qt
+                .strided((s - sq) * h * d, &[b, sq, h, d], &[s * h * d, h * d, d, 1])
+                .unwrap();
+            let kernels: &[AttentionKernel] = if self.expect.is_some() {
+                &[AttentionKernel::Auto]
+            } else {
+                &[
+                    AttentionKernel::Auto,
+                    AttentionKernel::Rows,
+                    AttentionKernel::RowsSplitDims,
+                ]
+            };
+            for &kernel in kernels {
+                let case = format!("{case} {kernel:?}");
+                let out = Tensor::<TestRuntime, E>::full(client, &[b, sq, h, d], f64::NAN).unwrap();
+                let lse = Tensor::<TestRuntime, f32>::full(client, &[b, h, sq], f64::NAN).unwrap();
+                flash_attention_with(
+                    kernel,
+                    &q_view,
+                    &kc.strided(0, &[b, s, h, d], &kv_strides).unwrap(),
+                    &vc.strided(0, &[b, s, h, d], &kv_strides).unwrap(),
+                    &out,
+                    &lse,
+                    true,
+                )
+                .unwrap();
+                check::<E>(
+                    &case,
+                    "out",
+                    &read_f64(&out),
+                    &rows(&naive_out),
+                    &rows(&ref_out),
+                )
+                .unwrap_or_else(|e| panic!("{e}"));
+                check::<f32>(
+                    &case,
+                    "lse",
+                    &read_f64(&lse),
+                    &lse_rows(&naive_lse),
+                    &lse_rows(&ref_lse),
+                )
+                .unwrap_or_else(|e| panic!("{e}"));
+            }
+        }
+    }
+
+    /// (batch, keys, queries, heads, head dim).
+    #[rustfmt::skip]
+    const SWEEP: &[(usize, usize, usize, usize, usize)] = &[
+        (1, 1, 1, 1, 64), (2, 9, 1, 2, 32), (3, 33, 1, 4, 16), (1, 113, 7, 2, 80),
+        (2, 8, 8, 2, 64),
+        // One row per unit past head dim 64: q re-read from memory at every key.
+        (2, 50, 1, 2, 128), (1, 17, 1, 1, 80),
+        // An odd head dim: scalar loads, and the last split's slice runs past D.
+        (2, 12, 3, 1, 33),
+    ];
+
+    pub(super) fn sweep(_: Dtype, _: &DeviceProfile) -> Vec<Case> {
+        (SWEEP.iter().enumerate())
+            .map(|(i, &(b, s, sq, h, d))| Case {
+                b,
+                s,
+                sq,
+                h,
+                d,
+                seed: 700 + i as u64,
+                expect: None,
+            })
+            .collect()
+    }
+
+    /// Every plan `Auto` gives the presets' stacks decoding one or a few positions against a
+    /// full cache, the cheapest call of each, over one sequence.
+    pub(super) fn presets(dtype: Dtype, profile: &DeviceProfile) -> Vec<Case> {
+        let calls = attention_calls(dtype)
+            .into_iter()
+            .filter(|(_, c)| c.seq_k > c.problem.seq);
+        let plans = representatives(
+            calls.collect(),
+            profile,
+            |c, p| Ok(auto(c, p)),
+            |c| c.seq_k * c.problem.heads * c.problem.head_dim,
+        );
+        (plans.into_iter().enumerate())
+            .map(|(i, (_, call, plan))| Case {
+                b: 1,
+                s: call.seq_k,
+                sq: call.problem.seq,
+                h: call.problem.heads,
+                d: call.problem.head_dim,
+                seed: 2700 + i as u64,
+                expect: Some(plan),
+            })
+            .collect()
+    }
+
+    pub(super) fn any_case() -> impl Strategy<Value = Case> {
+        let d = prop::sample::select(vec![8usize, 16, 32, 33, 64, 80, 128]);
+        (
+            1usize..3,
+            1usize..120,
+            1usize..5,
+            1usize..4,
+            d,
+            any::<u64>(),
+        )
+            .prop_map(|(b, s, sq, h, d, seed)| Case {
+                b,
+                s,
+                sq: sq.min(s),
+                h,
+                d,
+                seed,
+                expect: None,
+            })
+    }
+
+    kernel_tests!(Case, [f32, f16], [sweep, presets], random(4, any_case()));
 }
 
 #[test]
-fn decode_against_a_cache() {
+fn decode_errors() {
     with_client!(TestRuntime, |client| {
-        for (i, &(b, s, sq, h, d)) in [
-            (1, 1, 1, 1, 64),
-            (2, 9, 1, 2, 32),
-            (3, 33, 1, 4, 16),
-            (1, 113, 7, 2, 80),
-            (2, 8, 8, 2, 64),
-            // One row per unit past head dim 64: q re-read from memory at every key.
-            (2, 50, 1, 2, 128),
-            (1, 17, 1, 1, 80),
-            // An odd head dim: scalar loads, and the last split's slice runs past D.
-            (2, 12, 3, 1, 33),
-        ]
-        .iter()
-        .enumerate()
-        {
-            run_decode_case::<f32>(&client, b, s, sq, h, d, 700 + i as u64);
-            run_decode_case::<half::f16>(&client, b, s, sq, h, d, 750 + i as u64);
-        }
         // The tiled kernel needs as many keys as queries: an error, not a wrong answer.
         let t = |shape: &[usize]| Tensor::<TestRuntime, f32>::full(&client, shape, 0.5).unwrap();
         let (q, kv) = (t(&[1, 1, 2, 16]), t(&[1, 6, 2, 16]));
@@ -333,21 +448,6 @@ fn decode_against_a_cache() {
         let err = flash_attention(&kv.view(), &q.view(), &q.view(), &out, &lse, true).unwrap_err();
         assert!(matches!(err, OpError::Shape { tensor: "k", .. }), "{err}");
     });
-}
-
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 12, failure_persistence: None, ..ProptestConfig::default() })]
-
-    #[test]
-    fn random_shapes(b in 1usize..4, s in 1usize..150, h in 1usize..4, d in prop::sample::select(vec![8usize, 16, 24, 32, 40, 64, 80, 96, 128, 17, 33]),
-                     causal: bool, f16: bool, fused: bool, seed: u64) {
-        let layout = if fused { Layout::FusedQkv } else { Layout::Contiguous };
-        with_client!(TestRuntime, |client| if f16 {
-            run_case::<half::f16>(&client, b, s, h, d, causal, seed, layout)
-        } else {
-            run_case::<f32>(&client, b, s, h, d, causal, seed, layout)
-        });
-    }
 }
 
 #[test]

@@ -2,26 +2,28 @@
 //! the reference blocks over the whole sequence: the step's output row is the reference's last
 //! row, and the keys and values it appends are each layer's projections at that position. The
 //! cache holds the reference's keys and values before the step and NaN after it, so a read
-//! past `pos` fails. Proptest over shapes and depths (narrow stacks, and stacks 192 to 512
-//! wide with 4 to 8 layers), a sweep of awkward sizes (one key, key counts around the softmax
-//! chunk, odd head widths, 3 heads), every built-in preset's own stacks, f32 and f16, and
-//! errors. The
-//! inputs (local input, patch embedding) and outputs (final LayerNorm, logits) are covered by
+//! past `pos` fails. Per dtype: a sweep of awkward sizes (one key, key counts around the
+//! softmax chunk, odd head widths, 3 heads), every built-in preset's own stacks, proptest over
+//! shapes and depths (narrow stacks, and in `wide::` stacks 192 to 512 wide with 4 to 8
+//! layers); errors. The inputs (local input, patch embedding) and outputs (final LayerNorm, logits) are covered by
 //! the model's cached-decoding tests, which run the fused and the unfused steps.
 //!
 //! Tolerance baseline: the model tests' naive block (`megabyte_tests::naive_model::block`: f32
 //! sums in index order, a materialised softmax) with every stored intermediate rounded to E.
 
 use cubecl::prelude::ComputeClient;
-use megabyte_ops::decode::{decode_stack, BlockWeights, PackedStack, StepInput, StepOutput};
+use megabyte_ops::decode::{
+    decode_stack, BlockWeights, DecodeProblem, PackedStack, StepInput, StepOutput,
+};
 use megabyte_ops::{ActivationKind, FloatElement, OpError, Tensor};
-use megabyte_reference::config::{Activation, Config, PRESET_NAMES};
+use megabyte_reference::config::Activation;
 use megabyte_reference::ffn::{block_forward, split_qkv};
 use megabyte_reference::gemm::linear;
 use megabyte_reference::layer_norm::layer_norm_forward;
 use megabyte_reference::weights::{Block, Linear, Norm};
 use megabyte_tests::{
-    check, naive_model, read_f64, round, round_all, uniform, with_client, TestRuntime,
+    check, kernel_tests, naive_model, no_plan, preset_configs, read_f64, round, round_all, uniform,
+    with_client, DeviceProfile, Dtype, KernelCase, TestRuntime,
 };
 use proptest::prelude::*;
 
@@ -83,146 +85,152 @@ fn borrow<E>(t: &[Tensor<TestRuntime, E>]) -> BlockWeights<'_, TestRuntime, E> {
     BlockWeights::from_tensors(std::array::from_fn(|i| &t[i]))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_case<E: FloatElement>(
-    client: &ComputeClient<TestRuntime>,
+#[derive(Clone, Debug)]
+struct Case {
     b: usize,
     keys: usize,
     heads: usize,
+    /// Head width.
     hs: usize,
+    /// The FFN's hidden width over the stack's.
     mult: usize,
     layers: usize,
     act: Activation,
     seed: u64,
-) {
-    let c = heads * hs;
-    let hidden = mult * c;
-    let t = keys;
-    let pos = t - 1;
-    let case = format!(
-        "decode_stack({}, B={b}, keys={keys}, heads={heads}, hs={hs}, H={hidden}, L={layers}, {act:?}, seed={seed})",
-        E::NAME
-    );
-    let blocks: Vec<Block> = (0..layers)
-        .map(|l| random_block::<E>(c, hidden, seed ^ (l as u64 + 1) << 20))
-        .collect();
-    let x = round_all::<E>(uniform(seed ^ 0x5eed, b * t * c, -2.0, 2.0));
-    // Reference and naive: the whole sequence through the layers, with each layer's keys and
-    // values; the naive stack rounds its residual stream to E between layers.
-    let mut reference = x.clone();
-    let mut naive = x.clone();
-    let (mut ref_kv, mut naive_kv) = (Vec::new(), Vec::new());
-    for w in &blocks {
-        let mut xn = vec![0f32; b * t * c];
-        layer_norm_forward(&mut xn, &reference, &w.ln1.weight, &w.ln1.bias, b * t, c);
-        let mut qkv = vec![0f32; b * t * 3 * c];
-        linear(
-            &mut qkv,
-            &xn,
-            &w.qkv.weight,
-            Some(&w.qkv.bias),
-            b * t,
-            c,
-            3 * c,
-        );
-        let [_, k, v] = split_qkv(&qkv, b * t, c);
-        ref_kv.push((k, v));
-        block_forward(&mut reference, w, act, b, t, c, heads);
-        let round = |v: f32| round::<E>(v as f64) as f32;
-        let (k, v) = naive_model::block(
-            &mut naive,
-            w,
-            act,
-            b,
-            t,
-            c,
-            heads,
-            naive_model::Order::Forward,
-            round,
-        );
-        naive_kv.push((k, v));
-    }
+}
 
-    // The device: the caches hold the reference's (rounded) keys and values before `pos`,
-    // NaN from `pos` on, two slots past the sequence.
-    let cap = t + 2;
-    let cache = |which: usize| {
-        let mut buf = vec![f32::NAN; layers * b * cap * c];
-        for (l, kv) in ref_kv.iter().enumerate() {
-            let src = if which == 0 { &kv.0 } else { &kv.1 };
-            for bi in 0..b {
-                for j in 0..pos {
-                    for i in 0..c {
-                        buf[((l * b + bi) * cap + j) * c + i] =
-                            round::<E>(src[(bi * t + j) * c + i] as f64) as f32;
+impl KernelCase for Case {
+    no_plan!();
+
+    fn run<E: FloatElement>(&self, client: &ComputeClient<TestRuntime>) {
+        let (b, keys, heads, hs) = (self.b, self.keys, self.heads, self.hs);
+        let (mult, layers, act, seed) = (self.mult, self.layers, self.act, self.seed);
+        let c = heads * hs;
+        let hidden = mult * c;
+        let t = keys;
+        let pos = t - 1;
+        let case = format!("decode_stack {} {self:?} (H = {hidden})", E::NAME);
+        let blocks: Vec<Block> = (0..layers)
+            .map(|l| random_block::<E>(c, hidden, seed ^ (l as u64 + 1) << 20))
+            .collect();
+        let x = round_all::<E>(uniform(seed ^ 0x5eed, b * t * c, -2.0, 2.0));
+        // Reference and naive: the whole sequence through the layers, with each layer's keys and
+        // values; the naive stack rounds its residual stream to E between layers.
+        let mut reference = x.clone();
+        let mut naive = x.clone();
+        let (mut ref_kv, mut naive_kv) = (Vec::new(), Vec::new());
+        for w in &blocks {
+            let mut xn = vec![0f32; b * t * c];
+            layer_norm_forward(&mut xn, &reference, &w.ln1.weight, &w.ln1.bias, b * t, c);
+            let mut qkv = vec![0f32; b * t * 3 * c];
+            linear(
+                &mut qkv,
+                &xn,
+                &w.qkv.weight,
+                Some(&w.qkv.bias),
+                b * t,
+                c,
+                3 * c,
+            );
+            let [_, k, v] = split_qkv(&qkv, b * t, c);
+            ref_kv.push((k, v));
+            block_forward(&mut reference, w, act, b, t, c, heads);
+            let round = |v: f32| round::<E>(v as f64) as f32;
+            let (k, v) = naive_model::block(
+                &mut naive,
+                w,
+                act,
+                b,
+                t,
+                c,
+                heads,
+                naive_model::Order::Forward,
+                round,
+            );
+            naive_kv.push((k, v));
+        }
+
+        // The device: the caches hold the reference's (rounded) keys and values before `pos`,
+        // NaN from `pos` on, two slots past the sequence.
+        let cap = t + 2;
+        let cache = |which: usize| {
+            let mut buf = vec![f32::NAN; layers * b * cap * c];
+            for (l, kv) in ref_kv.iter().enumerate() {
+                let src = if which == 0 { &kv.0 } else { &kv.1 };
+                for bi in 0..b {
+                    for j in 0..pos {
+                        for i in 0..c {
+                            buf[((l * b + bi) * cap + j) * c + i] =
+                                round::<E>(src[(bi * t + j) * c + i] as f64) as f32;
+                        }
                     }
                 }
             }
-        }
-        Tensor::<TestRuntime, E>::from_f32(client, &buf, &[layers, b, cap, c]).unwrap()
-    };
-    let (kc, vc) = (cache(0), cache(1));
-    let last = |m: &[f32]| -> Vec<f32> {
-        (0..b)
-            .flat_map(|bi| m[(bi * t + pos) * c..][..c].to_vec())
-            .collect()
-    };
-    let h = Tensor::<TestRuntime, E>::from_f32(client, &last(&x), &[b, c]).unwrap();
-    let uploaded: Vec<_> = blocks
-        .iter()
-        .map(|w| upload::<E>(client, w, c, hidden))
-        .collect();
-    let steps: Vec<_> = uploaded.iter().map(|t| borrow(t)).collect();
-    let stack = PackedStack::pack(&steps, heads, None).unwrap();
-    decode_stack(
-        &h,
-        &stack,
-        &kc,
-        &vc,
-        pos,
-        kind(act),
-        &StepInput::Row,
-        &StepOutput::Row,
-    )
-    .unwrap();
+            Tensor::<TestRuntime, E>::from_f32(client, &buf, &[layers, b, cap, c]).unwrap()
+        };
+        let (kc, vc) = (cache(0), cache(1));
+        let last = |m: &[f32]| -> Vec<f32> {
+            (0..b)
+                .flat_map(|bi| m[(bi * t + pos) * c..][..c].to_vec())
+                .collect()
+        };
+        let h = Tensor::<TestRuntime, E>::from_f32(client, &last(&x), &[b, c]).unwrap();
+        let uploaded: Vec<_> = blocks
+            .iter()
+            .map(|w| upload::<E>(client, w, c, hidden))
+            .collect();
+        let steps: Vec<_> = uploaded.iter().map(|t| borrow(t)).collect();
+        let stack = PackedStack::pack(&steps, heads, None).unwrap();
+        decode_stack(
+            &h,
+            &stack,
+            &kc,
+            &vc,
+            pos,
+            kind(act),
+            &StepInput::Row,
+            &StepOutput::Row,
+        )
+        .unwrap();
 
-    // Kernel rows first, then every row of the sequence for the naive error.
-    let with_all = |rows: Vec<f32>, all: &[f32]| -> Vec<f64> {
-        rows.iter().chain(all).map(|&v| v as f64).collect()
-    };
-    check::<E>(
-        &case,
-        "output row",
-        &read_f64(&h),
-        &with_all(last(&naive), &naive),
-        &with_all(last(&reference), &reference),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    let (kd, vd) = (read_f64(&kc), read_f64(&vc));
-    for l in 0..layers {
-        for (name, dev, naive_all, ref_all) in [
-            ("key", &kd, &naive_kv[l].0, &ref_kv[l].0),
-            ("value", &vd, &naive_kv[l].1, &ref_kv[l].1),
-        ] {
-            let at = |bi: usize, j: usize| ((l * b + bi) * cap + j) * c;
-            let slot: Vec<f64> = (0..b)
-                .flat_map(|bi| dev[at(bi, pos)..][..c].to_vec())
-                .collect();
-            check::<E>(
-                &case,
-                &format!("layer {l} {name} appended at slot {pos}"),
-                &slot,
-                &with_all(last(naive_all), naive_all),
-                &with_all(last(ref_all), ref_all),
-            )
-            .unwrap_or_else(|e| panic!("{e}"));
-            // Slots past the step are untouched.
-            for bi in 0..b {
-                for j in pos + 1..cap {
-                    assert!(
-                        dev[at(bi, j)..][..c].iter().all(|v| v.is_nan()),
-                        "{case}: layer {l} {name} slot {j} of row {bi} was written"
-                    );
+        // Kernel rows first, then every row of the sequence for the naive error.
+        let with_all = |rows: Vec<f32>, all: &[f32]| -> Vec<f64> {
+            rows.iter().chain(all).map(|&v| v as f64).collect()
+        };
+        check::<E>(
+            &case,
+            "output row",
+            &read_f64(&h),
+            &with_all(last(&naive), &naive),
+            &with_all(last(&reference), &reference),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let (kd, vd) = (read_f64(&kc), read_f64(&vc));
+        for l in 0..layers {
+            for (name, dev, naive_all, ref_all) in [
+                ("key", &kd, &naive_kv[l].0, &ref_kv[l].0),
+                ("value", &vd, &naive_kv[l].1, &ref_kv[l].1),
+            ] {
+                let at = |bi: usize, j: usize| ((l * b + bi) * cap + j) * c;
+                let slot: Vec<f64> = (0..b)
+                    .flat_map(|bi| dev[at(bi, pos)..][..c].to_vec())
+                    .collect();
+                check::<E>(
+                    &case,
+                    &format!("layer {l} {name} appended at slot {pos}"),
+                    &slot,
+                    &with_all(last(naive_all), naive_all),
+                    &with_all(last(ref_all), ref_all),
+                )
+                .unwrap_or_else(|e| panic!("{e}"));
+                // Slots past the step are untouched.
+                for bi in 0..b {
+                    for j in pos + 1..cap {
+                        assert!(
+                            dev[at(bi, j)..][..c].iter().all(|v| v.is_nan()),
+                            "{case}: layer {l} {name} slot {j} of row {bi} was written"
+                        );
+                    }
                 }
             }
         }
@@ -230,196 +238,165 @@ fn run_case<E: FloatElement>(
 }
 
 /// One key (the step's own), key counts around the 32-, 64- and 128-key softmax chunks,
-/// head widths 1 to 80, three heads, batch 1 to 5.
-#[test]
-fn awkward_sizes() {
-    with_client!(TestRuntime, |client| {
-        let cases: &[(usize, usize, usize, usize, usize)] = &[
-            // (B, keys, heads, head width, FFN multiple)
-            (1, 1, 1, 8, 4),
-            (2, 2, 2, 16, 4),
-            (3, 7, 3, 8, 2),
-            (1, 33, 2, 16, 4),
-            (2, 65, 1, 64, 4),
-            (1, 129, 4, 32, 4),
-            (5, 40, 2, 40, 1),
-            (1, 17, 1, 80, 2),
-            (2, 9, 1, 1, 3),
-        ];
-        for (i, &(b, keys, heads, hs, mult)) in cases.iter().enumerate() {
-            let act = if i % 3 == 2 {
+/// head widths 1 to 80, three heads, batch 1 to 5; in f16 a few of the same kind.
+fn sweep(dtype: Dtype, _: &DeviceProfile) -> Vec<Case> {
+    // (B, keys, heads, head width, FFN multiple)
+    #[rustfmt::skip]
+    let f32_shapes: &[(usize, usize, usize, usize, usize)] = &[
+        (1, 1, 1, 8, 4), (2, 2, 2, 16, 4), (3, 7, 3, 8, 2), (1, 33, 2, 16, 4), (2, 65, 1, 64, 4),
+        (1, 129, 4, 32, 4), (5, 40, 2, 40, 1), (1, 17, 1, 80, 2), (2, 9, 1, 1, 3),
+    ];
+    let f16_shapes: &[(usize, usize, usize, usize, usize)] =
+        &[(1, 1, 1, 16, 4), (3, 35, 2, 16, 4), (2, 70, 3, 8, 4)];
+    let f16 = dtype != Dtype::F32;
+    let shapes = if f16 { f16_shapes } else { f32_shapes };
+    (shapes.iter().enumerate())
+        .map(|(i, &(b, keys, heads, hs, mult))| Case {
+            b,
+            keys,
+            heads,
+            hs,
+            mult,
+            layers: if f16 { 2 } else { 1 + i % 2 },
+            act: if i % 3 == 2 && !f16 {
                 Activation::Relu
             } else {
                 Activation::Gelu
-            };
-            let layers = 1 + i % 2;
-            run_case::<f32>(
-                &client,
-                b,
-                keys,
+            },
+            seed: 900 + 50 * f16 as u64 + i as u64,
+        })
+        .collect()
+}
+
+/// Every built-in preset's global and local stacks at their own width, heads, hidden width,
+/// depth and activation, batch cut to 2: each stack the fused step takes runs at its full
+/// cache (K patches for the global stack, P bytes for the local one), and in f32 also at one
+/// key and at 70 (past a 64-key chunk); each it refuses is refused for its width.
+fn presets(dtype: Dtype, profile: &DeviceProfile) -> Vec<Case> {
+    let mut cases = Vec::new();
+    for (i, (name, cfg)) in preset_configs().enumerate() {
+        let stacks = [
+            (
+                "global",
+                cfg.global_width(),
+                cfg.heads_global,
+                cfg.layers_global,
+                cfg.patches(),
+            ),
+            (
+                "local",
+                cfg.d_local,
+                cfg.heads_local,
+                cfg.layers_local,
+                cfg.patch,
+            ),
+        ];
+        for (j, (stack, width, heads, layers, cap)) in stacks.into_iter().enumerate() {
+            let hidden = cfg.ffn_mult * width;
+            let problem = DecodeProblem {
+                width,
+                hidden,
                 heads,
-                hs,
-                mult,
                 layers,
-                act,
-                900 + i as u64,
-            );
+                dtype,
+            };
+            if let Err(err) = megabyte_ops::decode::plan(&problem, profile) {
+                assert!(
+                    width > megabyte_ops::decode::MAX_FUSED_WIDTH
+                        && err.to_string().contains(&format!("width = {width}")),
+                    "{name} {stack} stack (width {width}, {heads} heads, {layers} layers) refused: {err}"
+                );
+                continue;
+            }
+            let mut keys = if dtype == Dtype::F32 {
+                vec![1, 70.min(cap), cap]
+            } else {
+                vec![cap]
+            };
+            keys.dedup();
+            for keys in keys {
+                cases.push(Case {
+                    b: 2,
+                    keys,
+                    heads,
+                    hs: width / heads,
+                    mult: cfg.ffn_mult,
+                    layers,
+                    act: cfg.activation,
+                    seed: 1000 + 10 * i as u64 + j as u64 + keys as u64,
+                });
+            }
         }
-    });
+    }
+    // tiny and small: both stacks each.
+    assert!(cases.len() >= 4, "only {} preset stacks", cases.len());
+    cases
 }
 
-#[test]
-fn awkward_sizes_f16() {
-    with_client!(TestRuntime, |client| {
-        for (i, &(b, keys, heads, hs)) in [(1, 1, 1, 16), (3, 35, 2, 16), (2, 70, 3, 8)]
-            .iter()
-            .enumerate()
-        {
-            let act = Activation::Gelu;
-            run_case::<half::f16>(&client, b, keys, heads, hs, 4, 2, act, 950 + i as u64);
-        }
-    });
-}
+/// A drawn case: (B, keys, heads, head width, FFN multiple, layers), ReLU or GELU, seed.
+type Draw = ((usize, usize, usize, usize, usize, usize), bool, u64);
 
-/// [`run_case`] for a proptest's draw of the element type and the activation.
-#[allow(clippy::too_many_arguments)]
-fn drawn_case(
-    f16: bool,
-    relu: bool,
-    b: usize,
-    keys: usize,
-    heads: usize,
-    hs: usize,
-    mult: usize,
-    layers: usize,
-    seed: u64,
-) {
+fn drawn(((b, keys, heads, hs, mult, layers), relu, seed): Draw) -> Case {
     let act = if relu {
         Activation::Relu
     } else {
         Activation::Gelu
     };
-    with_client!(TestRuntime, |client| if f16 {
-        run_case::<half::f16>(&client, b, keys, heads, hs, mult, layers, act, seed)
-    } else {
-        run_case::<f32>(&client, b, keys, heads, hs, mult, layers, act, seed)
-    });
-}
-
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
-    #[test]
-    fn random_shapes(
-        b in 1usize..4,
-        keys in 1usize..80,
-        heads in 1usize..4,
-        hs in 1usize..20,
-        mult in 1usize..5,
-        layers in 1usize..4,
-        relu in any::<bool>(),
-        f16 in any::<bool>(),
-        seed in any::<u64>(),
-    ) {
-        drawn_case(f16, relu, b, keys, heads, hs, mult, layers, seed);
+    Case {
+        b,
+        keys,
+        heads,
+        hs,
+        mult,
+        layers,
+        act,
+        seed,
     }
 }
 
-/// Every built-in preset's global and local stacks at their own width, heads, hidden width,
-/// depth and activation, batch cut to 2: each stack the fused step takes runs at one key, at
-/// 70 (past a 64-key chunk) and at its full cache (K patches for the global stack, P bytes for
-/// the local one); each it refuses is refused for its width.
-fn preset_stacks<E: FloatElement>(keys_of: fn(usize) -> Vec<usize>) {
-    with_client!(TestRuntime, |client| {
-        let mut ran = 0;
-        for (i, name) in PRESET_NAMES.iter().enumerate() {
-            let cfg = Config::preset(name).unwrap();
-            let stacks = [
-                (
-                    "global",
-                    cfg.global_width(),
-                    cfg.heads_global,
-                    cfg.layers_global,
-                    cfg.patches(),
-                ),
-                (
-                    "local",
-                    cfg.d_local,
-                    cfg.heads_local,
-                    cfg.layers_local,
-                    cfg.patch,
-                ),
-            ];
-            for (j, (stack, width, heads, layers, cap)) in stacks.into_iter().enumerate() {
-                let hidden = cfg.ffn_mult * width;
-                let ok = megabyte_ops::decode::decode_stack_supported::<TestRuntime, E>(
-                    &client, width, hidden, heads, layers,
-                );
-                if let Err(err) = ok {
-                    assert!(
-                        width > megabyte_ops::decode::MAX_FUSED_WIDTH
-                            && err.to_string().contains(&format!("width = {width}")),
-                        "{name} {stack} stack (width {width}, {heads} heads, {layers} layers) refused: {err}"
-                    );
-                    continue;
-                }
-                for keys in keys_of(cap) {
-                    let seed = 1000 + 10 * i as u64 + j as u64 + keys as u64;
-                    eprintln!("{name} {stack}: width {width}, {heads} heads, H {hidden}, {layers} layers, {keys} keys");
-                    run_case::<E>(
-                        &client,
-                        2,
-                        keys,
-                        heads,
-                        width / heads,
-                        cfg.ffn_mult,
-                        layers,
-                        cfg.activation,
-                        seed,
-                    );
-                    ran += 1;
-                }
-            }
-        }
-        // tiny and small: both stacks each.
-        assert!(ran >= 4, "only {ran} preset stacks ran");
-    });
+fn any_case() -> impl Strategy<Value = Case> {
+    let dims = (
+        1usize..4,
+        1usize..80,
+        1usize..4,
+        1usize..20,
+        1usize..5,
+        1usize..4,
+    );
+    (dims, any::<bool>(), any::<u64>()).prop_map(drawn)
 }
 
-#[test]
-fn preset_stacks_f32() {
-    preset_stacks::<f32>(|cap| {
-        let mut keys = vec![1, 70.min(cap), cap];
-        keys.dedup();
-        keys
-    });
+kernel_tests!(Case, [f32, f16], [sweep, presets], random(6, any_case()));
+
+/// Stacks as wide as the presets' and wider, up to the widest the fused step takes, 4 to 8
+/// layers deep: on CPU drivers these run as several launches per step.
+fn wide_stack() -> impl Strategy<Value = Case> {
+    let width = prop::sample::select(vec![192usize, 256, 384, 512]);
+    let dims = (
+        width,
+        0usize..4,
+        1usize..5,
+        4usize..9,
+        1usize..3,
+        1usize..16,
+    );
+    (dims, any::<bool>(), any::<u64>()).prop_map(
+        |((width, heads_pick, mult, layers, b, keys), relu, seed)| {
+            // 3 to 8 heads, of those that divide the width.
+            let heads: Vec<usize> = [3usize, 4, 6, 8]
+                .into_iter()
+                .filter(|h| width % h == 0)
+                .collect();
+            let heads = heads[heads_pick % heads.len()];
+            drawn(((b, keys, heads, width / heads, mult, layers), relu, seed))
+        },
+    )
 }
 
-#[test]
-fn preset_stacks_f16() {
-    preset_stacks::<half::f16>(|cap| vec![cap]);
-}
+mod wide {
+    use super::*;
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 6, ..ProptestConfig::default() })]
-    /// Stacks as wide as the presets' and wider, up to the widest the fused step takes, 4 to 8
-    /// layers deep: on CPU drivers these run as several launches per step.
-    #[test]
-    fn wide_stacks(
-        width in prop::sample::select(vec![192usize, 256, 384, 512]),
-        heads_pick in 0usize..4,
-        mult in 1usize..5,
-        layers in 4usize..9,
-        b in 1usize..3,
-        keys in 1usize..16,
-        relu in any::<bool>(),
-        f16 in any::<bool>(),
-        seed in any::<u64>(),
-    ) {
-        // 3 to 8 heads, of those that divide the width.
-        let heads: Vec<usize> = [3usize, 4, 6, 8].into_iter().filter(|h| width % h == 0).collect();
-        let heads = heads[heads_pick % heads.len()];
-        drawn_case(f16, relu, b, keys, heads, width / heads, mult, layers, seed);
-    }
+    kernel_tests!(Case, [f32, f16], [], random(3, wide_stack()));
 }
 
 #[test]

@@ -8,11 +8,17 @@
 
 use cubecl::prelude::ComputeClient;
 use megabyte_ops::activation::gelu_naive;
-use megabyte_ops::gemm::{gemm, gemm_naive, gemm_with, linear, matmul, GemmKernel};
+use megabyte_ops::gemm::{
+    gemm, gemm_naive, gemm_with, linear, matmul, plan, GemmCall, GemmKernel, GemmPlan, GemmProblem,
+    OperandLayout,
+};
+use megabyte_ops::record::Planned;
 use megabyte_ops::{ActivationKind, Epilogue, FloatElement, OpError, Tensor};
 use megabyte_reference::activation::{gelu_scalar, relu_scalar};
+use megabyte_tests::plans::{gemm_calls, representatives};
 use megabyte_tests::{
-    check, read_f64, round, round_all, uniform, with_client, TestRuntime, NAIVE_SAMPLE,
+    check, kernel_tests, planned_by, read_f64, round, round_all, uniform, with_client,
+    DeviceProfile, Dtype, KernelCase, TestRuntime, NAIVE_SAMPLE,
 };
 use proptest::prelude::*;
 
@@ -29,6 +35,9 @@ enum Layout {
 
 #[derive(Clone, Copy, Debug)]
 struct Case {
+    seed: u64,
+    /// The plan this case must launch (the preset regime).
+    expect: Option<GemmPlan>,
     batch: usize,
     /// Batched `a` against a rank-2 `b` broadcast over the batch.
     broadcast_b: bool,
@@ -81,8 +90,22 @@ fn activation(act: ActivationKind, x: f64) -> f64 {
     }
 }
 
-fn run_case<E: FloatElement>(client: &ComputeClient<TestRuntime>, c: Case, seed: u64) {
-    let name = format!("gemm({}, {c:?}, seed={seed})", E::NAME);
+impl KernelCase for Case {
+    planned_by!(GemmPlan, |profile| Planned::Gemm(call) => auto(call, profile));
+
+    fn run<E: FloatElement>(&self, client: &ComputeClient<TestRuntime>) {
+        run_case::<E>(client, *self)
+    }
+}
+
+/// How `Auto` plans a recorded GEMM call on `profile`.
+fn auto(call: &GemmCall, profile: &DeviceProfile) -> GemmPlan {
+    plan(GemmKernel::Auto, call, profile).expect("a GEMM plan")
+}
+
+fn run_case<E: FloatElement>(client: &ComputeClient<TestRuntime>, c: Case) {
+    let seed = c.seed;
+    let name = format!("gemm({}, {c:?})", E::NAME);
     let r = round_all::<E>;
     let Case { batch, m, n, k, .. } = c;
     // The kernel sees `m` rows per batch entry; the naive error is measured on at least
@@ -229,6 +252,8 @@ fn run_case<E: FloatElement>(client: &ComputeClient<TestRuntime>, c: Case, seed:
 
 fn plain(m: usize, n: usize, k: usize) -> Case {
     Case {
+        seed: 0,
+        expect: None,
         batch: 1,
         broadcast_b: false,
         m,
@@ -245,91 +270,101 @@ fn plain(m: usize, n: usize, k: usize) -> Case {
 }
 
 /// Sizes from {1, 7, 33, 1000, 4097} in every position, none dividing a tile.
+#[rustfmt::skip]
 const SIZES: &[(usize, usize, usize)] = &[
-    (1, 1, 1),
-    (7, 7, 7),
-    (33, 33, 33),
-    (1, 33, 4097),
-    (1000, 7, 33),
-    (7, 1000, 33),
-    (33, 7, 1000),
-    (4097, 33, 7),
-    (33, 4097, 1),
-    (1000, 1000, 7),
+    (1, 1, 1), (7, 7, 7), (33, 33, 33), (1, 33, 4097), (1000, 7, 33), (7, 1000, 33),
+    (33, 7, 1000), (4097, 33, 7), (33, 4097, 1), (1000, 1000, 7),
 ];
 
-#[test]
-fn sweep_sizes() {
-    with_client!(
-        TestRuntime,
-        |client| for (i, &(m, n, k)) in SIZES.iter().enumerate() {
-            run_case::<f32>(&client, plain(m, n, k), 100 + i as u64);
-            run_case::<half::f16>(&client, plain(m, n, k), 200 + i as u64);
-            // The emulated fragments cost a shared-memory round trip per product on a CPU
-            // driver: the CMMA path's data movement is checked on the sizes up to 33 × 1000 × 33.
-            if m * n * k <= 33 * 1000 * 33 {
-                let cmma = Case {
-                    kernel: GemmKernel::CmmaEmulated,
-                    ..plain(m, n, k)
-                };
-                run_case::<half::f16>(&client, cmma, 250 + i as u64);
-            }
-        }
-    );
-}
-
-#[test]
-fn sweep_layouts_and_epilogues() {
+fn sweep(dtype: Dtype, _: &DeviceProfile) -> Vec<Case> {
     use Layout::*;
-    with_client!(TestRuntime, |client| {
-        let mut seed = 300;
-        for a in [Plain, Transposed, Slice] {
-            for b in [Plain, Transposed, Slice] {
-                for &(m, n, k) in &[(33, 40, 36), (5, 8, 12), (32, 24, 20)] {
-                    seed += 1;
-                    let c = Case {
+    let (f16, base) = (
+        dtype != Dtype::F32,
+        if dtype == Dtype::F32 { 0 } else { 1000 },
+    );
+    let mut cases = Vec::new();
+    let mut add = |c: Case, seed: u64| {
+        cases.push(Case {
+            seed: seed + base,
+            ..c
+        })
+    };
+    for (i, &(m, n, k)) in SIZES.iter().enumerate() {
+        add(plain(m, n, k), 100 + i as u64);
+        // The emulated fragments cost a shared-memory round trip per product on a CPU
+        // driver: the CMMA path's data movement is checked on the sizes up to 33 × 1000 × 33.
+        if f16 && m * n * k <= 33 * 1000 * 33 {
+            let kernel = GemmKernel::CmmaEmulated;
+            add(
+                Case {
+                    kernel,
+                    ..plain(m, n, k)
+                },
+                250 + i as u64,
+            );
+        }
+    }
+    // Every layout of both operands: f32 on `Auto`, 2-byte floats on the CMMA path.
+    let layout_kernel = if f16 {
+        GemmKernel::CmmaEmulated
+    } else {
+        GemmKernel::Auto
+    };
+    let mut seed = 300;
+    for a in [Plain, Transposed, Slice] {
+        for b in [Plain, Transposed, Slice] {
+            for &(m, n, k) in &[(33, 40, 36), (5, 8, 12), (32, 24, 20)] {
+                seed += 1;
+                add(
+                    Case {
                         a,
                         b,
+                        kernel: layout_kernel,
                         ..plain(m, n, k)
-                    };
-                    run_case::<f32>(&client, c, seed);
-                    let kernel = GemmKernel::CmmaEmulated;
-                    run_case::<half::f16>(&client, Case { kernel, ..c }, seed + 1000);
-                }
+                    },
+                    seed,
+                );
             }
         }
-        for (i, act) in [None, Some(ActivationKind::Gelu), Some(ActivationKind::Relu)]
-            .into_iter()
-            .enumerate()
-        {
-            let c = Case {
-                bias: true,
-                act,
-                residual: i != 1,
-                scale: 0.5,
-                ..plain(70, 36, 65)
-            };
-            for kernel in [
-                GemmKernel::Tiled,
-                GemmKernel::Registers,
-                GemmKernel::CmmaEmulated,
-            ] {
-                run_case::<f32>(&client, Case { kernel, ..c }, 400 + i as u64);
-                run_case::<half::f16>(&client, Case { kernel, ..c }, 410 + i as u64);
-            }
+    }
+    let acts = [None, Some(ActivationKind::Gelu), Some(ActivationKind::Relu)];
+    for (i, act) in acts.into_iter().enumerate() {
+        let c = Case {
+            bias: true,
+            act,
+            residual: i != 1,
+            scale: 0.5,
+            ..plain(70, 36, 65)
+        };
+        for kernel in [
+            GemmKernel::Tiled,
+            GemmKernel::Registers,
+            GemmKernel::CmmaEmulated,
+        ] {
+            add(Case { kernel, ..c }, 400 + i as u64);
         }
-        // Batched, and batched against a broadcast weight.
-        for (i, broadcast_b) in [false, true].into_iter().enumerate() {
-            let c = Case {
-                batch: 3,
-                broadcast_b,
-                bias: true,
-                act: Some(ActivationKind::Gelu),
-                ..plain(17, 24, 20)
-            };
-            run_case::<f32>(&client, c, 500 + i as u64);
-            run_case::<f32>(
-                &client,
+    }
+    // Batched, and batched against a broadcast weight.
+    for (i, broadcast_b) in [false, true].into_iter().enumerate() {
+        let act = Some(ActivationKind::Gelu);
+        let c = Case {
+            batch: 3,
+            broadcast_b,
+            bias: true,
+            act,
+            ..plain(17, 24, 20)
+        };
+        if f16 {
+            add(
+                Case {
+                    kernel: GemmKernel::CmmaEmulated,
+                    ..c
+                },
+                520 + i as u64,
+            );
+        } else {
+            add(c, 500 + i as u64);
+            add(
                 Case {
                     a: Transposed,
                     b: Transposed,
@@ -337,41 +372,145 @@ fn sweep_layouts_and_epilogues() {
                 },
                 510 + i as u64,
             );
-            let kernel = GemmKernel::CmmaEmulated;
-            run_case::<half::f16>(&client, Case { kernel, ..c }, 520 + i as u64);
         }
-    });
+    }
+    cases
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 12, failure_persistence: None, ..ProptestConfig::default() })]
+/// The largest preset case: elements of A, B and out, and multiply-adds (the f64 reference
+/// runs on the host).
+const PRESET_ELEMENTS: usize = 1 << 22;
+const PRESET_MACS: usize = 1 << 27;
 
-    #[test]
-    fn random_shapes(
-        batch in 1usize..4,
-        broadcast_b: bool,
-        m in 1usize..150,
-        n in 1usize..150,
-        k in 1usize..300,
-        a in prop::sample::select(vec![Layout::Plain, Layout::Transposed, Layout::Slice]),
-        b in prop::sample::select(vec![Layout::Plain, Layout::Transposed, Layout::Slice]),
-        bias: bool,
-        act in prop::sample::select(vec![None, Some(ActivationKind::Gelu), Some(ActivationKind::Relu)]),
-        residual: bool,
-        scale in prop::sample::select(vec![1.0f32, 0.125, -2.0]),
-        f16: bool,
-        kernel in prop::sample::select(vec![GemmKernel::Auto, GemmKernel::Tiled, GemmKernel::CmmaEmulated]),
-        seed: u64,
-    ) {
-        // Auto picks the registers kernel for row-major operands on this device.
-        let c = Case { batch, broadcast_b: broadcast_b && batch > 1, m, n, k, a, b, bias, act, residual, scale, kernel };
-        with_client!(TestRuntime, |client| if f16 {
-            run_case::<half::f16>(&client, c, seed)
+/// A GEMM call of [`gemm_calls`] as a case: the layouts it names, one batch entry.
+fn case_of(call: &GemmCall) -> Case {
+    let GemmProblem { m, n, k, .. } = call.problem;
+    let layout = |l: OperandLayout| {
+        if l.strides[2] == 1 {
+            Layout::Plain
         } else {
-            run_case::<f32>(&client, c, seed)
-        });
+            Layout::Transposed
+        }
+    };
+    Case {
+        a: layout(call.a),
+        b: layout(call.b),
+        bias: call.bias,
+        act: call.activation,
+        residual: call.residual,
+        ..plain(m, n, k)
     }
 }
+
+/// `call` with K or N halved (the layouts rebuilt for the new sizes), if that keeps `want`.
+fn halve(call: &GemmCall, profile: &DeviceProfile, want: &GemmPlan) -> Option<GemmCall> {
+    let (at, bt) = (call.a.strides[2] != 1, call.b.strides[2] != 1);
+    let rebuild = |m: usize, n: usize, k: usize| GemmCall {
+        problem: GemmProblem { batch: 1, m, n, k },
+        a: if at {
+            OperandLayout::transposed(m)
+        } else {
+            OperandLayout::row_major(k)
+        },
+        b: if bt {
+            OperandLayout::transposed(k)
+        } else {
+            OperandLayout::row_major(n)
+        },
+        ..*call
+    };
+    let GemmProblem { m, n, k, .. } = call.problem;
+    [
+        (k % 2 == 0).then(|| rebuild(m, n, k / 2)),
+        (n % 2 == 0).then(|| rebuild(m, n / 2, k)),
+    ]
+    .into_iter()
+    .flatten()
+    .find(|c| auto(c, profile) == *want)
+}
+
+/// Every plan `Auto` gives the presets' GEMMs here (each stack's four linear layers at every
+/// row count that reaches another block, training's gradients), the cheapest call of each.
+/// A call past this device's size for a test (the paper presets' global stacks: 16,384 wide
+/// and more) runs with K and N halved as long as the plan stays the same; a plan no smaller
+/// call reaches fails the test.
+fn presets(dtype: Dtype, profile: &DeviceProfile) -> Vec<Case> {
+    let size = |c: &GemmCall| {
+        let GemmProblem { m, n, k, .. } = c.problem;
+        (m * k + k * n + m * n, m * n * k)
+    };
+    let fits = |c: &GemmCall| size(c).0 <= PRESET_ELEMENTS && size(c).1 <= PRESET_MACS;
+    let plans = representatives(
+        gemm_calls(dtype),
+        profile,
+        |c, p| Ok(auto(c, p)),
+        |c| size(c).1,
+    );
+    (plans.into_iter().enumerate())
+        .map(|(i, (name, mut call, plan))| {
+            while !fits(&call) {
+                call = halve(&call, profile, &plan)
+                    .unwrap_or_else(|| panic!("{name}: no call small enough reaches {plan:?}"));
+            }
+            Case {
+                seed: 2900 + i as u64,
+                expect: Some(plan),
+                ..case_of(&call)
+            }
+        })
+        .collect()
+}
+
+fn any_case() -> impl Strategy<Value = Case> {
+    let layout = || prop::sample::select(vec![Layout::Plain, Layout::Transposed, Layout::Slice]);
+    let act = prop::sample::select(vec![
+        None,
+        Some(ActivationKind::Gelu),
+        Some(ActivationKind::Relu),
+    ]);
+    let kernel = prop::sample::select(vec![
+        GemmKernel::Auto,
+        GemmKernel::Tiled,
+        GemmKernel::CmmaEmulated,
+    ]);
+    let scale = prop::sample::select(vec![1.0f32, 0.125, -2.0]);
+    let dims = (
+        1usize..4,
+        any::<bool>(),
+        1usize..150,
+        1usize..150,
+        1usize..300,
+    );
+    let epilogue = (any::<bool>(), act, any::<bool>(), scale);
+    (dims, layout(), layout(), epilogue, kernel, any::<u64>()).prop_map(
+        |((batch, broadcast_b, m, n, k), a, b, (bias, act, residual, scale), kernel, seed)| Case {
+            seed,
+            expect: None,
+            batch,
+            broadcast_b: broadcast_b && batch > 1,
+            m,
+            n,
+            k,
+            a,
+            b,
+            bias,
+            act,
+            residual,
+            scale,
+            kernel,
+        },
+    )
+}
+
+// The presets' 30-odd GEMM plans take minutes on lavapipe (a JIT compile each and an f64
+// reference on the host): `cargo test --release -p megabyte-tests --test gemm -- --ignored`.
+kernel_tests!(
+    Case,
+    [f32, f16],
+    [sweep],
+    random(6, any_case()),
+    ignored[presets]
+);
 
 /// The naive kernel is the bench baseline: it must compute the same product.
 #[test]

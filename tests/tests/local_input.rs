@@ -1,22 +1,27 @@
 //! The fused global→local input (a GEMM with a gather epilogue) against the reference
 //! `local_input` (f64), with a naive f32 pipeline as the tolerance baseline: a sequential f32
-//! dot product, then the gathered embedding and the position embedding added in f32.
+//! dot product, then the gathered embedding and the position embedding added in f32. Per
+//! dtype: a sweep of awkward sizes with both block kernels, every plan a preset's widths get
+//! on this device, proptest.
 
 use cubecl::prelude::ComputeClient;
-use megabyte_ops::gemm::GemmKernel;
+use megabyte_kernels::gemm::GemmConfig;
+use megabyte_ops::gemm::{plan_tiled, GemmKernel};
 use megabyte_ops::local_input::{local_input, local_input_with};
+use megabyte_ops::record::Planned;
 use megabyte_ops::{FloatElement, Tensor};
 use megabyte_reference::local_input::local_input as reference;
+use megabyte_tests::plans::{local_input_calls, representatives};
 use megabyte_tests::{
-    check, read_f64, round, round_all, uniform, uniform_ids, with_client, TestRuntime, NAIVE_SAMPLE,
+    check, kernel_tests, planned_by, preset_configs, read_f64, round, round_all, uniform,
+    uniform_ids, with_client, DeviceProfile, Dtype, KernelCase, TestRuntime, NAIVE_SAMPLE,
 };
 use proptest::prelude::*;
 
 const VOCAB: usize = 257;
 
-#[allow(clippy::too_many_arguments)]
-fn run_case<E: FloatElement>(
-    client: &ComputeClient<TestRuntime>,
+#[derive(Clone, Debug)]
+struct Case {
     kind: GemmKernel,
     b: usize,
     k: usize,
@@ -25,108 +30,173 @@ fn run_case<E: FloatElement>(
     dl: usize,
     positions: bool,
     seed: u64,
-) {
-    let case = format!(
-        "local_input({}, {kind:?}, B={b}, K={k}, P={p}, D_G={dg}, D_L={dl}, positions={positions}, seed={seed})",
-        E::NAME
-    );
-    let r = round_all::<E>;
-    // The kernel sees B sequences; the naive error is measured on at least NAIVE_SAMPLE outputs
-    // (more sequences from the same distribution).
-    let t = k * p;
-    let sb = b.max(NAIVE_SAMPLE.div_ceil(t * dl));
-    let g = r(uniform(seed, sb * t * dg, -1.0, 1.0));
-    let w = r(uniform(seed ^ 1, dg * dl, -1.0, 1.0));
-    let e_l = r(uniform(seed ^ 2, VOCAB * dl, -1.0, 1.0));
-    let lpad = r(uniform(seed ^ 3, dl, -1.0, 1.0));
-    let lpos = r(uniform(seed ^ 4, p * dl, -1.0, 1.0));
-    let ids = uniform_ids(seed ^ 5, sb * t, VOCAB);
+    /// The plan this case must launch (the preset regime).
+    expect: Option<GemmConfig>,
+}
 
-    let out = Tensor::<TestRuntime, E>::full(client, &[b, t, dl], f64::NAN).unwrap();
-    let lpos_t = Tensor::<TestRuntime, E>::from_f32(client, &lpos, &[p, dl]).unwrap();
-    local_input_with(
-        kind,
-        &Tensor::<TestRuntime, E>::from_f32(client, &g[..b * t * dg], &[b, k, p * dg]).unwrap(),
-        &Tensor::from_ids(client, &ids[..b * t], &[b, t]).unwrap(),
-        &Tensor::<TestRuntime, E>::from_f32(client, &w, &[dg, dl]).unwrap(),
-        &Tensor::<TestRuntime, E>::from_f32(client, &e_l, &[VOCAB, dl]).unwrap(),
-        &Tensor::<TestRuntime, E>::from_f32(client, &lpad, &[dl]).unwrap(),
-        positions.then_some(&lpos_t),
-        &out,
-    )
-    .unwrap();
+impl KernelCase for Case {
+    planned_by!(GemmConfig, |profile| Planned::LocalInput(call) => {
+        plan_tiled(GemmKernel::Auto, call, profile).expect("a local-input plan")
+    });
 
-    // The reference accumulates in f64 and rounds to f32 once: half an f32 ulp, below the
-    // naive error (K-term f32 sums) that the tolerance is built on.
-    let mut expected = vec![0f32; sb * t * dl];
-    reference(
-        &mut expected,
-        &g,
-        &ids,
-        &w,
-        &e_l,
-        &lpad,
-        positions.then_some(&lpos[..]),
-        sb,
-        k,
-        p,
-        dg,
-        dl,
-    );
-    let reference: Vec<f64> = expected.iter().map(|&v| v as f64).collect();
-    let mut naive = Vec::with_capacity(sb * t * dl);
-    for row in 0..sb * t {
-        let pi = row % p;
-        let prev = if pi == 0 {
-            &lpad[..]
-        } else {
-            &e_l[ids[row - 1] as usize * dl..][..dl]
-        };
-        for o in 0..dl {
-            let dot = (0..dg).fold(0f32, |s, i| s + g[row * dg + i] * w[i * dl + o]);
-            let pos = if positions { lpos[pi * dl + o] } else { 0.0 };
-            naive.push(round::<E>((dot + prev[o] + pos) as f64));
+    fn run<E: FloatElement>(&self, client: &ComputeClient<TestRuntime>) {
+        let (kind, b, k, p) = (self.kind, self.b, self.k, self.p);
+        let (dg, dl, positions, seed) = (self.dg, self.dl, self.positions, self.seed);
+        let case = format!("{} {self:?}", E::NAME);
+        let r = round_all::<E>;
+        // The kernel sees B sequences; the naive error is measured on at least NAIVE_SAMPLE outputs
+        // (more sequences from the same distribution).
+        let t = k * p;
+        let sb = b.max(NAIVE_SAMPLE.div_ceil(t * dl));
+        let g = r(uniform(seed, sb * t * dg, -1.0, 1.0));
+        let w = r(uniform(seed ^ 1, dg * dl, -1.0, 1.0));
+        let e_l = r(uniform(seed ^ 2, VOCAB * dl, -1.0, 1.0));
+        let lpad = r(uniform(seed ^ 3, dl, -1.0, 1.0));
+        let lpos = r(uniform(seed ^ 4, p * dl, -1.0, 1.0));
+        let ids = uniform_ids(seed ^ 5, sb * t, VOCAB);
+
+        let out = Tensor::<TestRuntime, E>::full(client, &[b, t, dl], f64::NAN).unwrap();
+        let lpos_t = Tensor::<TestRuntime, E>::from_f32(client, &lpos, &[p, dl]).unwrap();
+        local_input_with(
+            kind,
+            &Tensor::<TestRuntime, E>::from_f32(client, &g[..b * t * dg], &[b, k, p * dg]).unwrap(),
+            &Tensor::from_ids(client, &ids[..b * t], &[b, t]).unwrap(),
+            &Tensor::<TestRuntime, E>::from_f32(client, &w, &[dg, dl]).unwrap(),
+            &Tensor::<TestRuntime, E>::from_f32(client, &e_l, &[VOCAB, dl]).unwrap(),
+            &Tensor::<TestRuntime, E>::from_f32(client, &lpad, &[dl]).unwrap(),
+            positions.then_some(&lpos_t),
+            &out,
+        )
+        .unwrap();
+
+        // The reference accumulates in f64 and rounds to f32 once: half an f32 ulp, below the
+        // naive error (K-term f32 sums) that the tolerance is built on.
+        let mut expected = vec![0f32; sb * t * dl];
+        reference(
+            &mut expected,
+            &g,
+            &ids,
+            &w,
+            &e_l,
+            &lpad,
+            positions.then_some(&lpos[..]),
+            sb,
+            k,
+            p,
+            dg,
+            dl,
+        );
+        let reference: Vec<f64> = expected.iter().map(|&v| v as f64).collect();
+        let mut naive = Vec::with_capacity(sb * t * dl);
+        for row in 0..sb * t {
+            let pi = row % p;
+            let prev = if pi == 0 {
+                &lpad[..]
+            } else {
+                &e_l[ids[row - 1] as usize * dl..][..dl]
+            };
+            for o in 0..dl {
+                let dot = (0..dg).fold(0f32, |s, i| s + g[row * dg + i] * w[i * dl + o]);
+                let pos = if positions { lpos[pi * dl + o] } else { 0.0 };
+                naive.push(round::<E>((dot + prev[o] + pos) as f64));
+            }
         }
+        check::<E>(&case, "out", &read_f64(&out), &naive, &reference)
+            .unwrap_or_else(|e| panic!("{e}"));
     }
-    check::<E>(&case, "out", &read_f64(&out), &naive, &reference).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// One patch, P = 1, odd widths, widths not a multiple of the vector or tile.
+#[rustfmt::skip]
 const SWEEP: &[(usize, usize, usize, usize, usize)] = &[
-    (1, 1, 1, 1, 1),
-    (1, 1, 4, 3, 5),
-    (3, 5, 3, 7, 33),
-    (2, 16, 8, 32, 64),
-    (1, 7, 12, 33, 20),
-    (2, 3, 4, 64, 128),
+    (1, 1, 1, 1, 1), (1, 1, 4, 3, 5), (3, 5, 3, 7, 33), (2, 16, 8, 32, 64),
+    (1, 7, 12, 33, 20), (2, 3, 4, 64, 128),
 ];
 
-#[test]
-fn sweep() {
-    with_client!(
-        TestRuntime,
-        |client| for (i, &(b, k, p, dg, dl)) in SWEEP.iter().enumerate() {
-            for kind in [GemmKernel::Tiled, GemmKernel::Registers] {
-                run_case::<f32>(&client, kind, b, k, p, dg, dl, i % 2 == 0, 1300 + i as u64);
-                run_case::<half::f16>(&client, kind, b, k, p, dg, dl, i % 2 == 1, 1400 + i as u64);
-            }
+fn sweep(_: Dtype, _: &DeviceProfile) -> Vec<Case> {
+    let mut cases = Vec::new();
+    for (i, &(b, k, p, dg, dl)) in SWEEP.iter().enumerate() {
+        for (j, kind) in [GemmKernel::Tiled, GemmKernel::Registers]
+            .into_iter()
+            .enumerate()
+        {
+            let (positions, seed) = ((i + j) % 2 == 0, 1300 + 2 * i as u64 + j as u64);
+            cases.push(Case {
+                kind,
+                b,
+                k,
+                p,
+                dg,
+                dl,
+                positions,
+                seed,
+                expect: None,
+            });
         }
-    );
-}
-
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 10, failure_persistence: None, ..ProptestConfig::default() })]
-
-    #[test]
-    fn random_shapes(b in 1usize..4, k in 1usize..8, p in 1usize..9, dg in 1usize..48, dl in 1usize..80, positions: bool, f16: bool, tiled: bool, seed: u64) {
-        let kind = if tiled { GemmKernel::Tiled } else { GemmKernel::Auto };
-        with_client!(TestRuntime, |client| if f16 {
-            run_case::<half::f16>(&client, kind, b, k, p, dg, dl, positions, seed)
-        } else {
-            run_case::<f32>(&client, kind, b, k, p, dg, dl, positions, seed)
-        });
     }
+    cases
 }
+
+/// Every plan the presets' local inputs get here. The model's row counts are whole patches:
+/// each call's rows rounded up to a multiple of P, the cheapest call of each plan.
+fn presets(dtype: Dtype, profile: &DeviceProfile) -> Vec<Case> {
+    let patch: Vec<(String, usize)> = preset_configs()
+        .map(|(name, cfg)| (format!("{name} "), cfg.patch))
+        .collect();
+    let calls = local_input_calls(dtype)
+        .into_iter()
+        .map(|(name, mut call)| {
+            let p = patch
+                .iter()
+                .find(|(n, _)| name.starts_with(n.as_str()))
+                .expect("a preset")
+                .1;
+            call.problem.m = call.problem.m.next_multiple_of(p);
+            (name, (call, p))
+        });
+    let plans = representatives(
+        calls.collect(),
+        profile,
+        |(call, _), profile| plan_tiled(GemmKernel::Auto, call, profile),
+        |(call, _)| call.problem.m * call.problem.n * call.problem.k,
+    );
+    (plans.into_iter().enumerate())
+        .map(|(i, (_, (call, p), plan))| Case {
+            kind: GemmKernel::Auto,
+            b: 1,
+            k: call.problem.m / p,
+            p,
+            dg: call.problem.k,
+            dl: call.problem.n,
+            positions: i % 2 == 0,
+            seed: 2300 + i as u64,
+            expect: Some(plan),
+        })
+        .collect()
+}
+
+fn any_case() -> impl Strategy<Value = Case> {
+    let dims = (1usize..4, 1usize..8, 1usize..9, 1usize..48, 1usize..80);
+    (dims, any::<bool>(), any::<bool>(), any::<u64>()).prop_map(
+        |((b, k, p, dg, dl), positions, tiled, seed)| Case {
+            kind: if tiled {
+                GemmKernel::Tiled
+            } else {
+                GemmKernel::Auto
+            },
+            b,
+            k,
+            p,
+            dg,
+            dl,
+            positions,
+            seed,
+            expect: None,
+        },
+    )
+}
+
+kernel_tests!(Case, [f32, f16], [sweep, presets], random(5, any_case()));
 
 #[test]
 fn bad_input_is_an_error_or_nan() {

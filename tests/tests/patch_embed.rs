@@ -1,52 +1,59 @@
 //! The fused global input (bytes → (B, K, P·D_G)) against the reference `global_input`,
-//! proptest and a sweep of awkward sizes; a bad id must show up as NaN, never as a number.
+//! per dtype a sweep of awkward sizes, every preset's P and D_G, and proptest; a window of
+//! patches against the whole sequence; a bad id must show up as NaN, never as a number.
 
 use cubecl::prelude::ComputeClient;
 use megabyte_ops::patch_embed::{patch_embed, patch_embed_window};
 use megabyte_ops::{FloatElement, OpError, Tensor};
 use megabyte_reference::patch_embed::global_input;
 use megabyte_tests::{
-    check, read_f64, round, round_all, uniform, uniform_ids, with_client, TestRuntime,
+    check, kernel_tests, no_plan, preset_configs, read_f64, round, round_all, uniform, uniform_ids,
+    with_client, DeviceProfile, Dtype, KernelCase, TestRuntime,
 };
 use proptest::prelude::*;
 
 const VOCAB: usize = 257;
 
-fn run_case<E: FloatElement>(
-    client: &ComputeClient<TestRuntime>,
+#[derive(Clone, Debug)]
+struct Case {
     b: usize,
     k: usize,
     p: usize,
     d: usize,
     seed: u64,
-) {
-    let case = format!(
-        "patch_embed({}, B={b}, K={k}, P={p}, D={d}, seed={seed})",
-        E::NAME
-    );
-    let t = k * p;
-    let r = round_all::<E>;
-    let x = uniform_ids(seed, b * t, VOCAB);
-    let wte = r(uniform(seed ^ 1, VOCAB * d, -1.0, 1.0));
-    let wpe = r(uniform(seed ^ 2, (t + 3) * d, -1.0, 1.0));
-    let pad = r(uniform(seed ^ 3, p * d, -1.0, 1.0));
-    let out = Tensor::<TestRuntime, E>::full(client, &[b, k, p * d], f64::NAN).unwrap();
-    patch_embed(
-        &Tensor::from_ids(client, &x, &[b, t]).unwrap(),
-        &Tensor::<TestRuntime, E>::from_f32(client, &wte, &[VOCAB, d]).unwrap(),
-        &Tensor::<TestRuntime, E>::from_f32(client, &wpe, &[t + 3, d]).unwrap(),
-        &Tensor::<TestRuntime, E>::from_f32(client, &pad, &[p * d]).unwrap(),
-        &out,
-        p,
-    )
-    .unwrap();
-    let mut expected = vec![0f32; b * t * d];
-    global_input(&mut expected, &x, &wte, &wpe, &pad, b, t, p, d);
-    // The reference adds in f64 and rounds to f32 (exact to half an f32 ulp); the naive
-    // implementation's one f32 add, rounded to E, is that value rounded to E.
-    let reference: Vec<f64> = expected.iter().map(|&v| v as f64).collect();
-    let naive: Vec<f64> = expected.iter().map(|&v| round::<E>(v as f64)).collect();
-    check::<E>(&case, "out", &read_f64(&out), &naive, &reference).unwrap_or_else(|e| panic!("{e}"));
+}
+
+impl KernelCase for Case {
+    no_plan!();
+
+    fn run<E: FloatElement>(&self, client: &ComputeClient<TestRuntime>) {
+        let (b, k, p, d, seed) = (self.b, self.k, self.p, self.d, self.seed);
+        let case = format!("{} {self:?}", E::NAME);
+        let t = k * p;
+        let r = round_all::<E>;
+        let x = uniform_ids(seed, b * t, VOCAB);
+        let wte = r(uniform(seed ^ 1, VOCAB * d, -1.0, 1.0));
+        let wpe = r(uniform(seed ^ 2, (t + 3) * d, -1.0, 1.0));
+        let pad = r(uniform(seed ^ 3, p * d, -1.0, 1.0));
+        let out = Tensor::<TestRuntime, E>::full(client, &[b, k, p * d], f64::NAN).unwrap();
+        patch_embed(
+            &Tensor::from_ids(client, &x, &[b, t]).unwrap(),
+            &Tensor::<TestRuntime, E>::from_f32(client, &wte, &[VOCAB, d]).unwrap(),
+            &Tensor::<TestRuntime, E>::from_f32(client, &wpe, &[t + 3, d]).unwrap(),
+            &Tensor::<TestRuntime, E>::from_f32(client, &pad, &[p * d]).unwrap(),
+            &out,
+            p,
+        )
+        .unwrap();
+        let mut expected = vec![0f32; b * t * d];
+        global_input(&mut expected, &x, &wte, &wpe, &pad, b, t, p, d);
+        // The reference adds in f64 and rounds to f32 (exact to half an f32 ulp); the naive
+        // implementation's one f32 add, rounded to E, is that value rounded to E.
+        let reference: Vec<f64> = expected.iter().map(|&v| v as f64).collect();
+        let naive: Vec<f64> = expected.iter().map(|&v| round::<E>(v as f64)).collect();
+        check::<E>(&case, "out", &read_f64(&out), &naive, &reference)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
 }
 
 /// A window of patches `first .. first + count` from the ids of the bytes they embed only
@@ -135,38 +142,43 @@ fn window_matches_the_whole_sequence() {
 }
 
 /// Length-1 sequences, one patch, odd widths, P not a power of two.
+#[rustfmt::skip]
 const SWEEP: &[(usize, usize, usize, usize)] = &[
-    (1, 1, 1, 1),
-    (1, 1, 4, 3),
-    (3, 5, 3, 7),
-    (2, 16, 8, 32),
-    (1, 7, 12, 33),
+    (1, 1, 1, 1), (1, 1, 4, 3), (3, 5, 3, 7), (2, 16, 8, 32), (1, 7, 12, 33),
     (4, 3, 1, 64),
 ];
 
-#[test]
-fn sweep() {
-    with_client!(
-        TestRuntime,
-        |client| for (i, &(b, k, p, d)) in SWEEP.iter().enumerate() {
-            run_case::<f32>(&client, b, k, p, d, 900 + i as u64);
-            run_case::<half::f16>(&client, b, k, p, d, 950 + i as u64);
-        }
-    );
+fn sweep(_: Dtype, _: &DeviceProfile) -> Vec<Case> {
+    (SWEEP.iter().enumerate())
+        .map(|(i, &(b, k, p, d))| Case {
+            b,
+            k,
+            p,
+            d,
+            seed: 900 + i as u64,
+        })
+        .collect()
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 12, failure_persistence: None, ..ProptestConfig::default() })]
-
-    #[test]
-    fn random_shapes(b in 1usize..4, k in 1usize..12, p in 1usize..10, d in 1usize..40, f16: bool, seed: u64) {
-        with_client!(TestRuntime, |client| if f16 {
-            run_case::<half::f16>(&client, b, k, p, d, seed)
-        } else {
-            run_case::<f32>(&client, b, k, p, d, seed)
-        });
-    }
+/// Every preset's P and D_G, over two sequences of three patches.
+fn presets(_: Dtype, _: &DeviceProfile) -> Vec<Case> {
+    (preset_configs().enumerate())
+        .map(|(i, (_, cfg))| Case {
+            b: 2,
+            k: 3,
+            p: cfg.patch,
+            d: cfg.d_global,
+            seed: 1900 + i as u64,
+        })
+        .collect()
 }
+
+fn any_case() -> impl Strategy<Value = Case> {
+    (1usize..4, 1usize..12, 1usize..10, 1usize..40, any::<u64>())
+        .prop_map(|(b, k, p, d, seed)| Case { b, k, p, d, seed })
+}
+
+kernel_tests!(Case, [f32, f16], [sweep, presets], random(6, any_case()));
 
 #[test]
 fn out_of_vocabulary_id_is_nan_not_a_number() {
