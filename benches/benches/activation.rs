@@ -27,18 +27,12 @@ fn bench(c: &mut Criterion) {
         let input = Tensor::<Rt, f32>::from_f32(&client, &data, &[rows, cols]).unwrap();
         // Read n elements and write n elements.
         group.throughput(Throughput::Bytes((2 * n * 4) as u64));
-        group.bench_function(
-            BenchmarkId::new(megabyte_benches::label("wgpu_gelu_f32"), name),
-            |b| b.iter_custom(|iters| time_synced(&client, iters, || drop(gelu(&input).unwrap()))),
-        );
-        group.bench_function(
-            BenchmarkId::new(megabyte_benches::label("wgpu_gelu_naive_f32"), name),
-            |b| {
-                b.iter_custom(|iters| {
-                    time_synced(&client, iters, || drop(gelu_naive(&input).unwrap()))
-                })
-            },
-        );
+        megabyte_benches::timed(&mut group, &client, "wgpu_gelu_f32", name, || {
+            drop(gelu(&input).unwrap())
+        });
+        megabyte_benches::timed(&mut group, &client, "wgpu_gelu_naive_f32", name, || {
+            drop(gelu_naive(&input).unwrap())
+        });
     }
     group.finish();
 }

@@ -12,7 +12,6 @@ use criterion::{
     criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, Throughput,
 };
 use cubecl::prelude::*;
-use cubecl::zspace::{Shape, Strides};
 use cubek_attention::definition::{AccumulatorPrecision, AttentionGlobalTypes, AttentionOptions};
 use cubek_attention::launch::{launch_ref, BlueprintStrategy, Strategy};
 use megabyte_benches::time_synced;
@@ -40,13 +39,7 @@ fn cubek_causal<R: Runtime>(
     out: &Tensor<R, f32>,
 ) {
     // cubek-attention wants (B, H, S, D); the tensors were allocated in that order.
-    let bind = |t: &Tensor<R, f32>| unsafe {
-        TensorBinding::<R>::from_raw_parts(
-            t.handle().clone(),
-            Strides::new(&t.strides()),
-            Shape::new([t.shape()[0], t.shape()[1], t.shape()[2], t.shape()[3]]),
-        )
-    };
+    let bind = megabyte_benches::binding::<R, f32>;
     let dtypes = AttentionGlobalTypes::from_single_float_dtype(
         f32::as_type_native_unchecked(),
         AttentionGlobalTypes::mask_dtype(client),
@@ -78,25 +71,10 @@ fn bench_flash<E: FloatElement>(
     lse: &Tensor<Rt, f32>,
 ) {
     for &(label, kernel) in rows {
-        group.bench_function(
-            BenchmarkId::new(megabyte_benches::label(label), shape),
-            |bench| {
-                bench.iter_custom(|iters| {
-                    time_synced(client, iters, || {
-                        flash_attention_with(
-                            kernel,
-                            &q.view(),
-                            &k.view(),
-                            &v.view(),
-                            out,
-                            lse,
-                            true,
-                        )
-                        .unwrap()
-                    })
-                })
-            },
-        );
+        megabyte_benches::timed(group, client, label, shape, || {
+            let (q, k, v) = (q.view(), k.view(), v.view());
+            flash_attention_with(kernel, &q, &k, &v, out, lse, true).unwrap()
+        });
     }
 }
 
@@ -150,31 +128,22 @@ fn bench(c: &mut Criterion) {
         }
         // The naive kernels hold B·H·S² scores; skip where that passes 1 GiB.
         if b * h * s * s * 4 <= 1 << 30 {
-            group.bench_function(
-                BenchmarkId::new(megabyte_benches::label("wgpu_attention_f32_naive"), name),
-                |bench| {
-                    bench.iter_custom(|iters| {
-                        time_synced(&client, iters, || {
-                            naive_attention(&q, &k, &v, &out, &lse, true).unwrap()
-                        })
-                    })
-                },
+            megabyte_benches::timed(
+                &mut group,
+                &client,
+                "wgpu_attention_f32_naive",
+                name,
+                || naive_attention(&q, &k, &v, &out, &lse, true).unwrap(),
             );
         }
         let (qc, kc, vc) = (t(&[b, h, s, d]), t(&[b, h, s, d]), t(&[b, h, s, d]));
         let outc = Tensor::<Rt, f32>::empty(&client, &[b, h, s, d]).unwrap();
-        group.bench_function(
-            BenchmarkId::new(
-                megabyte_benches::label("wgpu_attention_f32_cubek_unit"),
-                name,
-            ),
-            |bench| {
-                bench.iter_custom(|iters| {
-                    time_synced(&client, iters, || {
-                        cubek_causal(&client, &qc, &kc, &vc, &outc)
-                    })
-                })
-            },
+        megabyte_benches::timed(
+            &mut group,
+            &client,
+            "wgpu_attention_f32_cubek_unit",
+            name,
+            || cubek_causal(&client, &qc, &kc, &vc, &outc),
         );
     }
     // Decoding: one query row per (batch, head) against a cache of 2,048 positions.

@@ -72,24 +72,23 @@ fn bench(c: &mut Criterion) {
         );
         let flops = 5 * b * h * s * s * d;
         group.throughput(Throughput::Elements(flops as u64));
-        group.bench_function(
-            BenchmarkId::new(label("wgpu_attention_backward_f32"), name),
-            |bench| {
-                bench.iter_custom(|iters| {
-                    time_synced(&client, iters, || {
-                        attention_backward(
-                            &q.view(),
-                            &k.view(),
-                            &v.view(),
-                            &d_out,
-                            &dq.view(),
-                            &dk.view(),
-                            &dv.view(),
-                            true,
-                        )
-                        .unwrap()
-                    })
-                })
+        megabyte_benches::timed(
+            &mut group,
+            &client,
+            "wgpu_attention_backward_f32",
+            name,
+            || {
+                attention_backward(
+                    &q.view(),
+                    &k.view(),
+                    &v.view(),
+                    &d_out,
+                    &dq.view(),
+                    &dk.view(),
+                    &dv.view(),
+                    true,
+                )
+                .unwrap()
             },
         );
     }
@@ -110,27 +109,16 @@ fn bench(c: &mut Criterion) {
         );
         let mean = Tensor::<Rt, f32>::full(&client, &[rows], 0.1).unwrap();
         let rstd = Tensor::<Rt, f32>::full(&client, &[rows], 1.2).unwrap();
-        group.bench_function(
-            BenchmarkId::new(label("wgpu_layer_norm_backward_f32"), name),
-            |bench| {
-                bench.iter_custom(|iters| {
-                    time_synced(&client, iters, || {
-                        layer_norm_backward(&x, &dy, &weight, &mean, &rstd, None, &dx, &dw, &db)
-                            .unwrap()
-                    })
-                })
-            },
+        megabyte_benches::timed(
+            &mut group,
+            &client,
+            "wgpu_layer_norm_backward_f32",
+            name,
+            || layer_norm_backward(&x, &dy, &weight, &mean, &rstd, None, &dx, &dw, &db).unwrap(),
         );
-        group.bench_function(
-            BenchmarkId::new(label("wgpu_gelu_backward_f32"), name),
-            |bench| {
-                bench.iter_custom(|iters| {
-                    time_synced(&client, iters, || {
-                        activation_backward(&x, &dy, &dx, ActivationKind::Gelu).unwrap()
-                    })
-                })
-            },
-        );
+        megabyte_benches::timed(&mut group, &client, "wgpu_gelu_backward_f32", name, || {
+            activation_backward(&x, &dy, &dx, ActivationKind::Gelu).unwrap()
+        });
     }
 
     // The head: B·T rows of V = 256 logits; the byte embedding table (256, D_L) from B·T rows.
@@ -145,32 +133,25 @@ fn bench(c: &mut Criterion) {
         let logits = up(&data(rows * vocab, 8), &[rows, vocab]);
         let lse = Tensor::<Rt, f32>::full(&client, &[rows], 6.0).unwrap();
         group.throughput(Throughput::Bytes((2 * rows * vocab * 4) as u64));
-        group.bench_function(
-            BenchmarkId::new(label("wgpu_cross_entropy_backward_f32"), name),
-            |bench| {
-                bench.iter_custom(|iters| {
-                    // In place: the logits become gradients, which the next iteration treats
-                    // as logits again (the work is the same).
-                    time_synced(&client, iters, || {
-                        cross_entropy_backward(&logits, &lse, &targets, 1.0 / rows as f32).unwrap()
-                    })
-                })
-            },
+        // In place: the logits become gradients, which the next iteration treats as logits
+        // again (the work is the same).
+        megabyte_benches::timed(
+            &mut group,
+            &client,
+            "wgpu_cross_entropy_backward_f32",
+            name,
+            || cross_entropy_backward(&logits, &lse, &targets, 1.0 / rows as f32).unwrap(),
         );
         let grad_rows = up(&data(rows * width, 9), &[1, rows, width]);
         let ids = targets.clone().reshape(&[1, rows]).unwrap();
         let table = Tensor::<Rt, f32>::empty(&client, &[vocab, width]).unwrap();
         group.throughput(Throughput::Bytes(((rows + vocab) * width * 4) as u64));
-        group.bench_function(
-            BenchmarkId::new(label("wgpu_embedding_backward_f32"), name),
-            |bench| {
-                bench.iter_custom(|iters| {
-                    time_synced(&client, iters, || {
-                        embedding_backward(&grad_rows.view(), Some(&ids.view()), &table, false)
-                            .unwrap()
-                    })
-                })
-            },
+        megabyte_benches::timed(
+            &mut group,
+            &client,
+            "wgpu_embedding_backward_f32",
+            name,
+            || embedding_backward(&grad_rows.view(), Some(&ids.view()), &table, false).unwrap(),
         );
     }
 
@@ -194,12 +175,8 @@ fn bench(c: &mut Criterion) {
             weight_decay: 0.1,
         };
         group.throughput(Throughput::Bytes((7 * n * 4) as u64));
-        group.bench_function(BenchmarkId::new(label("wgpu_adamw_f32"), name), |bench| {
-            bench.iter_custom(|iters| {
-                time_synced(&client, iters, || {
-                    adamw(&param, &grad, &m, &v, &hp, 1, 1.0).unwrap()
-                })
-            })
+        megabyte_benches::timed(&mut group, &client, "wgpu_adamw_f32", name, || {
+            adamw(&param, &grad, &m, &v, &hp, 1, 1.0).unwrap()
         });
     }
     group.finish();

@@ -29,39 +29,22 @@ fn bench(c: &mut Criterion) {
         let loss = Tensor::<Rt, f32>::empty(&client, &[rows]).unwrap();
         let lse = Tensor::<Rt, f32>::empty(&client, &[rows]).unwrap();
         let logits = Tensor::<Rt, f32>::empty(&client, &[rows, VOCAB]).unwrap();
-        group.bench_function(
-            BenchmarkId::new(megabyte_benches::label("wgpu_ce_f32_fused"), name),
-            |bench| {
-                bench.iter_custom(|iters| {
-                    time_synced(&client, iters, || {
-                        tied_cross_entropy(&x, &table, &targets, &loss, &lse, None).unwrap()
-                    })
-                })
-            },
+        megabyte_benches::timed(&mut group, &client, "wgpu_ce_f32_fused", name, || {
+            tied_cross_entropy(&x, &table, &targets, &loss, &lse, None).unwrap()
+        });
+        megabyte_benches::timed(
+            &mut group,
+            &client,
+            "wgpu_ce_f32_fused_with_logits",
+            name,
+            || tied_cross_entropy(&x, &table, &targets, &loss, &lse, Some(&logits)).unwrap(),
         );
-        group.bench_function(
-            BenchmarkId::new(
-                megabyte_benches::label("wgpu_ce_f32_fused_with_logits"),
-                name,
-            ),
-            |bench| {
-                bench.iter_custom(|iters| {
-                    time_synced(&client, iters, || {
-                        tied_cross_entropy(&x, &table, &targets, &loss, &lse, Some(&logits))
-                            .unwrap()
-                    })
-                })
-            },
-        );
-        group.bench_function(
-            BenchmarkId::new(megabyte_benches::label("wgpu_logits_f32_gemm_only"), name),
-            |bench| {
-                bench.iter_custom(|iters| {
-                    time_synced(&client, iters, || {
-                        gemm(&x.view(), &table.view().t(), &logits, &Epilogue::none()).unwrap()
-                    })
-                })
-            },
+        megabyte_benches::timed(
+            &mut group,
+            &client,
+            "wgpu_logits_f32_gemm_only",
+            name,
+            || gemm(&x.view(), &table.view().t(), &logits, &Epilogue::none()).unwrap(),
         );
     }
     group.finish();

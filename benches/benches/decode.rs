@@ -78,26 +78,19 @@ fn bench(c: &mut Criterion) {
         let per_layer = 2 * (4 * width * width + 2 * width * hidden) + 4 * (pos + 1) * width;
         let flops = layers * per_layer + if logits { 2 * 256 * width } else { 0 };
         group.throughput(Throughput::Elements(flops as u64));
-        group.bench_function(
-            BenchmarkId::new(label("wgpu_decode_stack_f32"), name),
-            |bench| {
-                bench.iter_custom(|iters| {
-                    time_synced(&client, iters, || {
-                        decode_stack(
-                            &h,
-                            &stack,
-                            &kc,
-                            &vc,
-                            pos,
-                            ActivationKind::Gelu,
-                            &StepInput::Row,
-                            &output,
-                        )
-                        .unwrap()
-                    })
-                })
-            },
-        );
+        megabyte_benches::timed(&mut group, &client, "wgpu_decode_stack_f32", name, || {
+            decode_stack(
+                &h,
+                &stack,
+                &kc,
+                &vc,
+                pos,
+                ActivationKind::Gelu,
+                &StepInput::Row,
+                &output,
+            )
+            .unwrap()
+        });
     }
     group.finish();
 }

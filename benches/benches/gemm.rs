@@ -12,7 +12,6 @@ use criterion::{
     criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, Throughput,
 };
 use cubecl::prelude::*;
-use cubecl::zspace::{Shape, Strides};
 use cubek_matmul::definition::MatmulElems;
 use cubek_matmul::launch::{launch_ref, Strategy};
 use cubek_std::InputBinding;
@@ -47,13 +46,7 @@ fn cubek<R: Runtime>(
     b: &Tensor<R, f32>,
     out: &Tensor<R, f32>,
 ) {
-    let bind = |t: &Tensor<R, f32>| unsafe {
-        TensorBinding::<R>::from_raw_parts(
-            t.handle().clone(),
-            Strides::new(&t.strides()),
-            Shape::new([t.shape()[0], t.shape()[1]]),
-        )
-    };
+    let bind = megabyte_benches::binding::<R, f32>;
     let dtype = f32::as_type_native_unchecked();
     let mut elems = MatmulElems::from_single_dtype(dtype);
     launch_ref::<R>(
@@ -83,16 +76,9 @@ fn bench_ours<E: FloatElement>(
         Epilogue::none().bias(bias).residual(residual)
     };
     for &(label, kernel) in rows {
-        group.bench_function(
-            BenchmarkId::new(megabyte_benches::label(label), shape),
-            |bench| {
-                bench.iter_custom(|iters| {
-                    time_synced(client, iters, || {
-                        gemm_with(kernel, &a.view(), &b.view(), out, &epi).unwrap()
-                    })
-                })
-            },
-        );
+        megabyte_benches::timed(group, client, label, shape, || {
+            gemm_with(kernel, &a.view(), &b.view(), out, &epi).unwrap()
+        });
     }
 }
 
@@ -137,14 +123,9 @@ fn bench(c: &mut Criterion) {
             if matches!(strategy, Strategy::Auto) && megabyte_benches::RUNTIME == "wgpu" {
                 continue;
             }
-            group.bench_function(
-                BenchmarkId::new(megabyte_benches::label(label), name),
-                |bench| {
-                    bench.iter_custom(|iters| {
-                        time_synced(&client, iters, || cubek(&client, &strategy, &a, &b, &out))
-                    })
-                },
-            );
+            megabyte_benches::timed(&mut group, &client, label, name, || {
+                cubek(&client, &strategy, &a, &b, &out)
+            });
         }
         // f16 on tensor cores, next to the plain tiled kernel in f16, where the device has them.
         if cmma_supported::<Rt, half::f16>(&client) {
@@ -166,16 +147,9 @@ fn bench(c: &mut Criterion) {
             );
         }
         if problem.flops() <= NAIVE_MAX_FLOPS {
-            group.bench_function(
-                BenchmarkId::new(megabyte_benches::label("wgpu_gemm_f32_naive"), name),
-                |bench| {
-                    bench.iter_custom(|iters| {
-                        time_synced(&client, iters, || {
-                            gemm_naive(&a.view(), &b.view(), &out).unwrap()
-                        })
-                    })
-                },
-            );
+            megabyte_benches::timed(&mut group, &client, "wgpu_gemm_f32_naive", name, || {
+                gemm_naive(&a.view(), &b.view(), &out).unwrap()
+            });
         }
     }
     group.finish();

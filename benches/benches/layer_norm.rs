@@ -34,27 +34,13 @@ fn bench(c: &mut Criterion) {
         let rstd = Tensor::<Rt, f32>::empty(&client, &[rows]).unwrap();
         let bytes = (rows * width * 4) as u64;
         group.throughput(Throughput::Bytes(2 * bytes));
-        group.bench_function(
-            BenchmarkId::new(megabyte_benches::label("wgpu_layer_norm_f32"), name),
-            |bench| {
-                bench.iter_custom(|iters| {
-                    time_synced(&client, iters, || {
-                        layer_norm(&x, &w, &b, &out, &mean, &rstd).unwrap()
-                    })
-                })
-            },
-        );
+        megabyte_benches::timed(&mut group, &client, "wgpu_layer_norm_f32", name, || {
+            layer_norm(&x, &w, &b, &out, &mean, &rstd).unwrap()
+        });
         group.throughput(Throughput::Bytes(4 * bytes));
-        group.bench_function(
-            BenchmarkId::new(megabyte_benches::label("wgpu_add_layer_norm_f32"), name),
-            |bench| {
-                bench.iter_custom(|iters| {
-                    time_synced(&client, iters, || {
-                        add_layer_norm(&x, &r, &w, &b, &sum, &out, &mean, &rstd).unwrap()
-                    })
-                })
-            },
-        );
+        megabyte_benches::timed(&mut group, &client, "wgpu_add_layer_norm_f32", name, || {
+            add_layer_norm(&x, &r, &w, &b, &sum, &out, &mean, &rstd).unwrap()
+        });
     }
     group.finish();
 }

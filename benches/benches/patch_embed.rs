@@ -35,16 +35,9 @@ fn bench(c: &mut Criterion) {
         let pad = Tensor::<Rt, f32>::from_f32(&client, &data(p * dg), &[p * dg]).unwrap();
         let g = Tensor::<Rt, f32>::empty(&client, &[b, k, p * dg]).unwrap();
         group.throughput(Throughput::Bytes((b * t * dg * 4) as u64));
-        group.bench_function(
-            BenchmarkId::new(megabyte_benches::label("wgpu_patch_embed_f32"), name),
-            |bench| {
-                bench.iter_custom(|iters| {
-                    time_synced(&client, iters, || {
-                        patch_embed(&ids, &wte, &wpe, &pad, &g, p).unwrap()
-                    })
-                })
-            },
-        );
+        megabyte_benches::timed(&mut group, &client, "wgpu_patch_embed_f32", name, || {
+            patch_embed(&ids, &wte, &wpe, &pad, &g, p).unwrap()
+        });
 
         let w_gl = Tensor::<Rt, f32>::from_f32(&client, &data(dg * dl), &[dg, dl]).unwrap();
         let e_l = Tensor::<Rt, f32>::from_f32(&client, &data(VOCAB * dl), &[VOCAB, dl]).unwrap();
@@ -52,30 +45,21 @@ fn bench(c: &mut Criterion) {
         let lpos = Tensor::<Rt, f32>::from_f32(&client, &data(p * dl), &[p, dl]).unwrap();
         let out = Tensor::<Rt, f32>::empty(&client, &[b, t, dl]).unwrap();
         group.throughput(Throughput::Elements((2 * b * t * dg * dl) as u64));
-        group.bench_function(
-            BenchmarkId::new(megabyte_benches::label("wgpu_local_input_f32_fused"), name),
-            |bench| {
-                bench.iter_custom(|iters| {
-                    time_synced(&client, iters, || {
-                        local_input(&g, &ids, &w_gl, &e_l, &lpad, Some(&lpos), &out).unwrap()
-                    })
-                })
-            },
+        megabyte_benches::timed(
+            &mut group,
+            &client,
+            "wgpu_local_input_f32_fused",
+            name,
+            || local_input(&g, &ids, &w_gl, &e_l, &lpad, Some(&lpos), &out).unwrap(),
         );
         let g_rows = g.clone().reshape(&[b * t, dg]).unwrap();
         let out_rows = out.clone().reshape(&[b * t, dl]).unwrap();
-        group.bench_function(
-            BenchmarkId::new(
-                megabyte_benches::label("wgpu_local_input_f32_gemm_only"),
-                name,
-            ),
-            |bench| {
-                bench.iter_custom(|iters| {
-                    time_synced(&client, iters, || {
-                        gemm(&g_rows.view(), &w_gl.view(), &out_rows, &Epilogue::none()).unwrap()
-                    })
-                })
-            },
+        megabyte_benches::timed(
+            &mut group,
+            &client,
+            "wgpu_local_input_f32_gemm_only",
+            name,
+            || gemm(&g_rows.view(), &w_gl.view(), &out_rows, &Epilogue::none()).unwrap(),
         );
     }
     group.finish();

@@ -23,6 +23,31 @@ pub fn time_synced<R: Runtime>(
     start.elapsed()
 }
 
+/// `t` as cubek's launchers take it: its handle, strides and shape, in the order it was
+/// allocated in.
+pub fn binding<R: Runtime, E>(t: &megabyte_ops::Tensor<R, E>) -> TensorBinding<R> {
+    let (strides, shape) = (
+        cubecl::zspace::Strides::new(&t.strides()),
+        t.shape().iter().copied(),
+    );
+    // SAFETY: the handle, strides and shape are those of one live tensor.
+    unsafe { TensorBinding::<R>::from_raw_parts(t.handle().clone(), strides, shape.collect()) }
+}
+
+/// Bench `id` (a `wgpu_` label, renamed for the runtime by [`label`]) of `name` in `group`:
+/// `f` timed with [`time_synced`].
+pub fn timed<R: Runtime>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    client: &ComputeClient<R>,
+    id: &str,
+    name: impl std::fmt::Display,
+    mut f: impl FnMut(),
+) {
+    group.bench_function(criterion::BenchmarkId::new(label(id), name), |bench| {
+        bench.iter_custom(|iters| time_synced(client, iters, &mut f))
+    });
+}
+
 /// The runtime the benches run on: wgpu, or CUDA with the `cuda` feature
 /// (`cargo bench -p megabyte-benches --features cuda`).
 #[cfg(not(feature = "cuda"))]

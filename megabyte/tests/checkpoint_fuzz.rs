@@ -144,16 +144,18 @@ fn wild(rng: &mut ChaCha8Rng) -> u64 {
     }
 }
 
+/// The value of environment variable `name`, or `default` when it is unset or unparsable.
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 #[test]
 fn checkpoint_loading_survives_hostile_bytes() {
-    let seed: u64 = std::env::var("MEGABYTE_FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x6d65_6761);
-    let per_kind: usize = std::env::var("MEGABYTE_FUZZ_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(300);
+    let seed: u64 = env_or("MEGABYTE_FUZZ_SEED", 0x6d65_6761);
+    let per_kind: usize = env_or("MEGABYTE_FUZZ_CASES", 300);
     eprintln!("fuzz seed {seed} ({per_kind} random cases per kind)");
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let (cfg, good) = base();

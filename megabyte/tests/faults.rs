@@ -57,14 +57,19 @@ fn step_of(ckpt: &checkpoint::Checkpoint) -> f32 {
         .expect("a training checkpoint has optimizer.step")
 }
 
+/// The value of environment variable `name`, or `default` when it is unset or unparsable.
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 #[test]
 // A child that exits by itself was reaped by `try_wait` before the early return.
 #[allow(clippy::zombie_processes)]
 fn killing_training_while_it_saves_never_loses_the_checkpoint() {
-    let seed: u64 = std::env::var("MEGABYTE_FAULT_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x6b69_6c6c);
+    let seed: u64 = env_or("MEGABYTE_FAULT_SEED", 0x6b69_6c6c);
     eprintln!("fault seed {seed}");
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fault_injection");

@@ -21,14 +21,7 @@ pub fn activation_into<R: Runtime, E: FloatElement>(
     if input.is_empty() {
         return Err(OpError::empty(OP, "input", input.shape().to_vec()));
     }
-    if output.shape() != input.shape() {
-        return Err(OpError::Shape {
-            op: OP,
-            tensor: "output",
-            got: output.shape().to_vec(),
-            expected: input.shape().to_vec(),
-        });
-    }
+    output.expect_shape(OP, "output", input.shape())?;
     let n = input.len();
     let vector = vector_size_for::<R, E>(client, &[n]);
     let units = n / vector;
@@ -41,8 +34,8 @@ pub fn activation_into<R: Runtime, E: FloatElement>(
             cube_count,
             cube_dim,
             vector,
-            ArrayArg::from_raw_parts(input.handle().clone(), n),
-            ArrayArg::from_raw_parts(output.handle().clone(), n),
+            input.array(),
+            output.array(),
             act.id(),
         );
     }
@@ -92,8 +85,8 @@ pub fn gelu_naive<R: Runtime, E: FloatElement>(
             client,
             cube_count,
             cube_dim,
-            ArrayArg::from_raw_parts(input.handle().clone(), n),
-            ArrayArg::from_raw_parts(output.handle().clone(), n),
+            input.array(),
+            output.array(),
         );
     }
     Ok(output)
@@ -126,9 +119,9 @@ pub fn activation_backward<R: Runtime, E: FloatElement>(
             cube_count,
             cube_dim,
             vector,
-            ArrayArg::from_raw_parts(pre.handle().clone(), n),
-            ArrayArg::from_raw_parts(d_output.handle().clone(), n),
-            ArrayArg::from_raw_parts(d_input.handle().clone(), n),
+            pre.array(),
+            d_output.array(),
+            d_input.array(),
             act.id(),
         );
     }

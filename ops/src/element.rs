@@ -8,16 +8,15 @@ use crate::profile::Dtype;
 pub trait FloatElement:
     Float + CubeElement + Copy + std::fmt::Debug + Send + Sync + 'static
 {
-    /// Short dtype name for messages and bench ids: "f32", "f16", "bf16".
-    const NAME: &'static str;
     /// The same type as the planners name it.
     const DTYPE: Dtype;
+    /// Short dtype name for messages and bench ids: "f32", "f16", "bf16".
+    const NAME: &'static str = Self::DTYPE.name();
     fn from_f64(v: f64) -> Self;
     fn to_f64(self) -> f64;
 }
 
 impl FloatElement for f32 {
-    const NAME: &'static str = "f32";
     const DTYPE: Dtype = Dtype::F32;
     fn from_f64(v: f64) -> Self {
         v as f32
@@ -27,24 +26,21 @@ impl FloatElement for f32 {
     }
 }
 
-impl FloatElement for half::f16 {
-    const NAME: &'static str = "f16";
-    const DTYPE: Dtype = Dtype::F16;
-    fn from_f64(v: f64) -> Self {
-        half::f16::from_f64(v)
-    }
-    fn to_f64(self) -> f64 {
-        half::f16::to_f64(self)
-    }
+/// The two 2-byte floats, through `half`'s own conversions.
+macro_rules! half_element {
+    ($($t:ty => $dtype:expr),+) => {
+        $(
+            impl FloatElement for $t {
+                const DTYPE: Dtype = $dtype;
+                fn from_f64(v: f64) -> Self {
+                    <$t>::from_f64(v)
+                }
+                fn to_f64(self) -> f64 {
+                    <$t>::to_f64(self)
+                }
+            }
+        )+
+    };
 }
 
-impl FloatElement for half::bf16 {
-    const NAME: &'static str = "bf16";
-    const DTYPE: Dtype = Dtype::Bf16;
-    fn from_f64(v: f64) -> Self {
-        half::bf16::from_f64(v)
-    }
-    fn to_f64(self) -> f64 {
-        half::bf16::to_f64(self)
-    }
-}
+half_element!(half::f16 => Dtype::F16, half::bf16 => Dtype::Bf16);

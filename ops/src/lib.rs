@@ -16,7 +16,6 @@ pub mod device;
 pub mod element;
 pub mod embedding;
 pub mod error;
-pub mod ffn;
 pub mod gemm;
 pub mod layer_norm;
 pub mod local_input;

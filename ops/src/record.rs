@@ -7,6 +7,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use std::thread::ThreadId;
 
 use megabyte_kernels::decode::DecodeConfig;
 
@@ -38,11 +39,30 @@ pub enum Planned {
 }
 
 static ON: AtomicBool = AtomicBool::new(false);
-static LOG: Mutex<Vec<Planned>> = Mutex::new(Vec::new());
+static LOG: Mutex<Vec<(ThreadId, Planned)>> = Mutex::new(Vec::new());
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// Runs `f` and returns its result with every call planned while it ran (by any thread).
 pub fn recording<T>(f: impl FnOnce() -> T) -> (T, Vec<Planned>) {
+    let (out, log) = record(f);
+    (out, log.into_iter().map(|(_, p)| p).collect())
+}
+
+/// [`recording`], keeping only the calls planned on the calling thread: what `f` itself
+/// launched, not what tests running beside it in other threads did meanwhile.
+pub fn recording_this_thread<T>(f: impl FnOnce() -> T) -> (T, Vec<Planned>) {
+    let (out, log) = record(f);
+    let me = std::thread::current().id();
+    (
+        out,
+        log.into_iter()
+            .filter(|(t, _)| *t == me)
+            .map(|(_, p)| p)
+            .collect(),
+    )
+}
+
+fn record<T>(f: impl FnOnce() -> T) -> (T, Vec<(ThreadId, Planned)>) {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     LOG.lock().unwrap_or_else(|e| e.into_inner()).clear();
     ON.store(true, Ordering::SeqCst);
@@ -55,7 +75,7 @@ pub fn recording<T>(f: impl FnOnce() -> T) -> (T, Vec<Planned>) {
 /// Notes a planned launch when recording is on.
 pub(crate) fn note(planned: impl FnOnce() -> Planned) {
     if ON.load(Ordering::Relaxed) {
-        let p = planned();
+        let p = (std::thread::current().id(), planned());
         LOG.lock().unwrap_or_else(|e| e.into_inner()).push(p);
     }
 }

@@ -77,7 +77,7 @@ pub fn squared_norm<R: Runtime, E: FloatElement>(
                 client,
                 count,
                 dim,
-                ArrayArg::from_raw_parts(t.handle().clone(), t.len()),
+                t.array(),
                 ArrayArg::from_raw_parts(partials.handle().clone(), total),
                 at as u32,
                 u as u32,

@@ -34,7 +34,7 @@ impl<R: Runtime, E> std::fmt::Debug for Tensor<R, E> {
     }
 }
 
-impl<R: Runtime, E: FloatElement> Tensor<R, E> {
+impl<R: Runtime, E: CubeElement> Tensor<R, E> {
     /// Uploads `data` (row-major) as a tensor of `shape`.
     pub fn from_slice(
         client: &ComputeClient<R>,
@@ -44,6 +44,13 @@ impl<R: Runtime, E: FloatElement> Tensor<R, E> {
         Self::upload(client, E::as_bytes(data), data.len(), shape)
     }
 
+    /// Reads the tensor back to the host (waits for pending work).
+    pub fn to_vec(&self) -> Result<Vec<E>, OpError> {
+        Ok(E::from_bytes(&self.read_bytes()?)[..self.len()].to_vec())
+    }
+}
+
+impl<R: Runtime, E: FloatElement> Tensor<R, E> {
     /// Uploads f32 data converted to `E`.
     pub fn from_f32(
         client: &ComputeClient<R>,
@@ -62,11 +69,6 @@ impl<R: Runtime, E: FloatElement> Tensor<R, E> {
         Self::from_slice(client, &data, shape)
     }
 
-    /// Reads the tensor back to the host (waits for pending work).
-    pub fn to_vec(&self) -> Result<Vec<E>, OpError> {
-        Ok(E::from_bytes(&self.read_bytes()?)[..self.len()].to_vec())
-    }
-
     /// Reads the tensor back converted to f32.
     pub fn to_f32_vec(&self) -> Result<Vec<f32>, OpError> {
         Ok(self
@@ -81,15 +83,15 @@ impl<R: Runtime> Tensor<R, u32> {
     /// Uploads token ids (bytes, or 256 for the end id) as a u32 tensor of `shape`.
     pub fn from_ids(
         client: &ComputeClient<R>,
-        data: &[u32],
+        ids: &[u32],
         shape: &[usize],
     ) -> Result<Self, OpError> {
-        Self::upload(client, u32::as_bytes(data), data.len(), shape)
+        Self::from_slice(client, ids, shape)
     }
 
     /// Reads the ids back to the host.
     pub fn to_ids(&self) -> Result<Vec<u32>, OpError> {
-        Ok(u32::from_bytes(&self.read_bytes()?)[..self.len()].to_vec())
+        self.to_vec()
     }
 }
 
@@ -309,6 +311,12 @@ impl<R: Runtime, E> Tensor<R, E> {
 }
 
 impl<R: Runtime, E> Tensor<R, E> {
+    /// The tensor as a flat array argument of `len()` elements.
+    pub(crate) fn array(&self) -> ArrayArg<R> {
+        // SAFETY: the buffer holds exactly `len()` elements of E.
+        unsafe { ArrayArg::from_raw_parts(self.handle.clone(), self.len()) }
+    }
+
     /// The kernel argument for this tensor: its buffer, row-major strides and shape.
     pub(crate) fn arg(&self) -> TensorArg<R> {
         // SAFETY: the buffer holds exactly `len()` elements laid out row-major, which is what

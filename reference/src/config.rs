@@ -101,6 +101,19 @@ pub const PRESET_NAMES: &[&str] = &[
 ];
 
 impl Config {
+    /// This config with the switches tests vary set from the bits of `variant`: ReLU instead
+    /// of GELU (bit 0), a separate head instead of the tied one (bit 1), and V = 257 without
+    /// local position embeddings instead of V = 256 with them (bit 2).
+    pub fn with_variant(self, variant: u8) -> Self {
+        Config {
+            vocab: if variant & 4 == 0 { 256 } else { 257 },
+            activation: [Activation::Gelu, Activation::Relu][(variant & 1) as usize],
+            tied_head: variant & 2 == 0,
+            local_positions: variant & 4 == 0,
+            ..self
+        }
+    }
+
     /// A model small enough for exhaustive tests: 64-byte context, patches of 4.
     pub fn tiny() -> Self {
         Config {

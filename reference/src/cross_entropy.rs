@@ -46,17 +46,22 @@ pub fn cross_entropy(
     assert_eq!((targets.len(), losses.len(), lse.len()), (n, n, n));
     for row in 0..n {
         let z = &logits[row * v..][..v];
-        let max = z
-            .iter()
-            .map(|&x| x as f64)
-            .fold(f64::NEG_INFINITY, f64::max);
-        let sum: f64 = z.iter().map(|&x| (x as f64 - max).exp()).sum();
+        let (max, sum) = max_and_sum(z);
         let target = targets[row] as usize;
         assert!(target < v, "target {target} outside vocabulary {v}");
         // ln(sum) - (z_t - max) keeps the result exact when all logits are equal.
         losses[row] = sum.ln() - (z[target] as f64 - max);
         lse[row] = max + sum.ln();
     }
+}
+
+/// The largest logit of a row and Σ exp(z - max), in f64.
+fn max_and_sum(z: &[f32]) -> (f64, f64) {
+    let max = z
+        .iter()
+        .map(|&x| x as f64)
+        .fold(f64::NEG_INFINITY, f64::max);
+    (max, z.iter().map(|&x| (x as f64 - max).exp()).sum())
 }
 
 /// Mean of per-position losses in nats, converted to bits: nats / ln 2.
@@ -78,11 +83,7 @@ pub fn cross_entropy_backward(
     );
     for row in 0..n {
         let z = &logits[row * v..][..v];
-        let max = z
-            .iter()
-            .map(|&x| x as f64)
-            .fold(f64::NEG_INFINITY, f64::max);
-        let sum: f64 = z.iter().map(|&x| (x as f64 - max).exp()).sum();
+        let (max, sum) = max_and_sum(z);
         for id in 0..v {
             let p = (z[id] as f64 - max).exp() / sum;
             let onehot = if id == targets[row] as usize {

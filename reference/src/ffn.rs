@@ -4,7 +4,7 @@ use crate::activation::{activation_backward, activation_inplace};
 use crate::attention::{attention, attention_backward};
 use crate::config::Activation;
 use crate::gemm::{linear, linear_backward};
-use crate::layer_norm::{layer_norm, layer_norm_backward, layer_norm_forward};
+use crate::layer_norm::{layer_norm, layer_norm_backward};
 use crate::weights::Block;
 
 /// out = fc2(act(fc1(inp))), hidden width H.
@@ -46,6 +46,84 @@ pub fn split_qkv(qkv: &[f32] /* (B·T, 3C) */, rows: usize, c: usize) -> [Vec<f3
     parts
 }
 
+/// What one pre-LN block computes from its input h_in (N = B·T rows of C): the forward's
+/// intermediates, which the backward needs.
+struct Activations {
+    /// LN1(h_in), with its row statistics.
+    x1: Vec<f32>,
+    mean1: Vec<f32>,
+    rstd1: Vec<f32>,
+    /// The fused projection split into heads, each (B, T, NH, HS).
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// attn(q, k, v), (B, T, NH, HS).
+    y: Vec<f32>,
+    /// h_in + proj(y).
+    h_mid: Vec<f32>,
+    /// LN2(h_mid), with its row statistics.
+    x2: Vec<f32>,
+    mean2: Vec<f32>,
+    rstd2: Vec<f32>,
+    /// fc1(x2) before and after the activation, (N, H).
+    u: Vec<f32>,
+    z: Vec<f32>,
+}
+
+impl Activations {
+    #[allow(clippy::too_many_arguments)]
+    fn of(
+        h_in: &[f32],
+        w: &Block,
+        act: Activation,
+        b: usize,
+        t: usize,
+        c: usize,
+        nh: usize,
+    ) -> Self {
+        let n = b * t;
+        assert_eq!(h_in.len(), n * c);
+        assert_eq!(c % nh, 0);
+        let hidden = w.fc1.bias.len();
+        let norm = |x: &[f32], ln: &crate::weights::Norm| {
+            let (mut out, mut mean, mut rstd) = (vec![0f32; n * c], vec![0f32; n], vec![0f32; n]);
+            layer_norm(
+                &mut out, &mut mean, &mut rstd, x, &ln.weight, &ln.bias, n, c,
+            );
+            (out, mean, rstd)
+        };
+        let (x1, mean1, rstd1) = norm(h_in, &w.ln1);
+        let mut qkv = vec![0f32; n * 3 * c];
+        linear(&mut qkv, &x1, &w.qkv.weight, Some(&w.qkv.bias), n, c, 3 * c);
+        let [q, k, v] = split_qkv(&qkv, n, c);
+        let (mut y, mut lse) = (vec![0f32; n * c], vec![0f32; b * nh * t]);
+        attention(&mut y, &mut lse, &q, &k, &v, b, t, nh, c / nh, true);
+        let mut a = vec![0f32; n * c];
+        linear(&mut a, &y, &w.proj.weight, Some(&w.proj.bias), n, c, c);
+        let h_mid: Vec<f32> = h_in.iter().zip(&a).map(|(x, y)| x + y).collect();
+        let (x2, mean2, rstd2) = norm(&h_mid, &w.ln2);
+        let mut u = vec![0f32; n * hidden];
+        linear(&mut u, &x2, &w.fc1.weight, Some(&w.fc1.bias), n, c, hidden);
+        let mut z = u.clone();
+        activation_inplace(act, &mut z);
+        Activations {
+            x1,
+            mean1,
+            rstd1,
+            q,
+            k,
+            v,
+            y,
+            h_mid,
+            x2,
+            mean2,
+            rstd2,
+            u,
+            z,
+        }
+    }
+}
+
 /// One pre-LN block over B sequences of length T, in place:
 /// h += proj(attn(LN1(h))); h += FFN(LN2(h)). Attention is causal.
 pub fn block_forward(
@@ -57,27 +135,11 @@ pub fn block_forward(
     c: usize,
     nh: usize,
 ) {
-    let n = b * t;
-    assert_eq!(h.len(), n * c);
-    assert_eq!(c % nh, 0);
-    let hs = c / nh;
-    let mut x = vec![0f32; n * c]; // (B, T, C)
-    layer_norm_forward(&mut x, h, &w.ln1.weight, &w.ln1.bias, n, c);
-    let mut qkv = vec![0f32; n * 3 * c]; // (B, T, 3C)
-    linear(&mut qkv, &x, &w.qkv.weight, Some(&w.qkv.bias), n, c, 3 * c);
-    let [q, k, v] = split_qkv(&qkv, n, c);
-    let mut y = vec![0f32; n * c]; // (B, T, NH, HS)
-    let mut lse = vec![0f32; b * nh * t];
-    attention(&mut y, &mut lse, &q, &k, &v, b, t, nh, hs, true);
-    let mut a = vec![0f32; n * c];
-    linear(&mut a, &y, &w.proj.weight, Some(&w.proj.bias), n, c, c);
-    for (hv, av) in h.iter_mut().zip(&a) {
-        *hv += *av;
-    }
-    layer_norm_forward(&mut x, h, &w.ln2.weight, &w.ln2.bias, n, c);
-    ffn(&mut a, &x, w, act, n, c);
-    for (hv, av) in h.iter_mut().zip(&a) {
-        *hv += *av;
+    let s = Activations::of(h, w, act, b, t, c, nh);
+    let (n, hidden) = (b * t, w.fc1.bias.len());
+    linear(h, &s.z, &w.fc2.weight, Some(&w.fc2.bias), n, hidden, c);
+    for (hv, m) in h.iter_mut().zip(&s.h_mid) {
+        *hv += *m;
     }
 }
 
@@ -95,45 +157,22 @@ pub fn block_backward(
     c: usize,
     nh: usize,
 ) {
-    let n = b * t;
-    let hs = c / nh;
-    let hidden = w.fc1.bias.len();
-    // Forward again, keeping what the backward needs.
-    let (mut x1, mut mean1, mut rstd1) = (vec![0f32; n * c], vec![0f32; n], vec![0f32; n]);
-    layer_norm(
-        &mut x1,
-        &mut mean1,
-        &mut rstd1,
-        h_in,
-        &w.ln1.weight,
-        &w.ln1.bias,
-        n,
-        c,
-    );
-    let mut qkv = vec![0f32; n * 3 * c];
-    linear(&mut qkv, &x1, &w.qkv.weight, Some(&w.qkv.bias), n, c, 3 * c);
-    let [q, k, v] = split_qkv(&qkv, n, c);
-    let mut y = vec![0f32; n * c];
-    let mut lse = vec![0f32; b * nh * t];
-    attention(&mut y, &mut lse, &q, &k, &v, b, t, nh, hs, true);
-    let mut a = vec![0f32; n * c];
-    linear(&mut a, &y, &w.proj.weight, Some(&w.proj.bias), n, c, c);
-    let h_mid: Vec<f32> = h_in.iter().zip(&a).map(|(x, y)| x + y).collect();
-    let (mut x2, mut mean2, mut rstd2) = (vec![0f32; n * c], vec![0f32; n], vec![0f32; n]);
-    layer_norm(
-        &mut x2,
-        &mut mean2,
-        &mut rstd2,
-        &h_mid,
-        &w.ln2.weight,
-        &w.ln2.bias,
-        n,
-        c,
-    );
-    let mut u = vec![0f32; n * hidden];
-    linear(&mut u, &x2, &w.fc1.weight, Some(&w.fc1.bias), n, c, hidden);
-    let mut z = u.clone();
-    activation_inplace(act, &mut z);
+    let (n, hs, hidden) = (b * t, c / nh, w.fc1.bias.len());
+    let Activations {
+        x1,
+        mean1,
+        rstd1,
+        q,
+        k,
+        v,
+        y,
+        h_mid,
+        x2,
+        mean2,
+        rstd2,
+        u,
+        z,
+    } = Activations::of(h_in, w, act, b, t, c, nh);
 
     // FFN sublayer: h_out = h_mid + fc2(act(fc1(LN2(h_mid)))).
     let mut dz = vec![0f32; n * hidden];

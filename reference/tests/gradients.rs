@@ -10,7 +10,6 @@ use rand_chacha::ChaCha8Rng;
 
 fn config(variant: u8) -> Config {
     Config {
-        vocab: if variant & 4 == 0 { 256 } else { 257 },
         patch: 2,
         context: 8,
         d_global: 4,
@@ -20,14 +19,9 @@ fn config(variant: u8) -> Config {
         heads_global: 2,
         heads_local: 2,
         ffn_mult: 2,
-        activation: if variant & 1 == 0 {
-            Activation::Gelu
-        } else {
-            Activation::Relu
-        },
-        tied_head: variant & 2 == 0,
-        local_positions: variant & 4 == 0,
+        ..Config::tiny()
     }
+    .with_variant(variant)
 }
 
 /// Mean loss in nats (the reference reports bits per byte).

@@ -208,7 +208,8 @@ pub trait KernelCase: std::fmt::Debug {
     /// The family's plan.
     type Plan: PartialEq + std::fmt::Debug;
 
-    fn run<E: FloatElement>(&self, client: &ComputeClient<TestRuntime>);
+    /// `case` names the case in failures: the dtype and the case's `Debug` form.
+    fn run<E: FloatElement>(&self, client: &ComputeClient<TestRuntime>, case: &str);
 
     /// The plan this case must launch, if any.
     fn expect(&self) -> Option<&Self::Plan> {
@@ -233,17 +234,18 @@ pub fn run_cases<E: FloatElement, C: KernelCase>(
         let cases = cases(dtype, &profile);
         assert!(!cases.is_empty(), "no {} cases", E::NAME);
         for case in cases {
+            let name = format!("{} {case:?}", E::NAME);
             let Some(expected) = case.expect() else {
-                case.run::<E>(&client);
+                case.run::<E>(&client, &name);
                 continue;
             };
-            let ((), log) = megabyte_ops::record::recording(|| case.run::<E>(&client));
+            let run = || case.run::<E>(&client, &name);
+            let ((), log) = megabyte_ops::record::recording_this_thread(run);
             let launched: Vec<C::Plan> =
                 log.iter().filter_map(|c| C::planned(c, &profile)).collect();
             assert!(
                 launched.contains(expected),
-                "{} {case:?}: expected plan {expected:?} on {}, launched {launched:?}",
-                E::NAME,
+                "{name}: expected plan {expected:?} on {}, launched {launched:?}",
                 profile.name
             );
         }
@@ -321,12 +323,13 @@ macro_rules! kernel_tests {
 }
 
 /// The plan half of a [`KernelCase`] impl: `type Plan`, `expect` (the case's `expect` field)
-/// and `planned` (how a recorded call of the family is planned).
+/// and `planned` (how a recorded call of the family is planned: `None` for a call the planner
+/// refuses, which was never launched).
 ///
 /// ```ignore
 /// impl KernelCase for Case {
-///     planned_by!(LayerNormPlan, |profile| Planned::LayerNorm(p) => plan(p, profile));
-///     fn run<E: FloatElement>(&self, client: &ComputeClient<TestRuntime>) { .. }
+///     planned_by!(LayerNormPlan, |profile| Planned::LayerNorm(p) => Some(plan(p, profile)));
+///     fn run<E: FloatElement>(&self, client: &ComputeClient<TestRuntime>, case: &str) { .. }
 /// }
 /// ```
 #[macro_export]
@@ -344,7 +347,7 @@ macro_rules! planned_by {
         ) -> Option<$plan> {
             #[allow(unreachable_patterns)]
             match call {
-                $($pat => Some($e),)+
+                $($pat => $e,)+
                 _ => None,
             }
         }
@@ -371,4 +374,13 @@ pub fn preset_configs() -> impl Iterator<Item = (&'static str, megabyte_referenc
             megabyte_reference::Config::preset(name).expect("a built-in preset"),
         )
     })
+}
+
+/// Fails unless `err` is [`megabyte_ops::OpError::Unsupported`] naming `what` and `value`.
+#[track_caller]
+pub fn assert_unsupported(err: &megabyte_ops::OpError, what: &str, value: usize) {
+    assert!(
+        matches!(err, megabyte_ops::OpError::Unsupported { what: w, value: v, .. } if *w == what && *v == value),
+        "expected unsupported {what} = {value}, got: {err}"
+    );
 }

@@ -91,6 +91,63 @@ pub fn activation(cfg: &Config) -> ActivationKind {
     }
 }
 
+/// One of a config's two transformer stacks, as the kernels see it.
+#[derive(Clone, Copy, Debug)]
+pub struct Stack {
+    /// "global" or "local".
+    pub name: &'static str,
+    /// The stack's width (P·D_G for the global stack, D_L for the local one).
+    pub width: usize,
+    /// The FFN's hidden width.
+    pub hidden: usize,
+    pub heads: usize,
+    pub layers: usize,
+    /// Its sequence length: K patches, or the P bytes of a patch.
+    pub seq: usize,
+}
+
+impl Stack {
+    /// The fused decoding step's problem for this stack.
+    pub fn decode_problem(&self, dtype: Dtype) -> DecodeProblem {
+        let (width, hidden, heads, layers) = (self.width, self.hidden, self.heads, self.layers);
+        DecodeProblem {
+            width,
+            hidden,
+            heads,
+            layers,
+            dtype,
+        }
+    }
+}
+
+/// A config's global and local stacks.
+pub fn stacks(cfg: &Config) -> [Stack; 2] {
+    let stack = |name, width: usize, heads, layers, seq| Stack {
+        name,
+        width,
+        hidden: cfg.ffn_mult * width,
+        heads,
+        layers,
+        seq,
+    };
+    [
+        stack(
+            "global",
+            cfg.global_width(),
+            cfg.heads_global,
+            cfg.layers_global,
+            cfg.patches(),
+        ),
+        stack(
+            "local",
+            cfg.d_local,
+            cfg.heads_local,
+            cfg.layers_local,
+            cfg.patch,
+        ),
+    ]
+}
+
 /// Every preset, by name, with its config.
 fn presets() -> impl Iterator<Item = (&'static str, Config)> {
     PRESET_NAMES
@@ -412,31 +469,9 @@ pub fn launch_stages(
 pub fn decode_plans(dtype: Dtype) -> (Vec<Planned<DecodeConfig>>, Vec<String>) {
     let (mut plans, mut refused) = (Vec::new(), Vec::new());
     for (preset, cfg) in presets() {
-        let wg = cfg.global_width();
-        let stacks = [
-            (
-                "global",
-                wg,
-                cfg.ffn_mult * wg,
-                cfg.heads_global,
-                cfg.layers_global,
-            ),
-            (
-                "local",
-                cfg.d_local,
-                cfg.ffn_mult * cfg.d_local,
-                cfg.heads_local,
-                cfg.layers_local,
-            ),
-        ];
-        for (stack, width, hidden, heads, layers) in stacks {
-            let problem = DecodeProblem {
-                width,
-                hidden,
-                heads,
-                layers,
-                dtype,
-            };
+        for s in stacks(&cfg) {
+            let (stack, layers) = (s.name, s.layers);
+            let problem = s.decode_problem(dtype);
             let stages: &[(&str, (u32, bool), u32)] = if stack == "global" {
                 &[("norm", (input::PATCH, true), output::NORM)]
             } else {
@@ -457,13 +492,8 @@ pub fn decode_plans(dtype: Dtype) -> (Vec<Planned<DecodeConfig>>, Vec<String>) {
                     }
                 };
                 // Every cache length up to the context, halving.
-                let full = if stack == "global" {
-                    cfg.patches()
-                } else {
-                    cfg.patch
-                };
                 let lengths: Vec<usize> =
-                    std::iter::successors(Some(full), |k| (*k > 1).then_some(k / 2)).collect();
+                    std::iter::successors(Some(s.seq), |k| (*k > 1).then_some(k / 2)).collect();
                 for &(stage, (inp, positions), last) in stages {
                     let step = with_stages(planned, &cfg, (inp, positions, last));
                     for &keys in &lengths {
@@ -503,7 +533,10 @@ pub fn with_stages(
 pub fn layer_norm_calls(dtype: Dtype) -> Vec<(String, LayerNormProblem)> {
     let mut calls = Vec::new();
     for (preset, cfg) in presets() {
-        for (stack, width) in [("global", cfg.global_width()), ("local", cfg.d_local)] {
+        for Stack {
+            name: stack, width, ..
+        } in stacks(&cfg)
+        {
             for residual in [false, true] {
                 for rows in [1, 4096] {
                     let problem = LayerNormProblem {

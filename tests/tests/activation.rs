@@ -5,7 +5,7 @@ use cubecl::prelude::ComputeClient;
 use megabyte_ops::activation::{activation, gelu_naive};
 use megabyte_ops::{ActivationKind, FloatElement, Tensor};
 use megabyte_reference::activation::{gelu_scalar, relu_scalar};
-use megabyte_tests::plans::activation as activation_of;
+use megabyte_tests::plans::{activation as activation_of, stacks};
 use megabyte_tests::{
     check, kernel_tests, no_plan, preset_configs, read_f64, round, uniform, with_client,
     DeviceProfile, Dtype, KernelCase, TestRuntime, NAIVE_SAMPLE,
@@ -23,28 +23,29 @@ struct Case {
     seed: u64,
 }
 
+kernel_tests!(Case, [f32, f16], [sweep, presets], random(8, any_case()));
+
 impl KernelCase for Case {
     no_plan!();
 
-    fn run<E: FloatElement>(&self, client: &ComputeClient<TestRuntime>) {
+    fn run<E: FloatElement>(&self, client: &ComputeClient<TestRuntime>, case: &str) {
         for &(lo, hi) in RANGES {
-            run_range::<E>(client, self.act, self.n, self.seed, lo, hi);
+            let case = format!("{case}, inputs in [{lo}, {hi})");
+            run_range::<E>(client, &case, self.act, self.n, self.seed, lo, hi);
         }
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_range<E: FloatElement>(
     client: &ComputeClient<TestRuntime>,
+    case: &str,
     act: ActivationKind,
     n: usize,
     seed: u64,
     lo: f32,
     hi: f32,
 ) {
-    let case = format!(
-        "activation({act:?}, {}, n={n}, seed={seed}, inputs in [{lo}, {hi}))",
-        E::NAME
-    );
     // The case's n inputs, then more from the same distribution for the naive error.
     let sample = uniform(seed, n.max(NAIVE_SAMPLE), lo, hi);
     let xs: Vec<f64> = sample.iter().map(|&v| round::<E>(v as f64)).collect();
@@ -67,7 +68,7 @@ fn run_range<E: FloatElement>(
             .map(|&x| (relu_scalar(x), round::<E>(relu_scalar(x))))
             .unzip(),
     };
-    check::<E>(&case, "output", &got, &naive, &reference).unwrap_or_else(|e| panic!("{e}"));
+    check::<E>(case, "output", &got, &naive, &reference).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// Lengths that are 1, prime, one off a power of two, and larger than one cube.
@@ -93,8 +94,8 @@ fn presets(_: Dtype, _: &DeviceProfile) -> Vec<Case> {
     let mut cases = Vec::new();
     for (i, (_, cfg)) in preset_configs().enumerate() {
         let act = activation_of(&cfg);
-        for (j, width) in [cfg.global_width(), cfg.d_local].into_iter().enumerate() {
-            let n = (3 * cfg.ffn_mult * width).min(1 << 22);
+        for (j, stack) in stacks(&cfg).into_iter().enumerate() {
+            let n = (3 * stack.hidden).min(1 << 22);
             cases.push(Case {
                 act,
                 n,
@@ -112,8 +113,6 @@ fn any_case() -> impl Strategy<Value = Case> {
         seed,
     })
 }
-
-kernel_tests!(Case, [f32, f16], [sweep, presets], random(8, any_case()));
 
 #[test]
 fn mismatched_output_shape_is_an_error() {

@@ -15,8 +15,8 @@ use megabyte_ops::{FloatElement, OpError, Tensor};
 use megabyte_reference::attention::attention_f64;
 use megabyte_tests::plans::{attention_calls, representatives};
 use megabyte_tests::{
-    check, kernel_tests, planned_by, read_f64, round_all, uniform, with_client, DeviceProfile,
-    Dtype, KernelCase, TestRuntime,
+    assert_unsupported, check, kernel_tests, planned_by, read_f64, round_all, uniform, with_client,
+    DeviceProfile, Dtype, KernelCase, TestRuntime,
 };
 use proptest::prelude::*;
 
@@ -41,21 +41,22 @@ struct Case {
     expect: Option<AttentionPlan>,
 }
 
+kernel_tests!(Case, [f32, f16], [sweep, presets], random(6, any_case()));
+
 /// How `Auto` plans a recorded attention call on `profile`.
-fn auto(call: &AttentionCall, profile: &DeviceProfile) -> AttentionPlan {
-    plan(AttentionKernel::Auto, call, profile).expect("an attention plan")
+fn auto(call: &AttentionCall, profile: &DeviceProfile) -> Result<AttentionPlan, OpError> {
+    plan(AttentionKernel::Auto, call, profile)
 }
 
 impl KernelCase for Case {
-    planned_by!(AttentionPlan, |profile| Planned::Attention(call) => auto(call, profile));
+    planned_by!(AttentionPlan, |profile| Planned::Attention(call) => auto(call, profile).ok());
 
     /// Against the reference: the tiled and rows kernels (a preset case: `Auto`, which must
     /// launch the expected plan), and for 2-byte floats the tensor-core kernel's emulated twin,
     /// and the kernel itself on a device with CMMA.
-    fn run<E: FloatElement>(&self, client: &ComputeClient<TestRuntime>) {
+    fn run<E: FloatElement>(&self, client: &ComputeClient<TestRuntime>, case: &str) {
         let (b, s, h, d) = (self.b, self.s, self.h, self.d);
         let (causal, layout, seed) = (self.causal, self.layout, self.seed);
-        let case = format!("attention {} {self:?}", E::NAME);
         let n = b * s * h * d;
         // Inputs rounded to E, so the reference sees exactly what the kernels see.
         let gen = |sd: u64| round_all::<E>(uniform(sd, n, -2.0, 2.0));
@@ -192,15 +193,10 @@ fn presets(dtype: Dtype, profile: &DeviceProfile) -> Vec<Case> {
     let calls = attention_calls(dtype)
         .into_iter()
         .filter(|(_, c)| c.seq_k == c.problem.seq);
-    let plans = representatives(
-        calls.collect(),
-        profile,
-        |c, p| Ok(auto(c, p)),
-        |c| {
-            let p = &c.problem;
-            p.seq * p.seq * p.heads * p.head_dim
-        },
-    );
+    let plans = representatives(calls.collect(), profile, auto, |c| {
+        let p = &c.problem;
+        p.seq * p.seq * p.heads * p.head_dim
+    });
     (plans.into_iter().enumerate())
         .map(|(i, (_, call, plan))| Case {
             b: 1,
@@ -236,8 +232,6 @@ fn any_case() -> impl Strategy<Value = Case> {
     )
 }
 
-kernel_tests!(Case, [f32, f16], [sweep, presets], random(6, any_case()));
-
 /// Decoding against a KV cache: the last `sq` query rows against all `s` keys, read out of a
 /// cache buffer with room for `s + 5` positions, must equal those rows of full causal
 /// attention.
@@ -257,11 +251,10 @@ mod decode {
     }
 
     impl KernelCase for Case {
-        planned_by!(AttentionPlan, |profile| Planned::Attention(call) => auto(call, profile));
+        planned_by!(AttentionPlan, |profile| Planned::Attention(call) => auto(call, profile).ok());
 
-        fn run<E: FloatElement>(&self, client: &ComputeClient<TestRuntime>) {
+        fn run<E: FloatElement>(&self, client: &ComputeClient<TestRuntime>, case: &str) {
             let (b, s, sq, h, d, seed) = (self.b, self.s, self.sq, self.h, self.d, self.seed);
-            let case = format!("decode attention {} {self:?}", E::NAME);
             let n = b * s * h * d;
             let gen = |sd: u64| round_all::<E>(uniform(sd, n, -2.0, 2.0));
             let (q, k, v) = (gen(seed), gen(seed ^ 0x9e37), gen(seed ^ 0x7f4a));
@@ -373,12 +366,9 @@ mod decode {
         let calls = attention_calls(dtype)
             .into_iter()
             .filter(|(_, c)| c.seq_k > c.problem.seq);
-        let plans = representatives(
-            calls.collect(),
-            profile,
-            |c, p| Ok(auto(c, p)),
-            |c| c.seq_k * c.problem.heads * c.problem.head_dim,
-        );
+        let plans = representatives(calls.collect(), profile, auto, |c| {
+            c.seq_k * c.problem.heads * c.problem.head_dim
+        });
         (plans.into_iter().enumerate())
             .map(|(i, (_, call, plan))| Case {
                 b: 1,
@@ -433,17 +423,7 @@ fn decode_errors() {
             true,
         )
         .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                OpError::Unsupported {
-                    what: "key sequence length",
-                    value: 6,
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        assert_unsupported(&err, "key sequence length", 6);
         // Fewer keys than queries is a shape error.
         let err = flash_attention(&kv.view(), &q.view(), &q.view(), &out, &lse, true).unwrap_err();
         assert!(matches!(err, OpError::Shape { tensor: "k", .. }), "{err}");
@@ -477,17 +457,7 @@ fn bad_shapes_are_errors() {
         let lse1 = Tensor::<TestRuntime, f32>::full(&client, &[1, 1, 4], 0.0).unwrap();
         let err = flash_attention(&wide.view(), &wide.view(), &wide.view(), &wide, &lse1, true)
             .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                OpError::Unsupported {
-                    what: "head dim",
-                    value: 300,
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        assert_unsupported(&err, "head dim", 300);
 
         let empty = t(&[1, 0, 2, 16]);
         let lse0 = Tensor::<TestRuntime, f32>::full(&client, &[1, 2, 0], 0.0).unwrap();
@@ -538,17 +508,7 @@ fn bad_shapes_are_errors() {
             true,
         )
         .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                OpError::Unsupported {
-                    what: "key sequence length",
-                    value: 8,
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        assert_unsupported(&err, "key sequence length", 8);
     });
 }
 

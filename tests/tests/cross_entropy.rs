@@ -25,13 +25,14 @@ struct Case {
     expect: Option<CrossEntropyPlan>,
 }
 
-impl KernelCase for Case {
-    planned_by!(CrossEntropyPlan, |profile| Planned::CrossEntropy(p) => plan(p, profile));
+kernel_tests!(Case, [f32, f16], [sweep, presets], random(4, any_case()));
 
-    fn run<E: FloatElement>(&self, client: &ComputeClient<TestRuntime>) {
+impl KernelCase for Case {
+    planned_by!(CrossEntropyPlan, |profile| Planned::CrossEntropy(p) => Some(plan(p, profile)));
+
+    fn run<E: FloatElement>(&self, client: &ComputeClient<TestRuntime>, case: &str) {
         let (rows, d, vocab, write_logits, seed) =
             (self.rows, self.d, self.vocab, self.write_logits, self.seed);
-        let case = format!("{} {self:?}", E::NAME);
         let r = round_all::<E>;
         // The naive error is measured on at least NAIVE_SAMPLE losses (more rows, same law).
         let sample = rows.max(NAIVE_SAMPLE);
@@ -152,8 +153,6 @@ fn any_case() -> impl Strategy<Value = Case> {
             expect: None,
         })
 }
-
-kernel_tests!(Case, [f32, f16], [sweep, presets], random(4, any_case()));
 
 /// A uniform predictor (all logits equal) costs exactly 8 bits per byte at V = 256.
 #[test]

@@ -12,18 +12,17 @@
 //! sums in index order, a materialised softmax) with every stored intermediate rounded to E.
 
 use cubecl::prelude::ComputeClient;
-use megabyte_ops::decode::{
-    decode_stack, BlockWeights, DecodeProblem, PackedStack, StepInput, StepOutput,
-};
+use megabyte_ops::decode::{decode_stack, BlockWeights, PackedStack, StepInput, StepOutput};
 use megabyte_ops::{ActivationKind, FloatElement, OpError, Tensor};
 use megabyte_reference::config::Activation;
 use megabyte_reference::ffn::{block_forward, split_qkv};
 use megabyte_reference::gemm::linear;
 use megabyte_reference::layer_norm::layer_norm_forward;
 use megabyte_reference::weights::{Block, Linear, Norm};
+use megabyte_tests::plans::stacks;
 use megabyte_tests::{
-    check, kernel_tests, naive_model, no_plan, preset_configs, read_f64, round, round_all, uniform,
-    with_client, DeviceProfile, Dtype, KernelCase, TestRuntime,
+    assert_unsupported, check, kernel_tests, naive_model, no_plan, preset_configs, read_f64, round,
+    round_all, uniform, with_client, DeviceProfile, Dtype, KernelCase, TestRuntime,
 };
 use proptest::prelude::*;
 
@@ -99,17 +98,19 @@ struct Case {
     seed: u64,
 }
 
+kernel_tests!(Case, [f32, f16], [sweep, presets], random(6, any_case()));
+
 impl KernelCase for Case {
     no_plan!();
 
-    fn run<E: FloatElement>(&self, client: &ComputeClient<TestRuntime>) {
+    fn run<E: FloatElement>(&self, client: &ComputeClient<TestRuntime>, case: &str) {
         let (b, keys, heads, hs) = (self.b, self.keys, self.heads, self.hs);
         let (mult, layers, act, seed) = (self.mult, self.layers, self.act, self.seed);
         let c = heads * hs;
         let hidden = mult * c;
         let t = keys;
         let pos = t - 1;
-        let case = format!("decode_stack {} {self:?} (H = {hidden})", E::NAME);
+        let case = format!("{case} (H = {hidden})");
         let blocks: Vec<Block> = (0..layers)
             .map(|l| random_block::<E>(c, hidden, seed ^ (l as u64 + 1) << 20))
             .collect();
@@ -275,36 +276,14 @@ fn sweep(dtype: Dtype, _: &DeviceProfile) -> Vec<Case> {
 fn presets(dtype: Dtype, profile: &DeviceProfile) -> Vec<Case> {
     let mut cases = Vec::new();
     for (i, (name, cfg)) in preset_configs().enumerate() {
-        let stacks = [
-            (
-                "global",
-                cfg.global_width(),
-                cfg.heads_global,
-                cfg.layers_global,
-                cfg.patches(),
-            ),
-            (
-                "local",
-                cfg.d_local,
-                cfg.heads_local,
-                cfg.layers_local,
-                cfg.patch,
-            ),
-        ];
-        for (j, (stack, width, heads, layers, cap)) in stacks.into_iter().enumerate() {
-            let hidden = cfg.ffn_mult * width;
-            let problem = DecodeProblem {
-                width,
-                hidden,
-                heads,
-                layers,
-                dtype,
-            };
-            if let Err(err) = megabyte_ops::decode::plan(&problem, profile) {
+        for (j, stack) in stacks(&cfg).into_iter().enumerate() {
+            let (width, heads, layers, cap) = (stack.width, stack.heads, stack.layers, stack.seq);
+            if let Err(err) = megabyte_ops::decode::plan(&stack.decode_problem(dtype), profile) {
                 assert!(
                     width > megabyte_ops::decode::MAX_FUSED_WIDTH
                         && err.to_string().contains(&format!("width = {width}")),
-                    "{name} {stack} stack (width {width}, {heads} heads, {layers} layers) refused: {err}"
+                    "{name} {} stack (width {width}, {heads} heads, {layers} layers) refused: {err}",
+                    stack.name
                 );
                 continue;
             }
@@ -366,8 +345,6 @@ fn any_case() -> impl Strategy<Value = Case> {
     (dims, any::<bool>(), any::<u64>()).prop_map(drawn)
 }
 
-kernel_tests!(Case, [f32, f16], [sweep, presets], random(6, any_case()));
-
 /// Stacks as wide as the presets' and wider, up to the widest the fused step takes, 4 to 8
 /// layers deep: on CPU drivers these run as several launches per step.
 fn wide_stack() -> impl Strategy<Value = Case> {
@@ -412,17 +389,7 @@ fn errors_name_the_bad_value() {
         let (row, out) = (StepInput::Row, StepOutput::Row);
         // The step past the cache.
         let err = decode_stack(&h, &stack, &kc, &vc, 4, gelu, &row, &out).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                OpError::Unsupported {
-                    what: "pos",
-                    value: 4,
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        assert_unsupported(&err, "pos", 4);
         // A cache of another batch or depth.
         for shape in [[1, b + 1, 4, c], [2, b, 4, c]] {
             let wrong = t(&shape);

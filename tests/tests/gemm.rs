@@ -13,7 +13,7 @@ use megabyte_ops::gemm::{
     OperandLayout,
 };
 use megabyte_ops::record::Planned;
-use megabyte_ops::{ActivationKind, Epilogue, FloatElement, OpError, Tensor};
+use megabyte_ops::{ActivationKind, Epilogue, FloatElement, OpError, Tensor, TensorView};
 use megabyte_reference::activation::{gelu_scalar, relu_scalar};
 use megabyte_tests::plans::{gemm_calls, representatives};
 use megabyte_tests::{
@@ -51,6 +51,24 @@ struct Case {
     residual: bool,
     scale: f32,
     kernel: GemmKernel,
+}
+
+/// A view's offset, shape and strides.
+type View = (usize, [usize; 2], [usize; 2]);
+
+/// A batched view of an operand with several entries; a broadcast one is rank 2.
+fn view<E: FloatElement>(
+    t: &Tensor<TestRuntime, E>,
+    entries: usize,
+    (off, vs, st): View,
+) -> TensorView<'_, TestRuntime, E> {
+    let entry = t.len() / entries;
+    if entries > 1 {
+        t.strided(off, &[entries, vs[0], vs[1]], &[entry, st[0], st[1]])
+    } else {
+        t.strided(off, &vs, &st)
+    }
+    .unwrap()
 }
 
 /// Stores a logical (rows, cols) row-major matrix per `layout`; returns the buffer and the
@@ -91,21 +109,20 @@ fn activation(act: ActivationKind, x: f64) -> f64 {
 }
 
 impl KernelCase for Case {
-    planned_by!(GemmPlan, |profile| Planned::Gemm(call) => auto(call, profile));
+    planned_by!(GemmPlan, |profile| Planned::Gemm(call) => plan(GemmKernel::Auto, call, profile).ok());
 
-    fn run<E: FloatElement>(&self, client: &ComputeClient<TestRuntime>) {
-        run_case::<E>(client, *self)
+    fn run<E: FloatElement>(&self, client: &ComputeClient<TestRuntime>, case: &str) {
+        run_case::<E>(client, *self, case)
     }
 }
 
-/// How `Auto` plans a recorded GEMM call on `profile`.
+/// How `Auto` plans a preset's GEMM call on `profile`.
 fn auto(call: &GemmCall, profile: &DeviceProfile) -> GemmPlan {
     plan(GemmKernel::Auto, call, profile).expect("a GEMM plan")
 }
 
-fn run_case<E: FloatElement>(client: &ComputeClient<TestRuntime>, c: Case) {
+fn run_case<E: FloatElement>(client: &ComputeClient<TestRuntime>, c: Case, name: &str) {
     let seed = c.seed;
-    let name = format!("gemm({}, {c:?})", E::NAME);
     let r = round_all::<E>;
     let Case { batch, m, n, k, .. } = c;
     // The kernel sees `m` rows per batch entry; the naive error is measured on at least
@@ -137,32 +154,11 @@ fn run_case<E: FloatElement>(client: &ComputeClient<TestRuntime>, c: Case) {
         }
         (data, view)
     };
-    let (a_data, (a_off, a_vs, a_st)) = stack(&a_kernel, batch, m, k, c.a);
-    let (b_data, (b_off, b_vs, b_st)) = stack(&b_all, b_batch, k, n, c.b);
+    let (a_data, a_layout) = stack(&a_kernel, batch, m, k, c.a);
+    let (b_data, b_layout) = stack(&b_all, b_batch, k, n, c.b);
     let a_t = Tensor::<TestRuntime, E>::from_f32(client, &a_data, &[a_data.len()]).unwrap();
     let b_t = Tensor::<TestRuntime, E>::from_f32(client, &b_data, &[b_data.len()]).unwrap();
-    let a_entry = a_data.len() / batch;
-    let b_entry = b_data.len() / b_batch;
-    let a_view = if batch > 1 {
-        a_t.strided(
-            a_off,
-            &[batch, a_vs[0], a_vs[1]],
-            &[a_entry, a_st[0], a_st[1]],
-        )
-    } else {
-        a_t.strided(a_off, &a_vs, &a_st)
-    }
-    .unwrap();
-    let b_view = if b_batch > 1 {
-        b_t.strided(
-            b_off,
-            &[batch, b_vs[0], b_vs[1]],
-            &[b_entry, b_st[0], b_st[1]],
-        )
-    } else {
-        b_t.strided(b_off, &b_vs, &b_st)
-    }
-    .unwrap();
+    let (a_view, b_view) = (view(&a_t, batch, a_layout), view(&b_t, b_batch, b_layout));
     let out_shape = if batch > 1 {
         vec![batch, m, n]
     } else {

@@ -131,11 +131,7 @@ fn config(
         heads_global: heads.0,
         heads_local: heads.1,
         ffn_mult: if variant & 8 == 0 { 4 } else { 2 },
-        activation: if variant & 2 == 0 {
-            Activation::Gelu
-        } else {
-            Activation::Relu
-        },
+        activation: [Activation::Gelu, Activation::Relu][(variant >> 1 & 1) as usize],
         tied_head: variant & 4 == 0,
         local_positions: variant & 1 == 0,
     }

@@ -23,12 +23,13 @@ struct Case {
     seed: u64,
 }
 
+kernel_tests!(Case, [f32, f16], [sweep, presets], random(6, any_case()));
+
 impl KernelCase for Case {
     no_plan!();
 
-    fn run<E: FloatElement>(&self, client: &ComputeClient<TestRuntime>) {
+    fn run<E: FloatElement>(&self, client: &ComputeClient<TestRuntime>, case: &str) {
         let (b, k, p, d, seed) = (self.b, self.k, self.p, self.d, self.seed);
-        let case = format!("{} {self:?}", E::NAME);
         let t = k * p;
         let r = round_all::<E>;
         let x = uniform_ids(seed, b * t, VOCAB);
@@ -178,8 +179,6 @@ fn any_case() -> impl Strategy<Value = Case> {
         .prop_map(|(b, k, p, d, seed)| Case { b, k, p, d, seed })
 }
 
-kernel_tests!(Case, [f32, f16], [sweep, presets], random(6, any_case()));
-
 #[test]
 fn out_of_vocabulary_id_is_nan_not_a_number() {
     with_client!(TestRuntime, |client| {
@@ -208,42 +207,35 @@ fn bad_shapes_are_errors() {
     with_client!(TestRuntime, |client| {
         let f = |shape: &[usize]| Tensor::<TestRuntime, f32>::full(&client, shape, 0.0).unwrap();
         let x = Tensor::from_ids(&client, &[1, 2, 3, 4, 5, 6], &[1, 6]).unwrap();
-        let err = patch_embed(
-            &x,
-            &f(&[VOCAB, 4]),
-            &f(&[6, 4]),
-            &f(&[16]),
-            &f(&[1, 1, 16]),
-            4,
-        )
-        .unwrap_err();
-        assert_eq!(err.to_string(), "patch_embed: sequence length = 6 is not supported: must be a multiple of the patch size 4");
-        let err = patch_embed(
-            &x,
-            &f(&[VOCAB, 4]),
-            &f(&[5, 4]),
-            &f(&[12]),
-            &f(&[1, 2, 12]),
-            3,
-        )
-        .unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "patch_embed: `wpe` has shape [5, 4], expected [6, 4]"
-        );
-        let err = patch_embed(
-            &x,
-            &f(&[VOCAB, 4]),
-            &f(&[6, 4]),
-            &f(&[12]),
-            &f(&[1, 3, 12]),
-            3,
-        )
-        .unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "patch_embed: `out` has shape [1, 3, 12], expected [1, 2, 12]"
-        );
+        // (ids, wpe shape, out shape, P), with wte (V, 4) and a pad of P·4.
+        let run = |x: &Tensor<TestRuntime, u32>, wpe: &[usize], out: &[usize], p: usize| {
+            let (wte, pad) = (f(&[VOCAB, 4]), f(&[4 * p]));
+            patch_embed(x, &wte, &f(wpe), &pad, &f(out), p)
+                .unwrap_err()
+                .to_string()
+        };
+        for (wpe, out, p, want) in [
+            (
+                &[6, 4][..],
+                &[1, 1, 16][..],
+                4,
+                "sequence length = 6 is not supported: must be a multiple of the patch size 4",
+            ),
+            (
+                &[5, 4],
+                &[1, 2, 12],
+                3,
+                "`wpe` has shape [5, 4], expected [6, 4]",
+            ),
+            (
+                &[6, 4],
+                &[1, 3, 12],
+                3,
+                "`out` has shape [1, 3, 12], expected [1, 2, 12]",
+            ),
+        ] {
+            assert_eq!(run(&x, wpe, out, p), format!("patch_embed: {want}"));
+        }
         let e = Tensor::from_ids(&client, &[], &[1, 0]).unwrap();
         let err = patch_embed(
             &e,

@@ -9,12 +9,11 @@
 use megabyte::checkpoint::{self, StorageDtype};
 use megabyte::train::{gradients, TrainConfig, Trainer};
 use megabyte_reference::model::loss_and_grads;
-use megabyte_reference::{Activation, Config, Weights};
+use megabyte_reference::{Config, Weights};
 use megabyte_tests::{uniform_ids, with_client, TestRuntime};
 
 fn config(p: usize, variant: u8) -> Config {
     Config {
-        vocab: if variant & 4 == 0 { 256 } else { 257 },
         patch: p,
         context: 4 * p,
         d_global: 8,
@@ -24,14 +23,9 @@ fn config(p: usize, variant: u8) -> Config {
         heads_global: 2,
         heads_local: 2,
         ffn_mult: 2,
-        activation: if variant & 1 == 0 {
-            Activation::Gelu
-        } else {
-            Activation::Relu
-        },
-        tied_head: variant & 2 == 0,
-        local_positions: variant & 4 == 0,
+        ..Config::tiny()
     }
+    .with_variant(variant)
 }
 
 fn gradient_case(cfg: &Config, b: usize, seed: u64) {
