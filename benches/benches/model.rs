@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use cubecl::prelude::*;
 use megabyte::info::{flops_per_byte, parameters};
+use megabyte::plot;
 use megabyte::train::{TrainConfig, Trainer};
 use megabyte::{Config, DecodeKernel, GenerateOptions, Generator, Model, Weights};
 
@@ -341,84 +342,26 @@ fn main() {
 
 /// Log-log plot of forward seconds against context bytes, one line per model.
 fn scaling_svg(curves: &[(&str, Vec<(usize, f64)>)]) -> String {
-    let (w, h, m) = (720.0, 420.0, 60.0);
-    let all: Vec<(usize, f64)> = curves.iter().flat_map(|c| c.1.clone()).collect();
-    let (x0, x1) = (
-        all.iter()
-            .map(|p| (p.0 as f64).log2())
-            .fold(f64::MAX, f64::min),
-        all.iter()
-            .map(|p| (p.0 as f64).log2())
-            .fold(f64::MIN, f64::max),
-    );
-    let (y0, y1) = (
-        all.iter()
-            .map(|p| p.1.log10())
-            .fold(f64::MAX, f64::min)
-            .floor(),
-        all.iter()
-            .map(|p| p.1.log10())
-            .fold(f64::MIN, f64::max)
-            .ceil(),
-    );
-    let x = |c: usize| m + ((c as f64).log2() - x0) / (x1 - x0).max(1e-9) * (w - 2.0 * m);
-    let y = |s: f64| h - m - (s.log10() - y0) / (y1 - y0).max(1e-9) * (h - 2.0 * m);
-    let colors = ["#1f77b4", "#d62728"];
-    let mut svg = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n");
-    svg += &format!(
-        "<line x1=\"{m}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n",
-        h - m,
-        w - m,
-        h - m
-    );
-    svg += &format!(
-        "<line x1=\"{m}\" y1=\"{m}\" x2=\"{m}\" y2=\"{}\" stroke=\"black\"/>\n",
-        h - m
-    );
-    let mut e = y0 as i32;
-    while e as f64 <= y1 {
-        let v = 10f64.powi(e);
-        svg += &format!("<text x=\"5\" y=\"{:.1}\">{v}s</text>\n", y(v) + 4.0);
-        e += 1;
-    }
-    for &(c, _) in &curves[0].1 {
-        svg += &format!(
-            "<text x=\"{:.1}\" y=\"{}\">{}K</text>\n",
-            x(c) - 10.0,
-            h - m + 18.0,
-            c / 1024
-        );
-    }
-    svg += &format!(
-        "<text x=\"{m}\" y=\"25\">forward seconds against context bytes (log-log)</text>\n"
-    );
-    for (i, (name, pts)) in curves.iter().enumerate() {
-        let d: String = pts
-            .iter()
-            .enumerate()
-            .map(|(j, &(c, s))| {
-                format!("{}{:.1},{:.1}", if j == 0 { "M" } else { " L" }, x(c), y(s))
-            })
-            .collect();
-        svg += &format!(
-            "<path d=\"{d}\" fill=\"none\" stroke=\"{}\" stroke-width=\"2\"/>\n",
-            colors[i % 2]
-        );
-        for &(c, s) in pts {
-            svg += &format!(
-                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{}\"/>\n",
-                x(c),
-                y(s),
-                colors[i % 2]
-            );
-        }
-        svg += &format!(
-            "<text x=\"{}\" y=\"{}\" fill=\"{}\">{name}</text>\n",
-            w - 220.0,
-            50.0 + 18.0 * i as f64,
-            colors[i % 2]
-        );
-    }
-    svg += "</svg>\n";
-    svg
+    let points: Vec<Vec<(f64, f64)>> = (curves.iter())
+        .map(|(_, c)| {
+            c.iter()
+                .map(|&(bytes, secs)| (bytes as f64, secs))
+                .collect()
+        })
+        .collect();
+    let series: Vec<plot::Series> = (curves.iter().zip(&points))
+        .map(|((name, _), points)| plot::Series {
+            name,
+            points,
+            dots: true,
+        })
+        .collect();
+    let chart = plot::Chart {
+        title: "forward seconds against context bytes",
+        x_label: "context (bytes)",
+        y_label: "seconds",
+        log_x: true,
+        log_y: true,
+    };
+    plot::line_chart_svg(&chart, &series).expect("draw the scaling plot")
 }

@@ -29,6 +29,8 @@ pub mod eval;
 pub mod generate;
 pub mod info;
 pub mod model;
+#[cfg(feature = "plot")]
+pub mod plot;
 pub mod train;
 
 pub use error::Error;

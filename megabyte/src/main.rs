@@ -16,12 +16,12 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use megabyte::checkpoint;
 use megabyte::eval::{check_window, evaluate, evaluate_strided, Evaluation};
 use megabyte::info::{flops_per_byte, memory, parameters};
 use megabyte::ops::cubecl::prelude::*;
 use megabyte::ops::{try_client, FloatElement};
 use megabyte::reference::cross_entropy::cross_entropy;
+use megabyte::{checkpoint, plot};
 use megabyte::{Config, Error, GenerateOptions, Generator, Model, Sampling, Weights, PRESET_NAMES};
 
 #[derive(Parser)]
@@ -238,7 +238,30 @@ fn device_ok() -> Result<(), Error> {
     }
 }
 
+/// The Vulkan loader prints "error: XDG_RUNTIME_DIR is invalid or not set in the
+/// environment." twice at every start where that variable does not name a directory, which
+/// reads as a failure. Before any device is touched (and before any thread exists), point it at
+/// a private directory of this user's when it is unset or invalid.
+fn ensure_runtime_dir() {
+    let valid = std::env::var_os("XDG_RUNTIME_DIR").is_some_and(|d| Path::new(&d).is_dir());
+    if valid {
+        return;
+    }
+    let user = std::env::var("USER").unwrap_or_else(|_| "user".into());
+    let dir = std::env::temp_dir().join(format!("megabyte-runtime-{user}"));
+    let mut builder = std::fs::DirBuilder::new();
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    let dir = match builder.create(&dir) {
+        Ok(()) => dir,
+        Err(_) if dir.is_dir() => dir,
+        Err(_) => std::env::temp_dir(),
+    };
+    std::env::set_var("XDG_RUNTIME_DIR", dir);
+}
+
 fn main() {
+    ensure_runtime_dir();
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         let msg = info
@@ -1067,7 +1090,11 @@ fn train_on<R: Runtime>(
     }
     bar.finish();
     let svg_path = args.out.with_extension("loss.svg");
-    checkpoint::write_atomic(&svg_path, loss_curve_svg(&curve, &val_curve).as_bytes())?;
+    let svg = loss_curve_svg(&curve, &val_curve).map_err(|reason| Error::Output {
+        path: svg_path.display().to_string(),
+        reason: format!("drawing the loss curve: {reason}"),
+    })?;
+    checkpoint::write_atomic(&svg_path, svg.as_bytes())?;
     eprintln!(
         "wrote {} and {} ({} steps in {:.0} s)",
         args.out.display(),
@@ -1078,66 +1105,28 @@ fn train_on<R: Runtime>(
     Ok(())
 }
 
-/// A line chart of training and validation bits per byte against the step, as SVG.
-fn loss_curve_svg(train: &[(u64, f64)], val: &[(u64, f64)]) -> String {
-    let (w, h, m) = (720.0, 400.0, 50.0);
-    let all = train.iter().chain(val);
-    let max_step = all.clone().map(|p| p.0).max().unwrap_or(1).max(1) as f64;
-    let min_step = train.first().map_or(0, |p| p.0.saturating_sub(1)) as f64;
-    let hi = all.clone().map(|p| p.1).fold(0f64, f64::max).max(1e-9);
-    let x = |s: u64| m + (s as f64 - min_step) / (max_step - min_step).max(1.0) * (w - 2.0 * m);
-    let y = |v: f64| h - m - v / hi * (h - 2.0 * m);
-    let path = |pts: &[(u64, f64)]| {
-        pts.iter()
-            .enumerate()
-            .map(|(i, &(s, v))| {
-                format!("{}{:.1},{:.1}", if i == 0 { "M" } else { " L" }, x(s), y(v))
-            })
-            .collect::<String>()
+/// Training and validation bits per byte against the step, as SVG.
+fn loss_curve_svg(train: &[(u64, f64)], val: &[(u64, f64)]) -> Result<String, String> {
+    let points = |c: &[(u64, f64)]| c.iter().map(|&(s, v)| (s as f64, v)).collect::<Vec<_>>();
+    let (train, val) = (points(train), points(val));
+    let chart = plot::Chart {
+        title: "bits per byte",
+        x_label: "step",
+        y_label: "bits per byte",
+        log_x: false,
+        log_y: false,
     };
-    let mut svg = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
-    );
-    svg += &format!(
-        "<line x1=\"{m}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n",
-        h - m,
-        w - m,
-        h - m
-    );
-    svg += &format!(
-        "<line x1=\"{m}\" y1=\"{m}\" x2=\"{m}\" y2=\"{}\" stroke=\"black\"/>\n",
-        h - m
-    );
-    for i in 0..=4 {
-        let v = hi * i as f64 / 4.0;
-        svg += &format!("<text x=\"5\" y=\"{:.1}\">{v:.2}</text>\n", y(v) + 4.0);
-    }
-    svg += &format!(
-        "<text x=\"{}\" y=\"{}\">step {}</text>\n",
-        w / 2.0 - 20.0,
-        h - 15.0,
-        max_step
-    );
-    svg += &format!(
-        "<text x=\"{m}\" y=\"20\">bits per byte: training (blue), validation (orange)</text>\n"
-    );
-    svg += &format!(
-        "<path d=\"{}\" fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1\"/>\n",
-        path(train)
-    );
-    if !val.is_empty() {
-        svg += &format!(
-            "<path d=\"{}\" fill=\"none\" stroke=\"#ff7f0e\" stroke-width=\"2\"/>\n",
-            path(val)
-        );
-        for &(s, v) in val {
-            svg += &format!(
-                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"#ff7f0e\"/>\n",
-                x(s),
-                y(v)
-            );
-        }
-    }
-    svg += "</svg>\n";
-    svg
+    let series = [
+        plot::Series {
+            name: "training",
+            points: &train,
+            dots: false,
+        },
+        plot::Series {
+            name: "validation",
+            points: &val,
+            dots: true,
+        },
+    ];
+    plot::line_chart_svg(&chart, &series)
 }
