@@ -11,7 +11,7 @@
 //! `block_k`: the units load an A tile and a B tile into shared memory (as f32, converted
 //! once), synchronise, and each unit accumulates its own `tile_m × tile_n` register tile from
 //! them, `tile_m + tile_n` shared loads per `tile_m · tile_n` FMAs. Global loads are vectors
-//! along whichever dimension of an operand is contiguous (`a_along_k`, `b_along_n`); out of range
+//! along whichever dimension of an operand is contiguous (`a_along_k`, `b_along_k`); out of range
 //! rows and columns load as zero, so no size needs to divide a tile.
 
 use cubecl::prelude::*;

@@ -1,5 +1,5 @@
 //! The MEGABYTE forward pass on the device, composed from the `megabyte-ops` launchers in the
-//! order `MEGABYTE.md` states it:
+//! order `docs/DESIGN.md` states it:
 //!
 //! fused patch embedding → L_G global blocks (fused QKV projection, flash attention over K
 //! patches, FFN) → final LayerNorm → global→local input (one GEMM with a gather epilogue) →

@@ -1,6 +1,6 @@
 //! Model configuration, presets, and validation.
 //!
-//! Shape letters follow `MEGABYTE.md`: V vocabulary, P patch, T context, K = T / P patches,
+//! Shape letters follow `docs/DESIGN.md`: V vocabulary, P patch, T context, K = T / P patches,
 //! D_G global width per byte (the global model is P·D_G wide), D_L local width.
 
 use std::fmt;

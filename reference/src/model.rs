@@ -1,4 +1,4 @@
-//! The whole MEGABYTE forward pass, step for step as `MEGABYTE.md` states it.
+//! The whole MEGABYTE forward pass, step for step as `docs/DESIGN.md` states it.
 //!
 //! Position t = k·P + p is predicted from patches < k (the global model sees them because its
 //! input is shifted by one patch) and bytes < p of its own patch (the local input is offset by
