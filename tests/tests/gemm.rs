@@ -498,15 +498,7 @@ fn any_case() -> impl Strategy<Value = Case> {
     )
 }
 
-// The presets' 30-odd GEMM plans take minutes on lavapipe (a JIT compile each and an f64
-// reference on the host): `cargo test --release -p megabyte-tests --test gemm -- --ignored`.
-kernel_tests!(
-    Case,
-    [f32, f16],
-    [sweep],
-    random(6, any_case()),
-    ignored[presets]
-);
+kernel_tests!(Case, [f32, f16], [sweep, presets], random(6, any_case()));
 
 /// The naive kernel is the bench baseline: it must compute the same product.
 #[test]
