@@ -1,7 +1,6 @@
 //! GELU kernel vs the naive GELU kernel on the same runtime, GB/s over MEGABYTE FFN activations.
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use megabyte_benches::time_synced;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use megabyte_ops::activation::{gelu, gelu_naive};
 use megabyte_ops::Tensor;
 

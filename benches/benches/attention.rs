@@ -8,13 +8,10 @@
 //! `cargo bench -p megabyte-benches --bench attention`
 
 use criterion::measurement::WallTime;
-use criterion::{
-    criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, Throughput,
-};
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 use cubecl::prelude::*;
 use cubek_attention::definition::{AccumulatorPrecision, AttentionGlobalTypes, AttentionOptions};
 use cubek_attention::launch::{launch_ref, BlueprintStrategy, Strategy};
-use megabyte_benches::time_synced;
 use megabyte_ops::attention::{flash_attention_with, naive_attention, AttentionProblem};
 use megabyte_ops::gemm::cmma_supported;
 use megabyte_ops::AttentionKernel;

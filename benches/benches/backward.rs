@@ -15,8 +15,7 @@
 //!
 //! `cargo bench -p megabyte-benches --bench backward`
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use megabyte_benches::{label, time_synced};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use megabyte_ops::activation::activation_backward;
 use megabyte_ops::attention::attention_backward;
 use megabyte_ops::cross_entropy::cross_entropy_backward;

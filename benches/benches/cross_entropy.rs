@@ -3,8 +3,7 @@
 //!
 //! `cargo bench -p megabyte-benches --bench cross_entropy`
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use megabyte_benches::time_synced;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use megabyte_ops::cross_entropy::tied_cross_entropy;
 use megabyte_ops::gemm::{gemm, Epilogue};
 use megabyte_ops::Tensor;

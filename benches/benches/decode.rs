@@ -7,8 +7,7 @@
 //!
 //! `cargo bench -p megabyte-benches --bench decode`
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use megabyte_benches::{label, time_synced};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use megabyte_ops::decode::{decode_stack, BlockWeights, PackedStack, StepInput, StepOutput};
 use megabyte_ops::{ActivationKind, Tensor};
 

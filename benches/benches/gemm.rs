@@ -8,14 +8,11 @@
 //! `cargo bench -p megabyte-benches --bench gemm` (a filter such as `tiny` picks shapes).
 
 use criterion::measurement::WallTime;
-use criterion::{
-    criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, Throughput,
-};
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 use cubecl::prelude::*;
 use cubek_matmul::definition::MatmulElems;
 use cubek_matmul::launch::{launch_ref, Strategy};
 use cubek_std::InputBinding;
-use megabyte_benches::time_synced;
 use megabyte_ops::gemm::{cmma_supported, gemm_naive, gemm_with, GemmKernel};
 use megabyte_ops::{ActivationKind, Epilogue, FloatElement, GemmProblem, Tensor};
 

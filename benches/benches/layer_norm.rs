@@ -3,8 +3,7 @@
 //!
 //! `cargo bench -p megabyte-benches --bench layer_norm`
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use megabyte_benches::time_synced;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use megabyte_ops::layer_norm::{add_layer_norm, layer_norm};
 use megabyte_ops::Tensor;
 

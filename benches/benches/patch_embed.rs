@@ -4,8 +4,7 @@
 //!
 //! `cargo bench -p megabyte-benches --bench patch_embed`
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use megabyte_benches::time_synced;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use megabyte_ops::gemm::{gemm, Epilogue};
 use megabyte_ops::local_input::local_input;
 use megabyte_ops::patch_embed::patch_embed;
