@@ -7,30 +7,6 @@ use crate::gemm::{linear, linear_backward};
 use crate::layer_norm::{layer_norm, layer_norm_backward};
 use crate::weights::Block;
 
-/// out = fc2(act(fc1(inp))), hidden width H.
-pub fn ffn(
-    out: &mut [f32], // (N, C)
-    inp: &[f32],     // (N, C)
-    w: &Block,
-    act: Activation,
-    n: usize,
-    c: usize,
-) {
-    let hidden = w.fc1.bias.len();
-    let mut hbuf = vec![0f32; n * hidden]; // (N, H)
-    linear(
-        &mut hbuf,
-        inp,
-        &w.fc1.weight,
-        Some(&w.fc1.bias),
-        n,
-        c,
-        hidden,
-    );
-    activation_inplace(act, &mut hbuf);
-    linear(out, &hbuf, &w.fc2.weight, Some(&w.fc2.bias), n, hidden, c);
-}
-
 /// Splits a fused projection (B·T, 3C) into q, k, v, each (B, T, NH, HS) with C = NH·HS.
 pub fn split_qkv(qkv: &[f32] /* (B·T, 3C) */, rows: usize, c: usize) -> [Vec<f32>; 3] {
     let mut parts = [

@@ -269,8 +269,7 @@ macro_rules! element {
 /// A test per dtype × regime of one kernel family: `mod f32 { fn sweep, fn presets, fn
 /// random }` and so on, so a failing test names its family (the test binary), dtype and
 /// regime, and the panic names the case and kernel. Each regime is a function
-/// `(Dtype, &DeviceProfile) -> Vec<Case>`; `random` draws `$n` cases from a proptest strategy;
-/// regimes listed after `ignored` are `#[ignore]`d (long runs, `-- --ignored`).
+/// `(Dtype, &DeviceProfile) -> Vec<Case>`; `random` draws `$n` cases from a proptest strategy.
 ///
 /// ```ignore
 /// kernel_tests!(Case, [f32, f16], [sweep, presets], random(16, any_case()));
@@ -278,33 +277,17 @@ macro_rules! element {
 #[macro_export]
 macro_rules! kernel_tests {
     ($case:ty, [$($dt:ident),+ $(,)?], $regimes:tt, random($n:expr, $strategy:expr) $(,)?) => {
-        $crate::kernel_tests!($case, [$($dt),+], $regimes, random($n, $strategy), ignored []);
-    };
-    (
-        $case:ty, [$($dt:ident),+ $(,)?], $regimes:tt, random($n:expr, $strategy:expr),
-        ignored $slow:tt $(,)?
-    ) => {
         $(
-            $crate::kernel_tests!(@dtype $dt, $case, $regimes, $slow, $n, $strategy);
+            $crate::kernel_tests!(@dtype $dt, $case, $regimes, $n, $strategy);
         )+
     };
-    (
-        @dtype $dt:ident, $case:ty, [$($regime:ident),* $(,)?], [$($slow:ident),* $(,)?],
-        $n:expr, $strategy:expr
-    ) => {
+    (@dtype $dt:ident, $case:ty, [$($regime:ident),* $(,)?], $n:expr, $strategy:expr) => {
         mod $dt {
             use super::*;
             $(
                 #[test]
                 fn $regime() {
                     $crate::run_cases::<$crate::element!($dt), $case>(super::$regime);
-                }
-            )*
-            $(
-                #[test]
-                #[ignore]
-                fn $slow() {
-                    $crate::run_cases::<$crate::element!($dt), $case>(super::$slow);
                 }
             )*
             ::proptest::proptest! {

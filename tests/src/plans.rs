@@ -15,7 +15,7 @@ use megabyte_ops::decode::DecodeProblem;
 use megabyte_ops::gemm::{GemmCall, GemmKernel, GemmPlan, GemmProblem, OperandLayout};
 use megabyte_ops::layer_norm::{LayerNormPlan, LayerNormProblem};
 use megabyte_ops::{ActivationKind, DeviceProfile, Dtype};
-use megabyte_reference::{Activation, Config, PRESET_NAMES};
+use megabyte_reference::{Activation, Config};
 
 /// The CUDA device profiles the check plans for.
 pub fn cuda_profiles() -> [DeviceProfile; 2] {
@@ -148,13 +148,6 @@ pub fn stacks(cfg: &Config) -> [Stack; 2] {
     ]
 }
 
-/// Every preset, by name, with its config.
-fn presets() -> impl Iterator<Item = (&'static str, Config)> {
-    PRESET_NAMES
-        .iter()
-        .map(|&name| (name, Config::preset(name).expect("a built-in preset")))
-}
-
 /// The attention problems the model launches for every preset: each stack's self attention
 /// over its real heads and head dim, at every sequence length that reaches another tile (see
 /// [`seq_rungs`]) up to its full length (2,048 patches at most for the global stack, P bytes
@@ -198,7 +191,7 @@ pub fn attention_calls(dtype: Dtype) -> Vec<(String, AttentionCall)> {
             );
         }
     };
-    for (preset, cfg) in presets() {
+    for (preset, cfg) in crate::preset_configs() {
         let (hg, dg) = (cfg.heads_global, cfg.head_dim_global());
         let (hl, dl) = (cfg.heads_local, cfg.head_dim_local());
         stack(&format!("{preset} global"), hg, dg, cfg.patches().min(2048));
@@ -233,7 +226,7 @@ pub fn attention_plans(dtype: Dtype) -> Vec<Planned<AttentionPlan>> {
 /// benches use (training runs in f32 only).
 pub fn backward_calls() -> Vec<(String, BackwardProblem)> {
     let mut calls = Vec::new();
-    for (preset, cfg) in presets() {
+    for (preset, cfg) in crate::preset_configs() {
         for (stack, head_dim) in [
             ("global", cfg.head_dim_global()),
             ("local", cfg.head_dim_local()),
@@ -341,7 +334,7 @@ fn block_gemms(
 pub fn gemm_calls(dtype: Dtype) -> Vec<(String, GemmCall)> {
     let mut calls = Vec::new();
     let train = dtype == Dtype::F32;
-    for (preset, cfg) in presets() {
+    for (preset, cfg) in crate::preset_configs() {
         let act = activation(&cfg);
         let (wg, dl) = (cfg.global_width(), cfg.d_local);
         let (kg, ml) = (cfg.patches().min(2048), 64 * cfg.patch);
@@ -405,7 +398,7 @@ pub fn gemm_plans(dtype: Dtype) -> Vec<Planned<GemmPlan>> {
 /// few rows when decoding unfused) of width D_G into D_L.
 pub fn local_input_calls(dtype: Dtype) -> Vec<(String, GemmCall)> {
     let mut calls = Vec::new();
-    for (preset, cfg) in presets() {
+    for (preset, cfg) in crate::preset_configs() {
         let (dg, dl) = (cfg.d_global, cfg.d_local);
         for m in rungs(64 * cfg.patch) {
             let what = format!(" m{m}");
@@ -468,7 +461,7 @@ pub fn launch_stages(
 /// fused step takes), which the decoder runs unfused.
 pub fn decode_plans(dtype: Dtype) -> (Vec<Planned<DecodeConfig>>, Vec<String>) {
     let (mut plans, mut refused) = (Vec::new(), Vec::new());
-    for (preset, cfg) in presets() {
+    for (preset, cfg) in crate::preset_configs() {
         for s in stacks(&cfg) {
             let (stack, layers) = (s.name, s.layers);
             let problem = s.decode_problem(dtype);
@@ -532,7 +525,7 @@ pub fn with_stages(
 /// and with the fused residual add, over one row and many.
 pub fn layer_norm_calls(dtype: Dtype) -> Vec<(String, LayerNormProblem)> {
     let mut calls = Vec::new();
-    for (preset, cfg) in presets() {
+    for (preset, cfg) in crate::preset_configs() {
         for Stack {
             name: stack, width, ..
         } in stacks(&cfg)
@@ -568,7 +561,7 @@ pub fn layer_norm_plans(dtype: Dtype) -> Vec<Planned<LayerNormPlan>> {
 /// the tests use.
 pub fn cross_entropy_calls(dtype: Dtype) -> Vec<(String, CrossEntropyProblem)> {
     let mut calls = Vec::new();
-    for (preset, cfg) in presets() {
+    for (preset, cfg) in crate::preset_configs() {
         for vocab in [cfg.vocab, 257] {
             for write_logits in [false, true] {
                 let problem = CrossEntropyProblem {
