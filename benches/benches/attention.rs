@@ -58,19 +58,38 @@ fn cubek_causal<R: Runtime>(
     .expect("cubek-attention launch");
 }
 
-/// One bench row per (label, kernel): the flash kernel on q, k, v into out and lse.
+/// A flash kernel's name in bench ids.
+fn kernel_label(kernel: AttentionKernel) -> &'static str {
+    match kernel {
+        AttentionKernel::Tiled => "tiled",
+        AttentionKernel::Rows => "rows",
+        AttentionKernel::RowsSplitDims => "rows_split",
+        AttentionKernel::Cmma => "cmma",
+        AttentionKernel::CmmaEmulated => "cmma_emulated",
+        AttentionKernel::Auto => "auto",
+    }
+}
+
+/// One bench row per kernel (`wgpu_attention_<dtype>_flash_<kernel>`): the flash kernel on q,
+/// k and v of (B, S, H, D) = `dims`, each holding `data` in E, into out and lse.
 fn bench_flash<E: FloatElement>(
     group: &mut BenchmarkGroup<'_, WallTime>,
     client: &ComputeClient<Rt>,
     shape: &str,
-    rows: &[(&str, AttentionKernel)],
-    [q, k, v, out]: [&Tensor<Rt, E>; 4],
-    lse: &Tensor<Rt, f32>,
+    kernels: &[AttentionKernel],
+    dims: [usize; 4],
+    data: &[f32],
 ) {
-    for &(label, kernel) in rows {
-        megabyte_benches::timed(group, client, label, shape, || {
+    let [b, s, h, _] = dims;
+    let upload = || Tensor::<Rt, E>::from_f32(client, data, &dims).unwrap();
+    let (q, k, v) = (upload(), upload(), upload());
+    let out = Tensor::<Rt, E>::empty(client, &dims).unwrap();
+    let lse = Tensor::<Rt, f32>::empty(client, &[b, h, s]).unwrap();
+    for &kernel in kernels {
+        let label = format!("wgpu_attention_{}_flash_{}", E::NAME, kernel_label(kernel));
+        megabyte_benches::timed(group, client, &label, shape, || {
             let (q, k, v) = (q.view(), k.view(), v.view());
-            flash_attention_with(kernel, &q, &k, &v, out, lse, true).unwrap()
+            flash_attention_with(kernel, &q, &k, &v, &out, &lse, true).unwrap()
         });
     }
 }
@@ -94,34 +113,12 @@ fn bench(c: &mut Criterion) {
         let (q, k, v) = (t(&[b, s, h, d]), t(&[b, s, h, d]), t(&[b, s, h, d]));
         let out = Tensor::<Rt, f32>::empty(&client, &[b, s, h, d]).unwrap();
         let lse = Tensor::<Rt, f32>::empty(&client, &[b, h, s]).unwrap();
-        bench_flash(
-            &mut group,
-            &client,
-            name,
-            &[
-                ("wgpu_attention_f32_flash_tiled", AttentionKernel::Tiled),
-                ("wgpu_attention_f32_flash_rows", AttentionKernel::Rows),
-            ],
-            [&q, &k, &v, &out],
-            &lse,
-        );
-        // f16 on tensor cores, next to the plain tiled kernel in f16, where the device has them.
+        let dims = [b, s, h, d];
+        let kernels = [AttentionKernel::Tiled, AttentionKernel::Rows];
+        bench_flash::<f32>(&mut group, &client, name, &kernels, dims, &data);
         if cmma_supported::<Rt, half::f16>(&client) {
-            let h16 =
-                |shape: &[usize]| Tensor::<Rt, half::f16>::from_f32(&client, &data, shape).unwrap();
-            let (q, k, v) = (h16(&[b, s, h, d]), h16(&[b, s, h, d]), h16(&[b, s, h, d]));
-            let out = Tensor::<Rt, half::f16>::empty(&client, &[b, s, h, d]).unwrap();
-            bench_flash(
-                &mut group,
-                &client,
-                name,
-                &[
-                    ("wgpu_attention_f16_flash_cmma", AttentionKernel::Cmma),
-                    ("wgpu_attention_f16_flash_tiled", AttentionKernel::Tiled),
-                ],
-                [&q, &k, &v, &out],
-                &lse,
-            );
+            let kernels = [AttentionKernel::Cmma, AttentionKernel::Tiled];
+            bench_flash::<half::f16>(&mut group, &client, name, &kernels, dims, &data);
         }
         // The naive kernels hold B·H·S² scores; skip where that passes 1 GiB.
         if b * h * s * s * 4 <= 1 << 30 {
@@ -157,20 +154,13 @@ fn bench(c: &mut Criterion) {
         let (q, k, v) = (t(&[b, 1, h, d]), t(&[b, s_kv, h, d]), t(&[b, s_kv, h, d]));
         let out = Tensor::<Rt, f32>::empty(&client, &[b, 1, h, d]).unwrap();
         let lse = Tensor::<Rt, f32>::empty(&client, &[b, h, 1]).unwrap();
-        bench_flash(
-            &mut group,
-            &client,
-            name,
-            &[
-                ("wgpu_attention_f32_flash_rows", AttentionKernel::Rows),
-                (
-                    "wgpu_attention_f32_flash_rows_split",
-                    AttentionKernel::RowsSplitDims,
-                ),
-            ],
-            [&q, &k, &v, &out],
-            &lse,
-        );
+        for kernel in [AttentionKernel::Rows, AttentionKernel::RowsSplitDims] {
+            let label = format!("wgpu_attention_f32_flash_{}", kernel_label(kernel));
+            megabyte_benches::timed(&mut group, &client, &label, name, || {
+                let (q, k, v) = (q.view(), k.view(), v.view());
+                flash_attention_with(kernel, &q, &k, &v, &out, &lse, true).unwrap()
+            });
+        }
     }
     group.finish();
 }

@@ -57,13 +57,13 @@ fn cubek<R: Runtime>(
     .expect("cubek-matmul launch");
 }
 
-/// One row per (label, kernel): our GEMM of a and b into out with the shape's fused epilogue
-/// (fc1: bias + GELU; fc2: bias + residual).
+/// One row per kernel (`wgpu_gemm_<dtype>_<kernel>_fused`): our GEMM of a and b into out with
+/// the shape's fused epilogue (fc1: bias + GELU; fc2: bias + residual).
 fn bench_ours<E: FloatElement>(
     group: &mut BenchmarkGroup<'_, WallTime>,
     client: &ComputeClient<Rt>,
     shape: &str,
-    rows: &[(&str, GemmKernel)],
+    kernels: &[GemmKernel],
     [a, b, bias, residual, out]: [&Tensor<Rt, E>; 5],
     fc1: bool,
 ) {
@@ -72,8 +72,9 @@ fn bench_ours<E: FloatElement>(
     } else {
         Epilogue::none().bias(bias).residual(residual)
     };
-    for &(label, kernel) in rows {
-        megabyte_benches::timed(group, client, label, shape, || {
+    for &kernel in kernels {
+        let label = format!("wgpu_gemm_{}_{kernel:?}_fused", E::NAME).to_lowercase();
+        megabyte_benches::timed(group, client, &label, shape, || {
             gemm_with(kernel, &a.view(), &b.view(), out, &epi).unwrap()
         });
     }
@@ -93,15 +94,13 @@ fn bench(c: &mut Criterion) {
         let bias = Tensor::<Rt, f32>::from_f32(&client, &data(n, 3), &[n]).unwrap();
         let residual = Tensor::<Rt, f32>::from_f32(&client, &data(m * n, 4), &[m, n]).unwrap();
         let out = Tensor::<Rt, f32>::empty(&client, &[m, n]).unwrap();
+        let operands = [&a, &b, &bias, &residual, &out];
         bench_ours(
             &mut group,
             &client,
             name,
-            &[
-                ("wgpu_gemm_f32_registers_fused", GemmKernel::Registers),
-                ("wgpu_gemm_f32_tiled_fused", GemmKernel::Tiled),
-            ],
-            [&a, &b, &bias, &residual, &out],
+            &[GemmKernel::Registers, GemmKernel::Tiled],
+            operands,
             fc1,
         );
         for (label, strategy) in [
@@ -124,22 +123,19 @@ fn bench(c: &mut Criterion) {
                 cubek(&client, &strategy, &a, &b, &out)
             });
         }
-        // f16 on tensor cores, next to the plain tiled kernel in f16, where the device has them.
         if cmma_supported::<Rt, half::f16>(&client) {
             let h = |t: &Tensor<Rt, f32>| {
                 Tensor::<Rt, half::f16>::from_f32(&client, &t.to_f32_vec().unwrap(), t.shape())
                     .unwrap()
             };
             let out = Tensor::<Rt, half::f16>::empty(&client, &[m, n]).unwrap();
+            let operands = [&h(&a), &h(&b), &h(&bias), &h(&residual), &out];
             bench_ours(
                 &mut group,
                 &client,
                 name,
-                &[
-                    ("wgpu_gemm_f16_cmma_fused", GemmKernel::Cmma),
-                    ("wgpu_gemm_f16_tiled_fused", GemmKernel::Tiled),
-                ],
-                [&h(&a), &h(&b), &h(&bias), &h(&residual), &out],
+                &[GemmKernel::Cmma, GemmKernel::Tiled],
+                operands,
                 fc1,
             );
         }

@@ -9,6 +9,9 @@
 //! Seeded: the base seed is printed and can be set with `MEGABYTE_FUZZ_SEED`; a failure names
 //! the case. `MEGABYTE_FUZZ_CASES` raises the number of random cases per kind.
 
+mod common;
+use common::env_or;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -142,14 +145,6 @@ fn wild(rng: &mut ChaCha8Rng) -> u64 {
         4 => 1u64 << rng.gen_range(20..63),
         _ => rng.gen(),
     }
-}
-
-/// The value of environment variable `name`, or `default` when it is unset or unparsable.
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
 }
 
 #[test]

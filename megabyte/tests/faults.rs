@@ -7,6 +7,9 @@
 //!
 //! Seeded (printed; `MEGABYTE_FAULT_SEED` sets it). Needs a wgpu adapter (lavapipe in CI).
 
+mod common;
+use common::env_or;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -55,14 +58,6 @@ fn step_of(ckpt: &checkpoint::Checkpoint) -> f32 {
         .find(|(n, _, _)| n == "optimizer.step")
         .map(|(_, _, v)| v[0])
         .expect("a training checkpoint has optimizer.step")
-}
-
-/// The value of environment variable `name`, or `default` when it is unset or unparsable.
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
 }
 
 #[test]

@@ -1,14 +1,36 @@
 //! Launcher for the elementwise GELU / ReLU kernel.
 
 use cubecl::prelude::*;
-use megabyte_kernels::activation::{activation as activation_kernel, ActivationKind};
+use megabyte_kernels::activation::{
+    activation as activation_kernel, activation_backward as backward_kernel,
+    gelu_naive as gelu_naive_kernel, ActivationKind,
+};
 
-use crate::device::{ensure_dtype, grid_1d, vector_size_for};
+use crate::device::{ensure_dtype, launch_1d, vector_size_for};
 use crate::element::FloatElement;
 use crate::error::OpError;
 use crate::tensor::Tensor;
 
 const OP: &str = "activation";
+
+/// The checks of an elementwise launch: the device takes `E`, the first tensor is not empty and
+/// every other has its shape. Returns the element count and the vector width (it divides the
+/// count).
+fn elementwise<R: Runtime, E: FloatElement>(
+    op: &'static str,
+    tensors: &[(&'static str, &Tensor<R, E>)],
+) -> Result<(usize, usize), OpError> {
+    let (first_name, first) = tensors[0];
+    ensure_dtype::<R, E>(first.client(), op)?;
+    if first.is_empty() {
+        return Err(OpError::empty(op, first_name, first.shape().to_vec()));
+    }
+    for (name, t) in &tensors[1..] {
+        t.expect_shape(op, name, first.shape())?;
+    }
+    let n = first.len();
+    Ok((n, vector_size_for::<R, E>(first.client(), &[n])))
+}
 
 /// output = act(input), elementwise. Shapes must be equal; any rank, any length >= 1.
 pub fn activation_into<R: Runtime, E: FloatElement>(
@@ -16,28 +38,12 @@ pub fn activation_into<R: Runtime, E: FloatElement>(
     output: &Tensor<R, E>,
     act: ActivationKind,
 ) -> Result<(), OpError> {
-    let client = input.client();
-    ensure_dtype::<R, E>(client, OP)?;
-    if input.is_empty() {
-        return Err(OpError::empty(OP, "input", input.shape().to_vec()));
-    }
-    output.expect_shape(OP, "output", input.shape())?;
-    let n = input.len();
-    let vector = vector_size_for::<R, E>(client, &[n]);
-    let units = n / vector;
-    let (cube_count, cube_dim) = grid_1d(client, units);
+    let (n, vector) = elementwise(OP, &[("input", input), ("output", output)])?;
     // SAFETY: both arrays hold exactly `n` elements of E (checked above), the kernel guards
     // every access with `ABSOLUTE_POS < input.len()`, and `vector` divides `n`.
     unsafe {
-        activation_kernel::launch_unchecked::<E, R>(
-            client,
-            cube_count,
-            cube_dim,
-            vector,
-            input.array(),
-            output.array(),
-            act.id(),
-        );
+        launch_1d!(activation_kernel::launch_unchecked::<E, R>[input.client(), n / vector]
+            vector, input.array(), output.array(), act.id());
     }
     Ok(())
 }
@@ -67,27 +73,12 @@ pub fn relu<R: Runtime, E: FloatElement>(input: &Tensor<R, E>) -> Result<Tensor<
 pub fn gelu_naive<R: Runtime, E: FloatElement>(
     input: &Tensor<R, E>,
 ) -> Result<Tensor<R, E>, OpError> {
-    let client = input.client();
-    ensure_dtype::<R, E>(client, "gelu_naive")?;
-    if input.is_empty() {
-        return Err(OpError::empty(
-            "gelu_naive",
-            "input",
-            input.shape().to_vec(),
-        ));
-    }
-    let n = input.len();
-    let output = Tensor::empty(client, input.shape())?;
-    let (cube_count, cube_dim) = grid_1d(client, n);
+    let (n, _) = elementwise("gelu_naive", &[("input", input)])?;
+    let output = Tensor::empty(input.client(), input.shape())?;
     // SAFETY: both arrays hold `n` elements and the kernel bounds-checks every access.
     unsafe {
-        megabyte_kernels::activation::gelu_naive::launch_unchecked::<E, R>(
-            client,
-            cube_count,
-            cube_dim,
-            input.array(),
-            output.array(),
-        );
+        launch_1d!(gelu_naive_kernel::launch_unchecked::<E, R>[input.client(), n]
+            input.array(), output.array());
     }
     Ok(output)
 }
@@ -101,29 +92,13 @@ pub fn activation_backward<R: Runtime, E: FloatElement>(
     d_input: &Tensor<R, E>,
     act: ActivationKind,
 ) -> Result<(), OpError> {
-    let client = pre.client();
-    ensure_dtype::<R, E>(client, OP)?;
-    if pre.is_empty() {
-        return Err(OpError::empty(OP, "pre", pre.shape().to_vec()));
-    }
-    d_output.expect_shape(OP, "d_output", pre.shape())?;
-    d_input.expect_shape(OP, "d_input", pre.shape())?;
-    let n = pre.len();
-    let vector = vector_size_for::<R, E>(client, &[n]);
-    let (cube_count, cube_dim) = grid_1d(client, n / vector);
+    let tensors = [("pre", pre), ("d_output", d_output), ("d_input", d_input)];
+    let (n, vector) = elementwise(OP, &tensors)?;
     // SAFETY: all three hold exactly n elements; the kernel guards on the length; `vector`
     // divides n.
     unsafe {
-        megabyte_kernels::activation::activation_backward::launch_unchecked::<E, R>(
-            client,
-            cube_count,
-            cube_dim,
-            vector,
-            pre.array(),
-            d_output.array(),
-            d_input.array(),
-            act.id(),
-        );
+        launch_1d!(backward_kernel::launch_unchecked::<E, R>[pre.client(), n / vector]
+            vector, pre.array(), d_output.array(), d_input.array(), act.id());
     }
     Ok(())
 }

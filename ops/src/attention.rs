@@ -16,7 +16,7 @@ use megabyte_kernels::attention::{
     naive_softmax, naive_weighted_sum, BackwardConfig, FlashCmmaConfig, FlashConfig, RowsConfig,
 };
 
-use crate::device::{ensure_dtype, grid_1d};
+use crate::device::{ensure_dtype, grid_1d, launch_1d};
 use crate::element::FloatElement;
 use crate::error::OpError;
 use crate::gemm::CMMA_PLANE;
@@ -563,34 +563,13 @@ pub fn naive_attention<R: Runtime, E: FloatElement>(
     // SAFETY: all tensors are contiguous with the validated shapes; each kernel bounds-checks
     // ABSOLUTE_POS against its output length.
     unsafe {
-        let (count, dim) = grid_1d(client, b * h * s * s);
-        naive_scores::launch_unchecked::<E, R>(
-            client,
-            count,
-            dim,
-            q.arg(),
-            k.arg(),
-            scores.arg(),
-            (1.0 / (d as f64).sqrt()) as f32,
-        );
-        let (count, dim) = grid_1d(client, b * h * s);
-        naive_softmax::launch_unchecked::<E, R>(
-            client,
-            count,
-            dim,
-            scores.arg(),
-            lse.arg(),
-            causal,
-        );
-        let (count, dim) = grid_1d(client, b * s * h * d);
-        naive_weighted_sum::launch_unchecked::<E, R>(
-            client,
-            count,
-            dim,
-            scores.arg(),
-            v.arg(),
-            out.arg(),
-        );
+        let scale = (1.0 / (d as f64).sqrt()) as f32;
+        launch_1d!(naive_scores::launch_unchecked::<E, R>[client, b * h * s * s]
+            q.arg(), k.arg(), scores.arg(), scale);
+        launch_1d!(naive_softmax::launch_unchecked::<E, R>[client, b * h * s]
+            scores.arg(), lse.arg(), causal);
+        launch_1d!(naive_weighted_sum::launch_unchecked::<E, R>[client, b * s * h * d]
+            scores.arg(), v.arg(), out.arg());
     }
     Ok(())
 }

@@ -3,7 +3,7 @@
 use cubecl::prelude::*;
 use megabyte_kernels::copy::strided_copy;
 
-use crate::device::{ensure_dtype, grid_1d};
+use crate::device::{ensure_dtype, launch_1d};
 use crate::element::FloatElement;
 use crate::error::OpError;
 use crate::tensor::TensorView;
@@ -60,22 +60,12 @@ fn copy_any<R: Runtime, T: Numeric + CubeElement>(
         .find(|&v| aligned.iter().all(|&n| n % v == 0))
         .unwrap_or(1);
     let units = dst.shape.iter().product::<usize>() / vector;
-    let (count, dim) = grid_1d(client, units);
     // SAFETY: both views were bounds-checked when they were made and have the same shape;
     // `vector` divides the last dimension, every other stride and both offsets; the kernel
     // guards on `units`.
     unsafe {
-        strided_copy::launch_unchecked::<T, R>(
-            client,
-            count,
-            dim,
-            vector,
-            src.arg(),
-            dst.arg(),
-            so,
-            d_o,
-            units,
-        );
+        launch_1d!(strided_copy::launch_unchecked::<T, R>[client, units]
+            vector, src.arg(), dst.arg(), so, d_o, units);
     }
     Ok(())
 }

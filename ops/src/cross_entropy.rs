@@ -2,9 +2,12 @@
 
 use cubecl::prelude::*;
 use cubecl::server::CubeCountSelection;
-use megabyte_kernels::cross_entropy::{tied_cross_entropy as ce_kernel, CrossEntropyConfig};
+use megabyte_kernels::cross_entropy::{
+    cross_entropy_backward as ce_backward_kernel, tied_cross_entropy as ce_kernel,
+    CrossEntropyConfig,
+};
 
-use crate::device::ensure_dtype;
+use crate::device::{ensure_dtype, launch_1d};
 use crate::element::FloatElement;
 use crate::error::OpError;
 use crate::profile::{DeviceProfile, Dtype};
@@ -149,19 +152,11 @@ pub fn cross_entropy_backward<R: Runtime, E: FloatElement>(
     let rows = logits.shape()[0];
     lse.expect_shape(OP, "lse", &[rows])?;
     targets.expect_shape(OP, "targets", &[rows])?;
-    let (count, dim) = crate::device::grid_1d(client, logits.len());
     // SAFETY: shapes checked; one unit per element, guarded on the length; targets >= V
     // simply match no column.
     unsafe {
-        megabyte_kernels::cross_entropy::cross_entropy_backward::launch_unchecked::<E, R>(
-            client,
-            count,
-            dim,
-            logits.arg(),
-            lse.arg(),
-            targets.arg(),
-            scale,
-        );
+        launch_1d!(ce_backward_kernel::launch_unchecked::<E, R>[client, logits.len()]
+            logits.arg(), lse.arg(), targets.arg(), scale);
     }
     Ok(())
 }

@@ -425,8 +425,10 @@ pub fn plan_launches(
 /// The most keys (`pos + 1`) at which [`decode_stack`] runs a stack of this shape on this
 /// device, whatever its output, with a local input of `d_in` values per position (0 for a
 /// stack fed its row or a patch embedding) and `vocab` logits; 0 if one layer does not fit a
-/// launch even at one key, and [`decode_stack_supported`]'s error if the kernel does not take
-/// the shape. Past this the step returns an error and the unfused blocks are the way to decode.
+/// launch even at one key, and an error naming the offending value if the kernel does not take
+/// the shape (no layers, heads not dividing the width, wider than [`MAX_FUSED_WIDTH`], too
+/// little shared memory or too few buffer bindings). Past this the step returns an error and
+/// the unfused blocks are the way to decode.
 pub fn decode_stack_max_keys<R: Runtime, E: FloatElement>(
     client: &ComputeClient<R>,
     width: usize,
@@ -466,19 +468,6 @@ pub fn decode_stack_max_keys<R: Runtime, E: FloatElement>(
         }
     }
     Ok(lo)
-}
-
-/// Whether [`decode_stack`] runs a stack of this shape on this device (else the reason): at
-/// least one layer, width at most [`MAX_FUSED_WIDTH`], the heads dividing it, enough shared
-/// memory and buffer bindings.
-pub fn decode_stack_supported<R: Runtime, E: FloatElement>(
-    client: &ComputeClient<R>,
-    width: usize,
-    hidden: usize,
-    heads: usize,
-    layers: usize,
-) -> Result<(), OpError> {
-    config_for::<R, E>(client, width, hidden, heads, layers).map(|_| ())
 }
 
 /// One decoding step of a packed stack for B sequences, one new position each, in one launch

@@ -58,6 +58,19 @@ pub fn grid_1d<R: Runtime>(client: &ComputeClient<R>, units: usize) -> (CubeCoun
     (CubeCountSelection::new(client, cubes).cube_count(), dim)
 }
 
+/// Launches `kernel` (a `launch_unchecked` path) over `units` independent units in one
+/// dimension with the geometry of [`grid_1d`]: the client, the cube count and the cube size go
+/// ahead of the arguments given. It expands to the unchecked launch, so it stands inside the
+/// caller's `unsafe` block, whose SAFETY note says why the launch is sound.
+macro_rules! launch_1d {
+    ($kernel:path [$client:expr, $units:expr] $($arg:expr),* $(,)?) => {{
+        let client = $client;
+        let (count, dim) = $crate::device::grid_1d(client, $units);
+        $kernel(client, count, dim, $($arg),*)
+    }};
+}
+pub(crate) use launch_1d;
+
 /// The largest single buffer the device allocates, in bytes (wgpu: the storage-buffer binding
 /// limit, 128 MiB on many Vulkan drivers). Callers that size buffers from the problem (the
 /// model's sequence chunks) stay under it.

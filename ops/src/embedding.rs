@@ -6,7 +6,7 @@ use megabyte_kernels::embedding::{
     ByIdConfig,
 };
 
-use crate::device::{ensure_dtype, grid_1d};
+use crate::device::{ensure_dtype, launch_1d};
 use crate::element::FloatElement;
 use crate::error::OpError;
 use crate::tensor::{Tensor, TensorView};
@@ -79,19 +79,11 @@ pub fn embedding_backward<R: Runtime, E: FloatElement>(
         }
         return Ok(());
     }
-    let (count, dim) = grid_1d(client, out.len());
     // SAFETY: the view was bounds-checked when made; the kernel guards on out's length and
     // reads rows only inside their shape.
     unsafe {
-        by_position_kernel::launch_unchecked::<E, R>(
-            client,
-            count,
-            dim,
-            rows.arg(),
-            out.arg(),
-            rows_offset,
-            accumulate,
-        );
+        launch_1d!(by_position_kernel::launch_unchecked::<E, R>[client, out.len()]
+            rows.arg(), out.arg(), rows_offset, accumulate);
     }
     Ok(())
 }

@@ -14,7 +14,7 @@ use megabyte_kernels::gemm::{
     GemmConfig, FRAGMENT, STAGE_VECTOR,
 };
 
-use crate::device::{ensure_dtype, grid_1d};
+use crate::device::{ensure_dtype, launch_1d};
 use crate::element::FloatElement;
 use crate::error::OpError;
 use crate::profile::{DeviceProfile, Dtype};
@@ -697,19 +697,10 @@ pub fn gemm_naive<R: Runtime, E: FloatElement>(
     let b3 = operand(b, p.batch);
     let out_view = out.view();
     let out3 = operand(&out_view, p.batch);
-    let (count, dim) = grid_1d(client, out.len());
     // SAFETY: shapes checked; every unit guards on `out.len()` and reads inside the views.
     unsafe {
-        naive_kernel::launch_unchecked::<E, R>(
-            client,
-            count,
-            dim,
-            a3.arg(),
-            b3.arg(),
-            out3.arg(),
-            a3.offset,
-            b3.offset,
-        );
+        launch_1d!(naive_kernel::launch_unchecked::<E, R>[client, out.len()]
+            a3.arg(), b3.arg(), out3.arg(), a3.offset, b3.offset);
     }
     Ok(())
 }

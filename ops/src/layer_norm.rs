@@ -2,9 +2,12 @@
 
 use cubecl::prelude::*;
 use cubecl::server::CubeCountSelection;
-use megabyte_kernels::layer_norm::{layer_norm as layer_norm_kernel, LayerNormConfig};
+use megabyte_kernels::layer_norm::{
+    layer_norm as layer_norm_kernel, layer_norm_backward as backward_kernel,
+    layer_norm_backward_params as params_kernel, LayerNormConfig,
+};
 
-use crate::device::{ensure_dtype, vector_size_for};
+use crate::device::{ensure_dtype, launch_1d, vector_size_for};
 use crate::element::FloatElement;
 use crate::error::OpError;
 use crate::profile::{DeviceProfile, Dtype};
@@ -178,35 +181,14 @@ pub fn layer_norm_backward<R: Runtime, E: FloatElement>(
     mean.expect_shape(OP, "mean", &[rows])?;
     rstd.expect_shape(OP, "rstd", &[rows])?;
     let vector = vector_size_for::<R, E>(client, &[width]);
-    let (count, dim) = crate::device::grid_1d(client, rows);
-    let (pcount, pdim) = crate::device::grid_1d(client, width);
+    let d_residual = residual.unwrap_or(d_out);
     // SAFETY: shapes validated above; the kernels guard rows and columns; `vector` divides C.
     unsafe {
-        megabyte_kernels::layer_norm::layer_norm_backward::launch_unchecked::<E, R>(
-            client,
-            count,
-            dim,
-            vector,
-            input.arg(),
-            d_out.arg(),
-            weight.arg(),
-            mean.arg(),
-            rstd.arg(),
-            residual.unwrap_or(d_out).arg(),
-            d_input.arg(),
-            residual.is_some(),
-        );
-        megabyte_kernels::layer_norm::layer_norm_backward_params::launch_unchecked::<E, R>(
-            client,
-            pcount,
-            pdim,
-            input.arg(),
-            d_out.arg(),
-            mean.arg(),
-            rstd.arg(),
-            d_weight.arg(),
-            d_bias.arg(),
-        );
+        launch_1d!(backward_kernel::launch_unchecked::<E, R>[client, rows]
+            vector, input.arg(), d_out.arg(), weight.arg(), mean.arg(), rstd.arg(),
+            d_residual.arg(), d_input.arg(), residual.is_some());
+        launch_1d!(params_kernel::launch_unchecked::<E, R>[client, width]
+            input.arg(), d_out.arg(), mean.arg(), rstd.arg(), d_weight.arg(), d_bias.arg());
     }
     Ok(())
 }

@@ -3,7 +3,7 @@
 use cubecl::prelude::*;
 use megabyte_kernels::optim::adamw as kernel;
 
-use crate::device::grid_1d;
+use crate::device::launch_1d;
 use crate::error::OpError;
 use crate::tensor::Tensor;
 
@@ -42,26 +42,11 @@ pub fn adamw<R: Runtime>(
     let c1 = 1.0 / (1.0 - (hp.beta1 as f64).powi(t.min(i32::MAX as u64) as i32));
     let c2 = 1.0 / (1.0 - (hp.beta2 as f64).powi(t.min(i32::MAX as u64) as i32));
     let client = param.client();
-    let (count, dim) = grid_1d(client, n);
     // SAFETY: all four arrays hold n f32 values; the kernel guards on n.
     unsafe {
-        kernel::launch_unchecked::<R>(
-            client,
-            count,
-            dim,
-            param.array(),
-            grad.array(),
-            m.array(),
-            v.array(),
-            hp.lr,
-            hp.beta1,
-            hp.beta2,
-            hp.eps,
-            hp.weight_decay,
-            c1 as f32,
-            c2 as f32,
-            grad_scale,
-        );
+        launch_1d!(kernel::launch_unchecked::<R>[client, n]
+            param.array(), grad.array(), m.array(), v.array(), hp.lr, hp.beta1, hp.beta2, hp.eps,
+            hp.weight_decay, c1 as f32, c2 as f32, grad_scale);
     }
     Ok(())
 }

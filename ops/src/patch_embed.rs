@@ -3,7 +3,7 @@
 use cubecl::prelude::*;
 use megabyte_kernels::patch_embed::patch_embed as patch_embed_kernel;
 
-use crate::device::{ensure_dtype, grid_1d, vector_size_for};
+use crate::device::{ensure_dtype, launch_1d, vector_size_for};
 use crate::element::FloatElement;
 use crate::error::OpError;
 use crate::tensor::Tensor;
@@ -110,24 +110,12 @@ pub fn patch_embed_window<R: Runtime, E: FloatElement>(
     }
     pad.expect_shape(OP, "pad", &[patch * d])?;
     let vector = vector_size_for::<R, E>(client, &[d]);
-    let (count, dim) = grid_1d(client, out.len() / vector);
     // SAFETY: shapes checked above; `vector` divides D so no vector straddles two rows; the
     // kernel guards on `out.len()` and reads wte only at ids < V.
     unsafe {
-        patch_embed_kernel::launch_unchecked::<E, R>(
-            client,
-            count,
-            dim,
-            vector,
-            ids.arg(),
-            wte.arg(),
-            wpe.arg(),
-            pad.arg(),
-            out.arg(),
-            patch,
-            first_patch,
-            ids_start,
-        );
+        launch_1d!(patch_embed_kernel::launch_unchecked::<E, R>[client, out.len() / vector]
+            vector, ids.arg(), wte.arg(), wpe.arg(), pad.arg(), out.arg(), patch, first_patch,
+            ids_start);
     }
     Ok(())
 }

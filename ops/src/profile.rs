@@ -153,34 +153,56 @@ impl DeviceProfile {
         }
     }
 
-    /// A CUDA device as cubecl-cuda 0.10 reports it (`runtime.rs`: 32-lane warps, 128-bit
-    /// loads, no cap on vector sizes, 1024 threads per block, plane ops, WMMA fragments for
-    /// f16 and bf16, a quarter of the memory as the largest buffer), with the shared memory
-    /// per block (opt-in), SM count and memory of the given part.
-    fn cuda(name: &'static str, shared: usize, sms: u32, memory: u64) -> Self {
+    /// A GPU with `lanes`-wide planes, 128-bit loads, no cap on vector sizes, 1024 units per
+    /// cube (up to `max_z` along z), plane ops and f16, and a quarter of its `memory` as the
+    /// largest buffer; no CMMA and no bf16 (the CUDA profiles add them).
+    fn gpu(
+        name: &'static str,
+        lanes: u32,
+        shared: usize,
+        sms: u32,
+        memory: u64,
+        max_z: u32,
+    ) -> Self {
         DeviceProfile {
             name,
             hardware: HardwareProperties {
                 load_width: 128,
-                plane_size_min: 32,
-                plane_size_max: 32,
+                plane_size_min: lanes,
+                plane_size_max: lanes,
                 max_bindings: 1024,
                 max_shared_memory_size: shared,
                 max_cube_count: (2_147_483_647, 65_535, 65_535),
                 max_units_per_cube: 1024,
-                max_cube_dim: (1024, 1024, 64),
+                max_cube_dim: (1024, 1024, max_z),
                 num_streaming_multiprocessors: Some(sms),
                 num_cpu_cores: None,
-                num_tensor_cores: Some(4),
-                min_tensor_cores_dim: Some(8),
+                num_tensor_cores: None,
+                min_tensor_cores_dim: None,
                 max_vector_size: usize::MAX,
             },
             plane_ops: true,
+            cmma_f16: false,
+            cmma_bf16: false,
+            f16: true,
+            bf16: false,
+            max_buffer: (memory / 4) as usize,
+        }
+    }
+
+    /// A CUDA device as cubecl-cuda 0.10 reports it (`runtime.rs`: 32-lane warps, 128-bit
+    /// loads, no cap on vector sizes, 1024 threads per block (64 along z), plane ops, WMMA
+    /// fragments for f16 and bf16, a quarter of the memory as the largest buffer), with the
+    /// shared memory per block (opt-in), SM count and memory of the given part.
+    fn cuda(name: &'static str, shared: usize, sms: u32, memory: u64) -> Self {
+        let mut profile = Self::gpu(name, 32, shared, sms, memory, 64);
+        profile.hardware.num_tensor_cores = Some(4);
+        profile.hardware.min_tensor_cores_dim = Some(8);
+        DeviceProfile {
             cmma_f16: true,
             cmma_bf16: true,
-            f16: true,
             bf16: true,
-            max_buffer: (memory / 4) as usize,
+            ..profile
         }
     }
 
@@ -198,30 +220,7 @@ impl DeviceProfile {
     /// 64 KiB of LDS per workgroup, 1024 work items, no CMMA the kernels can use here (ROCm 5.2
     /// has no rocWMMA), no bf16 headers the HIP dialect can include.
     pub fn hip_gfx90a() -> Self {
-        DeviceProfile {
-            name: "hip gfx90a",
-            hardware: HardwareProperties {
-                load_width: 128,
-                plane_size_min: 64,
-                plane_size_max: 64,
-                max_bindings: 1024,
-                max_shared_memory_size: 65_536,
-                max_cube_count: (2_147_483_647, 65_535, 65_535),
-                max_units_per_cube: 1024,
-                max_cube_dim: (1024, 1024, 1024),
-                num_streaming_multiprocessors: Some(110),
-                num_cpu_cores: None,
-                num_tensor_cores: None,
-                min_tensor_cores_dim: None,
-                max_vector_size: usize::MAX,
-            },
-            plane_ops: true,
-            cmma_f16: false,
-            cmma_bf16: false,
-            f16: true,
-            bf16: false,
-            max_buffer: (64u64 << 30) as usize / 4,
-        }
+        Self::gpu("hip gfx90a", 64, 65_536, 110, 64 << 30, 1024)
     }
 }
 

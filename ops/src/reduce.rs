@@ -3,7 +3,7 @@
 use cubecl::prelude::*;
 use megabyte_kernels::reduce::{column_sum as column_sum_kernel, sum_squares};
 
-use crate::device::{ensure_dtype, grid_1d};
+use crate::device::{ensure_dtype, launch_1d};
 use crate::element::FloatElement;
 use crate::error::OpError;
 use crate::tensor::{Tensor, TensorView};
@@ -23,18 +23,10 @@ pub fn column_sum<R: Runtime, E: FloatElement>(
     }
     out.expect_shape(OP, "out", &[input.shape[1]])?;
     let offset = input.offset_u32(OP)?;
-    let (count, dim) = grid_1d(client, input.shape[1]);
     // SAFETY: the view was bounds-checked when made; the kernel guards columns.
     unsafe {
-        column_sum_kernel::launch_unchecked::<E, R>(
-            client,
-            count,
-            dim,
-            input.arg(),
-            out.arg(),
-            offset,
-            accumulate,
-        );
+        launch_1d!(column_sum_kernel::launch_unchecked::<E, R>[client, input.shape[1]]
+            input.arg(), out.arg(), offset, accumulate);
     }
     Ok(())
 }
@@ -69,19 +61,12 @@ pub fn squared_norm<R: Runtime, E: FloatElement>(
         if t.is_empty() {
             continue;
         }
-        let (count, dim) = grid_1d(client, u);
         // SAFETY: the kernel reads t's `len()` elements and writes `u` partials at `at`, inside
         // the `total` allocated.
         unsafe {
-            sum_squares::launch_unchecked::<E, R>(
-                client,
-                count,
-                dim,
-                t.array(),
-                ArrayArg::from_raw_parts(partials.handle().clone(), total),
-                at as u32,
-                u as u32,
-            );
+            launch_1d!(sum_squares::launch_unchecked::<E, R>[client, u]
+                t.array(), ArrayArg::from_raw_parts(partials.handle().clone(), total), at as u32,
+                u as u32);
         }
         at += u;
     }

@@ -71,12 +71,11 @@ fn check_dims(cfg: &Config, b: usize, t: usize, len: Option<usize>) -> Result<()
     Ok(())
 }
 
-/// Steps 1–3: global output g, (B, K, P·D_G), after the final LayerNorm.
-pub fn global_forward(cfg: &Config, w: &Weights, x: &[u32], b: usize, t: usize) -> Vec<f32> {
+/// Steps 1–2: the global model's input, (B, K, P·D_G): byte embeddings plus positions,
+/// patchified and shifted right by one patch (the learned pad first).
+pub fn embed_global(cfg: &Config, w: &Weights, x: &[u32], b: usize, t: usize) -> Vec<f32> {
     let (p, dg) = (cfg.patch, cfg.d_global);
-    let (k, c) = (t / p, cfg.global_width());
-    // 1–2. Byte embedding + positions, patchify, shift right by one patch.
-    let mut h = vec![0f32; b * k * c]; // (B, K, P·D_G)
+    let mut h = vec![0f32; b * (t / p) * cfg.global_width()];
     global_input(
         &mut h,
         x,
@@ -88,6 +87,14 @@ pub fn global_forward(cfg: &Config, w: &Weights, x: &[u32], b: usize, t: usize) 
         p,
         dg,
     );
+    h
+}
+
+/// Steps 1–3: global output g, (B, K, P·D_G), after the final LayerNorm.
+pub fn global_forward(cfg: &Config, w: &Weights, x: &[u32], b: usize, t: usize) -> Vec<f32> {
+    let (k, c) = (t / cfg.patch, cfg.global_width());
+    // 1–2. Byte embedding + positions, patchify, shift right by one patch: (B, K, P·D_G).
+    let mut h = embed_global(cfg, w, x, b, t);
     // 3. Global transformer over K patches, then the final LayerNorm.
     for blk in &w.global_blocks {
         block_forward(&mut h, blk, cfg.activation, b, k, c, cfg.heads_global);
@@ -104,6 +111,29 @@ pub fn global_forward(cfg: &Config, w: &Weights, x: &[u32], b: usize, t: usize) 
     g
 }
 
+/// Steps 4–5: the local model's input, (B, T, D_L): each byte's slice of the global output
+/// g projected to D_L, plus the previous byte's local embedding (the learned pad first in
+/// each patch) and, where the model has them, local positions.
+fn embed_local(cfg: &Config, w: &Weights, g: &[f32], x: &[u32], b: usize, t: usize) -> Vec<f32> {
+    let (p, dg, dl) = (cfg.patch, cfg.d_global, cfg.d_local);
+    let mut l = vec![0f32; b * t * dl];
+    local_input(
+        &mut l,
+        g,
+        x,
+        &w.global_to_local,
+        &w.local_embed,
+        &w.local_pad,
+        w.local_pos.as_deref(),
+        b,
+        t / p,
+        p,
+        dg,
+        dl,
+    );
+    l
+}
+
 /// Steps 4–6: local output, (B, K, P, D_L), after the final LayerNorm.
 pub fn local_forward(
     cfg: &Config,
@@ -113,25 +143,11 @@ pub fn local_forward(
     b: usize,
     t: usize,
 ) -> Vec<f32> {
-    let (p, dg, dl) = (cfg.patch, cfg.d_global, cfg.d_local);
+    let (p, dl) = (cfg.patch, cfg.d_local);
     let k = t / p;
-    // 4–5. Project each byte slice of g to D_L and add the previous byte's local embedding.
-    let mut l = vec![0f32; b * t * dl]; // (B·K sequences, P, D_L)
-    let lpos = w.local_pos.as_deref();
-    local_input(
-        &mut l,
-        g,
-        x,
-        &w.global_to_local,
-        &w.local_embed,
-        &w.local_pad,
-        lpos,
-        b,
-        k,
-        p,
-        dg,
-        dl,
-    );
+    // 4–5. Project each byte slice of g to D_L and add the previous byte's local embedding:
+    // B·K sequences of P rows of D_L.
+    let mut l = embed_local(cfg, w, g, x, b, t);
     // 6. Local transformer: B·K independent causal sequences of length P.
     for blk in &w.local_blocks {
         block_forward(&mut l, blk, cfg.activation, b * k, p, dl, cfg.heads_local);
@@ -206,18 +222,7 @@ pub fn loss_and_grads(
     let mut grads = Weights::zeros(cfg);
 
     // Forward, saving each block's input.
-    let mut h = vec![0f32; b * k * c];
-    global_input(
-        &mut h,
-        x,
-        &w.global_embed,
-        &w.global_pos,
-        &w.global_pad,
-        b,
-        t,
-        p,
-        dg,
-    );
+    let mut h = embed_global(cfg, w, x, b, t);
     let mut global_inputs = Vec::new();
     for blk in &w.global_blocks {
         global_inputs.push(h.clone());
@@ -234,22 +239,7 @@ pub fn loss_and_grads(
         b * k,
         c,
     );
-    let mut l = vec![0f32; n * dl];
-    let lpos = w.local_pos.as_deref();
-    local_input(
-        &mut l,
-        &g,
-        x,
-        &w.global_to_local,
-        &w.local_embed,
-        &w.local_pad,
-        lpos,
-        b,
-        k,
-        p,
-        dg,
-        dl,
-    );
+    let mut l = embed_local(cfg, w, &g, x, b, t);
     let mut local_inputs = Vec::new();
     for blk in &w.local_blocks {
         local_inputs.push(l.clone());
@@ -307,12 +297,12 @@ pub fn loss_and_grads(
         n,
         dl,
     );
-    for (i, blk) in w.local_blocks.iter().enumerate().rev() {
-        let gblk = &mut grads.local_blocks[i];
+    let local = w.local_blocks.iter().zip(&mut grads.local_blocks);
+    for ((blk, gblk), input) in local.zip(&local_inputs).rev() {
         block_backward(
             &mut d_l,
             gblk,
-            &local_inputs[i],
+            input,
             blk,
             act,
             b * k,
@@ -352,19 +342,9 @@ pub fn loss_and_grads(
         b * k,
         c,
     );
-    for (i, blk) in w.global_blocks.iter().enumerate().rev() {
-        let gblk = &mut grads.global_blocks[i];
-        block_backward(
-            &mut d_h,
-            gblk,
-            &global_inputs[i],
-            blk,
-            act,
-            b,
-            k,
-            c,
-            cfg.heads_global,
-        );
+    let global = w.global_blocks.iter().zip(&mut grads.global_blocks);
+    for ((blk, gblk), input) in global.zip(&global_inputs).rev() {
+        block_backward(&mut d_h, gblk, input, blk, act, b, k, c, cfg.heads_global);
     }
     global_input_backward(
         &mut grads.global_embed,

@@ -11,7 +11,7 @@
 use megabyte_reference::activation::activation_scalar;
 use megabyte_reference::config::{Activation, LN_EPS};
 use megabyte_reference::ffn::split_qkv;
-use megabyte_reference::patch_embed::global_input;
+use megabyte_reference::model::embed_global;
 use megabyte_reference::weights::Block;
 use megabyte_reference::{Config, Weights};
 
@@ -186,18 +186,7 @@ pub fn forward_in(
 ) -> Vec<f32> {
     let (p, dg, dl, v) = (cfg.patch, cfg.d_global, cfg.d_local, cfg.vocab);
     let (k, c) = (t / p, cfg.global_width());
-    let mut h = vec![0f32; b * k * c];
-    global_input(
-        &mut h,
-        x,
-        &w.global_embed,
-        &w.global_pos,
-        &w.global_pad,
-        b,
-        t,
-        p,
-        dg,
-    );
+    let mut h = embed_global(cfg, w, x, b, t);
     for blk in &w.global_blocks {
         block(
             &mut h,

@@ -12,7 +12,9 @@
 //! sums in index order, a materialised softmax) with every stored intermediate rounded to E.
 
 use cubecl::prelude::ComputeClient;
-use megabyte_ops::decode::{decode_stack, BlockWeights, PackedStack, StepInput, StepOutput};
+use megabyte_ops::decode::{
+    decode_stack, decode_stack_max_keys, BlockWeights, PackedStack, StepInput, StepOutput,
+};
 use megabyte_ops::{ActivationKind, FloatElement, OpError, Tensor};
 use megabyte_reference::config::Activation;
 use megabyte_reference::ffn::{block_forward, split_qkv};
@@ -412,13 +414,15 @@ fn errors_name_the_bad_value() {
             .unwrap();
         assert!(err.to_string().contains("qkv.weight"), "{err}");
         // No layers; heads that don't divide the width; wider than the fused kernel takes.
-        let supported = megabyte_ops::decode::decode_stack_supported::<TestRuntime, f32>;
-        let err = supported(&client, c, hidden, 2, 0).unwrap_err();
+        let supported = |width, hidden, heads, layers| {
+            decode_stack_max_keys::<TestRuntime, f32>(&client, width, hidden, heads, layers, 0, 256)
+        };
+        let err = supported(c, hidden, 2, 0).unwrap_err();
         assert!(matches!(err, OpError::Empty { .. }), "{err}");
-        let err = supported(&client, c, hidden, 3, 1).unwrap_err();
+        let err = supported(c, hidden, 3, 1).unwrap_err();
         assert!(err.to_string().contains("heads = 3"), "{err}");
         let wide = megabyte_ops::decode::MAX_FUSED_WIDTH + 64;
-        let err = supported(&client, wide, 4 * wide, 8, 1).unwrap_err();
+        let err = supported(wide, 4 * wide, 8, 1).unwrap_err();
         assert!(
             err.to_string().contains(&format!("width = {wide}")),
             "{err}"
