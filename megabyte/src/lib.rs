@@ -24,6 +24,8 @@
 //! ```
 
 pub mod checkpoint;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
 pub mod eval;
 pub mod generate;

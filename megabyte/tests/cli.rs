@@ -118,6 +118,22 @@ fn info_reports_the_parameter_count() {
     assert_has(&out.stdout, &format!("parameters: {n} total"));
 }
 
+/// `info --device cuda` lists the CUDA devices where there are some; elsewhere (no driver, no
+/// device, or a build without `cuda`) it says why in one line and exits 1.
+#[test]
+fn info_names_the_cuda_devices_or_says_why_not_in_one_line() {
+    let out = megabyte(&["info", "--device", "cuda"]);
+    if out.status.success() {
+        assert_has(&out.stdout, "device: cuda:0 ");
+    } else {
+        assert_eq!(out.status.code(), Some(1));
+        let err = text(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.starts_with("error: ") && err.contains("cuda"), "{err}");
+        assert!(out.stdout.is_empty(), "{}", text(&out.stdout));
+    }
+}
+
 #[test]
 fn cpu_generation_is_the_reference_generator() {
     let (path, cfg, w) = tiny_checkpoint("cli_gen.safetensors");

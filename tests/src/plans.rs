@@ -17,9 +17,14 @@ use megabyte_ops::layer_norm::{LayerNormPlan, LayerNormProblem};
 use megabyte_ops::{ActivationKind, DeviceProfile, Dtype};
 use megabyte_reference::{Activation, Config};
 
-/// The CUDA device profiles the check plans for.
-pub fn cuda_profiles() -> [DeviceProfile; 2] {
-    [DeviceProfile::cuda_sm80(), DeviceProfile::cuda_sm90()]
+/// The CUDA device profiles the CUDA check plans for.
+pub fn cuda_profiles() -> Vec<DeviceProfile> {
+    vec![DeviceProfile::cuda_sm80(), DeviceProfile::cuda_sm90()]
+}
+
+/// The HIP device profile the ROCm check plans for.
+pub fn rocm_profiles() -> Vec<DeviceProfile> {
+    vec![DeviceProfile::hip_gfx90a()]
 }
 
 /// One plan, with the problem it was planned for ("tiny global qkv") and the profile's name.
@@ -30,17 +35,18 @@ pub struct Planned<P> {
     pub plan: P,
 }
 
-/// Plans every (name, call) on both CUDA profiles; a call no profile can plan is a bug in the
-/// planner or in the list, so it panics naming both.
+/// Plans every (name, call) on every profile given; a call a profile cannot plan is a bug in
+/// the planner or in the list, so it panics naming both.
 fn plan_all<C, P>(
     calls: Vec<(String, C)>,
+    profiles: &[DeviceProfile],
     plan: impl Fn(&C, &DeviceProfile) -> Result<P, megabyte_ops::OpError>,
 ) -> Vec<Planned<P>> {
     let mut out = Vec::new();
     for (name, call) in calls {
-        for profile in cuda_profiles() {
+        for profile in profiles {
             let p =
-                plan(&call, &profile).unwrap_or_else(|e| panic!("{name} on {}: {e}", profile.name));
+                plan(&call, profile).unwrap_or_else(|e| panic!("{name} on {}: {e}", profile.name));
             out.push(Planned {
                 problem: name.clone(),
                 profile: profile.name,
@@ -216,8 +222,8 @@ fn seq_rungs(full: usize) -> Vec<usize> {
 }
 
 /// [`attention_calls`] as `AttentionKernel::Auto` plans them.
-pub fn attention_plans(dtype: Dtype) -> Vec<Planned<AttentionPlan>> {
-    plan_all(attention_calls(dtype), |call, profile| {
+pub fn attention_plans(dtype: Dtype, profiles: &[DeviceProfile]) -> Vec<Planned<AttentionPlan>> {
+    plan_all(attention_calls(dtype), profiles, |call, profile| {
         megabyte_ops::attention::plan(AttentionKernel::Auto, call, profile)
     })
 }
@@ -252,8 +258,8 @@ pub fn backward_calls() -> Vec<(String, BackwardProblem)> {
 }
 
 /// [`backward_calls`] as `BackwardKernel::Auto` plans them.
-pub fn backward_plans() -> Vec<Planned<BackwardPlan>> {
-    plan_all(backward_calls(), |problem, profile| {
+pub fn backward_plans(profiles: &[DeviceProfile]) -> Vec<Planned<BackwardPlan>> {
+    plan_all(backward_calls(), profiles, |problem, profile| {
         megabyte_ops::attention::plan_backward(BackwardKernel::Auto, problem, profile)
     })
 }
@@ -388,21 +394,35 @@ fn rungs(rows: usize) -> [usize; 4] {
 }
 
 /// [`gemm_calls`] as `GemmKernel::Auto` plans them.
-pub fn gemm_plans(dtype: Dtype) -> Vec<Planned<GemmPlan>> {
-    plan_all(gemm_calls(dtype), |call, profile| {
+pub fn gemm_plans(dtype: Dtype, profiles: &[DeviceProfile]) -> Vec<Planned<GemmPlan>> {
+    plan_all(gemm_calls(dtype), profiles, |call, profile| {
         megabyte_ops::gemm::plan(GemmKernel::Auto, call, profile)
     })
 }
 
-/// The gathering global-to-local GEMM of every preset: all B·T byte rows (64 patches, and a
-/// few rows when decoding unfused) of width D_G into D_L.
-pub fn local_input_calls(dtype: Dtype) -> Vec<(String, GemmCall)> {
+/// One launch of the gathering global-to-local GEMM: its GEMM (B·T byte rows of width D_G into
+/// D_L) and the patch size P, which the rows are a multiple of (the launcher takes whole
+/// patches of ids).
+#[derive(Clone, Debug)]
+pub struct LocalInputCall {
+    pub gemm: GemmCall,
+    pub patch: usize,
+}
+
+/// The gathering global-to-local GEMM of every preset: 64 patches of rows, and fewer whole
+/// patches (a batch of one patch when decoding unfused), as [`rungs`] rounded up to whole
+/// patches.
+pub fn local_input_calls(dtype: Dtype) -> Vec<(String, LocalInputCall)> {
     let mut calls = Vec::new();
     for (preset, cfg) in crate::preset_configs() {
-        let (dg, dl) = (cfg.d_global, cfg.d_local);
-        for m in rungs(64 * cfg.patch) {
-            let what = format!(" m{m}");
-            let call = GemmCall {
+        let (dg, dl, patch) = (cfg.d_global, cfg.d_local, cfg.patch);
+        let mut rows: Vec<usize> = rungs(64 * patch)
+            .iter()
+            .map(|m| m.next_multiple_of(patch))
+            .collect();
+        rows.dedup();
+        for m in rows {
+            let gemm = GemmCall {
                 problem: GemmProblem {
                     batch: 1,
                     m,
@@ -416,16 +436,17 @@ pub fn local_input_calls(dtype: Dtype) -> Vec<(String, GemmCall)> {
                 activation: None,
                 residual: false,
             };
-            calls.push((format!("{preset} local_input{what}"), call));
+            let call = LocalInputCall { gemm, patch };
+            calls.push((format!("{preset} local_input m{m}"), call));
         }
     }
     calls
 }
 
 /// [`local_input_calls`] as the local-input launcher plans them.
-pub fn local_input_plans(dtype: Dtype) -> Vec<Planned<GemmConfig>> {
-    plan_all(local_input_calls(dtype), |call, profile| {
-        megabyte_ops::gemm::plan_tiled(GemmKernel::Auto, call, profile)
+pub fn local_input_plans(dtype: Dtype, profiles: &[DeviceProfile]) -> Vec<Planned<GemmConfig>> {
+    plan_all(local_input_calls(dtype), profiles, |call, profile| {
+        megabyte_ops::gemm::plan_tiled(GemmKernel::Auto, &call.gemm, profile)
     })
 }
 
@@ -459,7 +480,10 @@ pub fn launch_stages(
 /// output (prompt bytes that only fill the caches);
 /// split over launches at long contexts). Also the stacks the planner refuses (wider than the
 /// fused step takes), which the decoder runs unfused.
-pub fn decode_plans(dtype: Dtype) -> (Vec<Planned<DecodeConfig>>, Vec<String>) {
+pub fn decode_plans(
+    dtype: Dtype,
+    profiles: &[DeviceProfile],
+) -> (Vec<Planned<DecodeConfig>>, Vec<String>) {
     let (mut plans, mut refused) = (Vec::new(), Vec::new());
     for (preset, cfg) in crate::preset_configs() {
         for s in stacks(&cfg) {
@@ -476,8 +500,8 @@ pub fn decode_plans(dtype: Dtype) -> (Vec<Planned<DecodeConfig>>, Vec<String>) {
                     ("cache only", first, output::ROW),
                 ]
             };
-            for profile in cuda_profiles() {
-                let planned = match megabyte_ops::decode::plan(&problem, &profile) {
+            for profile in profiles {
+                let planned = match megabyte_ops::decode::plan(&problem, profile) {
                     Ok(p) => p,
                     Err(e) => {
                         refused.push(format!("{preset} {stack} on {}: {e}", profile.name));
@@ -550,8 +574,8 @@ pub fn layer_norm_calls(dtype: Dtype) -> Vec<(String, LayerNormProblem)> {
 }
 
 /// [`layer_norm_calls`] as the LayerNorm launcher plans them.
-pub fn layer_norm_plans(dtype: Dtype) -> Vec<Planned<LayerNormPlan>> {
-    plan_all(layer_norm_calls(dtype), |p, profile| {
+pub fn layer_norm_plans(dtype: Dtype, profiles: &[DeviceProfile]) -> Vec<Planned<LayerNormPlan>> {
+    plan_all(layer_norm_calls(dtype), profiles, |p, profile| {
         Ok(megabyte_ops::layer_norm::plan(p, profile))
     })
 }
@@ -578,8 +602,11 @@ pub fn cross_entropy_calls(dtype: Dtype) -> Vec<(String, CrossEntropyProblem)> {
 }
 
 /// [`cross_entropy_calls`] as the cross-entropy launcher plans them.
-pub fn cross_entropy_plans(dtype: Dtype) -> Vec<Planned<CrossEntropyPlan>> {
-    plan_all(cross_entropy_calls(dtype), |p, profile| {
+pub fn cross_entropy_plans(
+    dtype: Dtype,
+    profiles: &[DeviceProfile],
+) -> Vec<Planned<CrossEntropyPlan>> {
+    plan_all(cross_entropy_calls(dtype), profiles, |p, profile| {
         Ok(megabyte_ops::cross_entropy::plan(p, profile))
     })
 }

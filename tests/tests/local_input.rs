@@ -11,10 +11,10 @@ use megabyte_ops::local_input::{local_input, local_input_with};
 use megabyte_ops::record::Planned;
 use megabyte_ops::{FloatElement, Tensor};
 use megabyte_reference::local_input::local_input as reference;
-use megabyte_tests::plans::{local_input_calls, representatives};
+use megabyte_tests::plans::{local_input_calls, representatives, LocalInputCall};
 use megabyte_tests::{
-    check, kernel_tests, planned_by, preset_configs, read_f64, round, round_all, uniform,
-    uniform_ids, with_client, DeviceProfile, Dtype, KernelCase, TestRuntime, NAIVE_SAMPLE,
+    check, kernel_tests, planned_by, read_f64, round, round_all, uniform, uniform_ids, with_client,
+    DeviceProfile, Dtype, KernelCase, TestRuntime, NAIVE_SAMPLE,
 };
 use proptest::prelude::*;
 
@@ -138,37 +138,23 @@ fn sweep(_: Dtype, _: &DeviceProfile) -> Vec<Case> {
     cases
 }
 
-/// Every plan the presets' local inputs get here. The model's row counts are whole patches:
-/// each call's rows rounded up to a multiple of P, the cheapest call of each plan.
+/// Every plan the presets' local inputs get here, each through the cheapest call that reaches
+/// it.
 fn presets(dtype: Dtype, profile: &DeviceProfile) -> Vec<Case> {
-    let patch: Vec<(String, usize)> = preset_configs()
-        .map(|(name, cfg)| (format!("{name} "), cfg.patch))
-        .collect();
-    let calls = local_input_calls(dtype)
-        .into_iter()
-        .map(|(name, mut call)| {
-            let p = patch
-                .iter()
-                .find(|(n, _)| name.starts_with(n.as_str()))
-                .expect("a preset")
-                .1;
-            call.problem.m = call.problem.m.next_multiple_of(p);
-            (name, (call, p))
-        });
     let plans = representatives(
-        calls.collect(),
+        local_input_calls(dtype),
         profile,
-        |(call, _), profile| plan_tiled(GemmKernel::Auto, call, profile),
-        |(call, _)| call.problem.m * call.problem.n * call.problem.k,
+        |call, profile| plan_tiled(GemmKernel::Auto, &call.gemm, profile),
+        |call| call.gemm.problem.m * call.gemm.problem.n * call.gemm.problem.k,
     );
     (plans.into_iter().enumerate())
-        .map(|(i, (_, (call, p), plan))| Case {
+        .map(|(i, (_, LocalInputCall { gemm, patch }, plan))| Case {
             kind: GemmKernel::Auto,
             b: 1,
-            k: call.problem.m / p,
-            p,
-            dg: call.problem.k,
-            dl: call.problem.n,
+            k: gemm.problem.m / patch,
+            p: patch,
+            dg: gemm.problem.k,
+            dl: gemm.problem.n,
             positions: i % 2 == 0,
             seed: 2300 + i as u64,
             expect: Some(plan),

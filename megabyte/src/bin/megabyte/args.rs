@@ -19,10 +19,13 @@ pub(crate) struct Cli {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub(crate) enum DeviceArg {
-    /// CUDA if built in and a GPU answers, else wgpu if a Vulkan/Metal/DX12 adapter answers, else cpu.
+    /// CUDA if built in and a GPU answers, else HIP (ROCm) likewise, else wgpu if a
+    /// Vulkan/Metal/DX12 adapter answers, else cpu.
     Auto,
     Wgpu,
     Cuda,
+    /// ROCm through HIP (builds with `--features hip`).
+    Hip,
     /// The pure-Rust reference implementation: no GPU or driver needed (no KV cache; slow).
     Cpu,
 }
@@ -136,6 +139,10 @@ pub(crate) enum Command {
         /// Context length for the FLOP and memory figures (default: the config's).
         #[arg(long)]
         context: Option<usize>,
+        /// Also say what this device is (for cuda, every device the driver reports: name,
+        /// compute capability, memory), or in one line why it cannot be used (exit 1).
+        #[arg(long, value_enum)]
+        device: Option<DeviceArg>,
     },
 }
 

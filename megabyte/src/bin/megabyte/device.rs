@@ -62,9 +62,11 @@ pub(crate) enum Backend {
     Wgpu(ComputeClient<megabyte::ops::cubecl::wgpu::WgpuRuntime>),
     #[cfg(feature = "cuda")]
     Cuda(ComputeClient<megabyte::ops::cubecl::cuda::CudaRuntime>),
+    #[cfg(feature = "hip")]
+    Hip(ComputeClient<megabyte::ops::cubecl::hip::HipRuntime>),
 }
 
-#[cfg(not(all(feature = "cuda", feature = "wgpu")))]
+#[cfg(not(all(feature = "cuda", feature = "wgpu", feature = "hip")))]
 pub(crate) fn not_built(name: &str) -> Error {
     Error::Usage(format!(
         "--device {name}: this build of megabyte has no `{name}` backend; rebuild with `--features {name}`"
@@ -77,10 +79,23 @@ pub(crate) fn backend(arg: DeviceArg) -> Result<Backend, Error> {
         DeviceArg::Cuda => {
             #[cfg(feature = "cuda")]
             {
+                cuda_devices()?;
                 Backend::Cuda(try_client(&Default::default())?)
             }
             #[cfg(not(feature = "cuda"))]
             return Err(not_built("cuda"));
+        }
+        DeviceArg::Hip => {
+            #[cfg(feature = "hip")]
+            {
+                let hook = std::panic::take_hook();
+                std::panic::set_hook(Box::new(|_| {}));
+                let client = try_client(&Default::default());
+                std::panic::set_hook(hook);
+                Backend::Hip(client?)
+            }
+            #[cfg(not(feature = "hip"))]
+            return Err(not_built("hip"));
         }
         DeviceArg::Wgpu => {
             #[cfg(feature = "wgpu")]
@@ -97,7 +112,12 @@ pub(crate) fn backend(arg: DeviceArg) -> Result<Backend, Error> {
         #[cfg(feature = "wgpu")]
         Backend::Wgpu(c) => format!("wgpu ({})", adapter_name(c)),
         #[cfg(feature = "cuda")]
-        Backend::Cuda(_) => "cuda".to_string(),
+        Backend::Cuda(_) => match cuda_devices() {
+            Ok(devices) => devices[0].to_string(),
+            Err(_) => "cuda".to_string(),
+        },
+        #[cfg(feature = "hip")]
+        Backend::Hip(_) => "hip".to_string(),
     };
     eprintln!("device: {name}");
     Ok(chosen)
@@ -113,15 +133,32 @@ pub(crate) fn adapter_name<R: Runtime>(client: &ComputeClient<R>) -> String {
     )
 }
 
-/// Quietly tries the runtimes from fastest to slowest; the runtimes print their own panic
-/// message when no adapter answers, which the hook silences here.
+/// The CUDA devices the driver reports (through cudarc), or a one-line error saying why there
+/// are none: no driver library, a driver that does not start, no device.
+#[cfg(feature = "cuda")]
+pub(crate) fn cuda_devices() -> Result<Vec<megabyte::cuda::CudaDevice>, Error> {
+    megabyte::cuda::devices().map_err(|reason| {
+        megabyte::ops::OpError::NoDevice {
+            runtime: "cuda",
+            reason,
+        }
+        .into()
+    })
+}
+
+/// Tries the runtimes from fastest to slowest: CUDA where the driver reports a device, then
+/// HIP and wgpu, whose runtimes panic when no device answers (their messages silenced here).
 pub(crate) fn auto_backend() -> Backend {
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
     let mut found = None;
     #[cfg(feature = "cuda")]
-    if found.is_none() {
+    if cuda_devices().is_ok() {
         found = try_client(&Default::default()).ok().map(Backend::Cuda);
+    }
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    #[cfg(feature = "hip")]
+    if found.is_none() {
+        found = try_client(&Default::default()).ok().map(Backend::Hip);
     }
     #[cfg(feature = "wgpu")]
     if found.is_none() {
@@ -166,5 +203,7 @@ pub(crate) fn with_model<J: WithModel>(
         Backend::Wgpu(c) => typed(c, dtype, cfg, w, job),
         #[cfg(feature = "cuda")]
         Backend::Cuda(c) => typed(c, dtype, cfg, w, job),
+        #[cfg(feature = "hip")]
+        Backend::Hip(c) => typed(c, dtype, cfg, w, job),
     }
 }

@@ -6,11 +6,25 @@ use megabyte::checkpoint;
 use megabyte::info::{flops_per_byte, memory, parameters};
 use megabyte::{Config, Error};
 
+use crate::args::DeviceArg;
+
 pub(crate) fn info(
     checkpoint: Option<PathBuf>,
     preset: Option<String>,
     context: Option<usize>,
+    device: Option<DeviceArg>,
 ) -> Result<(), Error> {
+    match device {
+        None => {}
+        #[cfg(feature = "cuda")]
+        Some(DeviceArg::Cuda) => {
+            for d in crate::device::cuda_devices()? {
+                println!("device: {d}");
+            }
+        }
+        // The device line goes to stderr, as on every command that runs on a device.
+        Some(arg) => drop(crate::device::backend(arg)?),
+    }
     let cfg = match (&checkpoint, preset.as_deref()) {
         (Some(path), _) => checkpoint::load(path)?.config,
         (None, Some(name)) => Config::preset(name).expect("clap checked the preset name"),

@@ -130,7 +130,8 @@ fn main() {
             checkpoint,
             preset,
             context,
-        } => info(checkpoint, preset, context),
+            device,
+        } => info(checkpoint, preset, context, device),
     };
     if let Err(e) = result.and_then(|()| device_ok()) {
         eprintln!("error: {e}");
