@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Unpacks NVIDIA's NVRTC, ptxas, nvdisasm and CUDA headers from their PyPI wheels into DIR, for
 # the CUDA codegen test (tests/tests/cuda_codegen.rs), which reads the folder from
-# MEGABYTE_CUDA_TOOLS and loads NVRTC (through cudarc) from LD_LIBRARY_PATH=DIR/nvidia/cuda_nvrtc/lib. (nvdisasm has no CUDA 12 wheel; 13.5 disassembles ptxas 12.9's sm_90.)
+# MEGABYTE_CUDA_TOOLS and loads NVRTC (through cudarc) from
+# LD_LIBRARY_PATH=DIR/nvidia/cuda_nvrtc/lib. (nvdisasm has no CUDA 12 wheel; 13.5 disassembles
+# ptxas 12.9's sm_90.)
 # No GPU or driver is needed. Usage: scripts/install-cuda-tools.sh DIR
 set -euo pipefail
 dir=${1:?usage: scripts/install-cuda-tools.sh DIR}

@@ -37,8 +37,6 @@ fn cuda_source(def: KernelDefinition) -> Result<(String, usize), String> {
     cpp_source(CudaCompiler::default(), 32, def)
 }
 
-/// The element type's short name (`f32`, `f16`, `bf16`) for variant names.
-
 // ---- NVRTC through cudarc, loaded from the wheel ----
 
 /// Checks that cudarc finds NVRTC: the wheel's `libnvrtc.so.12`, which the loader finds through
@@ -365,7 +363,7 @@ fn compile_all() -> Option<Compiled> {
         planned,
         refused,
         ..
-    } = enumerate(c, cuda_profiles(), true);
+    } = enumerate(c, cuda_profiles());
 
     let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target");
     let dir = target.join("cuda-codegen");

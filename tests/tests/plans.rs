@@ -73,15 +73,16 @@ fn in_set<C: std::fmt::Debug, P: PartialEq + std::fmt::Debug>(
 
 /// The CUDA plans of the recorded `calls` (retyped to `dtype`) that the compiled lists lack.
 fn missing(calls: &[Planned], dtype: Dtype, cfg: &Config) -> Vec<String> {
-    let attention_set = distinct(&plans::attention_plans(dtype, &cuda_profiles()));
-    let gemm_set = distinct(&plans::gemm_plans(dtype, &cuda_profiles()));
-    let local_set = distinct(&plans::local_input_plans(dtype, &cuda_profiles()));
-    let decode_set = distinct(&plans::decode_plans(dtype, &cuda_profiles()).0);
-    let backward_set = distinct(&plans::backward_plans(&cuda_profiles()));
-    let layer_norm_set = distinct(&plans::layer_norm_plans(dtype, &cuda_profiles()));
-    let cross_entropy_set = distinct(&plans::cross_entropy_plans(dtype, &cuda_profiles()));
+    let profiles = cuda_profiles();
+    let attention_set = distinct(&plans::attention_plans(dtype, &profiles));
+    let gemm_set = distinct(&plans::gemm_plans(dtype, &profiles));
+    let local_set = distinct(&plans::local_input_plans(dtype, &profiles));
+    let decode_set = distinct(&plans::decode_plans(dtype, &profiles).0);
+    let backward_set = distinct(&plans::backward_plans(&profiles));
+    let layer_norm_set = distinct(&plans::layer_norm_plans(dtype, &profiles));
+    let cross_entropy_set = distinct(&plans::cross_entropy_plans(dtype, &profiles));
     let mut missing = Vec::new();
-    for profile in cuda_profiles() {
+    for profile in profiles {
         for call in calls {
             let found = match call {
                 Planned::Gemm(c) => {

@@ -235,10 +235,10 @@ fn source(v: Variant) -> Source {
     (v.name, v.main, hip_source(v.def))
 }
 
-fn compile_variant(dir: &Path, (name, main, source): Source) -> (String, bool, Outcome) {
-    let outcome = match source {
+fn compile_variant(dir: &Path, (name, _, source): &Source) -> Outcome {
+    match source {
         Err(e) => Outcome::Failed(format!("HIP codegen failed: {e}")),
-        Ok((source, dynamic_lds)) => match compile(dir, &name, &source, ARCH) {
+        Ok((source, dynamic_lds)) => match compile(dir, name, source, ARCH) {
             Ok(r) => Outcome::Compiled(Resources {
                 lds: r.lds + dynamic_lds,
                 ..r
@@ -256,8 +256,7 @@ fn compile_variant(dir: &Path, (name, main, source): Source) -> (String, bool, O
             }
             Err(log) => Outcome::Failed(format!("hipcc rejected it:\n{log}")),
         },
-    };
-    (name, main, outcome)
+    }
 }
 
 /// What cubecl-cpp 0.10's HIP dialect gets wrong in the GELU kernels (the activation, its
@@ -287,42 +286,50 @@ fn compile_all() -> Option<Compiled> {
     let Some(c) = megabyte_tests::client::<W>().filter(|_| tools()) else {
         return None;
     };
-    let mut sink = enumerate(c, rocm_profiles(), true);
-    let variants = std::mem::take(&mut sink.variants);
+    let mut sink = enumerate(c, rocm_profiles());
+    let mut sources: Vec<Source> = std::mem::take(&mut sink.variants)
+        .into_iter()
+        .map(source)
+        .collect();
+    sources.sort_by(|a, b| a.0.cmp(&b.0));
     let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target");
     let dir = target.join("rocm-codegen");
     std::fs::create_dir_all(&dir).unwrap();
 
-    // The other architectures, tried once on the first variant's source.
-    let mut other_archs = Vec::new();
-    if let Some(first) = variants.first() {
-        let (source, _) = hip_source(first.def.clone()).expect("HIP source");
-        for arch in ["gfx1100", "gfx942"] {
-            let reason = match compile(&dir, &first.name, &source, arch) {
-                Ok(_) => "compiles (add it to the check)".to_string(),
-                Err(log) => first_error(&log),
-            };
-            other_archs.push(format!("- {arch} ({}): {reason}", first.name));
-        }
-    }
-
     // Two compilers at a time: hipcc is single-threaded.
-    let sources: Vec<Source> = variants.into_iter().map(source).collect();
-    let queue = std::sync::Mutex::new(sources.into_iter());
-    let outcomes = std::sync::Mutex::new(Vec::new());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let done = std::sync::Mutex::new(Vec::new());
     std::thread::scope(|s| {
         for _ in 0..2 {
             s.spawn(|| loop {
-                let Some(v) = queue.lock().unwrap().next() else {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(v) = sources.get(i) else {
                     break;
                 };
-                let result = compile_variant(&dir, v);
-                outcomes.lock().unwrap().push(result);
+                let outcome = compile_variant(&dir, v);
+                done.lock().unwrap().push((i, outcome));
             });
         }
     });
-    let mut outcomes = outcomes.into_inner().unwrap();
-    outcomes.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut done = done.into_inner().unwrap();
+    done.sort_by_key(|(i, _)| *i);
+
+    // The other architectures, tried once on the source of the first variant gfx90a compiled.
+    let mut other_archs = Vec::new();
+    let first = done.iter().find(|(_, o)| matches!(o, Outcome::Compiled(_)));
+    if let Some((name, _, Ok((source, _)))) = first.map(|(i, _)| &sources[*i]) {
+        for arch in ["gfx1100", "gfx942"] {
+            let reason = match compile(&dir, name, source, arch) {
+                Ok(_) => "compiles (add it to the check)".to_string(),
+                Err(log) => first_error(&log),
+            };
+            other_archs.push(format!("- {arch} ({name}): {reason}"));
+        }
+    }
+    let outcomes = done.into_iter().map(|(i, outcome)| {
+        let (name, main, _) = &sources[i];
+        (name.clone(), *main, outcome)
+    });
 
     let mut table = String::from(
         "# ROCm resources per kernel variant (gfx90a, Debian's ROCm 5.2)\n\n\

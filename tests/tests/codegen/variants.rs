@@ -5,7 +5,7 @@
 
 use cubecl::prelude::*;
 use cubecl::wgpu::WgpuRuntime;
-use half::f16;
+use half::{bf16, f16};
 use megabyte_kernels::activation::ActivationKind;
 use megabyte_kernels::decode::DecodeConfig;
 use megabyte_kernels::gemm::GemmConfig;
@@ -40,14 +40,10 @@ pub fn settings(dim: CubeDim) -> KernelSettings {
         .address_type(AddressType::U32)
 }
 
-fn type_tag<E>() -> String {
-    let name = std::any::type_name::<E>();
-    name.rsplit("::").next().unwrap_or(name).to_string()
-}
-
-/// The element type's tag in variant names (`f32`, `f16`, `bf16`) and its dtype.
+/// The element type's short name in variant names (`f32`, `f16`, `bf16`) and its dtype.
 fn dtype_of<E>() -> (String, Dtype) {
-    let ty = type_tag::<E>();
+    let name = std::any::type_name::<E>();
+    let ty = name.rsplit("::").next().unwrap_or(name).to_string();
     let dtype = Dtype::of_name(&ty).expect("f32, f16 or bf16");
     (ty, dtype)
 }
@@ -71,8 +67,8 @@ impl Sink {
 }
 
 /// Every variant the planners give the presets' (and the tests' and benches') problems on
-/// `profiles`, for f32 (with the training kernels), f16 and, with `bf16`, bf16.
-pub fn enumerate(c: ComputeClient<W>, profiles: Vec<DeviceProfile>, bf16: bool) -> Sink {
+/// `profiles`, for f32 (with the training kernels), f16 and bf16.
+pub fn enumerate(c: ComputeClient<W>, profiles: Vec<DeviceProfile>) -> Sink {
     let mut o = Sink {
         c,
         profiles,
@@ -80,25 +76,21 @@ pub fn enumerate(c: ComputeClient<W>, profiles: Vec<DeviceProfile>, bf16: bool) 
         planned: Vec::new(),
         refused: Vec::new(),
     };
-    let mut families: Vec<fn(&mut Sink)> = vec![
+    let families: [fn(&mut Sink); 13] = [
         elementwise::<f32>,
         elementwise::<f16>,
+        elementwise::<bf16>,
         attention::<f32>,
         attention::<f16>,
+        attention::<bf16>,
         gemm::<f32>,
         gemm::<f16>,
+        gemm::<bf16>,
         backward,
         decode::<f32>,
         decode::<f16>,
+        decode::<bf16>,
     ];
-    if bf16 {
-        families.extend([
-            elementwise::<half::bf16> as fn(&mut Sink),
-            attention::<half::bf16>,
-            gemm::<half::bf16>,
-            decode::<half::bf16>,
-        ]);
-    }
     for family in families {
         family(&mut o);
     }
@@ -127,8 +119,8 @@ macro_rules! variant {
 
 /// The element-wise kernels at the vector width the launchers pick on the primary profile for
 /// the preset widths (all multiples of 64): on sm_90 and gfx90a 8 for f16/bf16 under 128-bit
-/// loads, 4 for f32; LayerNorm and
-/// the tied logits + cross-entropy as their planners plan every preset's shapes.
+/// loads, 4 for f32; LayerNorm and the tied logits + cross-entropy as their planners plan
+/// every preset's shapes.
 fn elementwise<E: Float + CubeElement>(o: &mut Sink) {
     use megabyte_kernels::{activation, copy, cross_entropy, layer_norm, patch_embed};
     let (ty, dtype) = dtype_of::<E>();

@@ -60,8 +60,12 @@ pub(crate) enum Backend {
     Cpu,
     #[cfg(feature = "wgpu")]
     Wgpu(ComputeClient<megabyte::ops::cubecl::wgpu::WgpuRuntime>),
+    /// The client, and the device it opened as the driver reported it.
     #[cfg(feature = "cuda")]
-    Cuda(ComputeClient<megabyte::ops::cubecl::cuda::CudaRuntime>),
+    Cuda(
+        ComputeClient<megabyte::ops::cubecl::cuda::CudaRuntime>,
+        megabyte::cuda::CudaDevice,
+    ),
     #[cfg(feature = "hip")]
     Hip(ComputeClient<megabyte::ops::cubecl::hip::HipRuntime>),
 }
@@ -79,8 +83,7 @@ pub(crate) fn backend(arg: DeviceArg) -> Result<Backend, Error> {
         DeviceArg::Cuda => {
             #[cfg(feature = "cuda")]
             {
-                cuda_devices()?;
-                Backend::Cuda(try_client(&Default::default())?)
+                cuda_backend()?
             }
             #[cfg(not(feature = "cuda"))]
             return Err(not_built("cuda"));
@@ -88,11 +91,7 @@ pub(crate) fn backend(arg: DeviceArg) -> Result<Backend, Error> {
         DeviceArg::Hip => {
             #[cfg(feature = "hip")]
             {
-                let hook = std::panic::take_hook();
-                std::panic::set_hook(Box::new(|_| {}));
-                let client = try_client(&Default::default());
-                std::panic::set_hook(hook);
-                Backend::Hip(client?)
+                Backend::Hip(quietly(|| try_client(&Default::default()))?)
             }
             #[cfg(not(feature = "hip"))]
             return Err(not_built("hip"));
@@ -112,10 +111,7 @@ pub(crate) fn backend(arg: DeviceArg) -> Result<Backend, Error> {
         #[cfg(feature = "wgpu")]
         Backend::Wgpu(c) => format!("wgpu ({})", adapter_name(c)),
         #[cfg(feature = "cuda")]
-        Backend::Cuda(_) => match cuda_devices() {
-            Ok(devices) => devices[0].to_string(),
-            Err(_) => "cuda".to_string(),
-        },
+        Backend::Cuda(_, device) => device.to_string(),
         #[cfg(feature = "hip")]
         Backend::Hip(_) => "hip".to_string(),
     };
@@ -146,25 +142,44 @@ pub(crate) fn cuda_devices() -> Result<Vec<megabyte::cuda::CudaDevice>, Error> {
     })
 }
 
+/// The default CUDA device, opened only once the driver has reported it.
+#[cfg(feature = "cuda")]
+fn cuda_backend() -> Result<Backend, Error> {
+    let device = cuda_devices()?.swap_remove(0);
+    Ok(Backend::Cuda(try_client(&Default::default())?, device))
+}
+
+/// Runs `f` with the panic hook silenced: the HIP and wgpu runtimes panic, printing their own
+/// message, when no device answers, and `try_client` turns that panic into an error.
+#[cfg(any(feature = "hip", feature = "wgpu"))]
+fn quietly<T>(f: impl FnOnce() -> T) -> T {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let out = f();
+    std::panic::set_hook(hook);
+    out
+}
+
 /// Tries the runtimes from fastest to slowest: CUDA where the driver reports a device, then
-/// HIP and wgpu, whose runtimes panic when no device answers (their messages silenced here).
+/// HIP, then wgpu, then the cpu reference.
 pub(crate) fn auto_backend() -> Backend {
     let mut found = None;
     #[cfg(feature = "cuda")]
-    if cuda_devices().is_ok() {
-        found = try_client(&Default::default()).ok().map(Backend::Cuda);
+    if found.is_none() {
+        found = cuda_backend().ok();
     }
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
     #[cfg(feature = "hip")]
     if found.is_none() {
-        found = try_client(&Default::default()).ok().map(Backend::Hip);
+        found = quietly(|| try_client(&Default::default()))
+            .ok()
+            .map(Backend::Hip);
     }
     #[cfg(feature = "wgpu")]
     if found.is_none() {
-        found = try_client(&Default::default()).ok().map(Backend::Wgpu);
+        found = quietly(|| try_client(&Default::default()))
+            .ok()
+            .map(Backend::Wgpu);
     }
-    std::panic::set_hook(hook);
     found.unwrap_or(Backend::Cpu)
 }
 
@@ -202,7 +217,7 @@ pub(crate) fn with_model<J: WithModel>(
         #[cfg(feature = "wgpu")]
         Backend::Wgpu(c) => typed(c, dtype, cfg, w, job),
         #[cfg(feature = "cuda")]
-        Backend::Cuda(c) => typed(c, dtype, cfg, w, job),
+        Backend::Cuda(c, _) => typed(c, dtype, cfg, w, job),
         #[cfg(feature = "hip")]
         Backend::Hip(c) => typed(c, dtype, cfg, w, job),
     }

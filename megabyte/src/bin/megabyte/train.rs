@@ -91,7 +91,7 @@ pub(crate) fn train(args: &TrainArgs) -> Result<(), Error> {
         #[cfg(feature = "wgpu")]
         Backend::Wgpu(c) => train_on(&c, args, &cfg, resumed, tc, train_data, val_data, save_dtype),
         #[cfg(feature = "cuda")]
-        Backend::Cuda(c) => train_on(&c, args, &cfg, resumed, tc, train_data, val_data, save_dtype),
+        Backend::Cuda(c, _) => train_on(&c, args, &cfg, resumed, tc, train_data, val_data, save_dtype),
         #[cfg(feature = "hip")]
         Backend::Hip(c) => train_on(&c, args, &cfg, resumed, tc, train_data, val_data, save_dtype),
     }
