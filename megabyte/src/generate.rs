@@ -32,8 +32,13 @@ use megabyte_ops::patch_embed::patch_embed_window;
 use megabyte_ops::{FloatElement, Tensor};
 use megabyte_reference::{Error as InputError, Sampler, Sampling};
 
+use crate::block::{block_forward, Scratch, Stack};
+use crate::cache::{CacheAt, LayerCache};
 use crate::error::Error;
-use crate::model::{activation_kind, block, CacheAt, LayerCache, Model, Scratch};
+use crate::model::{activation_kind, Model};
+use crate::weights::DeviceBlock;
+use megabyte_ops::decode::BlockWeights;
+use megabyte_reference::weights::Norm;
 
 /// What to change when a decoding buffer is too large for the device.
 const BATCH_HINT: &str = "decode fewer sequences at once (--samples)";
@@ -106,9 +111,9 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
         // A stack is fused if the kernel takes its shape and, for the local stack, all P keys
         // of a patch; the global stack's steps past `global_fused_keys` run unfused (Auto) or
         // fail (Fused).
-        let fused = |stack: crate::model::Stack,
-                     blocks: &[crate::model::DeviceBlock<R, E>],
-                     ln_f: &(Tensor<R, E>, Tensor<R, E>),
+        let fused = |stack: Stack,
+                     blocks: &[DeviceBlock<R, E>],
+                     ln_f: &Norm<Tensor<R, E>>,
                      d_in: usize,
                      keys: usize|
          -> Result<(Option<PackedStack<R, E>>, usize), Error> {
@@ -131,8 +136,11 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
             let Some(max_keys) = max_keys else {
                 return Ok((None, 0));
             };
-            let steps: Vec<_> = blocks.iter().map(|b| b.step_weights()).collect();
-            let packed = PackedStack::pack(&steps, stack.heads, Some((&ln_f.0, &ln_f.1)))?;
+            let steps: Vec<_> = blocks
+                .iter()
+                .map(|b| BlockWeights::from_tensors(b.tensors()))
+                .collect();
+            let packed = PackedStack::pack(&steps, stack.heads, Some((&ln_f.weight, &ln_f.bias)))?;
             // Fused: every step fused, an error past the kernel's limit.
             let limit = if kernel == DecodeKernel::Fused {
                 usize::MAX
@@ -259,7 +267,12 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
         let h = h.reshape(&[b * (kc + 1), wg])?;
         let scratch = Scratch::new(&client, self.model.global_stack(), b, kc + 1, PREFILL_HINT)?;
         for (blk, cache) in w.global_blocks.iter().zip(&self.global_cache) {
-            block(&h, blk, &scratch, act, Some(CacheAt { cache, start: 0 }))?;
+            block_forward(
+                blk,
+                &scratch.block(&h),
+                act,
+                Some(CacheAt { cache, start: 0 }),
+            )?;
         }
         // Only the last position's output is needed: the current patch's g.
         let last = Tensor::<R, E>::empty(&client, &[b, 1, wg])?;
@@ -267,10 +280,17 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
             &h.strided(kc * wg, &[b, 1, wg], &[(kc + 1) * wg, wg, 1])?,
             &last.view(),
         )?;
-        let (lw, lb) = &w.global_ln_f;
+        let ln = &w.global_ln_f;
         let (mean, rstd) = (&self.global_step.mean, &self.global_step.rstd);
         let g = self.g.clone().reshape(&[b, wg])?;
-        layer_norm(&last.reshape(&[b, wg])?, lw, lb, &g, mean, rstd)?;
+        layer_norm(
+            &last.reshape(&[b, wg])?,
+            &ln.weight,
+            &ln.bias,
+            &g,
+            mean,
+            rstd,
+        )?;
 
         // The partial patch through the local model, then the logits of byte n.
         self.patch_bytes.fill(0);
@@ -450,12 +470,11 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
         let h = h.reshape(&[b, wg])?;
         for (blk, cache) in w.global_blocks.iter().zip(&self.global_cache) {
             let at = CacheAt { cache, start: k };
-            block(&h, blk, &self.global_step, act, Some(at))?;
+            block_forward(blk, &self.global_step.block(&h), act, Some(at))?;
         }
-        let (lw, lb) = &w.global_ln_f;
-        let s = &self.global_step;
+        let (ln, s) = (&w.global_ln_f, &self.global_step);
         let g = self.g.clone().reshape(&[b, wg])?;
-        layer_norm(&h, lw, lb, &g, &s.mean, &s.rstd)?;
+        layer_norm(&h, &ln.weight, &ln.bias, &g, &s.mean, &s.rstd)?;
         Ok(())
     }
 
@@ -491,17 +510,17 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
         let x = &self.local_row;
         for (blk, cache) in w.local_blocks.iter().zip(&self.local_cache) {
             let at = CacheAt { cache, start: p };
-            block(x, blk, &self.local_step, act, Some(at))?;
+            block_forward(blk, &self.local_step.block(x), act, Some(at))?;
         }
         if !want_logits {
             return Ok(Vec::new());
         }
         let s = &self.local_step;
-        let (lw, lb) = &w.local_ln_f;
-        layer_norm(x, lw, lb, &s.normed, &s.mean, &s.rstd)?;
+        let ln = &w.local_ln_f;
+        layer_norm(x, &ln.weight, &ln.bias, &s.normed, &s.mean, &s.rstd)?;
         tied_cross_entropy(
             &s.normed,
-            &w.head_table,
+            w.head_table(),
             &self.targets,
             &self.loss,
             &self.lse,
@@ -521,7 +540,7 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
         }
         let w = &self.model.w;
         let out = StepOutput::Logits {
-            table: &w.head_table,
+            table: w.head_table(),
             logits: &self.logits,
         };
         self.launch_local(p, &ids, &out)?;
@@ -541,7 +560,7 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
         let out = match greedy {
             None => StepOutput::Row,
             Some((generated, at)) => StepOutput::Argmax {
-                table: &w.head_table,
+                table: w.head_table(),
                 logits: &self.logits,
                 generated,
                 at,

@@ -23,6 +23,8 @@
 //! }
 //! ```
 
+mod block;
+mod cache;
 pub mod checkpoint;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -34,6 +36,7 @@ pub mod model;
 #[cfg(feature = "plot")]
 pub mod plot;
 pub mod train;
+mod weights;
 
 pub use error::Error;
 pub use generate::{DecodeKernel, Decoder, GenerateOptions, Generator};

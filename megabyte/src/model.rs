@@ -8,293 +8,21 @@
 //!
 //! The forward makes no host round trip: ids go up once, logits (or per-position losses) come
 //! back once. Each stack's scratch buffers are allocated once per call and reused by every
-//! layer; blocks update the residual stream in place.
+//! layer; blocks (`crate::block`) update the residual stream in place.
 
 use cubecl::prelude::*;
-use megabyte_ops::attention::flash_attention;
 use megabyte_ops::copy::{copy, copy_ids};
 use megabyte_ops::cross_entropy::tied_cross_entropy;
-use megabyte_ops::decode::BlockWeights;
-use megabyte_ops::gemm::{gemm, Epilogue};
 use megabyte_ops::layer_norm::layer_norm;
 use megabyte_ops::local_input::local_input;
 use megabyte_ops::patch_embed::patch_embed;
 use megabyte_ops::{max_buffer_bytes, ActivationKind, FloatElement, OpError, Tensor};
-use megabyte_reference::gemm::transpose;
 use megabyte_reference::model::{check_input, check_shape};
-use megabyte_reference::weights::Block;
 use megabyte_reference::{Activation, Config, Weights};
 
+use crate::block::{block_forward, Scratch, Stack};
 use crate::error::Error;
-
-/// One pre-LN block's parameters on the device; linear weights are (in, out).
-pub(crate) struct DeviceBlock<R: Runtime, E> {
-    pub ln1: (Tensor<R, E>, Tensor<R, E>),
-    pub qkv: (Tensor<R, E>, Tensor<R, E>),
-    pub proj: (Tensor<R, E>, Tensor<R, E>),
-    pub ln2: (Tensor<R, E>, Tensor<R, E>),
-    pub fc1: (Tensor<R, E>, Tensor<R, E>),
-    pub fc2: (Tensor<R, E>, Tensor<R, E>),
-}
-
-/// Every parameter of the model on the device.
-pub(crate) struct DeviceWeights<R: Runtime, E> {
-    /// E_G (V, D_G), E_pos (T, D_G), E_gpad (P·D_G).
-    pub global_embed: Tensor<R, E>,
-    pub global_pos: Tensor<R, E>,
-    pub global_pad: Tensor<R, E>,
-    pub global_blocks: Vec<DeviceBlock<R, E>>,
-    pub global_ln_f: (Tensor<R, E>, Tensor<R, E>),
-    /// W_GL (D_G, D_L).
-    pub global_to_local: Tensor<R, E>,
-    /// E_L (V, D_L), E_lpad (D_L), E_lpos (P, D_L).
-    pub local_embed: Tensor<R, E>,
-    pub local_pad: Tensor<R, E>,
-    pub local_pos: Option<Tensor<R, E>>,
-    pub local_blocks: Vec<DeviceBlock<R, E>>,
-    pub local_ln_f: (Tensor<R, E>, Tensor<R, E>),
-    /// The output table (V, D_L): E_L itself when the head is tied, the untied head transposed
-    /// otherwise, so that one fused logits + cross-entropy kernel serves both.
-    pub head_table: Tensor<R, E>,
-    /// Whether `head_table` is `local_embed` (the same buffer).
-    pub tied: bool,
-}
-
-impl<R: Runtime, E: FloatElement> DeviceBlock<R, E> {
-    fn tensors(&self) -> [&Tensor<R, E>; 12] {
-        [
-            &self.ln1.0,
-            &self.ln1.1,
-            &self.qkv.0,
-            &self.qkv.1,
-            &self.proj.0,
-            &self.proj.1,
-            &self.ln2.0,
-            &self.ln2.1,
-            &self.fc1.0,
-            &self.fc1.1,
-            &self.fc2.0,
-            &self.fc2.1,
-        ]
-    }
-
-    /// The block's parameters as the fused decoding step takes them.
-    pub fn step_weights(&self) -> BlockWeights<'_, R, E> {
-        BlockWeights::from_tensors(self.tensors())
-    }
-
-    fn zeros_like(&self) -> Result<Self, OpError> {
-        let z = |t: &Tensor<R, E>| Tensor::full(t.client(), t.shape(), 0.0);
-        let pair = |p: &(Tensor<R, E>, Tensor<R, E>)| Ok::<_, OpError>((z(&p.0)?, z(&p.1)?));
-        Ok(DeviceBlock {
-            ln1: pair(&self.ln1)?,
-            qkv: pair(&self.qkv)?,
-            proj: pair(&self.proj)?,
-            ln2: pair(&self.ln2)?,
-            fc1: pair(&self.fc1)?,
-            fc2: pair(&self.fc2)?,
-        })
-    }
-}
-
-impl<R: Runtime, E: FloatElement> DeviceWeights<R, E> {
-    /// Every parameter in the order of `Config::tensor_specs`; an untied head appears as its
-    /// (V, D_L) table, the transpose of the checkpoint's (D_L, V) `head.weight`.
-    pub fn tensors(&self) -> Vec<&Tensor<R, E>> {
-        let mut out = vec![&self.global_embed, &self.global_pos, &self.global_pad];
-        for b in &self.global_blocks {
-            out.extend(b.tensors());
-        }
-        out.extend([
-            &self.global_ln_f.0,
-            &self.global_ln_f.1,
-            &self.global_to_local,
-        ]);
-        out.extend([&self.local_embed, &self.local_pad]);
-        if let Some(p) = &self.local_pos {
-            out.push(p);
-        }
-        for b in &self.local_blocks {
-            out.extend(b.tensors());
-        }
-        out.extend([&self.local_ln_f.0, &self.local_ln_f.1]);
-        if !self.tied {
-            out.push(&self.head_table);
-        }
-        out
-    }
-
-    /// Every tensor read back as f32 into `Weights` of the checkpoint layout: an untied head's
-    /// (V, D_L) table becomes the (D_L, V) `head.weight`.
-    pub fn to_host(&self, cfg: &Config) -> Result<Weights, Error> {
-        let mut w = Weights::zeros(cfg);
-        for (dst, src) in w.tensors_mut().into_iter().zip(self.tensors()) {
-            *dst = src.to_f32_vec()?;
-        }
-        if let Some(head) = w.head.as_mut() {
-            *head = transpose(head, cfg.vocab, cfg.d_local);
-        }
-        Ok(w)
-    }
-
-    /// Zero tensors of the same shapes (gradients, optimiser moments); a tied table stays
-    /// shared with the embedding.
-    pub fn zeros_like(&self) -> Result<Self, OpError> {
-        let z = |t: &Tensor<R, E>| Tensor::full(t.client(), t.shape(), 0.0);
-        let local_embed = z(&self.local_embed)?;
-        Ok(DeviceWeights {
-            global_embed: z(&self.global_embed)?,
-            global_pos: z(&self.global_pos)?,
-            global_pad: z(&self.global_pad)?,
-            global_blocks: self
-                .global_blocks
-                .iter()
-                .map(DeviceBlock::zeros_like)
-                .collect::<Result<_, _>>()?,
-            global_ln_f: (z(&self.global_ln_f.0)?, z(&self.global_ln_f.1)?),
-            global_to_local: z(&self.global_to_local)?,
-            head_table: if self.tied {
-                local_embed.clone()
-            } else {
-                z(&self.head_table)?
-            },
-            local_embed,
-            local_pad: z(&self.local_pad)?,
-            local_pos: self.local_pos.as_ref().map(z).transpose()?,
-            local_blocks: self
-                .local_blocks
-                .iter()
-                .map(DeviceBlock::zeros_like)
-                .collect::<Result<_, _>>()?,
-            local_ln_f: (z(&self.local_ln_f.0)?, z(&self.local_ln_f.1)?),
-            tied: self.tied,
-        })
-    }
-}
-
-/// The width, depth and attention shape of one of the two transformers.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Stack {
-    /// Channels C.
-    pub width: usize,
-    /// FFN hidden width H.
-    pub hidden: usize,
-    pub heads: usize,
-}
-
-/// Scratch buffers for one stack over `batch` sequences of `seq` positions (N = batch·seq rows),
-/// shared by all its layers.
-pub(crate) struct Scratch<R: Runtime, E> {
-    pub batch: usize,
-    pub seq: usize,
-    /// LayerNorm output (N, C).
-    pub normed: Tensor<R, E>,
-    /// Fused projection (N, 3C): [q | k | v], each NH heads of HS.
-    pub qkv: Tensor<R, E>,
-    /// Attention output (B, S, NH, HS).
-    pub attn: Tensor<R, E>,
-    /// Per-row log-sum-exp (B, NH, S).
-    pub lse: Tensor<R, f32>,
-    /// LayerNorm statistics (N).
-    pub mean: Tensor<R, f32>,
-    pub rstd: Tensor<R, f32>,
-    /// FFN hidden activations (N, H).
-    pub hidden: Tensor<R, E>,
-    /// The residual stream between the attention and the FFN sublayer (N, C).
-    pub mid: Tensor<R, E>,
-}
-
-impl<R: Runtime, E: FloatElement> Scratch<R, E> {
-    /// The buffers for `batch` sequences of `seq` positions; `hint` says what to change when
-    /// one is larger than the device allows (the error names the buffer).
-    pub fn new(
-        client: &ComputeClient<R>,
-        stack: Stack,
-        batch: usize,
-        seq: usize,
-        hint: &str,
-    ) -> Result<Self, OpError> {
-        let n = batch * seq;
-        let c = stack.width;
-        let hs = c / stack.heads;
-        Ok(Scratch {
-            batch,
-            seq,
-            normed: Tensor::empty_named(client, &[n, c], "LayerNorm output", hint)?,
-            qkv: Tensor::empty_named(client, &[n, 3 * c], "q/k/v projection", hint)?,
-            attn: Tensor::empty_named(
-                client,
-                &[batch, seq, stack.heads, hs],
-                "attention output",
-                hint,
-            )?,
-            lse: Tensor::empty_named(
-                client,
-                &[batch, stack.heads, seq],
-                "attention log-sum-exp",
-                hint,
-            )?,
-            mean: Tensor::empty_named(client, &[n], "LayerNorm mean", hint)?,
-            rstd: Tensor::empty_named(client, &[n], "LayerNorm rstd", hint)?,
-            hidden: Tensor::empty_named(client, &[n, stack.hidden], "FFN activations", hint)?,
-            mid: Tensor::empty_named(client, &[n, c], "residual stream", hint)?,
-        })
-    }
-}
-
-/// Layer `layer`'s key and value cache inside its stack's two (L, B, S_max, C) buffers (one
-/// buffer per stack, so a fused decoding step binds the whole stack's cache at once).
-pub(crate) struct LayerCache<R: Runtime, E> {
-    pub k: Tensor<R, E>,
-    pub v: Tensor<R, E>,
-    pub layer: usize,
-}
-
-impl<R: Runtime, E: FloatElement> LayerCache<R, E> {
-    /// The caches of a stack of `layers` layers, sharing two buffers; `buffer` names them in
-    /// the error when they are larger than the device allows, which says how many sequences
-    /// would fit.
-    pub fn stack(
-        client: &ComputeClient<R>,
-        buffer: &'static str,
-        layers: usize,
-        batch: usize,
-        capacity: usize,
-        width: usize,
-    ) -> Result<Vec<Self>, OpError> {
-        let shape = [layers, batch, capacity, width];
-        let per_sequence = (layers * capacity * width).max(1) * std::mem::size_of::<E>();
-        let fit = max_buffer_bytes(client) / per_sequence;
-        let hint = if fit == 0 {
-            format!(
-                "one sequence's cache ({per_sequence} bytes) does not fit{}",
-                if E::NAME == "f32" {
-                    "; f16 weights (--dtype f16) halve it"
-                } else {
-                    ""
-                }
-            )
-        } else {
-            format!(
-                "at most {fit} sequences fit in one batch on this device (--samples){}",
-                if E::NAME == "f32" {
-                    ", twice as many in f16 (--dtype f16)"
-                } else {
-                    ""
-                }
-            )
-        };
-        let k = Tensor::empty_named(client, &shape, buffer, &hint)?;
-        let v = Tensor::empty_named(client, &shape, buffer, &hint)?;
-        Ok((0..layers)
-            .map(|layer| LayerCache {
-                k: k.clone(),
-                v: v.clone(),
-                layer,
-            })
-            .collect())
-    }
-}
+use crate::weights::DeviceWeights;
 
 /// What to change when a forward's buffer is too large for the device.
 const SCORE_HINT: &str = "score fewer or shorter sequences at once (eval --batch, --window)";
@@ -322,77 +50,7 @@ impl<R: Runtime, E: FloatElement> Model<R, E> {
     pub fn new(client: &ComputeClient<R>, cfg: &Config, weights: &Weights) -> Result<Self, Error> {
         cfg.validate()?;
         megabyte_ops::ensure_dtype::<R, E>(client, "model")?;
-        let specs = cfg.tensor_specs();
-        let tensors = weights.tensors();
-        if tensors.len() != specs.len() {
-            return Err(Error::WeightsMismatch {
-                name: "(tensor count)".into(),
-                got: tensors.len(),
-                expected: specs.len(),
-            });
-        }
-        for ((name, shape), t) in specs.iter().zip(&tensors) {
-            let expected: usize = shape.iter().product();
-            if t.len() != expected {
-                return Err(Error::WeightsMismatch {
-                    name: name.clone(),
-                    got: t.len(),
-                    expected,
-                });
-            }
-        }
-        let up = |data: &[f32], shape: &[usize]| Tensor::<R, E>::from_f32(client, data, shape);
-        let (v, p, t) = (cfg.vocab, cfg.patch, cfg.context);
-        let (dg, dl, wg) = (cfg.d_global, cfg.d_local, cfg.global_width());
-        let block = |b: &Block, c: usize| -> Result<DeviceBlock<R, E>, Error> {
-            let h = b.fc1.bias.len();
-            Ok(DeviceBlock {
-                ln1: (up(&b.ln1.weight, &[c])?, up(&b.ln1.bias, &[c])?),
-                qkv: (up(&b.qkv.weight, &[c, 3 * c])?, up(&b.qkv.bias, &[3 * c])?),
-                proj: (up(&b.proj.weight, &[c, c])?, up(&b.proj.bias, &[c])?),
-                ln2: (up(&b.ln2.weight, &[c])?, up(&b.ln2.bias, &[c])?),
-                fc1: (up(&b.fc1.weight, &[c, h])?, up(&b.fc1.bias, &[h])?),
-                fc2: (up(&b.fc2.weight, &[h, c])?, up(&b.fc2.bias, &[c])?),
-            })
-        };
-        let local_embed = up(&weights.local_embed, &[v, dl])?;
-        let head_table = match &weights.head {
-            None => local_embed.clone(),
-            // (D_L, V) -> (V, D_L)
-            Some(head) => up(&transpose(head, dl, v), &[v, dl])?,
-        };
-        let w = DeviceWeights {
-            global_embed: up(&weights.global_embed, &[v, dg])?,
-            global_pos: up(&weights.global_pos, &[t, dg])?,
-            global_pad: up(&weights.global_pad, &[wg])?,
-            global_blocks: weights
-                .global_blocks
-                .iter()
-                .map(|b| block(b, wg))
-                .collect::<Result<_, _>>()?,
-            global_ln_f: (
-                up(&weights.global_ln_f.weight, &[wg])?,
-                up(&weights.global_ln_f.bias, &[wg])?,
-            ),
-            global_to_local: up(&weights.global_to_local, &[dg, dl])?,
-            local_embed,
-            local_pad: up(&weights.local_pad, &[dl])?,
-            local_pos: match &weights.local_pos {
-                Some(pos) => Some(up(pos, &[p, dl])?),
-                None => None,
-            },
-            local_blocks: weights
-                .local_blocks
-                .iter()
-                .map(|b| block(b, dl))
-                .collect::<Result<_, _>>()?,
-            local_ln_f: (
-                up(&weights.local_ln_f.weight, &[dl])?,
-                up(&weights.local_ln_f.bias, &[dl])?,
-            ),
-            head_table,
-            tied: weights.head.is_none(),
-        };
+        let w = DeviceWeights::upload(client, cfg, weights)?;
         Ok(Model {
             cfg: cfg.clone(),
             client: client.clone(),
@@ -623,11 +281,11 @@ impl<R: Runtime, E: FloatElement> Model<R, E> {
         let h = h.reshape(&[b * k, wg])?;
         let scratch = Scratch::new(client, self.global_stack(), b, k, SCORE_HINT)?;
         for blk in &self.w.global_blocks {
-            block(&h, blk, &scratch, act, None)?;
+            block_forward(blk, &scratch.block(&h), act, None)?;
         }
         let g = Tensor::<R, E>::empty(client, &[b * k, wg])?;
-        let (lw, lb) = &self.w.global_ln_f;
-        layer_norm(&h, lw, lb, &g, &scratch.mean, &scratch.rstd)?;
+        let ln = &self.w.global_ln_f;
+        layer_norm(&h, &ln.weight, &ln.bias, &g, &scratch.mean, &scratch.rstd)?;
         Ok(g)
     }
 
@@ -661,11 +319,11 @@ impl<R: Runtime, E: FloatElement> Model<R, E> {
         let l = l.reshape(&[b * t, dl])?;
         let scratch = Scratch::new(client, self.local_stack(), b * k, p, SCORE_HINT)?;
         for blk in &self.w.local_blocks {
-            block(&l, blk, &scratch, act, None)?;
+            block_forward(blk, &scratch.block(&l), act, None)?;
         }
         let out = scratch.normed.clone();
-        let (lw, lb) = &self.w.local_ln_f;
-        layer_norm(&l, lw, lb, &out, &scratch.mean, &scratch.rstd)?;
+        let ln = &self.w.local_ln_f;
+        layer_norm(&l, &ln.weight, &ln.bias, &out, &scratch.mean, &scratch.rstd)?;
         // 7. Logits and the loss against the ids themselves.
         let n = b * t;
         let logits = want_logits
@@ -674,7 +332,7 @@ impl<R: Runtime, E: FloatElement> Model<R, E> {
         let lse = Tensor::<R, f32>::empty(client, &[n])?;
         tied_cross_entropy(
             &out,
-            &self.w.head_table,
+            self.w.head_table(),
             &ids.clone().reshape(&[n])?,
             &loss.clone().reshape(&[n])?,
             &lse,
@@ -682,84 +340,4 @@ impl<R: Runtime, E: FloatElement> Model<R, E> {
         )?;
         Ok(logits)
     }
-}
-
-/// A KV cache to decode against: the layer's cache and the position of the block's first row.
-pub(crate) struct CacheAt<'a, R: Runtime, E> {
-    pub cache: &'a LayerCache<R, E>,
-    pub start: usize,
-}
-
-/// One pre-LN block over `scratch.batch` sequences of `scratch.seq` positions, updating the
-/// residual stream `h` (N, C) in place:
-/// h += proj(attn(LN1(h))); h += fc2(act(fc1(LN2(h)))).
-///
-/// With a cache, the block's keys and values are first written to positions `start ..
-/// start + seq` of it and the queries attend to positions `0 .. start + seq` (causally), so
-/// a decoding step runs the block on the new positions only.
-pub(crate) fn block<R: Runtime, E: FloatElement>(
-    h: &Tensor<R, E>,
-    w: &DeviceBlock<R, E>,
-    s: &Scratch<R, E>,
-    act: ActivationKind,
-    cache: Option<CacheAt<'_, R, E>>,
-) -> Result<(), Error> {
-    let (b, seq) = (s.batch, s.seq);
-    let n = b * seq;
-    let c = h.shape()[1];
-    let nh = s.attn.shape()[2];
-    let hs = c / nh;
-    layer_norm(h, &w.ln1.0, &w.ln1.1, &s.normed, &s.mean, &s.rstd)?;
-    gemm(
-        &s.normed.view(),
-        &w.qkv.0.view(),
-        &s.qkv,
-        &Epilogue::none().bias(&w.qkv.1),
-    )?;
-    // q, k, v straight out of the fused projection: (B, S, NH, HS) views, no copies.
-    let qkv_strides = [seq * 3 * c, 3 * c, hs, 1];
-    let part = |i: usize| s.qkv.strided(i * c, &[b, seq, nh, hs], &qkv_strides);
-    match cache {
-        None => flash_attention(&part(0)?, &part(1)?, &part(2)?, &s.attn, &s.lse, true)?,
-        Some(CacheAt { cache, start }) => {
-            // (L, B, S_max, C): this layer's (B, S_max, C) block.
-            let cap = cache.k.shape()[2];
-            let base = cache.layer * cache.k.shape()[1] * cap * c;
-            let rows = |i: usize| s.qkv.strided(i * c, &[b, seq, c], &[seq * 3 * c, 3 * c, 1]);
-            let slot_strides = [cap * c, c, 1];
-            let k_slot = cache
-                .k
-                .strided(base + start * c, &[b, seq, c], &slot_strides)?;
-            let v_slot = cache
-                .v
-                .strided(base + start * c, &[b, seq, c], &slot_strides)?;
-            copy(&rows(1)?, &k_slot)?;
-            copy(&rows(2)?, &v_slot)?;
-            let len = start + seq;
-            let kv_strides = [cap * c, c, hs, 1];
-            let k = cache.k.strided(base, &[b, len, nh, hs], &kv_strides)?;
-            let v = cache.v.strided(base, &[b, len, nh, hs], &kv_strides)?;
-            flash_attention(&part(0)?, &k, &v, &s.attn, &s.lse, true)?;
-        }
-    }
-    gemm(
-        &s.attn.strided(0, &[n, c], &[c, 1])?,
-        &w.proj.0.view(),
-        &s.mid,
-        &Epilogue::none().bias(&w.proj.1).residual(h),
-    )?;
-    layer_norm(&s.mid, &w.ln2.0, &w.ln2.1, &s.normed, &s.mean, &s.rstd)?;
-    gemm(
-        &s.normed.view(),
-        &w.fc1.0.view(),
-        &s.hidden,
-        &Epilogue::none().bias(&w.fc1.1).activation(act),
-    )?;
-    gemm(
-        &s.hidden.view(),
-        &w.fc2.0.view(),
-        h,
-        &Epilogue::none().bias(&w.fc2.1).residual(&s.mid),
-    )?;
-    Ok(())
 }

@@ -8,8 +8,6 @@
 //! one.
 
 use cubecl::prelude::*;
-use megabyte_ops::activation::{activation_backward, activation_into};
-use megabyte_ops::attention::{attention_backward, flash_attention};
 use megabyte_ops::cross_entropy::{cross_entropy_backward, tied_cross_entropy};
 use megabyte_ops::embedding::embedding_backward;
 use megabyte_ops::gemm::{gemm, Epilogue};
@@ -17,15 +15,17 @@ use megabyte_ops::layer_norm::{layer_norm, layer_norm_backward};
 use megabyte_ops::local_input::local_input;
 use megabyte_ops::optim::{adamw, AdamW};
 use megabyte_ops::patch_embed::patch_embed;
-use megabyte_ops::reduce::{column_sum, squared_norm};
-use megabyte_ops::{ActivationKind, Tensor};
+use megabyte_ops::reduce::squared_norm;
+use megabyte_ops::Tensor;
 use megabyte_reference::{Config, Weights};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::block::{block_backward, block_forward, BlockBuffers};
 use crate::checkpoint::{self, StorageDtype, OPTIMIZER_PREFIX};
 use crate::error::Error;
-use crate::model::{activation_kind, DeviceBlock, DeviceWeights, Model, Stack};
+use crate::model::{activation_kind, Model};
+use crate::weights::DeviceWeights;
 
 /// Optimiser and schedule settings.
 #[derive(Clone, Debug, PartialEq)]
@@ -149,23 +149,6 @@ impl StepStats {
     }
 }
 
-/// Everything a block's backward reads, kept by the training forward.
-struct BlockSaved<R: Runtime> {
-    h_in: Tensor<R, f32>,
-    x1: Tensor<R, f32>,
-    mean1: Tensor<R, f32>,
-    rstd1: Tensor<R, f32>,
-    qkv: Tensor<R, f32>,
-    attn: Tensor<R, f32>,
-    h_mid: Tensor<R, f32>,
-    x2: Tensor<R, f32>,
-    mean2: Tensor<R, f32>,
-    rstd2: Tensor<R, f32>,
-    /// FFN pre-activation and activation, (N, H).
-    u: Tensor<R, f32>,
-    z: Tensor<R, f32>,
-}
-
 /// A model being trained: f32 weights, gradients and Adam moments on the device.
 pub struct Trainer<R: Runtime> {
     model: Model<R, f32>,
@@ -190,9 +173,9 @@ impl<R: Runtime> Trainer<R> {
         megabyte_reference::model::check_shape(cfg, train.batch, train.seq)?;
         check_training_buffers(client, cfg, train.batch, train.seq)?;
         let model = Model::<R, f32>::new(client, cfg, weights)?;
-        let grads = model.w.zeros_like()?;
-        let m = model.w.zeros_like()?;
-        let v = model.w.zeros_like()?;
+        let grads = model.w.zeros_like(cfg)?;
+        let m = model.w.zeros_like(cfg)?;
+        let v = model.w.zeros_like(cfg)?;
         let decay = cfg
             .tensor_specs()
             .iter()
@@ -363,9 +346,10 @@ impl<R: Runtime> Trainer<R> {
         let mut h = h0.reshape(&[b * k, c])?;
         let mut global_saved = Vec::new();
         for blk in &w.global_blocks {
-            let (out, saved) = block_forward(&h, blk, gs, act, b, k)?;
+            let saved = BlockBuffers::kept(gs, b, k, &h)?;
+            block_forward(blk, &saved, act, None)?;
+            h = saved.out.clone();
             global_saved.push(saved);
-            h = out;
         }
         let (gmean, grstd) = (
             Tensor::empty(&client, &[b * k])?,
@@ -374,8 +358,8 @@ impl<R: Runtime> Trainer<R> {
         let gout = Tensor::<R, f32>::empty(&client, &[b * k, c])?;
         layer_norm(
             &h,
-            &w.global_ln_f.0,
-            &w.global_ln_f.1,
+            &w.global_ln_f.weight,
+            &w.global_ln_f.bias,
             &gout,
             &gmean,
             &grstd,
@@ -393,24 +377,32 @@ impl<R: Runtime> Trainer<R> {
         let mut l = l0.reshape(&[n, dl])?;
         let mut local_saved = Vec::new();
         for blk in &w.local_blocks {
-            let (out, saved) = block_forward(&l, blk, ls, act, b * k, p)?;
+            let saved = BlockBuffers::kept(ls, b * k, p, &l)?;
+            block_forward(blk, &saved, act, None)?;
+            l = saved.out.clone();
             local_saved.push(saved);
-            l = out;
         }
         let (lmean, lrstd) = (Tensor::empty(&client, &[n])?, Tensor::empty(&client, &[n])?);
         let lout = Tensor::<R, f32>::empty(&client, &[n, dl])?;
-        layer_norm(&l, &w.local_ln_f.0, &w.local_ln_f.1, &lout, &lmean, &lrstd)?;
+        layer_norm(
+            &l,
+            &w.local_ln_f.weight,
+            &w.local_ln_f.bias,
+            &lout,
+            &lmean,
+            &lrstd,
+        )?;
         let logits = Tensor::<R, f32>::empty(&client, &[n, v])?;
         let (loss, lse) = (Tensor::empty(&client, &[n])?, Tensor::empty(&client, &[n])?);
         let targets = ids.clone().reshape(&[n])?;
-        tied_cross_entropy(&lout, &w.head_table, &targets, &loss, &lse, Some(&logits))?;
+        tied_cross_entropy(&lout, w.head_table(), &targets, &loss, &lse, Some(&logits))?;
 
         // Backward. The logits become their gradient in place.
         cross_entropy_backward(&logits, &lse, &targets, 1.0 / n as f32)?;
         let d_lout = Tensor::<R, f32>::empty(&client, &[n, dl])?;
         gemm(
             &logits.view(),
-            &w.head_table.view(),
+            &w.head_table().view(),
             &d_lout,
             &Epilogue::none(),
         )?;
@@ -419,15 +411,15 @@ impl<R: Runtime> Trainer<R> {
         gemm(
             &logits.view().t(),
             &lout.view(),
-            &g.head_table,
+            g.head_table(),
             &Epilogue::none(),
         )?;
         let d_l = Tensor::<R, f32>::empty(&client, &[n, dl])?;
-        let (lw, lb) = &g.local_ln_f;
+        let (lw, lb) = (&g.local_ln_f.weight, &g.local_ln_f.bias);
         layer_norm_backward(
             &l,
             &d_lout,
-            &w.local_ln_f.0,
+            &w.local_ln_f.weight,
             &lmean,
             &lrstd,
             None,
@@ -437,16 +429,7 @@ impl<R: Runtime> Trainer<R> {
         )?;
         let mut d_l = d_l;
         for (i, blk) in w.local_blocks.iter().enumerate().rev() {
-            d_l = block_backward(
-                &d_l,
-                &local_saved[i],
-                blk,
-                &g.local_blocks[i],
-                ls,
-                act,
-                b * k,
-                p,
-            )?;
+            d_l = block_backward(&d_l, &local_saved[i], blk, &g.local_blocks[i], ls, act)?;
         }
         // Global → local input: d_g rows (B·T, D_G) are d_gout (B·K, C) in the same memory.
         let d_gout = Tensor::<R, f32>::empty(&client, &[n, dg])?;
@@ -484,11 +467,11 @@ impl<R: Runtime> Trainer<R> {
         }
         let d_h = Tensor::<R, f32>::empty(&client, &[bk, c])?;
         let d_gout = d_gout.reshape(&[bk, c])?;
-        let (gw, gb) = &g.global_ln_f;
+        let (gw, gb) = (&g.global_ln_f.weight, &g.global_ln_f.bias);
         layer_norm_backward(
             &h,
             &d_gout,
-            &w.global_ln_f.0,
+            &w.global_ln_f.weight,
             &gmean,
             &grstd,
             None,
@@ -498,16 +481,7 @@ impl<R: Runtime> Trainer<R> {
         )?;
         let mut d_h = d_h;
         for (i, blk) in w.global_blocks.iter().enumerate().rev() {
-            d_h = block_backward(
-                &d_h,
-                &global_saved[i],
-                blk,
-                &g.global_blocks[i],
-                gs,
-                act,
-                b,
-                k,
-            )?;
+            d_h = block_backward(&d_h, &global_saved[i], blk, &g.global_blocks[i], gs, act)?;
         }
         // Patch embedding: patch 0 is the pad; patch k >= 1 holds bytes (k-1)·P .. k·P.
         let pad_rows = d_h.strided(0, &[b, 1, c], &[k * c, c, 1])?;
@@ -583,163 +557,6 @@ fn zero<R: Runtime>(t: &Tensor<R, f32>) -> Result<(), Error> {
     let z = Tensor::<R, f32>::full(t.client(), t.shape(), 0.0)?;
     megabyte_ops::copy::copy(&z.view(), &t.view())?;
     Ok(())
-}
-
-/// One pre-LN block in training mode over `batch` sequences of `seq` positions: returns the
-/// new residual stream (N, C) and the intermediates.
-fn block_forward<R: Runtime>(
-    h: &Tensor<R, f32>,
-    w: &DeviceBlock<R, f32>,
-    stack: Stack,
-    act: ActivationKind,
-    batch: usize,
-    seq: usize,
-) -> Result<(Tensor<R, f32>, BlockSaved<R>), Error> {
-    let client = h.client();
-    let n = batch * seq;
-    let c = stack.width;
-    let (nh, hs) = (stack.heads, c / stack.heads);
-    let e = |shape: &[usize]| Tensor::<R, f32>::empty(client, shape);
-    let (x1, mean1, rstd1) = (e(&[n, c])?, e(&[n])?, e(&[n])?);
-    layer_norm(h, &w.ln1.0, &w.ln1.1, &x1, &mean1, &rstd1)?;
-    let qkv = e(&[n, 3 * c])?;
-    gemm(
-        &x1.view(),
-        &w.qkv.0.view(),
-        &qkv,
-        &Epilogue::none().bias(&w.qkv.1),
-    )?;
-    let strides = [seq * 3 * c, 3 * c, hs, 1];
-    let part = |i: usize| qkv.strided(i * c, &[batch, seq, nh, hs], &strides);
-    let attn = e(&[batch, seq, nh, hs])?;
-    let lse = e(&[batch, nh, seq])?;
-    flash_attention(&part(0)?, &part(1)?, &part(2)?, &attn, &lse, true)?;
-    let h_mid = e(&[n, c])?;
-    gemm(
-        &attn.strided(0, &[n, c], &[c, 1])?,
-        &w.proj.0.view(),
-        &h_mid,
-        &Epilogue::none().bias(&w.proj.1).residual(h),
-    )?;
-    let (x2, mean2, rstd2) = (e(&[n, c])?, e(&[n])?, e(&[n])?);
-    layer_norm(&h_mid, &w.ln2.0, &w.ln2.1, &x2, &mean2, &rstd2)?;
-    let u = e(&[n, stack.hidden])?;
-    gemm(
-        &x2.view(),
-        &w.fc1.0.view(),
-        &u,
-        &Epilogue::none().bias(&w.fc1.1),
-    )?;
-    let z = e(&[n, stack.hidden])?;
-    activation_into(&u, &z, act)?;
-    let out = e(&[n, c])?;
-    gemm(
-        &z.view(),
-        &w.fc2.0.view(),
-        &out,
-        &Epilogue::none().bias(&w.fc2.1).residual(&h_mid),
-    )?;
-    Ok((
-        out,
-        BlockSaved {
-            h_in: h.clone(),
-            x1,
-            mean1,
-            rstd1,
-            qkv,
-            attn,
-            h_mid,
-            x2,
-            mean2,
-            rstd2,
-            u,
-            z,
-        },
-    ))
-}
-
-/// Backward of [`block_forward`]: from the gradient of the block's output, writes every
-/// parameter gradient into `g` and returns the gradient of its input.
-#[allow(clippy::too_many_arguments)]
-fn block_backward<R: Runtime>(
-    d_out: &Tensor<R, f32>,
-    s: &BlockSaved<R>,
-    w: &DeviceBlock<R, f32>,
-    g: &DeviceBlock<R, f32>,
-    stack: Stack,
-    act: ActivationKind,
-    batch: usize,
-    seq: usize,
-) -> Result<Tensor<R, f32>, Error> {
-    let client = d_out.client();
-    let n = batch * seq;
-    let c = stack.width;
-    let (nh, hs) = (stack.heads, c / stack.heads);
-    let e = |shape: &[usize]| Tensor::<R, f32>::empty(client, shape);
-    let none = Epilogue::none;
-    // FFN: out = h_mid + z·W2 + b2, z = act(u), u = x2·W1 + b1, x2 = LN2(h_mid).
-    let dz = e(&[n, stack.hidden])?;
-    gemm(&d_out.view(), &w.fc2.0.view().t(), &dz, &none())?;
-    gemm(&s.z.view().t(), &d_out.view(), &g.fc2.0, &none())?;
-    column_sum(&d_out.view(), &g.fc2.1, false)?;
-    let du = e(&[n, stack.hidden])?;
-    activation_backward(&s.u, &dz, &du, act)?;
-    let dx2 = e(&[n, c])?;
-    gemm(&du.view(), &w.fc1.0.view().t(), &dx2, &none())?;
-    gemm(&s.x2.view().t(), &du.view(), &g.fc1.0, &none())?;
-    column_sum(&du.view(), &g.fc1.1, false)?;
-    let d_mid = e(&[n, c])?;
-    layer_norm_backward(
-        &s.h_mid,
-        &dx2,
-        &w.ln2.0,
-        &s.mean2,
-        &s.rstd2,
-        Some(d_out),
-        &d_mid,
-        &g.ln2.0,
-        &g.ln2.1,
-    )?;
-    // Attention: h_mid = h_in + attn·Wp + bp.
-    let dy = e(&[n, c])?;
-    gemm(&d_mid.view(), &w.proj.0.view().t(), &dy, &none())?;
-    gemm(
-        &s.attn.strided(0, &[n, c], &[c, 1])?.t(),
-        &d_mid.view(),
-        &g.proj.0,
-        &none(),
-    )?;
-    column_sum(&d_mid.view(), &g.proj.1, false)?;
-    let dqkv = e(&[n, 3 * c])?;
-    let strides = [seq * 3 * c, 3 * c, hs, 1];
-    let shape = [batch, seq, nh, hs];
-    attention_backward(
-        &s.qkv.strided(0, &shape, &strides)?,
-        &s.qkv.strided(c, &shape, &strides)?,
-        &s.qkv.strided(2 * c, &shape, &strides)?,
-        &dy.reshape(&shape)?,
-        &dqkv.strided(0, &shape, &strides)?,
-        &dqkv.strided(c, &shape, &strides)?,
-        &dqkv.strided(2 * c, &shape, &strides)?,
-        true,
-    )?;
-    let dx1 = e(&[n, c])?;
-    gemm(&dqkv.view(), &w.qkv.0.view().t(), &dx1, &none())?;
-    gemm(&s.x1.view().t(), &dqkv.view(), &g.qkv.0, &none())?;
-    column_sum(&dqkv.view(), &g.qkv.1, false)?;
-    let d_in = e(&[n, c])?;
-    layer_norm_backward(
-        &s.h_in,
-        &dx1,
-        &w.ln1.0,
-        &s.mean1,
-        &s.rstd1,
-        Some(&d_mid),
-        &d_in,
-        &g.ln1.0,
-        &g.ln1.1,
-    )?;
-    Ok(d_in)
 }
 
 /// Gradients of the mean loss on ids (batch, seq) as host `Weights` (checkpoint layout), for

@@ -13,7 +13,8 @@ use cubecl::prelude::*;
 use cubecl::server::CubeCountSelection;
 use megabyte_kernels::attention::{
     flash_attention as flash_kernel, flash_attention_cmma, flash_attention_rows, naive_scores,
-    naive_softmax, naive_weighted_sum, BackwardConfig, FlashCmmaConfig, FlashConfig, RowsConfig,
+    naive_softmax, naive_weighted_sum, BackwardConfig, FlashCmmaConfig, FlashConfig, FlashIoLaunch,
+    RowsConfig,
 };
 
 use crate::device::{ensure_dtype, grid_1d, launch_1d};
@@ -504,15 +505,17 @@ pub fn flash_attention_with<R: Runtime, E: FloatElement>(
                     $count,
                     $dim,
                     vector,
-                    q.arg(),
-                    k.arg(),
-                    v.arg(),
-                    out.arg(),
-                    lse.arg(),
-                    qo,
-                    ko,
-                    vo,
-                    scale,
+                    FlashIoLaunch::new(
+                        q.arg(),
+                        k.arg(),
+                        v.arg(),
+                        out.arg(),
+                        lse.arg(),
+                        qo,
+                        ko,
+                        vo,
+                        scale,
+                    ),
                     $cfg,
                 )
             }

@@ -11,7 +11,7 @@ use cubecl::prelude::*;
 use megabyte_kernels::activation::ActivationKind;
 use megabyte_kernels::gemm::{
     gemm as gemm_kernel, gemm_cmma as cmma_kernel, gemm_naive as naive_kernel, CmmaConfig,
-    GemmConfig, FRAGMENT, STAGE_VECTOR,
+    GemmConfig, GemmIoLaunch, FRAGMENT, STAGE_VECTOR,
 };
 
 use crate::device::{ensure_dtype, launch_1d};
@@ -597,10 +597,21 @@ pub fn gemm_with<R: Runtime, E: FloatElement>(
     crate::record::note(|| crate::record::Planned::Gemm(call));
     let plan = plan(kind, &call, &DeviceProfile::of(client))?;
     let (count, dim) = (grid(&p, plan.block())?, plan.cube_dim());
-    let (bias, residual) = (
-        epilogue.bias.unwrap_or(out).arg(),
-        epilogue.residual.map_or_else(|| out3.arg(), |r| r.arg()),
-    );
+    // The operands; each kernel's vector sizes are types of its own, so each arm builds them.
+    macro_rules! io {
+        () => {
+            GemmIoLaunch::new(
+                a3.arg(),
+                b3.arg(),
+                epilogue.bias.unwrap_or(out).arg(),
+                epilogue.residual.map_or_else(|| out3.arg(), |r| r.arg()),
+                out3.arg(),
+                a3.offset,
+                b3.offset,
+                epilogue.scale,
+            )
+        };
+    }
     match plan {
         // SAFETY: as for the tiled kernel below; in addition every fragment's shared-memory
         // rows lie inside the tiles (`CmmaConfig::is_valid`) and the device has the fragment
@@ -613,14 +624,7 @@ pub fn gemm_with<R: Runtime, E: FloatElement>(
                 cfg.vector_a,
                 cfg.vector_b,
                 cfg.vector_out,
-                a3.arg(),
-                b3.arg(),
-                bias,
-                residual,
-                out3.arg(),
-                a3.offset,
-                b3.offset,
-                epilogue.scale,
+                io!(),
                 cfg,
             );
         },
@@ -637,14 +641,7 @@ pub fn gemm_with<R: Runtime, E: FloatElement>(
                 cfg.vector_b,
                 cfg.vector_out,
                 STAGE_VECTOR,
-                a3.arg(),
-                b3.arg(),
-                bias,
-                residual,
-                out3.arg(),
-                a3.offset,
-                b3.offset,
-                epilogue.scale,
+                io!(),
                 cfg,
             );
         },

@@ -330,41 +330,15 @@ impl Config {
     /// Every parameter tensor of the model, in a fixed order, with its name and shape.
     /// This is the checkpoint layout; [`crate::Weights`] stores tensors in this order.
     pub fn tensor_specs(&self) -> Vec<(String, Vec<usize>)> {
-        let (v, p, t) = (self.vocab, self.patch, self.context);
-        let (dg, dl, wg) = (self.d_global, self.d_local, self.global_width());
-        let mut specs = vec![
-            ("global.embed".to_string(), vec![v, dg]),
-            ("global.pos".to_string(), vec![t, dg]),
-            ("global.pad".to_string(), vec![wg]),
-        ];
-        block_specs(
-            &mut specs,
-            "global",
-            self.layers_global,
-            wg,
-            self.ffn_mult * wg,
-        );
-        specs.push(("global.ln_f.weight".into(), vec![wg]));
-        specs.push(("global.ln_f.bias".into(), vec![wg]));
-        specs.push(("global_to_local.weight".into(), vec![dg, dl]));
-        specs.push(("local.embed".into(), vec![v, dl]));
-        specs.push(("local.pad".into(), vec![dl]));
-        if self.local_positions {
-            specs.push(("local.pos".into(), vec![p, dl]));
+        let mut specs = Vec::new();
+        let walk = crate::weights::Params::build(self, |name, shape| {
+            specs.push((name.to_string(), shape.to_vec()));
+            Ok::<(), std::convert::Infallible>(())
+        });
+        match walk {
+            Ok(_) => specs,
+            Err(never) => match never {},
         }
-        block_specs(
-            &mut specs,
-            "local",
-            self.layers_local,
-            dl,
-            self.ffn_mult * dl,
-        );
-        specs.push(("local.ln_f.weight".into(), vec![dl]));
-        specs.push(("local.ln_f.bias".into(), vec![dl]));
-        if !self.tied_head {
-            specs.push(("head.weight".into(), vec![dl, v]));
-        }
-        specs
     }
 
     /// Total parameter count.
@@ -377,7 +351,7 @@ impl Config {
 }
 
 /// Parameters of `layers` blocks of width `c` with an FFN of `ffn_mult`·c (the tensors of
-/// [`block_specs`]: two LayerNorms, qkv and output projections, two FFN layers, with biases),
+/// a block of [`crate::weights::Params::build`]: two LayerNorms, qkv and output projections, two FFN layers, with biases),
 /// or `None` on overflow.
 fn stack_parameters(layers: usize, c: usize, ffn_mult: usize) -> Option<usize> {
     let h = ffn_mult.checked_mul(c)?;
@@ -396,30 +370,6 @@ fn stack_parameters(layers: usize, c: usize, ffn_mult: usize) -> Option<usize> {
     .iter()
     .try_fold(0usize, |a, &b| a.checked_add(b))?;
     layers.checked_mul(per_block)
-}
-
-fn block_specs(
-    specs: &mut Vec<(String, Vec<usize>)>,
-    stack: &str,
-    layers: usize,
-    c: usize,
-    hidden: usize,
-) {
-    for l in 0..layers {
-        let pre = format!("{stack}.blocks.{l}");
-        specs.push((format!("{pre}.ln1.weight"), vec![c]));
-        specs.push((format!("{pre}.ln1.bias"), vec![c]));
-        specs.push((format!("{pre}.attn.qkv.weight"), vec![c, 3 * c]));
-        specs.push((format!("{pre}.attn.qkv.bias"), vec![3 * c]));
-        specs.push((format!("{pre}.attn.proj.weight"), vec![c, c]));
-        specs.push((format!("{pre}.attn.proj.bias"), vec![c]));
-        specs.push((format!("{pre}.ln2.weight"), vec![c]));
-        specs.push((format!("{pre}.ln2.bias"), vec![c]));
-        specs.push((format!("{pre}.ffn.fc1.weight"), vec![c, hidden]));
-        specs.push((format!("{pre}.ffn.fc1.bias"), vec![hidden]));
-        specs.push((format!("{pre}.ffn.fc2.weight"), vec![hidden, c]));
-        specs.push((format!("{pre}.ffn.fc2.bias"), vec![c]));
-    }
 }
 
 #[cfg(test)]

@@ -30,4 +30,4 @@ pub use config::{Activation, Config, ConfigError, PRESET_NAMES};
 pub use error::Error;
 pub use generate::{generate, generate_batch, Sampler, Sampling};
 pub use model::{forward, loss_bits_per_byte};
-pub use weights::Weights;
+pub use weights::{Params, Weights};

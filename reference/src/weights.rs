@@ -7,64 +7,70 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::config::Config;
 
-/// A linear layer `y = x · W + b`.
+/// A linear layer `y = x · W + b`. `T` is what holds a tensor: host `Vec<f32>` here, a device
+/// tensor in the model crate; every parameter structure below is generic the same way, so the
+/// host and the device share one layout, built by one walk ([`Params::build`]).
 #[derive(Clone, Debug, PartialEq)]
-pub struct Linear {
+pub struct Linear<T = Vec<f32>> {
     /// (C_in, C_out)
-    pub weight: Vec<f32>,
+    pub weight: T,
     /// (C_out)
-    pub bias: Vec<f32>,
+    pub bias: T,
 }
 
-/// LayerNorm scale and shift.
+/// LayerNorm scale (`weight`, the gain) and shift.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Norm {
+pub struct Norm<T = Vec<f32>> {
     /// (C)
-    pub weight: Vec<f32>,
+    pub weight: T,
     /// (C)
-    pub bias: Vec<f32>,
+    pub bias: T,
 }
 
 /// One pre-LN decoder block of width C with FFN hidden width H.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Block {
-    pub ln1: Norm,
+pub struct Block<T = Vec<f32>> {
+    pub ln1: Norm<T>,
     /// (C, 3C): columns are [q | k | v], each split into heads of width C / NH.
-    pub qkv: Linear,
+    pub qkv: Linear<T>,
     /// (C, C)
-    pub proj: Linear,
-    pub ln2: Norm,
+    pub proj: Linear<T>,
+    pub ln2: Norm<T>,
     /// (C, H)
-    pub fc1: Linear,
+    pub fc1: Linear<T>,
     /// (H, C)
-    pub fc2: Linear,
+    pub fc2: Linear<T>,
 }
 
-/// All parameters of a MEGABYTE model.
+/// All parameters of a MEGABYTE model, each held as a `T`.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Weights {
+pub struct Params<T> {
     /// E_G: (V, D_G)
-    pub global_embed: Vec<f32>,
+    pub global_embed: T,
     /// E_pos: (T, D_G)
-    pub global_pos: Vec<f32>,
+    pub global_pos: T,
     /// E_gpad: (P·D_G)
-    pub global_pad: Vec<f32>,
-    pub global_blocks: Vec<Block>,
-    pub global_ln_f: Norm,
+    pub global_pad: T,
+    pub global_blocks: Vec<Block<T>>,
+    pub global_ln_f: Norm<T>,
     /// W_GL: (D_G, D_L)
-    pub global_to_local: Vec<f32>,
+    pub global_to_local: T,
     /// E_L: (V, D_L)
-    pub local_embed: Vec<f32>,
+    pub local_embed: T,
     /// E_lpad: (D_L)
-    pub local_pad: Vec<f32>,
+    pub local_pad: T,
     /// E_lpos: (P, D_L), present when `config.local_positions`.
-    pub local_pos: Option<Vec<f32>>,
-    pub local_blocks: Vec<Block>,
-    pub local_ln_f: Norm,
+    pub local_pos: Option<T>,
+    pub local_blocks: Vec<Block<T>>,
+    pub local_ln_f: Norm<T>,
     /// Untied head (D_L, V), present when `!config.tied_head`.
-    pub head: Option<Vec<f32>>,
+    pub head: Option<T>,
 }
 
+/// All parameters of a MEGABYTE model in host memory.
+pub type Weights = Params<Vec<f32>>;
+
+/// Walks a block's tensors in the order of `Config::tensor_specs`, borrowing with `$r`.
 macro_rules! block_fields {
     ($b:expr, $($r:tt)*) => {
         [
@@ -84,7 +90,7 @@ macro_rules! block_fields {
     };
 }
 
-/// Walks the tensors of `Weights` in the order of `Config::tensor_specs`, borrowing each field
+/// Walks the tensors of `Params` in the order of `Config::tensor_specs`, borrowing each field
 /// with `$r` (`&` or `&mut`). One walk serves both the shared and the exclusive accessor.
 macro_rules! walk_tensors {
     ($w:expr, $($r:tt)*) => {{
@@ -116,78 +122,118 @@ macro_rules! walk_tensors {
     }};
 }
 
-impl Weights {
-    /// Weights with every tensor allocated to its shape and zero-filled (to be overwritten).
-    pub fn zeros(cfg: &Config) -> Self {
-        let block = |c: usize, h: usize| Block {
+impl<T> Block<T> {
+    /// The block's tensors in the order of [`Config::tensor_specs`].
+    pub fn tensors(&self) -> [&T; 12] {
+        block_fields!(self, &)
+    }
+}
+
+/// `layers` blocks of width `c` named `{stack}.blocks.{l}.*`, built by `make` in walk order.
+fn build_stack<T, E>(
+    make: &mut impl FnMut(&str, &[usize]) -> Result<T, E>,
+    stack: &str,
+    layers: usize,
+    c: usize,
+    h: usize,
+) -> Result<Vec<Block<T>>, E> {
+    let mut blocks = Vec::with_capacity(layers);
+    for l in 0..layers {
+        let mut t =
+            |part: &str, shape: &[usize]| make(&format!("{stack}.blocks.{l}.{part}"), shape);
+        // Struct fields are evaluated in the order written: the walk's order.
+        blocks.push(Block {
             ln1: Norm {
-                weight: vec![0.0; c],
-                bias: vec![0.0; c],
+                weight: t("ln1.weight", &[c])?,
+                bias: t("ln1.bias", &[c])?,
             },
             qkv: Linear {
-                weight: vec![0.0; c * 3 * c],
-                bias: vec![0.0; 3 * c],
+                weight: t("attn.qkv.weight", &[c, 3 * c])?,
+                bias: t("attn.qkv.bias", &[3 * c])?,
             },
             proj: Linear {
-                weight: vec![0.0; c * c],
-                bias: vec![0.0; c],
+                weight: t("attn.proj.weight", &[c, c])?,
+                bias: t("attn.proj.bias", &[c])?,
             },
             ln2: Norm {
-                weight: vec![0.0; c],
-                bias: vec![0.0; c],
+                weight: t("ln2.weight", &[c])?,
+                bias: t("ln2.bias", &[c])?,
             },
             fc1: Linear {
-                weight: vec![0.0; c * h],
-                bias: vec![0.0; h],
+                weight: t("ffn.fc1.weight", &[c, h])?,
+                bias: t("ffn.fc1.bias", &[h])?,
             },
             fc2: Linear {
-                weight: vec![0.0; h * c],
-                bias: vec![0.0; c],
+                weight: t("ffn.fc2.weight", &[h, c])?,
+                bias: t("ffn.fc2.bias", &[c])?,
             },
-        };
-        let (v, p, t, dg, dl, wg) = (
-            cfg.vocab,
-            cfg.patch,
-            cfg.context,
-            cfg.d_global,
-            cfg.d_local,
-            cfg.global_width(),
-        );
-        Weights {
-            global_embed: vec![0.0; v * dg],
-            global_pos: vec![0.0; t * dg],
-            global_pad: vec![0.0; wg],
-            global_blocks: (0..cfg.layers_global)
-                .map(|_| block(wg, cfg.ffn_mult * wg))
-                .collect(),
-            global_ln_f: Norm {
-                weight: vec![0.0; wg],
-                bias: vec![0.0; wg],
-            },
-            global_to_local: vec![0.0; dg * dl],
-            local_embed: vec![0.0; v * dl],
-            local_pad: vec![0.0; dl],
-            local_pos: cfg.local_positions.then(|| vec![0.0; p * dl]),
-            local_blocks: (0..cfg.layers_local)
-                .map(|_| block(dl, cfg.ffn_mult * dl))
-                .collect(),
-            local_ln_f: Norm {
-                weight: vec![0.0; dl],
-                bias: vec![0.0; dl],
-            },
-            head: (!cfg.tied_head).then(|| vec![0.0; dl * v]),
-        }
+        });
     }
+    Ok(blocks)
+}
 
-    /// Every tensor, mutably, in the order of [`Config::tensor_specs`].
-    pub fn tensors_mut(&mut self) -> Vec<&mut Vec<f32>> {
-        walk_tensors!(self, &mut)
+impl<T> Params<T> {
+    /// Every parameter of `cfg`, built by name: `make(name, shape)` gives the tensor of each
+    /// entry of the checkpoint layout, called in the order [`Params::tensors`] walks (this walk
+    /// is what [`Config::tensor_specs`] lists).
+    pub fn build<E>(
+        cfg: &Config,
+        mut make: impl FnMut(&str, &[usize]) -> Result<T, E>,
+    ) -> Result<Self, E> {
+        let (v, p, t) = (cfg.vocab, cfg.patch, cfg.context);
+        let (dg, dl, wg) = (cfg.d_global, cfg.d_local, cfg.global_width());
+        let (lg, ll, mult) = (cfg.layers_global, cfg.layers_local, cfg.ffn_mult);
+        let m = &mut make;
+        // Struct fields are evaluated in the order written: the walk's order.
+        Ok(Params {
+            global_embed: m("global.embed", &[v, dg])?,
+            global_pos: m("global.pos", &[t, dg])?,
+            global_pad: m("global.pad", &[wg])?,
+            global_blocks: build_stack(m, "global", lg, wg, mult * wg)?,
+            global_ln_f: Norm {
+                weight: m("global.ln_f.weight", &[wg])?,
+                bias: m("global.ln_f.bias", &[wg])?,
+            },
+            global_to_local: m("global_to_local.weight", &[dg, dl])?,
+            local_embed: m("local.embed", &[v, dl])?,
+            local_pad: m("local.pad", &[dl])?,
+            local_pos: match cfg.local_positions {
+                true => Some(m("local.pos", &[p, dl])?),
+                false => None,
+            },
+            local_blocks: build_stack(m, "local", ll, dl, mult * dl)?,
+            local_ln_f: Norm {
+                weight: m("local.ln_f.weight", &[dl])?,
+                bias: m("local.ln_f.bias", &[dl])?,
+            },
+            head: match cfg.tied_head {
+                false => Some(m("head.weight", &[dl, v])?),
+                true => None,
+            },
+        })
     }
 
     /// Every tensor, in the order of [`Config::tensor_specs`].
-    pub fn tensors(&self) -> Vec<&[f32]> {
-        let all: Vec<&Vec<f32>> = walk_tensors!(self, &);
-        all.into_iter().map(|t| t.as_slice()).collect()
+    pub fn tensors(&self) -> Vec<&T> {
+        walk_tensors!(self, &)
+    }
+
+    /// Every tensor, mutably, in the order of [`Config::tensor_specs`].
+    pub fn tensors_mut(&mut self) -> Vec<&mut T> {
+        walk_tensors!(self, &mut)
+    }
+}
+
+impl Weights {
+    /// Weights with every tensor allocated to its shape and zero-filled (to be overwritten).
+    pub fn zeros(cfg: &Config) -> Self {
+        let zeros = |_: &str, shape: &[usize]| {
+            Ok::<_, std::convert::Infallible>(vec![0.0; shape.iter().product()])
+        };
+        match Params::build(cfg, zeros) {
+            Ok(w) => w,
+            Err(never) => match never {},
+        }
     }
 
     /// Standard initialisation for training: N(0, 0.02) for matrices and embeddings, zero

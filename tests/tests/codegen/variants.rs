@@ -228,8 +228,24 @@ fn decode<E: Float + CubeElement>(o: &mut Sink) {
 /// share is compiled once; the table lists which problem got which variant.
 fn attention<E: Float + CubeElement>(o: &mut Sink) {
     use megabyte_kernels::attention::{
-        flash_attention, flash_attention_cmma, flash_attention_rows,
+        flash_attention, flash_attention_cmma, flash_attention_rows, FlashIoCompilationArg,
     };
+    // Each kernel's vector size is its own type: the operands' argument is made per kernel.
+    macro_rules! flash_io {
+        () => {
+            FlashIoCompilationArg {
+                q: t(),
+                k: t(),
+                v: t(),
+                out: t(),
+                lse: t(),
+                q_offset: (),
+                k_offset: (),
+                v_offset: (),
+                scale: (),
+            }
+        };
+    }
     let (ty, dtype) = dtype_of::<E>();
     let plans = plans::attention_plans(dtype, &o.profiles);
     let name = |plan: &AttentionPlan| match plan {
@@ -254,17 +270,17 @@ fn attention<E: Float + CubeElement>(o: &mut Sink) {
                 let dim =
                     CubeDim::new_3d(cfg.block_k as u32, cfg.block_q as u32, cfg.groups as u32);
                 variant! { o, name, true, flash_attention::FlashAttention<E, W>, dim;
-                t(), t(), t(), t(), t(), (), (), (), (), cfg.vector, cfg }
+                flash_io!(), cfg.vector, cfg }
             }
             AttentionPlan::Cmma(cfg) => {
                 let dim = CubeDim::new_2d(cfg.plane_size as u32, cfg.planes as u32);
                 variant! { o, name, true, flash_attention_cmma::FlashAttentionCmma<E, W>, dim;
-                t(), t(), t(), t(), t(), (), (), (), (), cfg.vector, cfg }
+                flash_io!(), cfg.vector, cfg }
             }
             AttentionPlan::Rows(cfg) => {
                 let dim = CubeDim::new_1d(256);
                 variant! { o, name, true, flash_attention_rows::FlashAttentionRows<E, W>, dim;
-                t(), t(), t(), t(), t(), (), (), (), (), cfg.vector, cfg }
+                flash_io!(), cfg.vector, cfg }
             }
         }
     }
@@ -275,7 +291,21 @@ fn attention<E: Float + CubeElement>(o: &mut Sink) {
 /// tiles in f32, tensor cores in f16/bf16), and the gathering global-to-local GEMM as
 /// `plan_tiled` plans it for every preset.
 fn gemm<E: Float + CubeElement>(o: &mut Sink) {
-    use megabyte_kernels::gemm::{gemm, gemm_cmma, STAGE_VECTOR};
+    use megabyte_kernels::gemm::{gemm, gemm_cmma, GemmIoCompilationArg, STAGE_VECTOR};
+    macro_rules! gemm_io {
+        () => {
+            GemmIoCompilationArg {
+                a: t(),
+                b: t(),
+                bias: t(),
+                residual: t(),
+                out: t(),
+                a_offset: (),
+                b_offset: (),
+                scale: (),
+            }
+        };
+    }
     use megabyte_kernels::local_input::local_input::LocalInput;
     let (ty, dtype) = dtype_of::<E>();
     let plans = plans::gemm_plans(dtype, &o.profiles);
@@ -288,11 +318,11 @@ fn gemm<E: Float + CubeElement>(o: &mut Sink) {
         match plan {
             GemmPlan::Tiled(cfg) => {
                 variant! { o, name, true, gemm::Gemm<E, W>, dim;
-                t(), t(), t(), t(), t(), (), (), (), cfg.vector_a, cfg.vector_b, cfg.vector_out, STAGE_VECTOR, cfg }
+                gemm_io!(), cfg.vector_a, cfg.vector_b, cfg.vector_out, STAGE_VECTOR, cfg }
             }
             GemmPlan::Cmma(cfg) => {
                 variant! { o, name, true, gemm_cmma::GemmCmma<E, W>, dim;
-                t(), t(), t(), t(), t(), (), (), (), cfg.vector_a, cfg.vector_b, cfg.vector_out, cfg }
+                gemm_io!(), cfg.vector_a, cfg.vector_b, cfg.vector_out, cfg }
             }
         }
     }
