@@ -119,7 +119,6 @@ fn stage_head_rows<F: Float, N: Size>(
 /// device whose properties list the 16 × 16 × 16 fragment; the launcher checks. Cube:
 /// (`plane_size`, `planes`) units, one cube per (batch, head, block of query rows).
 #[cube(launch_unchecked)]
-#[allow(clippy::too_many_arguments)]
 pub fn flash_attention_cmma<F: Float, N: Size>(
     io: &mut FlashIo<F, N>,
     #[comptime] cfg: FlashCmmaConfig,

@@ -190,7 +190,6 @@ fn fragment_offsets(
 /// the fragments are computed by plain loops. Cube: (`plane_size`, planes) units; grid as
 /// [`gemm()`]'s.
 #[cube(launch_unchecked)]
-#[allow(clippy::too_many_arguments)]
 pub fn gemm_cmma<F: Float, NA: Size, NB: Size, NO: Size>(
     io: &mut GemmIo<F, NA, NB, NO>,
     #[comptime] cfg: CmmaConfig,

@@ -40,7 +40,6 @@ pub struct EpilogueConfig {
 /// The fused epilogue of the output vector at `at` = (batch element, row, column):
 /// `out[..] = act(scale · acc + bias[column..]) + residual[..]` (the residual indexed as `out`).
 #[cube]
-#[allow(clippy::too_many_arguments)]
 pub fn store_epilogue<F: Float, NA: Size, NB: Size, NO: Size>(
     io: &mut GemmIo<F, NA, NB, NO>,
     acc: Vector<f32, NO>,
@@ -66,7 +65,6 @@ pub fn store_epilogue<F: Float, NA: Size, NB: Size, NO: Size>(
 /// The fused epilogue: writes a unit's register tile (as left by [`main_loop()`]) to
 /// `out[b, m, n] = act(scale · acc + bias[n]) + residual[b, m, n]`.
 #[cube]
-#[allow(clippy::too_many_arguments)]
 pub fn write_tile<F: Float, NA: Size, NB: Size, NO: Size, S: Size>(
     io: &mut GemmIo<F, NA, NB, NO>,
     acc: &Array<Vector<f32, S>>,

@@ -159,7 +159,6 @@ pub fn block_pos(
 /// enables them (the launcher passes placeholders otherwise). The grid is (N blocks, M blocks ×
 /// batch over y and z).
 #[cube(launch_unchecked)]
-#[allow(clippy::too_many_arguments)]
 pub fn gemm<F: Float, NA: Size, NB: Size, NO: Size, S: Size>(
     io: &mut GemmIo<F, NA, NB, NO>,
     #[comptime] cfg: GemmConfig,
