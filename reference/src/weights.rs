@@ -325,6 +325,27 @@ mod tests {
     }
 
     #[test]
+    fn the_walk_visits_tensors_in_the_order_the_build_makes_them() {
+        // Same-length tensors (a norm's weight and bias) swapped in one of the two would pass a
+        // length check; numbering each tensor as it is built catches it.
+        for (tied, pos) in [(true, true), (false, false), (true, false), (false, true)] {
+            let cfg = Config {
+                tied_head: tied,
+                local_positions: pos,
+                ..Config::tiny()
+            };
+            let mut made = 0usize;
+            let numbered: Params<usize> = Params::build(&cfg, |_, _| {
+                made += 1;
+                Ok::<_, std::convert::Infallible>(made - 1)
+            })
+            .unwrap();
+            let walked: Vec<usize> = numbered.tensors().into_iter().copied().collect();
+            assert_eq!(walked, (0..cfg.tensor_specs().len()).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
     fn init_is_seeded() {
         let cfg = Config::tiny();
         assert_eq!(Weights::init(&cfg, 7), Weights::init(&cfg, 7));
