@@ -12,6 +12,7 @@ use megabyte_ops::gemm::{gemm, Epilogue};
 use megabyte_ops::layer_norm::{layer_norm, layer_norm_backward};
 use megabyte_ops::reduce::column_sum;
 use megabyte_ops::{ActivationKind, FloatElement, OpError, Tensor};
+use megabyte_reference::weights::Norm;
 
 use crate::cache::CacheAt;
 use crate::error::Error;
@@ -174,6 +175,67 @@ impl<R: Runtime, E: FloatElement> Scratch<R, E> {
             out: h.clone(),
         }
     }
+}
+
+/// A stack's forward: every block, then the final LayerNorm, with what the backward reads.
+pub(crate) struct StackForward<R: Runtime, E> {
+    /// The last block's output (N, C): the final LayerNorm's input.
+    pub h: Tensor<R, E>,
+    /// LN_f(h) (N, C) and its statistics (N).
+    pub out: Tensor<R, E>,
+    pub mean: Tensor<R, f32>,
+    pub rstd: Tensor<R, f32>,
+    /// Each block's buffers when kept for the backward; empty otherwise.
+    pub saved: Vec<BlockBuffers<R, E>>,
+}
+
+/// Runs `blocks` of `stack` over `h` (N = batch·seq rows, C), then `ln_f`. With `keep`, each
+/// block writes fresh buffers that are returned for [`block_backward`]; without, the stack
+/// shares one [`Scratch`] (buffers too large for the device are refused naming them, with
+/// `hint`) and updates `h` in place.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn stack_forward<R: Runtime, E: FloatElement>(
+    stack: Stack,
+    blocks: &[DeviceBlock<R, E>],
+    ln_f: &Norm<Tensor<R, E>>,
+    h: Tensor<R, E>,
+    (batch, seq): (usize, usize),
+    act: ActivationKind,
+    keep: bool,
+    hint: &str,
+) -> Result<StackForward<R, E>, Error> {
+    let client = h.client().clone();
+    let n = batch * seq;
+    let mut h = h;
+    let mut saved = Vec::new();
+    let (out, mean, rstd) = if keep {
+        for blk in blocks {
+            let bufs = BlockBuffers::kept(stack, batch, seq, &h)?;
+            block_forward(blk, &bufs, act, None)?;
+            h = bufs.out.clone();
+            saved.push(bufs);
+        }
+        let out = Tensor::<R, E>::empty(&client, &[n, stack.width])?;
+        (
+            out,
+            Tensor::empty(&client, &[n])?,
+            Tensor::empty(&client, &[n])?,
+        )
+    } else {
+        let scratch = Scratch::new(&client, stack, batch, seq, hint)?;
+        for blk in blocks {
+            block_forward(blk, &scratch.block(&h), act, None)?;
+        }
+        (scratch.normed, scratch.mean, scratch.rstd)
+    };
+    layer_norm(&h, &ln_f.weight, &ln_f.bias, &out, &mean, &rstd)?;
+    Ok(StackForward {
+        h,
+        out,
+        mean,
+        rstd,
+        saved,
+    })
 }
 
 /// One pre-LN block over `s.batch` sequences of `s.seq` positions:

@@ -26,6 +26,7 @@
 mod block;
 mod cache;
 pub mod checkpoint;
+pub mod corpus;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod error;
@@ -39,7 +40,10 @@ pub mod train;
 mod weights;
 
 pub use error::Error;
-pub use generate::{DecodeKernel, Decoder, GenerateOptions, Generator};
+pub use generate::{
+    DecodeKernel, Decoder, GenerateOptions, Generator, ReferenceDecoder, ReferenceGenerator,
+    StepDecoder,
+};
 pub use megabyte_ops as ops;
 pub use megabyte_reference as reference;
 pub use megabyte_reference::{Activation, Config, ConfigError, Sampling, Weights, PRESET_NAMES};

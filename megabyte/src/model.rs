@@ -13,14 +13,13 @@
 use cubecl::prelude::*;
 use megabyte_ops::copy::{copy, copy_ids};
 use megabyte_ops::cross_entropy::tied_cross_entropy;
-use megabyte_ops::layer_norm::layer_norm;
 use megabyte_ops::local_input::local_input;
 use megabyte_ops::patch_embed::patch_embed;
 use megabyte_ops::{max_buffer_bytes, ActivationKind, FloatElement, OpError, Tensor};
 use megabyte_reference::model::{check_input, check_shape};
 use megabyte_reference::{Activation, Config, Weights};
 
-use crate::block::{block_forward, Scratch, Stack};
+use crate::block::{stack_forward, Stack, StackForward};
 use crate::error::Error;
 use crate::weights::DeviceWeights;
 
@@ -261,32 +260,80 @@ impl<R: Runtime, E: FloatElement> Model<R, E> {
 
     /// Steps 1–3: ids (B, T) → the global model's normalised output g (B·K, P·D_G).
     fn global(&self, ids: &Tensor<R, u32>) -> Result<Tensor<R, E>, Error> {
-        let client = &self.client;
+        Ok(self.global_forward(ids, false)?.out)
+    }
+
+    /// Steps 1–3 with what the backward reads when `keep`: the global stack over the
+    /// shifted patches of ids (B, T), its `out` being g (B·K, P·D_G).
+    pub(crate) fn global_forward(
+        &self,
+        ids: &Tensor<R, u32>,
+        keep: bool,
+    ) -> Result<StackForward<R, E>, Error> {
         let cfg = &self.cfg;
         let (b, t) = (ids.shape()[0], ids.shape()[1]);
         let (p, wg) = (cfg.patch, cfg.global_width());
         let k = t / p;
-        let act = activation_kind(cfg.activation);
         // 1–2. Bytes → shifted patches (B, K, P·D_G).
-        let h = Tensor::<R, E>::empty_named(client, &[b, k, wg], "global input", SCORE_HINT)?;
-        patch_embed(
-            ids,
-            &self.w.global_embed,
-            &self.w.global_pos,
-            &self.w.global_pad,
-            &h,
-            p,
-        )?;
+        let h = Tensor::<R, E>::empty_named(&self.client, &[b, k, wg], "global input", SCORE_HINT)?;
+        let w = &self.w;
+        patch_embed(ids, &w.global_embed, &w.global_pos, &w.global_pad, &h, p)?;
         // 3. Global transformer over K patches, then the final LayerNorm.
         let h = h.reshape(&[b * k, wg])?;
-        let scratch = Scratch::new(client, self.global_stack(), b, k, SCORE_HINT)?;
-        for blk in &self.w.global_blocks {
-            block_forward(blk, &scratch.block(&h), act, None)?;
-        }
-        let g = Tensor::<R, E>::empty(client, &[b * k, wg])?;
-        let ln = &self.w.global_ln_f;
-        layer_norm(&h, &ln.weight, &ln.bias, &g, &scratch.mean, &scratch.rstd)?;
-        Ok(g)
+        let act = activation_kind(cfg.activation);
+        let (blocks, ln_f) = (&w.global_blocks, &w.global_ln_f);
+        stack_forward(
+            self.global_stack(),
+            blocks,
+            ln_f,
+            h,
+            (b, k),
+            act,
+            keep,
+            SCORE_HINT,
+        )
+    }
+
+    /// Steps 4–6 with what the backward reads when `keep`: the local stack over the local
+    /// input of patches with global output g (B, n, P·D_G) and ids (B, n·P), its `out` the
+    /// normalised (B·n·P, D_L) rows the head reads.
+    pub(crate) fn local_forward(
+        &self,
+        g: &Tensor<R, E>,
+        ids: &Tensor<R, u32>,
+        keep: bool,
+    ) -> Result<StackForward<R, E>, Error> {
+        let cfg = &self.cfg;
+        let (b, t) = (ids.shape()[0], ids.shape()[1]);
+        let (p, dl) = (cfg.patch, cfg.d_local);
+        let w = &self.w;
+        // 4–5. Global → local input (B, T, D_L).
+        let l = Tensor::<R, E>::empty_named(&self.client, &[b, t, dl], "local input", SCORE_HINT)?;
+        let pos = w.local_pos.as_ref();
+        local_input(
+            g,
+            ids,
+            &w.global_to_local,
+            &w.local_embed,
+            &w.local_pad,
+            pos,
+            &l,
+        )?;
+        // 6. Local transformer: B·K sequences of P bytes, then the final LayerNorm.
+        let l = l.reshape(&[b * t, dl])?;
+        let act = activation_kind(cfg.activation);
+        let (blocks, ln_f) = (&w.local_blocks, &w.local_ln_f);
+        let seqs = (b * (t / p), p);
+        stack_forward(
+            self.local_stack(),
+            blocks,
+            ln_f,
+            l,
+            seqs,
+            act,
+            keep,
+            SCORE_HINT,
+        )
     }
 
     /// Steps 4–7 for patches with global output g (B, n, P·D_G) and ids (B, n·P): writes the
@@ -299,31 +346,8 @@ impl<R: Runtime, E: FloatElement> Model<R, E> {
         loss: &Tensor<R, f32>,
     ) -> Result<Option<Tensor<R, E>>, Error> {
         let client = &self.client;
-        let cfg = &self.cfg;
-        let (b, t) = (ids.shape()[0], ids.shape()[1]);
-        let (p, dl, v) = (cfg.patch, cfg.d_local, cfg.vocab);
-        let k = t / p;
-        let act = activation_kind(cfg.activation);
-        // 4–5. Global → local input (B, T, D_L).
-        let l = Tensor::<R, E>::empty(client, &[b, t, dl])?;
-        local_input(
-            g,
-            ids,
-            &self.w.global_to_local,
-            &self.w.local_embed,
-            &self.w.local_pad,
-            self.w.local_pos.as_ref(),
-            &l,
-        )?;
-        // 6. Local transformer: B·K sequences of P bytes, then the final LayerNorm.
-        let l = l.reshape(&[b * t, dl])?;
-        let scratch = Scratch::new(client, self.local_stack(), b * k, p, SCORE_HINT)?;
-        for blk in &self.w.local_blocks {
-            block_forward(blk, &scratch.block(&l), act, None)?;
-        }
-        let out = scratch.normed.clone();
-        let ln = &self.w.local_ln_f;
-        layer_norm(&l, &ln.weight, &ln.bias, &out, &scratch.mean, &scratch.rstd)?;
+        let (b, t, v) = (ids.shape()[0], ids.shape()[1], self.cfg.vocab);
+        let out = self.local_forward(g, ids, false)?.out;
         // 7. Logits and the loss against the ids themselves.
         let n = b * t;
         let logits = want_logits

@@ -11,17 +11,15 @@ use cubecl::prelude::*;
 use megabyte_ops::cross_entropy::{cross_entropy_backward, tied_cross_entropy};
 use megabyte_ops::embedding::embedding_backward;
 use megabyte_ops::gemm::{gemm, Epilogue};
-use megabyte_ops::layer_norm::{layer_norm, layer_norm_backward};
-use megabyte_ops::local_input::local_input;
+use megabyte_ops::layer_norm::layer_norm_backward;
 use megabyte_ops::optim::{adamw, AdamW};
-use megabyte_ops::patch_embed::patch_embed;
 use megabyte_ops::reduce::squared_norm;
 use megabyte_ops::Tensor;
 use megabyte_reference::{Config, Weights};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::block::{block_backward, block_forward, BlockBuffers};
+use crate::block::block_backward;
 use crate::checkpoint::{self, StorageDtype, OPTIMIZER_PREFIX};
 use crate::error::Error;
 use crate::model::{activation_kind, Model};
@@ -341,61 +339,16 @@ impl<R: Runtime> Trainer<R> {
         let (gs, ls) = (self.model.global_stack(), self.model.local_stack());
 
         // Forward, keeping each block's intermediates.
-        let h0 = Tensor::<R, f32>::empty(&client, &[b, k, c])?;
-        patch_embed(ids, &w.global_embed, &w.global_pos, &w.global_pad, &h0, p)?;
-        let mut h = h0.reshape(&[b * k, c])?;
-        let mut global_saved = Vec::new();
-        for blk in &w.global_blocks {
-            let saved = BlockBuffers::kept(gs, b, k, &h)?;
-            block_forward(blk, &saved, act, None)?;
-            h = saved.out.clone();
-            global_saved.push(saved);
-        }
-        let (gmean, grstd) = (
-            Tensor::empty(&client, &[b * k])?,
-            Tensor::empty(&client, &[b * k])?,
-        );
-        let gout = Tensor::<R, f32>::empty(&client, &[b * k, c])?;
-        layer_norm(
-            &h,
-            &w.global_ln_f.weight,
-            &w.global_ln_f.bias,
-            &gout,
-            &gmean,
-            &grstd,
-        )?;
-        let l0 = Tensor::<R, f32>::empty(&client, &[b, t, dl])?;
-        local_input(
-            &gout.clone().reshape(&[b, k, c])?,
-            ids,
-            &w.global_to_local,
-            &w.local_embed,
-            &w.local_pad,
-            w.local_pos.as_ref(),
-            &l0,
-        )?;
-        let mut l = l0.reshape(&[n, dl])?;
-        let mut local_saved = Vec::new();
-        for blk in &w.local_blocks {
-            let saved = BlockBuffers::kept(ls, b * k, p, &l)?;
-            block_forward(blk, &saved, act, None)?;
-            l = saved.out.clone();
-            local_saved.push(saved);
-        }
-        let (lmean, lrstd) = (Tensor::empty(&client, &[n])?, Tensor::empty(&client, &[n])?);
-        let lout = Tensor::<R, f32>::empty(&client, &[n, dl])?;
-        layer_norm(
-            &l,
-            &w.local_ln_f.weight,
-            &w.local_ln_f.bias,
-            &lout,
-            &lmean,
-            &lrstd,
-        )?;
+        let global = self.model.global_forward(ids, true)?;
+        let (h, gout, gmean, grstd) = (&global.h, &global.out, &global.mean, &global.rstd);
+        let local = self
+            .model
+            .local_forward(&gout.clone().reshape(&[b, k, c])?, ids, true)?;
+        let (l, lout, lmean, lrstd) = (&local.h, &local.out, &local.mean, &local.rstd);
         let logits = Tensor::<R, f32>::empty(&client, &[n, v])?;
         let (loss, lse) = (Tensor::empty(&client, &[n])?, Tensor::empty(&client, &[n])?);
         let targets = ids.clone().reshape(&[n])?;
-        tied_cross_entropy(&lout, w.head_table(), &targets, &loss, &lse, Some(&logits))?;
+        tied_cross_entropy(lout, w.head_table(), &targets, &loss, &lse, Some(&logits))?;
 
         // Backward. The logits become their gradient in place.
         cross_entropy_backward(&logits, &lse, &targets, 1.0 / n as f32)?;
@@ -417,11 +370,11 @@ impl<R: Runtime> Trainer<R> {
         let d_l = Tensor::<R, f32>::empty(&client, &[n, dl])?;
         let (lw, lb) = (&g.local_ln_f.weight, &g.local_ln_f.bias);
         layer_norm_backward(
-            &l,
+            l,
             &d_lout,
             &w.local_ln_f.weight,
-            &lmean,
-            &lrstd,
+            lmean,
+            lrstd,
             None,
             &d_l,
             lw,
@@ -429,7 +382,7 @@ impl<R: Runtime> Trainer<R> {
         )?;
         let mut d_l = d_l;
         for (i, blk) in w.local_blocks.iter().enumerate().rev() {
-            d_l = block_backward(&d_l, &local_saved[i], blk, &g.local_blocks[i], ls, act)?;
+            d_l = block_backward(&d_l, &local.saved[i], blk, &g.local_blocks[i], ls, act)?;
         }
         // Global → local input: d_g rows (B·T, D_G) are d_gout (B·K, C) in the same memory.
         let d_gout = Tensor::<R, f32>::empty(&client, &[n, dg])?;
@@ -469,11 +422,11 @@ impl<R: Runtime> Trainer<R> {
         let d_gout = d_gout.reshape(&[bk, c])?;
         let (gw, gb) = (&g.global_ln_f.weight, &g.global_ln_f.bias);
         layer_norm_backward(
-            &h,
+            h,
             &d_gout,
             &w.global_ln_f.weight,
-            &gmean,
-            &grstd,
+            gmean,
+            grstd,
             None,
             &d_h,
             gw,
@@ -481,7 +434,7 @@ impl<R: Runtime> Trainer<R> {
         )?;
         let mut d_h = d_h;
         for (i, blk) in w.global_blocks.iter().enumerate().rev() {
-            d_h = block_backward(&d_h, &global_saved[i], blk, &g.global_blocks[i], gs, act)?;
+            d_h = block_backward(&d_h, &global.saved[i], blk, &g.global_blocks[i], gs, act)?;
         }
         // Patch embedding: patch 0 is the pad; patch k >= 1 holds bytes (k-1)·P .. k·P.
         let pad_rows = d_h.strided(0, &[b, 1, c], &[k * c, c, 1])?;

@@ -28,6 +28,30 @@ impl<R: Runtime, E> Deref for DeviceWeights<R, E> {
     }
 }
 
+/// Checks every tensor's length against the config's layout, naming the first mismatch.
+pub(crate) fn check_lengths(cfg: &Config, weights: &Weights) -> Result<(), Error> {
+    let specs = cfg.tensor_specs();
+    let tensors = weights.tensors();
+    if tensors.len() != specs.len() {
+        return Err(Error::WeightsMismatch {
+            name: "(tensor count)".into(),
+            got: tensors.len(),
+            expected: specs.len(),
+        });
+    }
+    for ((name, shape), t) in specs.iter().zip(&tensors) {
+        let expected: usize = shape.iter().product();
+        if t.len() != expected {
+            return Err(Error::WeightsMismatch {
+                name: name.clone(),
+                got: t.len(),
+                expected,
+            });
+        }
+    }
+    Ok(())
+}
+
 impl<R: Runtime, E: FloatElement> DeviceWeights<R, E> {
     /// Uploads `weights` for a validated `cfg`; every tensor's length is checked against the
     /// config first, and the first mismatch is named.
@@ -36,27 +60,9 @@ impl<R: Runtime, E: FloatElement> DeviceWeights<R, E> {
         cfg: &Config,
         weights: &Weights,
     ) -> Result<Self, Error> {
-        let specs = cfg.tensor_specs();
-        let tensors = weights.tensors();
-        if tensors.len() != specs.len() {
-            return Err(Error::WeightsMismatch {
-                name: "(tensor count)".into(),
-                got: tensors.len(),
-                expected: specs.len(),
-            });
-        }
-        for ((name, shape), t) in specs.iter().zip(&tensors) {
-            let expected: usize = shape.iter().product();
-            if t.len() != expected {
-                return Err(Error::WeightsMismatch {
-                    name: name.clone(),
-                    got: t.len(),
-                    expected,
-                });
-            }
-        }
+        check_lengths(cfg, weights)?;
         let (v, dl) = (cfg.vocab, cfg.d_local);
-        let mut host = tensors.into_iter();
+        let mut host = weights.tensors().into_iter();
         let params = Params::build(cfg, |name, shape| {
             let data = host.next().expect("the walk yields one tensor per spec");
             if name == "head.weight" {

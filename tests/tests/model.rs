@@ -6,7 +6,10 @@
 //! forward naively in f32) as the same-precision naive implementation, its error the larger of
 //! its two summation orders' (`naive_model::forward_errors`).
 
-use megabyte::{DecodeKernel, Decoder, GenerateOptions, Generator, Model};
+use megabyte::{
+    DecodeKernel, Decoder, GenerateOptions, Generator, Model, ReferenceDecoder, ReferenceGenerator,
+    StepDecoder,
+};
 use megabyte_reference::{generate_batch, Activation, Config, Sampling, Weights};
 use megabyte_tests::{check, check_errors, naive_model, uniform_ids, with_client, TestRuntime};
 use proptest::prelude::*;
@@ -242,6 +245,84 @@ fn greedy_case(cfg: &Config, prompts: &[&[u8]], max_new: usize) {
             assert_eq!(got, want, "{kernel:?}");
             assert_eq!(streamed, want, "{kernel:?}");
         }
+    });
+}
+
+/// The CPU generator (what `--device cpu` runs) samples as the reference generator does, with
+/// the device generator's stops: prompts of three lengths, sampled with per-prompt seeds, give
+/// `generate_batch`'s bytes, streamed as they come; with a stop sequence each row is cut after
+/// its first occurrence (and the rows that do not meet it are unchanged); greedy with a stop,
+/// it gives the device generator's bytes.
+#[test]
+fn the_cpu_generator_samples_as_the_reference_and_stops_as_the_device() {
+    let cfg = Config::tiny();
+    let w = Weights::random(&cfg, 31);
+    let sampling = Sampling {
+        temperature: 0.8,
+        top_k: 40,
+        top_p: 0.95,
+        seed: 9,
+    };
+    let prompts: [&[u8]; 4] = [b"ab", b"hello", b"cd", b""];
+    let opts = GenerateOptions {
+        max_new: 30,
+        sampling: sampling.clone(),
+        stop: vec![],
+    };
+    let want = generate_batch(&cfg, &w, &prompts, 30, &sampling).unwrap();
+    let mut streamed = vec![Vec::new(); prompts.len()];
+    let got = ReferenceGenerator::new(&cfg, &w, opts.clone())
+        .unwrap()
+        .generate(&prompts, |i, byte| streamed[i].push(byte))
+        .unwrap();
+    assert_eq!(got, want);
+    assert_eq!(streamed, want);
+    let stop = want[1][10..12].to_vec();
+    let cut = |o: &[u8]| {
+        (1..=o.len())
+            .find(|&n| o[..n].ends_with(&stop))
+            .unwrap_or(o.len())
+    };
+    let stopped = ReferenceGenerator::new(
+        &cfg,
+        &w,
+        GenerateOptions {
+            stop: vec![stop.clone()],
+            ..opts
+        },
+    )
+    .unwrap()
+    .generate(&prompts, |_, _| {})
+    .unwrap();
+    assert!(stopped[1].len() <= 12, "{stopped:?}");
+    for (s, full) in stopped.iter().zip(&want) {
+        assert_eq!(s[..], full[..cut(full)], "stop {stop:?}");
+    }
+    let greedy = GenerateOptions {
+        max_new: 30,
+        sampling: Sampling::greedy(),
+        stop: vec![b"e".to_vec()],
+    };
+    let cpu = ReferenceGenerator::new(&cfg, &w, greedy.clone())
+        .unwrap()
+        .generate(&prompts, |_, _| {})
+        .unwrap();
+    with_client!(TestRuntime, |client| {
+        let model = Model::<TestRuntime, f32>::new(&client, &cfg, &w).unwrap();
+        let device = Generator::new(&model, greedy.clone())
+            .unwrap()
+            .generate(&prompts, |_, _| {})
+            .unwrap();
+        assert_eq!(device, cpu);
+        // The host's greedy steps (the trait's default) against the device's.
+        let two: [&[u8]; 2] = [b"abcdef", b"ghijkl"];
+        let mut host = ReferenceDecoder::new(&cfg, &w, 2).unwrap();
+        let mut dev = Decoder::with_kernel(&model, 2, DecodeKernel::Fused).unwrap();
+        let first = argmax_rows(&StepDecoder::start(&mut host, &two).unwrap(), cfg.vocab);
+        assert_eq!(first, argmax_rows(&dev.start(&two).unwrap(), cfg.vocab));
+        let want = dev.push_greedy(&first, 9).unwrap();
+        assert_eq!(host.push_greedy(&first, 9).unwrap(), want);
+        assert_eq!(host.position(), dev.position());
     });
 }
 

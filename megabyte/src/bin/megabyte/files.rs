@@ -90,33 +90,3 @@ pub(crate) fn read_prompt(arg: Option<String>) -> Result<Vec<u8>, Error> {
         Some(p) => Ok(p.as_bytes().to_vec()),
     }
 }
-
-/// Every regular file under `path` (or `path` itself), concatenated in path order.
-pub(crate) fn read_corpus(path: &std::path::Path) -> Result<Vec<u8>, Error> {
-    let io = |source, p: &std::path::Path| Error::Io {
-        path: p.display().to_string(),
-        source,
-    };
-    let meta = std::fs::metadata(path).map_err(|e| io(e, path))?;
-    if meta.is_file() {
-        return std::fs::read(path).map_err(|e| io(e, path));
-    }
-    let mut files = Vec::new();
-    let mut stack = vec![path.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).map_err(|e| io(e, &dir))? {
-            let p = entry.map_err(|e| io(e, &dir))?.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.is_file() {
-                files.push(p);
-            }
-        }
-    }
-    files.sort();
-    let mut data = Vec::new();
-    for f in files {
-        data.extend(std::fs::read(&f).map_err(|e| io(e, &f))?);
-    }
-    Ok(data)
-}

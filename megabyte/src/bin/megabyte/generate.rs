@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use megabyte::ops::cubecl::prelude::*;
 use megabyte::ops::FloatElement;
-use megabyte::{Error, GenerateOptions, Generator, Model, Sampling};
+use megabyte::{Error, GenerateOptions, Generator, Model, ReferenceGenerator};
 
 use crate::{args::*, device::*, device_ok, PANIC};
 
@@ -65,22 +65,7 @@ pub(crate) fn generate(
     let backend = backend(args.device)?;
     check_dtype(&backend, args.dtype)?;
     let outputs = match backend {
-        Backend::Cpu => {
-            opts.sampling.validate()?;
-            let mut outs = Vec::new();
-            for (i, p) in prompts.iter().enumerate() {
-                let s = Sampling {
-                    seed: opts.sampling.seed.wrapping_add(i as u64),
-                    ..opts.sampling.clone()
-                };
-                let out = megabyte::reference::generate(&cfg, &w, p, opts.max_new, &s)?;
-                // The reference generator has no stop sequences; cut at the first one here.
-                let cut = first_stop(&out, &opts.stop);
-                out[..cut].iter().for_each(|&b| emit(i, b));
-                outs.push(out[..cut].to_vec());
-            }
-            outs
-        }
+        Backend::Cpu => ReferenceGenerator::new(&cfg, &w, opts)?.generate(&prompts, &mut emit)?,
         _ => {
             let job = Generate {
                 prompts: &prompts,
@@ -108,13 +93,6 @@ pub(crate) fn generate(
         n as f64 / elapsed.max(1e-9)
     );
     Ok(())
-}
-
-/// Length of `out` up to and including the first stop sequence.
-pub(crate) fn first_stop(out: &[u8], stop: &[Vec<u8>]) -> usize {
-    (1..=out.len())
-        .find(|&n| stop.iter().any(|s| !s.is_empty() && out[..n].ends_with(s)))
-        .unwrap_or(out.len())
 }
 
 /// Cached generation on a kernel device.

@@ -26,7 +26,7 @@ pub(crate) fn train(args: &TrainArgs) -> Result<(), Error> {
         });
     }
     check_out(&args.out, Some(&args.data), args.force)?;
-    let data = read_corpus(&args.data)?;
+    let data = megabyte::corpus::read_corpus(&args.data)?;
     if data.is_empty() {
         return Err(Error::Data {
             path: args.data.display().to_string(),

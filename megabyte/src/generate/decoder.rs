@@ -1,23 +1,4 @@
-//! Cached generation: the global model runs once per completed patch, the local model once per
-//! byte, each against its KV cache.
-//!
-//! [`Decoder`] is the step-level interface (feed bytes, get the next position's logits);
-//! [`Generator`] samples with it, streams bytes to a callback and stops on a length, an end
-//! id or a byte sequence.
-//!
-//! Position t = k·P + p is predicted from global position k (which saw patches < k) and local
-//! position p (which saw bytes k·P .. t of its own patch). So:
-//! - the global KV cache holds one entry per global position; when patch k - 1 is complete,
-//!   one global step embeds it as global position k and produces `g` for patch k;
-//! - the local KV cache holds at most P entries and restarts at each patch; local step p reads
-//!   byte t - 1 (the local pad at p = 0) and yields the logits of byte t.
-//!
-//! A step runs a stack on one row per sequence. By default ([`DecodeKernel::Auto`]) a step of
-//! each stack is one fused launch (`megabyte_ops::decode`): the local step builds its input
-//! row, runs every local block and ends with the logits; the global step embeds the patch,
-//! runs every global block and ends with the final LayerNorm. The fused kernel reads a packed
-//! copy of each stack's parameters, made when the decoder is created. Stacks too wide for it
-//! run as the forward's unfused blocks (nine launches each).
+//! [`Decoder`]: step-level cached decoding on a device.
 
 use cubecl::prelude::*;
 use megabyte_ops::copy::copy;
@@ -30,7 +11,9 @@ use megabyte_ops::layer_norm::layer_norm;
 use megabyte_ops::local_input::local_input;
 use megabyte_ops::patch_embed::patch_embed_window;
 use megabyte_ops::{FloatElement, Tensor};
-use megabyte_reference::{Error as InputError, Sampler, Sampling};
+use megabyte_reference::Error as InputError;
+
+use super::{check_push, check_start, StepDecoder};
 
 use crate::block::{block_forward, Scratch, Stack};
 use crate::cache::{CacheAt, LayerCache};
@@ -210,31 +193,7 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
     pub fn start(&mut self, prompts: &[&[u8]]) -> Result<Vec<f32>, Error> {
         let cfg = self.model.config().clone();
         let (b, p) = (self.batch, cfg.patch);
-        if prompts.len() != b {
-            return Err(InputError::InputLength {
-                len: prompts.len(),
-                batch: b,
-                seq: 1,
-            }
-            .into());
-        }
-        let n = prompts[0].len();
-        if let Some(other) = prompts.iter().find(|q| q.len() != n) {
-            return Err(InputError::InputLength {
-                len: other.len(),
-                batch: 1,
-                seq: n,
-            }
-            .into());
-        }
-        if n >= cfg.context {
-            return Err(InputError::PromptTooLong {
-                prompt: n,
-                new: 1,
-                context: cfg.context,
-            }
-            .into());
-        }
+        let n = check_start(prompts, b, cfg.context)?;
         let client = self.model.client().clone();
         let w = &self.model.w;
         let act = activation_kind(cfg.activation);
@@ -394,33 +353,7 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
     /// Checks a push of one byte per row followed by `more - 1` further positions.
     fn check_push(&self, bytes: &[u32], more: usize) -> Result<(), Error> {
         let cfg = self.model.config();
-        let vocab = cfg.vocab;
-        if bytes.len() != self.batch {
-            return Err(InputError::InputLength {
-                len: bytes.len(),
-                batch: self.batch,
-                seq: 1,
-            }
-            .into());
-        }
-        if let Some((position, &id)) = bytes
-            .iter()
-            .enumerate()
-            .find(|(_, &id)| id as usize >= vocab)
-        {
-            return Err(InputError::IdOutOfRange {
-                id,
-                position,
-                vocab,
-            }
-            .into());
-        }
-        if self.pos + more >= cfg.context {
-            return Err(Error::ContextFull {
-                context: cfg.context,
-            });
-        }
-        Ok(())
+        check_push(bytes, self.batch, cfg.vocab, self.pos, more, cfg.context)
     }
 
     /// One global step: embeds patch k - 1 (the bytes in `patch_bytes`) as global position k,
@@ -605,174 +538,20 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
     }
 }
 
-/// Greedy bytes decoded on the device per host round trip: each is one read-back of B × this
-/// many ids instead of one of B × V logits per byte; a callback sees a block's bytes when the
-/// block is done.
-const GREEDY_BLOCK: usize = 32;
-
-/// What to generate and when to stop.
-#[derive(Clone, Debug)]
-pub struct GenerateOptions {
-    /// Most new bytes per prompt; prompt + max_new must fit in the context.
-    pub max_new: usize,
-    pub sampling: Sampling,
-    /// A row stops after emitting any of these byte sequences (which are kept in its output).
-    pub stop: Vec<Vec<u8>>,
-}
-
-impl Default for GenerateOptions {
-    fn default() -> Self {
-        GenerateOptions {
-            max_new: 256,
-            sampling: Sampling::greedy(),
-            stop: Vec::new(),
-        }
-    }
-}
-
-/// Samples continuations of a batch of prompts with the model's KV caches.
-///
-/// Prompts of equal length decode together as one batch; prompts of different lengths decode
-/// as separate batches (their patch boundaries fall at different steps). Prompt i samples
-/// with seed `sampling.seed + i`, as the reference generator does, so greedy decoding gives
-/// the reference's bytes and sampling is reproducible.
-pub struct Generator<'m, R: Runtime, E: FloatElement> {
-    model: &'m Model<R, E>,
-    options: GenerateOptions,
-    kernel: DecodeKernel,
-}
-
-impl<'m, R: Runtime, E: FloatElement> Generator<'m, R, E> {
-    pub fn new(model: &'m Model<R, E>, options: GenerateOptions) -> Result<Self, Error> {
-        options.sampling.validate()?;
-        Ok(Generator {
-            model,
-            options,
-            kernel: DecodeKernel::Auto,
-        })
+impl<R: Runtime, E: FloatElement> StepDecoder for Decoder<'_, R, E> {
+    fn start(&mut self, prompts: &[&[u8]]) -> Result<Vec<f32>, Error> {
+        Decoder::start(self, prompts)
     }
 
-    /// The block kernel of the decoding steps ([`DecodeKernel::Auto`] unless set).
-    pub fn decode_kernel(mut self, kernel: DecodeKernel) -> Self {
-        self.kernel = kernel;
-        self
+    fn push(&mut self, bytes: &[u32]) -> Result<Vec<f32>, Error> {
+        Decoder::push(self, bytes)
     }
 
-    /// The new bytes of each prompt. `on_byte(prompt_index, byte)` sees every byte as soon as
-    /// it is sampled (for streaming). A row ends after `max_new` bytes, at the end id (256)
-    /// when the vocabulary has one (not emitted), or after a stop sequence (emitted).
-    pub fn generate(
-        &self,
-        prompts: &[&[u8]],
-        mut on_byte: impl FnMut(usize, u8),
-    ) -> Result<Vec<Vec<u8>>, Error> {
-        let context = self.model.config().context;
-        for q in prompts {
-            if q.len().saturating_add(self.options.max_new) > context {
-                return Err(InputError::PromptTooLong {
-                    prompt: q.len(),
-                    new: self.options.max_new,
-                    context,
-                }
-                .into());
-            }
-        }
-        let mut outputs = vec![Vec::new(); prompts.len()];
-        if self.options.max_new == 0 {
-            return Ok(outputs);
-        }
-        // Group prompts by length, keeping first-appearance order.
-        let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
-        for (i, q) in prompts.iter().enumerate() {
-            match groups.iter_mut().find(|(n, _)| *n == q.len()) {
-                Some((_, rows)) => rows.push(i),
-                None => groups.push((q.len(), vec![i])),
-            }
-        }
-        for (_, rows) in groups {
-            self.generate_group(prompts, &rows, &mut outputs, &mut on_byte)?;
-        }
-        Ok(outputs)
+    fn greedy_on_device(&self) -> bool {
+        Decoder::greedy_on_device(self)
     }
 
-    fn generate_group(
-        &self,
-        prompts: &[&[u8]],
-        rows: &[usize],
-        outputs: &mut [Vec<u8>],
-        on_byte: &mut impl FnMut(usize, u8),
-    ) -> Result<(), Error> {
-        let vocab = self.model.config().vocab;
-        let opts = &self.options;
-        let mut decoder = Decoder::with_kernel(self.model, rows.len(), self.kernel)?;
-        let group: Vec<&[u8]> = rows.iter().map(|&i| prompts[i]).collect();
-        let mut samplers = rows
-            .iter()
-            .map(|&i| {
-                Sampler::new(Sampling {
-                    seed: opts.sampling.seed.wrapping_add(i as u64),
-                    ..opts.sampling.clone()
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut active = vec![true; rows.len()];
-        // Row j's next id: emitted unless it ends the row; stop sequences end it after.
-        let mut emit = |j: usize, id: u32, active: &mut [bool]| {
-            let i = rows[j];
-            if !active[j] {
-                return;
-            }
-            if id >= 256 {
-                active[j] = false;
-                return;
-            }
-            outputs[i].push(id as u8);
-            on_byte(i, id as u8);
-            if opts
-                .stop
-                .iter()
-                .any(|s| !s.is_empty() && outputs[i].ends_with(s))
-            {
-                active[j] = false;
-            }
-        };
-        let logits = decoder.start(&group)?;
-        let mut next: Vec<u32> = (0..rows.len())
-            .map(|j| samplers[j].sample(&logits[j * vocab..(j + 1) * vocab]))
-            .collect();
-        for (j, &id) in next.iter().enumerate() {
-            emit(j, id, &mut active);
-        }
-        let mut produced = 1;
-        if opts.sampling.temperature == 0.0 && decoder.greedy_on_device() {
-            // Greedy: the argmax runs in the step on the device; bytes come back in blocks.
-            while produced < opts.max_new && active.contains(&true) {
-                let steps = (opts.max_new - produced).min(GREEDY_BLOCK);
-                // Rows that have ended keep decoding; their bytes are discarded.
-                let block = decoder.push_greedy(&next, steps)?;
-                for t in 0..steps {
-                    for j in 0..rows.len() {
-                        emit(j, block[j * steps + t], &mut active);
-                    }
-                }
-                next = (0..rows.len())
-                    .map(|j| block[j * steps + steps - 1])
-                    .collect();
-                produced += steps;
-            }
-            return Ok(());
-        }
-        while produced < opts.max_new && active.contains(&true) {
-            let feed: Vec<u32> = (0..rows.len())
-                .map(|j| if active[j] { next[j] } else { 0 })
-                .collect();
-            let logits = decoder.push(&feed)?;
-            for (j, id) in next.iter_mut().enumerate() {
-                *id = samplers[j].sample(&logits[j * vocab..(j + 1) * vocab]);
-                emit(j, *id, &mut active);
-            }
-            produced += 1;
-        }
-        Ok(())
+    fn push_greedy(&mut self, bytes: &[u32], steps: usize) -> Result<Vec<u32>, Error> {
+        Decoder::push_greedy(self, bytes, steps)
     }
 }
