@@ -41,8 +41,8 @@ mod weights;
 
 pub use error::Error;
 pub use generate::{
-    DecodeKernel, Decoder, GenerateOptions, Generator, ReferenceDecoder, ReferenceGenerator,
-    StepDecoder,
+    DecodeKernel, DecodeModel, Decoder, GenerateOptions, Generator, ReferenceDecoder,
+    ReferenceModel, StepDecoder,
 };
 pub use megabyte_ops as ops;
 pub use megabyte_reference as reference;

@@ -7,7 +7,7 @@
 //! its two summation orders' (`naive_model::forward_errors`).
 
 use megabyte::{
-    DecodeKernel, Decoder, GenerateOptions, Generator, Model, ReferenceDecoder, ReferenceGenerator,
+    DecodeKernel, Decoder, GenerateOptions, Generator, Model, ReferenceDecoder, ReferenceModel,
     StepDecoder,
 };
 use megabyte_reference::{generate_batch, Activation, Config, Sampling, Weights};
@@ -248,8 +248,8 @@ fn greedy_case(cfg: &Config, prompts: &[&[u8]], max_new: usize) {
     });
 }
 
-/// The CPU generator (what `--device cpu` runs) samples as the reference generator does, with
-/// the device generator's stops: prompts of three lengths, sampled with per-prompt seeds, give
+/// `Generator` on the reference model (what `--device cpu` runs) samples as the reference
+/// generator does, with the device generator's stops: prompts of three lengths, sampled with per-prompt seeds, give
 /// `generate_batch`'s bytes, streamed as they come; with a stop sequence each row is cut after
 /// its first occurrence (and the rows that do not meet it are unchanged); greedy with a stop,
 /// it gives the device generator's bytes.
@@ -271,7 +271,8 @@ fn the_cpu_generator_samples_as_the_reference_and_stops_as_the_device() {
     };
     let want = generate_batch(&cfg, &w, &prompts, 30, &sampling).unwrap();
     let mut streamed = vec![Vec::new(); prompts.len()];
-    let got = ReferenceGenerator::new(&cfg, &w, opts.clone())
+    let cpu_model = ReferenceModel::new(&cfg, &w).unwrap();
+    let got = Generator::new(&cpu_model, opts.clone())
         .unwrap()
         .generate(&prompts, |i, byte| streamed[i].push(byte))
         .unwrap();
@@ -283,9 +284,8 @@ fn the_cpu_generator_samples_as_the_reference_and_stops_as_the_device() {
             .find(|&n| o[..n].ends_with(&stop))
             .unwrap_or(o.len())
     };
-    let stopped = ReferenceGenerator::new(
-        &cfg,
-        &w,
+    let stopped = Generator::new(
+        &cpu_model,
         GenerateOptions {
             stop: vec![stop.clone()],
             ..opts
@@ -303,7 +303,7 @@ fn the_cpu_generator_samples_as_the_reference_and_stops_as_the_device() {
         sampling: Sampling::greedy(),
         stop: vec![b"e".to_vec()],
     };
-    let cpu = ReferenceGenerator::new(&cfg, &w, greedy.clone())
+    let cpu = Generator::new(&cpu_model, greedy.clone())
         .unwrap()
         .generate(&prompts, |_, _| {})
         .unwrap();

@@ -4,8 +4,8 @@
 //! | item | file | what |
 //! | --- | --- | --- |
 //! | [`Decoder`], [`DecodeKernel`] | `decoder.rs` | the step-level interface on a device: feed bytes, get the next position's logits (or greedy bytes decoded on the device) |
-//! | [`ReferenceDecoder`], [`ReferenceGenerator`] | `reference.rs` | the same steps on the CPU through `megabyte_reference`'s full forward, for `--device cpu` and as the oracle |
-//! | [`StepDecoder`], [`Generator`], [`GenerateOptions`] | here | sampling with per-prompt seeds, streaming, the end id and stop sequences: one implementation whichever decoder runs the steps |
+//! | [`ReferenceModel`], [`ReferenceDecoder`] | `reference.rs` | the same steps on the CPU through `megabyte_reference`'s full forward, for `--device cpu` |
+//! | [`StepDecoder`], [`DecodeModel`], [`Generator`], [`GenerateOptions`] | here | sampling with per-prompt seeds, streaming, the end id and stop sequences: one implementation whichever model runs the steps |
 //!
 //! Position t = k·P + p is predicted from global position k (which saw patches < k) and local
 //! position p (which saw bytes k·P .. t of its own patch). So:
@@ -24,7 +24,7 @@
 use cubecl::prelude::*;
 use megabyte_ops::FloatElement;
 use megabyte_reference::generate::argmax;
-use megabyte_reference::{Error as InputError, Sampler, Sampling};
+use megabyte_reference::{Config, Error as InputError, Sampler, Sampling};
 
 use crate::error::Error;
 use crate::model::Model;
@@ -33,7 +33,7 @@ mod decoder;
 mod reference;
 
 pub use decoder::{DecodeKernel, Decoder};
-pub use reference::{ReferenceDecoder, ReferenceGenerator};
+pub use reference::{ReferenceDecoder, ReferenceModel};
 
 /// Decoding a batch of equally long byte sequences one position at a time: what the
 /// generators drive. [`Decoder`] runs the steps on a device with KV caches,
@@ -72,17 +72,23 @@ pub trait StepDecoder {
     }
 }
 
-/// Checks the prompts of a start: one per batch row, all of one length n below the context.
-/// Returns n.
-fn check_start(prompts: &[&[u8]], batch: usize, context: usize) -> Result<usize, Error> {
-    if prompts.len() != batch {
+/// Checks that a call gives `len` = one item per batch row.
+fn one_per_row(len: usize, batch: usize) -> Result<(), Error> {
+    if len != batch {
         return Err(InputError::InputLength {
-            len: prompts.len(),
+            len,
             batch,
             seq: 1,
         }
         .into());
     }
+    Ok(())
+}
+
+/// Checks the prompts of a start: one per batch row, all of one length n below the context.
+/// Returns n.
+fn check_start(prompts: &[&[u8]], batch: usize, context: usize) -> Result<usize, Error> {
+    one_per_row(prompts.len(), batch)?;
     let n = prompts[0].len();
     if let Some(other) = prompts.iter().find(|q| q.len() != n) {
         return Err(InputError::InputLength {
@@ -113,14 +119,7 @@ fn check_push(
     more: usize,
     context: usize,
 ) -> Result<(), Error> {
-    if bytes.len() != batch {
-        return Err(InputError::InputLength {
-            len: bytes.len(),
-            batch,
-            seq: 1,
-        }
-        .into());
-    }
+    one_per_row(bytes.len(), batch)?;
     if let Some((position, &id)) = bytes
         .iter()
         .enumerate()
@@ -164,20 +163,48 @@ impl Default for GenerateOptions {
     }
 }
 
-/// Samples continuations of a batch of prompts with the model's KV caches.
+/// A model that [`Generator`] can decode with: it makes a [`StepDecoder`] for a batch.
+/// Implemented by the device [`Model`] (KV caches, the kernels' steps) and by
+/// [`ReferenceModel`] (the CPU reference, re-running its forward).
+pub trait DecodeModel {
+    type Decoder<'a>: StepDecoder
+    where
+        Self: 'a;
+
+    fn config(&self) -> &Config;
+
+    /// A decoder for `batch` sequences; `kernel` chooses the device's block kernel (the
+    /// reference has one).
+    fn decoder(&self, batch: usize, kernel: DecodeKernel) -> Result<Self::Decoder<'_>, Error>;
+}
+
+impl<R: Runtime, E: FloatElement> DecodeModel for Model<R, E> {
+    type Decoder<'a> = Decoder<'a, R, E>;
+
+    fn config(&self) -> &Config {
+        Model::config(self)
+    }
+
+    fn decoder(&self, batch: usize, kernel: DecodeKernel) -> Result<Decoder<'_, R, E>, Error> {
+        Decoder::with_kernel(self, batch, kernel)
+    }
+}
+
+/// Samples continuations of a batch of prompts, on a device with the model's KV caches or on
+/// the CPU with the reference model.
 ///
 /// Prompts of equal length decode together as one batch; prompts of different lengths decode
 /// as separate batches (their patch boundaries fall at different steps). Prompt i samples
 /// with seed `sampling.seed + i`, as the reference generator does, so greedy decoding gives
 /// the reference's bytes and sampling is reproducible.
-pub struct Generator<'m, R: Runtime, E: FloatElement> {
-    model: &'m Model<R, E>,
+pub struct Generator<'m, M: DecodeModel> {
+    model: &'m M,
     options: GenerateOptions,
     kernel: DecodeKernel,
 }
 
-impl<'m, R: Runtime, E: FloatElement> Generator<'m, R, E> {
-    pub fn new(model: &'m Model<R, E>, options: GenerateOptions) -> Result<Self, Error> {
+impl<'m, M: DecodeModel> Generator<'m, M> {
+    pub fn new(model: &'m M, options: GenerateOptions) -> Result<Self, Error> {
         options.sampling.validate()?;
         Ok(Generator {
             model,
@@ -201,7 +228,7 @@ impl<'m, R: Runtime, E: FloatElement> Generator<'m, R, E> {
         on_byte: impl FnMut(usize, u8),
     ) -> Result<Vec<Vec<u8>>, Error> {
         let cfg = self.model.config();
-        let new_decoder = |batch| Decoder::with_kernel(self.model, batch, self.kernel);
+        let new_decoder = |batch| self.model.decoder(batch, self.kernel);
         generate_with(
             cfg.context,
             cfg.vocab,
@@ -213,7 +240,7 @@ impl<'m, R: Runtime, E: FloatElement> Generator<'m, R, E> {
     }
 }
 
-/// The generators' common loop: checks the prompts against the context, groups them by
+/// [`Generator::generate`]'s loop: checks the prompts against the context, groups them by
 /// length (first-appearance order), and decodes each group with a decoder of its size from
 /// `new_decoder`, sampling row i with seed `sampling.seed + i`.
 fn generate_with<D: StepDecoder>(

@@ -1,11 +1,11 @@
 //! [`ReferenceDecoder`]: the decoding steps on the CPU through the reference model, so that
-//! `--device cpu` samples, streams and stops through the same [`generate_with`] loop as the
+//! `--device cpu` samples, streams and stops through the same [`super::Generator`] as the
 //! devices.
 
 use megabyte_reference::model::forward;
 use megabyte_reference::{Config, Error as InputError, Weights};
 
-use super::{check_push, check_start, generate_with, GenerateOptions, StepDecoder};
+use super::{check_push, check_start, DecodeKernel, DecodeModel, StepDecoder};
 use crate::error::Error;
 use crate::weights::check_lengths;
 
@@ -86,45 +86,34 @@ impl StepDecoder for ReferenceDecoder<'_> {
     }
 }
 
-/// [`super::Generator`] on the CPU: the same options, seeds, streaming and stops, each step
-/// through [`ReferenceDecoder`].
-pub struct ReferenceGenerator<'w> {
+/// The reference model on the CPU as a [`DecodeModel`]: `Generator::new(&ReferenceModel::new(
+/// &cfg, &weights)?, options)` generates with the same options, seeds, streaming and stops
+/// as on a device, each step through [`ReferenceDecoder`].
+pub struct ReferenceModel<'w> {
     cfg: &'w Config,
     weights: &'w Weights,
-    options: GenerateOptions,
 }
 
-impl<'w> ReferenceGenerator<'w> {
-    pub fn new(
-        cfg: &'w Config,
-        weights: &'w Weights,
-        options: GenerateOptions,
-    ) -> Result<Self, Error> {
+impl<'w> ReferenceModel<'w> {
+    /// Checks `cfg` and that `weights` match it.
+    pub fn new(cfg: &'w Config, weights: &'w Weights) -> Result<Self, Error> {
         cfg.validate()?;
         check_lengths(cfg, weights)?;
-        options.sampling.validate()?;
-        Ok(ReferenceGenerator {
-            cfg,
-            weights,
-            options,
-        })
+        Ok(ReferenceModel { cfg, weights })
+    }
+}
+
+impl DecodeModel for ReferenceModel<'_> {
+    type Decoder<'a>
+        = ReferenceDecoder<'a>
+    where
+        Self: 'a;
+
+    fn config(&self) -> &Config {
+        self.cfg
     }
 
-    /// As [`super::Generator::generate`].
-    pub fn generate(
-        &self,
-        prompts: &[&[u8]],
-        on_byte: impl FnMut(usize, u8),
-    ) -> Result<Vec<Vec<u8>>, Error> {
-        let (cfg, w) = (self.cfg, self.weights);
-        let new_decoder = |batch| ReferenceDecoder::new(cfg, w, batch);
-        generate_with(
-            cfg.context,
-            cfg.vocab,
-            &self.options,
-            prompts,
-            on_byte,
-            new_decoder,
-        )
+    fn decoder(&self, batch: usize, _: DecodeKernel) -> Result<ReferenceDecoder<'_>, Error> {
+        ReferenceDecoder::new(self.cfg, self.weights, batch)
     }
 }

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use megabyte::ops::cubecl::prelude::*;
 use megabyte::ops::FloatElement;
-use megabyte::{Error, GenerateOptions, Generator, Model, ReferenceGenerator};
+use megabyte::{Error, GenerateOptions, Generator, Model, ReferenceModel};
 
 use crate::{args::*, device::*, device_ok, PANIC};
 
@@ -65,7 +65,10 @@ pub(crate) fn generate(
     let backend = backend(args.device)?;
     check_dtype(&backend, args.dtype)?;
     let outputs = match backend {
-        Backend::Cpu => ReferenceGenerator::new(&cfg, &w, opts)?.generate(&prompts, &mut emit)?,
+        Backend::Cpu => {
+            let model = ReferenceModel::new(&cfg, &w)?;
+            Generator::new(&model, opts)?.generate(&prompts, &mut emit)?
+        }
         _ => {
             let job = Generate {
                 prompts: &prompts,
