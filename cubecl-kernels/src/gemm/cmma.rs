@@ -2,7 +2,10 @@
 
 use cubecl::prelude::*;
 
-use super::{block_pos, store_epilogue, EpilogueConfig, GemmIo};
+use super::{
+    block_pos, source, stage_shapes_of, store_epilogue, EpilogueConfig, GemmIo, StageShape,
+    TileSource,
+};
 use crate::activation::ActivationKind;
 use crate::fragment::{
     fragment_mma_emulated, load_fragment, zero_accumulator, FRAGMENT, SMEM_ALIGN,
@@ -101,61 +104,57 @@ impl CmmaConfig {
     }
 }
 
-/// Stages a tile of an operand into shared memory as F, unconverted. Element (o, k) of the
-/// operand is at scalar index `base + o·s_o + k·s_k` and lands at `o·block_k + k` (`k_major`
-/// false: A's `[m][k]`) or `k·block_o + o` (`k_major`: B's `[k][n]`). Out of range elements
-/// stage as zero; vectors of NV run along k (`along_k`) or along o, and lie wholly in or out of
-/// range because the launcher only vectorises lengths NV divides.
+stage_shapes_of!(CmmaConfig);
+
+/// Stages the tile at depth `k0` of an operand into shared memory as F, unconverted, read from
+/// `src`. Element (o, k) of the tile lands at `o·block_k + k` (`k_major` false: A's `[m][k]`)
+/// or `k·block_o + o` (`k_major`: B's `[k][n]`). Out of range elements stage as zero; vectors
+/// of NV run along k (`shape.along_k`) or along o, and lie wholly in or out of range because
+/// the launcher only vectorises lengths NV divides.
 #[cube]
-#[allow(clippy::too_many_arguments)]
 fn stage_raw<F: Float, NV: Size>(
     t: &Tensor<Vector<F, NV>>,
     smem: &mut SharedMemory<F>,
-    base: usize,
-    s_o: usize,
-    s_k: usize,
-    o0: usize,
-    o_len: usize,
+    src: &TileSource,
     k0: usize,
-    k_len: usize,
-    #[comptime] block_o: usize,
-    #[comptime] block_k: usize,
-    #[comptime] nv: usize,
-    #[comptime] along_k: bool,
+    #[comptime] shape: StageShape,
     #[comptime] k_major: bool,
-    #[comptime] units: usize,
 ) {
     let unit = UNIT_POS as usize;
     // Consecutive units take consecutive vectors along the contiguous dimension.
-    let per_line = comptime!(if along_k { block_k / nv } else { block_o / nv });
-    let tasks = comptime!(block_o * block_k / nv);
+    let per_line = comptime!(if shape.along_k {
+        shape.block_k / shape.nv
+    } else {
+        shape.block_o / shape.nv
+    });
+    let tasks = comptime!(shape.block_o * shape.block_k / shape.nv);
     #[unroll]
-    for l in 0..comptime!(tasks.div_ceil(units)) {
-        let id = l * units + unit;
+    for l in 0..comptime!(tasks.div_ceil(shape.units)) {
+        let id = l * shape.units + unit;
         if id < tasks {
             let line = id / per_line;
-            let at = (id % per_line) * nv;
-            let (o, k) = if comptime!(along_k) {
+            let at = (id % per_line) * shape.nv;
+            let (o, k) = if comptime!(shape.along_k) {
                 (line, at)
             } else {
                 (at, line)
             };
-            let (go, gk) = (o0 + o, k0 + k);
+            let (go, gk) = (src.o0 + o, k0 + k);
             let mut v = Vector::<F, NV>::new(F::new(0.0));
-            if go < o_len && gk < k_len {
-                v = t[(base + go * s_o + gk * s_k) / nv];
+            if go < src.o_len && gk < src.k_len {
+                v = t[(src.base + go * src.s_o + gk * src.s_k) / shape.nv];
             }
             #[unroll]
-            for e in 0..nv {
-                let (eo, ek) = if comptime!(along_k) {
+            for e in 0..shape.nv {
+                let (eo, ek) = if comptime!(shape.along_k) {
                     (o, k + e)
                 } else {
                     (o + e, k)
                 };
                 let dst = if comptime!(k_major) {
-                    ek * block_o + eo
+                    ek * shape.block_o + eo
                 } else {
-                    eo * block_k + ek
+                    eo * shape.block_k + ek
                 };
                 smem[dst] = v[e];
             }
@@ -209,6 +208,9 @@ pub fn gemm_cmma<F: Float, NA: Size, NB: Size, NO: Size>(
         let lane = UNIT_POS_X as usize;
         let a_base = io.a_offset + bi * io.a.stride(0);
         let b_base = io.b_offset + bi * io.b.stride(0);
+        let (stage_a, stage_b) = comptime!(cfg.stage_shapes());
+        let a_src = source(a_base, io.a.stride(1), io.a.stride(2), m0, m, k_len);
+        let b_src = source(b_base, io.b.stride(2), io.b.stride(1), n0, n, k_len);
         let mut a_s =
             SharedMemory::<F>::new_aligned(comptime!(cfg.block_m * cfg.block_k), SMEM_ALIGN);
         let mut b_s =
@@ -240,40 +242,8 @@ pub fn gemm_cmma<F: Float, NA: Size, NB: Size, NO: Size>(
         let mut step = 0;
         while step < steps {
             let k0 = step * cfg.block_k;
-            stage_raw::<F, NA>(
-                &io.a,
-                &mut a_s,
-                a_base,
-                io.a.stride(1),
-                io.a.stride(2),
-                m0,
-                m,
-                k0,
-                k_len,
-                cfg.block_m,
-                cfg.block_k,
-                cfg.vector_a,
-                cfg.a_along_k,
-                false,
-                units,
-            );
-            stage_raw::<F, NB>(
-                &io.b,
-                &mut b_s,
-                b_base,
-                io.b.stride(2),
-                io.b.stride(1),
-                n0,
-                n,
-                k0,
-                k_len,
-                cfg.block_n,
-                cfg.block_k,
-                cfg.vector_b,
-                cfg.b_along_k,
-                true,
-                units,
-            );
+            stage_raw::<F, NA>(&io.a, &mut a_s, &a_src, k0, stage_a, false);
+            stage_raw::<F, NB>(&io.b, &mut b_s, &b_src, k0, stage_b, true);
             sync_cube();
             #[unroll]
             for kk in 0..comptime!(cfg.block_k / FRAGMENT) {

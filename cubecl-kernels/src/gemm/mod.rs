@@ -127,6 +127,76 @@ impl GemmConfig {
     }
 }
 
+/// Where a stage reads one operand's tiles: element (o, k) (o along M for A, along N for B)
+/// at scalar index `base + o·s_o + k·s_k`; the cube's tiles start at o = `o0`; elements at
+/// o ≥ `o_len` or k ≥ `k_len` stage as zero.
+#[derive(CubeType, Clone, Copy)]
+pub struct TileSource {
+    pub base: usize,
+    pub s_o: usize,
+    pub s_k: usize,
+    pub o0: usize,
+    pub o_len: usize,
+    pub k_len: usize,
+}
+
+/// The comptime shape of one operand's stage: a `block_o × block_k` tile, its global loads in
+/// vectors of `nv` along k (`along_k`) or along o, spread over the cube's `units` units.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct StageShape {
+    pub block_o: usize,
+    pub block_k: usize,
+    pub nv: usize,
+    pub along_k: bool,
+    pub units: usize,
+}
+
+/// A [`TileSource`] from its fields, in their order.
+#[cube]
+pub fn source(
+    base: usize,
+    s_o: usize,
+    s_k: usize,
+    o0: usize,
+    o_len: usize,
+    k_len: usize,
+) -> TileSource {
+    TileSource {
+        base,
+        s_o,
+        s_k,
+        o0,
+        o_len,
+        k_len,
+    }
+}
+
+/// `stage_shapes()` for a GEMM config (both have the block and operand fields it reads): the
+/// stage shapes of A (o along M) and B (o along N).
+macro_rules! stage_shapes_of {
+    ($cfg:ty) => {
+        impl $cfg {
+            /// The stage shapes of A and B.
+            pub fn stage_shapes(&self) -> (StageShape, StageShape) {
+                let shape = |block_o, nv, along_k| StageShape {
+                    block_o,
+                    block_k: self.block_k,
+                    nv,
+                    along_k,
+                    units: self.units(),
+                };
+                (
+                    shape(self.block_m, self.vector_a, self.a_along_k),
+                    shape(self.block_n, self.vector_b, self.b_along_k),
+                )
+            }
+        }
+    };
+}
+pub(crate) use stage_shapes_of;
+
+stage_shapes_of!(GemmConfig);
+
 /// Where a cube's block lies: the batch index and the first output row and column.
 #[derive(CubeType, Clone, Copy)]
 pub struct BlockPos {

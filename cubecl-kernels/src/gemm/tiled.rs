@@ -2,56 +2,50 @@
 
 use cubecl::prelude::*;
 
-use super::{register_main_loop, BlockPos, GemmConfig, STAGE_VECTOR};
+use super::{
+    register_main_loop, source, BlockPos, GemmConfig, StageShape, TileSource, STAGE_VECTOR,
+};
 
-/// Stages a `block_k × block_o` tile of an operand into shared memory as f32 vectors of
-/// [`STAGE_VECTOR`] along o: `smem[k · block_o/S + o/S]`. Element (o, k) of the operand is at
-/// scalar index `base + o·s_o + k·s_k`; out of range elements stage as zero. Global loads are
-/// vectors of NV along k (`along_k`) or along o. Along o, `o_len` must be a multiple of NV.
+/// Stages the `block_k × block_o` tile at depth `k0` of an operand into shared memory as f32
+/// vectors of [`STAGE_VECTOR`] along o: `smem[k · block_o/S + o/S]`, read from `src` (out of
+/// range elements stage as zero). Global loads are vectors of NV along k (`shape.along_k`) or
+/// along o; along o, `src.o_len` must be a multiple of NV.
 #[cube]
-#[allow(clippy::too_many_arguments)]
 fn stage_tile<F: Float, NV: Size, S: Size>(
     t: &Tensor<Vector<F, NV>>,
     smem: &mut SharedMemory<Vector<f32, S>>,
-    base: usize,
-    s_o: usize,
-    s_k: usize,
-    o0: usize,
-    o_len: usize,
+    src: &TileSource,
     k0: usize,
-    k_len: usize,
-    #[comptime] block_o: usize,
-    #[comptime] block_k: usize,
-    #[comptime] nv: usize,
-    #[comptime] along_k: bool,
-    #[comptime] units: usize,
+    #[comptime] shape: StageShape,
 ) {
     let sv = STAGE_VECTOR;
-    let quads = comptime!(block_o / STAGE_VECTOR);
+    let quads = comptime!(shape.block_o / STAGE_VECTOR);
     let unit = UNIT_POS as usize;
-    if comptime!(along_k) {
+    if comptime!(shape.along_k) {
         // A task: one quad of o × nv consecutive k, from STAGE_VECTOR loads along k.
-        let groups = comptime!(block_k / nv);
-        let tasks = comptime!(quads * (block_k / nv));
+        let groups = comptime!(shape.block_k / shape.nv);
+        let tasks = comptime!(quads * (shape.block_k / shape.nv));
         #[unroll]
-        for l in 0..comptime!(tasks.div_ceil(units)) {
-            let id = l * units + unit;
+        for l in 0..comptime!(tasks.div_ceil(shape.units)) {
+            let id = l * shape.units + unit;
             if id < tasks {
                 let q = id / groups;
-                let kg = (id % groups) * nv;
+                let kg = (id % groups) * shape.nv;
                 let gk = k0 + kg;
                 let mut rows = Array::<Vector<f32, NV>>::new(sv);
                 #[unroll]
                 for r in 0..sv {
-                    let go = o0 + q * sv + r;
+                    let go = src.o0 + q * sv + r;
                     let mut v = Vector::<f32, NV>::new(0.0);
-                    if go < o_len && gk < k_len {
-                        v = Vector::cast_from(t[(base + go * s_o + gk * s_k) / nv]);
+                    if go < src.o_len && gk < src.k_len {
+                        v = Vector::cast_from(
+                            t[(src.base + go * src.s_o + gk * src.s_k) / shape.nv],
+                        );
                     }
                     rows[r] = v;
                 }
                 #[unroll]
-                for e in 0..nv {
+                for e in 0..shape.nv {
                     let mut quad = Vector::<f32, S>::new(0.0);
                     #[unroll]
                     for r in 0..sv {
@@ -63,25 +57,27 @@ fn stage_tile<F: Float, NV: Size, S: Size>(
         }
     } else {
         // A task: one quad of o at one k, from STAGE_VECTOR / nv loads along o.
-        let tasks = comptime!(quads * block_k);
+        let tasks = comptime!(quads * shape.block_k);
         #[unroll]
-        for l in 0..comptime!(tasks.div_ceil(units)) {
-            let id = l * units + unit;
+        for l in 0..comptime!(tasks.div_ceil(shape.units)) {
+            let id = l * shape.units + unit;
             if id < tasks {
                 let kk = id / quads;
                 let q = id % quads;
                 let gk = k0 + kk;
                 let mut quad = Vector::<f32, S>::new(0.0);
                 #[unroll]
-                for r in 0..comptime!(STAGE_VECTOR / nv) {
-                    let go = o0 + q * sv + r * nv;
+                for r in 0..comptime!(STAGE_VECTOR / shape.nv) {
+                    let go = src.o0 + q * sv + r * shape.nv;
                     let mut v = Vector::<f32, NV>::new(0.0);
-                    if go < o_len && gk < k_len {
-                        v = Vector::cast_from(t[(base + go * s_o + gk * s_k) / nv]);
+                    if go < src.o_len && gk < src.k_len {
+                        v = Vector::cast_from(
+                            t[(src.base + go * src.s_o + gk * src.s_k) / shape.nv],
+                        );
                     }
                     #[unroll]
-                    for e in 0..nv {
-                        quad[r * nv + e] = v[e];
+                    for e in 0..shape.nv {
+                        quad[r * shape.nv + e] = v[e];
                     }
                 }
                 smem[kk * quads + q] = quad;
@@ -111,7 +107,6 @@ pub fn main_loop<F: Float, NA: Size, NB: Size, S: Size>(
         register_main_loop::<F, NA, NB, S>(a, b, a_offset, b_offset, pos, acc, cfg);
     } else {
         let sv = STAGE_VECTOR;
-        let units = comptime!(cfg.units());
         let qm = comptime!(cfg.block_m / STAGE_VECTOR);
         let qn = comptime!(cfg.block_n / STAGE_VECTOR);
         let tqm = comptime!(cfg.tile_m / STAGE_VECTOR);
@@ -124,6 +119,9 @@ pub fn main_loop<F: Float, NA: Size, NB: Size, S: Size>(
 
         let a_base = a_offset + pos.batch * a.stride(0);
         let b_base = b_offset + pos.batch * b.stride(0);
+        let (stage_a, stage_b) = comptime!(cfg.stage_shapes());
+        let a_src = source(a_base, a.stride(1), a.stride(2), pos.m0, m, k_len);
+        let b_src = source(b_base, b.stride(2), b.stride(1), pos.n0, n, k_len);
 
         let mut a_s = SharedMemory::<Vector<f32, S>>::new(comptime!(
             cfg.block_k * cfg.block_m / STAGE_VECTOR
@@ -142,38 +140,8 @@ pub fn main_loop<F: Float, NA: Size, NB: Size, S: Size>(
         let mut step = 0;
         while step < steps {
             let k0 = step * cfg.block_k;
-            stage_tile::<F, NA, S>(
-                a,
-                &mut a_s,
-                a_base,
-                a.stride(1),
-                a.stride(2),
-                pos.m0,
-                m,
-                k0,
-                k_len,
-                cfg.block_m,
-                cfg.block_k,
-                cfg.vector_a,
-                cfg.a_along_k,
-                units,
-            );
-            stage_tile::<F, NB, S>(
-                b,
-                &mut b_s,
-                b_base,
-                b.stride(2),
-                b.stride(1),
-                pos.n0,
-                n,
-                k0,
-                k_len,
-                cfg.block_n,
-                cfg.block_k,
-                cfg.vector_b,
-                cfg.b_along_k,
-                units,
-            );
+            stage_tile::<F, NA, S>(a, &mut a_s, &a_src, k0, stage_a);
+            stage_tile::<F, NB, S>(b, &mut b_s, &b_src, k0, stage_b);
             sync_cube();
 
             // Row quad by row quad, the whole stage depth at a time: a quad's accumulators stay
