@@ -86,6 +86,8 @@ fn borrow<E>(t: &[Tensor<TestRuntime, E>]) -> BlockWeights<'_, TestRuntime, E> {
     BlockWeights::from_tensors(std::array::from_fn(|i| &t[i]))
 }
 
+kernel_tests!(Case, [f32, f16], [sweep, presets], random(6, any_case()));
+
 #[derive(Clone, Debug)]
 struct Case {
     b: usize,
@@ -99,8 +101,6 @@ struct Case {
     act: Activation,
     seed: u64,
 }
-
-kernel_tests!(Case, [f32, f16], [sweep, presets], random(6, any_case()));
 
 impl KernelCase for Case {
     no_plan!();

@@ -6,6 +6,7 @@
 //! forward naively in f32) as the same-precision naive implementation, its error the larger of
 //! its two summation orders' (`naive_model::forward_errors`).
 
+use cubecl::prelude::ComputeClient;
 use megabyte::{
     DecodeKernel, Decoder, GenerateOptions, Generator, Model, ReferenceDecoder, ReferenceModel,
     StepDecoder,
@@ -429,97 +430,105 @@ fn greedy_on_device_matches_host_argmax() {
     }
 }
 
+/// The tiny preset's config, the test device's client and the model with random weights of
+/// `seed`; `None` (skip) where there is no device outside CI.
+fn tiny_model(seed: u64) -> Option<(Config, ComputeClient<TestRuntime>, Model<TestRuntime, f32>)> {
+    let cfg = Config::tiny();
+    let client = megabyte_tests::client::<TestRuntime>()?;
+    let model = Model::<TestRuntime, f32>::new(&client, &cfg, &Weights::random(&cfg, seed));
+    Some((cfg, client, model.unwrap()))
+}
+
 #[test]
 fn sampling_is_seeded_and_stops() {
-    let cfg = Config::tiny();
-    let w = Weights::random(&cfg, 22);
-    with_client!(TestRuntime, |client| {
-        let model = Model::<TestRuntime, f32>::new(&client, &cfg, &w).unwrap();
-        let sampling = Sampling {
-            temperature: 1.0,
-            top_k: 20,
-            top_p: 0.9,
-            seed: 5,
-        };
-        let opts = GenerateOptions {
-            max_new: 40,
-            sampling: sampling.clone(),
-            stop: vec![],
-        };
-        let run = |o: &GenerateOptions| {
-            Generator::new(&model, o.clone())
-                .unwrap()
-                .generate(&[b"ab", b"ab"], |_, _| {})
-                .unwrap()
-        };
-        let a = run(&opts);
-        assert_eq!(a, run(&opts), "same seed, same bytes");
-        assert_ne!(a[0], a[1], "rows sample with seeds seed + i");
-        assert_eq!(a[0].len(), 40);
-        // Stop right after the first occurrence of a 1-byte sequence from the first output.
-        let stop = vec![a[0][5]];
-        let first = a[0].iter().position(|&x| x == stop[0]).unwrap();
-        let stopped = run(&GenerateOptions {
-            stop: vec![stop],
-            ..opts
-        });
-        assert_eq!(stopped[0], a[0][..=first].to_vec());
+    let Some((_, _, model)) = tiny_model(22) else {
+        return;
+    };
+    let sampling = Sampling {
+        temperature: 1.0,
+        top_k: 20,
+        top_p: 0.9,
+        seed: 5,
+    };
+    let opts = GenerateOptions {
+        max_new: 40,
+        sampling: sampling.clone(),
+        stop: vec![],
+    };
+    let run = |o: &GenerateOptions| {
+        Generator::new(&model, o.clone())
+            .unwrap()
+            .generate(&[b"ab", b"ab"], |_, _| {})
+            .unwrap()
+    };
+    let a = run(&opts);
+    assert_eq!(a, run(&opts), "same seed, same bytes");
+    assert_ne!(a[0], a[1], "rows sample with seeds seed + i");
+    assert_eq!(a[0].len(), 40);
+    // Stop right after the first occurrence of a 1-byte sequence from the first output.
+    let stop = vec![a[0][5]];
+    let first = a[0].iter().position(|&x| x == stop[0]).unwrap();
+    let stopped = run(&GenerateOptions {
+        stop: vec![stop],
+        ..opts
     });
+    assert_eq!(stopped[0], a[0][..=first].to_vec());
 }
 
 #[test]
 fn bad_input_is_an_error() {
-    let cfg = Config::tiny();
-    let w = Weights::random(&cfg, 23);
-    with_client!(TestRuntime, |client| {
-        let model = Model::<TestRuntime, f32>::new(&client, &cfg, &w).unwrap();
-        let err = model.forward(&[1, 2, 3, 4, 5, 6], 1).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "sequence length 6 is not a multiple of the patch size 4"
-        );
-        let err = model.forward(&vec![0; 68], 1).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "sequence length 68 exceeds the context of 64 bytes"
-        );
-        let err = model.forward(&[1, 2, 3, 256], 1).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "id 256 at position 3 is outside the vocabulary of 256"
-        );
-        let gen = Generator::new(
-            &model,
-            GenerateOptions {
-                max_new: 10,
-                ..Default::default()
-            },
-        )
+    let Some((cfg, client, model)) = tiny_model(23) else {
+        return;
+    };
+    let err = model.forward(&[1, 2, 3, 4, 5, 6], 1).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "sequence length 6 is not a multiple of the patch size 4"
+    );
+    let err = model.forward(&vec![0; 68], 1).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "sequence length 68 exceeds the context of 64 bytes"
+    );
+    let err = model.forward(&[1, 2, 3, 256], 1).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "id 256 at position 3 is outside the vocabulary of 256"
+    );
+    let gen = Generator::new(
+        &model,
+        GenerateOptions {
+            max_new: 10,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let err = gen.generate(&[&[b'x'; 60]], |_, _| {}).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "prompt of 60 bytes plus 10 new bytes exceeds the context of 64 bytes"
+    );
+    let mut short = Weights::random(&cfg, 1);
+    short.local_pad.pop();
+    let err = Model::<TestRuntime, f32>::new(&client, &cfg, &short)
+        .err()
         .unwrap();
-        let err = gen.generate(&[&[b'x'; 60]], |_, _| {}).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "prompt of 60 bytes plus 10 new bytes exceeds the context of 64 bytes"
-        );
-        let mut short = Weights::random(&cfg, 1);
-        short.local_pad.pop();
-        let err = Model::<TestRuntime, f32>::new(&client, &cfg, &short)
-            .err()
-            .unwrap();
-        assert_eq!(err.to_string(), "weights do not match the config: tensor `local.pad` has 31 elements, the config needs 32");
-        let bad = Sampling {
-            temperature: -1.0,
-            ..Sampling::greedy()
-        };
-        assert!(Generator::new(
-            &model,
-            GenerateOptions {
-                sampling: bad,
-                ..Default::default()
-            }
-        )
-        .is_err());
-    });
+    assert_eq!(
+        err.to_string(),
+        "weights do not match the config: tensor `local.pad` has 31 elements, the config needs 32"
+    );
+    let bad = Sampling {
+        temperature: -1.0,
+        ..Sampling::greedy()
+    };
+    assert!(Generator::new(
+        &model,
+        GenerateOptions {
+            sampling: bad,
+            ..Default::default()
+        }
+    )
+    .is_err());
 }
 
 proptest! {

@@ -14,6 +14,8 @@ use proptest::prelude::*;
 
 const VOCAB: usize = 257;
 
+kernel_tests!(Case, [f32, f16], [sweep, presets], random(6, any_case()));
+
 #[derive(Clone, Debug)]
 struct Case {
     b: usize,
@@ -22,8 +24,6 @@ struct Case {
     d: usize,
     seed: u64,
 }
-
-kernel_tests!(Case, [f32, f16], [sweep, presets], random(6, any_case()));
 
 impl KernelCase for Case {
     no_plan!();
