@@ -25,25 +25,41 @@ impl BackwardConfig {
     }
 }
 
+/// The operands both attention backward kernels take: q, k, v (B, S, H, D) strided views with
+/// their element offsets (unit stride over D; they may be views into one fused projection),
+/// d_out, the gradient of the forward's output, contiguous (B, S, H, D), the row statistics m,
+/// l and delta (B, H, S, f32) that [`attention_backward_q()`] writes and
+/// [`attention_backward_kv()`] reads, and the score scale, 1/√D.
+#[derive(CubeLaunch, CubeType)]
+pub struct BackwardIo<F: Float> {
+    pub q: Tensor<F>,
+    pub k: Tensor<F>,
+    pub v: Tensor<F>,
+    pub d_out: Tensor<F>,
+    pub row_max: Tensor<f32>,
+    pub row_sum: Tensor<f32>,
+    pub delta: Tensor<f32>,
+    pub q_offset: u32,
+    pub k_offset: u32,
+    pub v_offset: u32,
+    pub scale: f32,
+}
+
 /// Dims per step of [`dots_from_memory`]'s loop.
 const DOT_STEP: usize = 16;
 
-/// (Σ_c a[a_at + c]·b[b_at + c], Σ_c x[x_at + c]·y[y_at + c]) over c < `d`, in index order,
+/// (Σ_c q[q_at + c]·k[k_at + c], Σ_c dO[o_at + c]·v[v_at + c]) over c < `d`, in index order,
 /// every operand read from memory. The loop runs `steps` (= ceil(d / 16), passed at run time)
 /// steps of 16 unrolled dims: a trip count the compiler cannot see keeps it from unrolling the
 /// whole loop and hoisting a row that stays the same across the caller's loop into registers,
 /// which is what re-reading it from cache is meant to avoid.
 #[cube]
-#[allow(clippy::too_many_arguments)]
 fn dots_from_memory<F: Float>(
-    a: &Tensor<F>,
-    a_at: usize,
-    b: &Tensor<F>,
-    b_at: usize,
-    x: &Tensor<F>,
-    x_at: usize,
-    y: &Tensor<F>,
-    y_at: usize,
+    io: &BackwardIo<F>,
+    q_at: usize,
+    k_at: usize,
+    o_at: usize,
+    v_at: usize,
     steps: usize,
     #[comptime] d: usize,
 ) -> (f32, f32) {
@@ -55,8 +71,8 @@ fn dots_from_memory<F: Float>(
         for u in 0..DOT_STEP {
             let c = step * DOT_STEP + u;
             if c < d {
-                s += f32::cast_from(a[a_at + c]) * f32::cast_from(b[b_at + c]);
-                t += f32::cast_from(x[x_at + c]) * f32::cast_from(y[y_at + c]);
+                s += f32::cast_from(io.q[q_at + c]) * f32::cast_from(io.k[k_at + c]);
+                t += f32::cast_from(io.d_out[o_at + c]) * f32::cast_from(io.v[v_at + c]);
             }
         }
         step += 1;
@@ -64,34 +80,46 @@ fn dots_from_memory<F: Float>(
     (s, t)
 }
 
+/// The row a unit of the backward kernels works on, from its position among B·H·S rows of
+/// `splits` units each: (b, h, the row's position along S, which of the row's units it is).
+#[cube]
+fn unit_row(
+    pos: usize,
+    seq: usize,
+    heads: usize,
+    #[comptime] splits: usize,
+) -> (usize, usize, usize, usize) {
+    let split = pos % splits;
+    let row = pos / splits;
+    let bh = row / seq;
+    (bh / heads, bh % heads, row % seq, split)
+}
+
 /// (q_i·k_j, dO_i·v_j) for [`attention_backward_q()`]: q_i from registers (`qr`) when
-/// `in_registers`, otherwise every operand through [`dots_from_memory`].
+/// `cfg.rows_in_registers`, otherwise every operand through [`dots_from_memory`].
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn query_row_dots<F: Float>(
     qr: &Array<f32>,
-    q: &Tensor<F>,
+    io: &BackwardIo<F>,
     q_at: usize,
-    k: &Tensor<F>,
     k_at: usize,
-    d_out: &Tensor<F>,
     o_at: usize,
-    v: &Tensor<F>,
     v_at: usize,
     steps: usize,
-    #[comptime] d: usize,
-    #[comptime] in_registers: bool,
+    #[comptime] cfg: BackwardConfig,
 ) -> (f32, f32) {
+    let d = cfg.head_dim;
     let mut s = f32::new(0.0);
     let mut dp = f32::new(0.0);
-    if comptime!(in_registers) {
+    if comptime!(cfg.rows_in_registers) {
         #[unroll]
         for c in 0..d {
-            s += qr[c] * f32::cast_from(k[k_at + c]);
-            dp += f32::cast_from(d_out[o_at + c]) * f32::cast_from(v[v_at + c]);
+            s += qr[c] * f32::cast_from(io.k[k_at + c]);
+            dp += f32::cast_from(io.d_out[o_at + c]) * f32::cast_from(io.v[v_at + c]);
         }
     } else {
-        let (a, b) = dots_from_memory::<F>(q, q_at, k, k_at, d_out, o_at, v, v_at, steps, d);
+        let (a, b) = dots_from_memory::<F>(io, q_at, k_at, o_at, v_at, steps, d);
         s = a;
         dp = b;
     }
@@ -108,40 +136,25 @@ fn query_row_dots<F: Float>(
 /// [`attention_backward_kv()`]. q, k, v, dq are strided views (unit stride over D, offsets
 /// passed separately); d_out is contiguous (B, S, H, D). `cfg.splits` units share a row, each
 /// accumulating dQ over its own slice of the head dims; the first writes the statistics.
-#[allow(clippy::too_many_arguments)]
 #[cube(launch_unchecked)]
 pub fn attention_backward_q<F: Float>(
-    q: &Tensor<F>,
-    k: &Tensor<F>,
-    v: &Tensor<F>,
-    d_out: &Tensor<F>,
+    io: &mut BackwardIo<F>,
     dq: &mut Tensor<F>,
-    row_max: &mut Tensor<f32>,
-    row_sum: &mut Tensor<f32>,
-    delta: &mut Tensor<f32>,
-    q_offset: u32,
-    k_offset: u32,
-    v_offset: u32,
     dq_offset: u32,
-    scale: f32,
     #[comptime] cfg: BackwardConfig,
 ) {
     let d = cfg.head_dim;
     let dc = comptime!(cfg.dims_per_split());
-    let batch = q.shape(0);
-    let seq = q.shape(1);
-    let heads = q.shape(2);
+    let batch = io.q.shape(0);
+    let seq = io.q.shape(1);
+    let heads = io.q.shape(2);
     if ABSOLUTE_POS < batch * heads * seq * cfg.splits {
-        let split = ABSOLUTE_POS % cfg.splits;
-        let row = ABSOLUTE_POS / cfg.splits;
-        let i = row % seq;
-        let bh = row / seq;
-        let h = bh % heads;
-        let b = bh / heads;
-        let q_at = q_offset as usize + b * q.stride(0) + i * q.stride(1) + h * q.stride(2);
-        let k_row0 = k_offset as usize + b * k.stride(0) + h * k.stride(2);
-        let v_row0 = v_offset as usize + b * v.stride(0) + h * v.stride(2);
-        let o_at = b * d_out.stride(0) + i * d_out.stride(1) + h * d_out.stride(2);
+        let (b, h, i, split) = unit_row(ABSOLUTE_POS, seq, heads, cfg.splits);
+        let q_at =
+            io.q_offset as usize + b * io.q.stride(0) + i * io.q.stride(1) + h * io.q.stride(2);
+        let k_row0 = io.k_offset as usize + b * io.k.stride(0) + h * io.k.stride(2);
+        let v_row0 = io.v_offset as usize + b * io.v.stride(0) + h * io.v.stride(2);
+        let o_at = b * io.d_out.stride(0) + i * io.d_out.stride(1) + h * io.d_out.stride(2);
         // The dQ accumulator (this split's dims) lives in registers, and q_i too when
         // `rows_in_registers`; dO_i is always re-read from memory (the same row every time,
         // so from cache): with it in registers too, ptxas spilled 172 bytes at D = 64 for
@@ -151,7 +164,7 @@ pub fn attention_backward_q<F: Float>(
         if comptime!(cfg.rows_in_registers) {
             #[unroll]
             for c in 0..d {
-                qr[c] = f32::cast_from(q[q_at + c]);
+                qr[c] = f32::cast_from(io.q[q_at + c]);
             }
         }
         #[unroll]
@@ -159,7 +172,7 @@ pub fn attention_backward_q<F: Float>(
             acc[c] = 0.0;
         }
         let d0 = split * dc;
-        let steps = q.shape(3).div_ceil(DOT_STEP);
+        let steps = io.q.shape(3).div_ceil(DOT_STEP);
         let mut end = seq;
         if comptime!(cfg.causal) {
             end = i + 1;
@@ -169,23 +182,10 @@ pub fn attention_backward_q<F: Float>(
         let mut l = f32::new(0.0);
         let mut t = f32::new(0.0);
         for j in 0..end {
-            let k_at = k_row0 + j * k.stride(1);
-            let v_at = v_row0 + j * v.stride(1);
-            let (s, dp) = query_row_dots::<F>(
-                &qr,
-                q,
-                q_at,
-                k,
-                k_at,
-                d_out,
-                o_at,
-                v,
-                v_at,
-                steps,
-                d,
-                cfg.rows_in_registers,
-            );
-            let s = s * scale;
+            let k_at = k_row0 + j * io.k.stride(1);
+            let v_at = v_row0 + j * io.v.stride(1);
+            let (s, dp) = query_row_dots::<F>(&qr, io, q_at, k_at, o_at, v_at, steps, cfg);
+            let s = s * io.scale;
             let m_new = max(m, s);
             let alpha = (m - m_new).exp();
             let e = (s - m_new).exp();
@@ -196,33 +196,20 @@ pub fn attention_backward_q<F: Float>(
         let dl = t / l;
         if split == 0 {
             let stat_at = (b * heads + h) * seq + i;
-            row_max[stat_at] = m;
-            row_sum[stat_at] = l;
-            delta[stat_at] = dl;
+            io.row_max[stat_at] = m;
+            io.row_sum[stat_at] = l;
+            io.delta[stat_at] = dl;
         }
         // Pass 2: dQ over this split's dims.
         for j in 0..end {
-            let k_at = k_row0 + j * k.stride(1);
-            let v_at = v_row0 + j * v.stride(1);
-            let (s, dp) = query_row_dots::<F>(
-                &qr,
-                q,
-                q_at,
-                k,
-                k_at,
-                d_out,
-                o_at,
-                v,
-                v_at,
-                steps,
-                d,
-                cfg.rows_in_registers,
-            );
-            let ds = (s * scale - m).exp() / l * (dp - dl);
+            let k_at = k_row0 + j * io.k.stride(1);
+            let v_at = v_row0 + j * io.v.stride(1);
+            let (s, dp) = query_row_dots::<F>(&qr, io, q_at, k_at, o_at, v_at, steps, cfg);
+            let ds = (s * io.scale - m).exp() / l * (dp - dl);
             #[unroll]
             for c in 0..dc {
                 if d0 + c < d {
-                    acc[c] += ds * f32::cast_from(k[k_at + d0 + c]);
+                    acc[c] += ds * f32::cast_from(io.k[k_at + d0 + c]);
                 }
             }
         }
@@ -230,7 +217,7 @@ pub fn attention_backward_q<F: Float>(
         #[unroll]
         for c in 0..dc {
             if d0 + c < d {
-                dq[dq_at + d0 + c] = F::cast_from(acc[c] * scale);
+                dq[dq_at + d0 + c] = F::cast_from(acc[c] * io.scale);
             }
         }
     }
@@ -239,42 +226,28 @@ pub fn attention_backward_q<F: Float>(
 /// Attention backward, key side: one unit per (b, h, key j), over the queries that see it:
 /// dV_j = Σ_i P_ij dO_i, dK_j = scale · Σ_i P_ij (dO_i·V_j - delta_i) Q_i, with the row
 /// statistics m, l and delta from [`attention_backward_q()`]. Views, layouts and splits as there.
-#[allow(clippy::too_many_arguments)]
 #[cube(launch_unchecked)]
 pub fn attention_backward_kv<F: Float>(
-    q: &Tensor<F>,
-    k: &Tensor<F>,
-    v: &Tensor<F>,
-    d_out: &Tensor<F>,
-    row_max: &Tensor<f32>,
-    row_sum: &Tensor<f32>,
-    delta: &Tensor<f32>,
+    io: &BackwardIo<F>,
     dk: &mut Tensor<F>,
     dv: &mut Tensor<F>,
-    q_offset: u32,
-    k_offset: u32,
-    v_offset: u32,
     dk_offset: u32,
     dv_offset: u32,
-    scale: f32,
     #[comptime] cfg: BackwardConfig,
 ) {
     let d = cfg.head_dim;
     let dc = comptime!(cfg.dims_per_split());
-    let batch = q.shape(0);
-    let seq = q.shape(1);
-    let heads = q.shape(2);
+    let batch = io.q.shape(0);
+    let seq = io.q.shape(1);
+    let heads = io.q.shape(2);
     if ABSOLUTE_POS < batch * heads * seq * cfg.splits {
-        let split = ABSOLUTE_POS % cfg.splits;
-        let row = ABSOLUTE_POS / cfg.splits;
-        let j = row % seq;
-        let bh = row / seq;
-        let h = bh % heads;
-        let b = bh / heads;
-        let k_at = k_offset as usize + b * k.stride(0) + j * k.stride(1) + h * k.stride(2);
-        let v_at = v_offset as usize + b * v.stride(0) + j * v.stride(1) + h * v.stride(2);
-        let q_row0 = q_offset as usize + b * q.stride(0) + h * q.stride(2);
-        let o_row0 = b * d_out.stride(0) + h * d_out.stride(2);
+        let (b, h, j, split) = unit_row(ABSOLUTE_POS, seq, heads, cfg.splits);
+        let k_at =
+            io.k_offset as usize + b * io.k.stride(0) + j * io.k.stride(1) + h * io.k.stride(2);
+        let v_at =
+            io.v_offset as usize + b * io.v.stride(0) + j * io.v.stride(1) + h * io.v.stride(2);
+        let q_row0 = io.q_offset as usize + b * io.q.stride(0) + h * io.q.stride(2);
+        let o_row0 = b * io.d_out.stride(0) + h * io.d_out.stride(2);
         let regs = comptime!(if cfg.rows_in_registers {
             cfg.head_dim
         } else {
@@ -287,8 +260,8 @@ pub fn attention_backward_kv<F: Float>(
         if comptime!(cfg.rows_in_registers) {
             #[unroll]
             for c in 0..d {
-                kr[c] = f32::cast_from(k[k_at + c]);
-                vr[c] = f32::cast_from(v[v_at + c]);
+                kr[c] = f32::cast_from(io.k[k_at + c]);
+                vr[c] = f32::cast_from(io.v[v_at + c]);
             }
         }
         #[unroll]
@@ -297,36 +270,35 @@ pub fn attention_backward_kv<F: Float>(
             gv[c] = 0.0;
         }
         let d0 = split * dc;
-        let steps = q.shape(3).div_ceil(DOT_STEP);
+        let steps = io.q.shape(3).div_ceil(DOT_STEP);
         let mut start = 0usize;
         if comptime!(cfg.causal) {
             start = j;
         }
         for i in start..seq {
-            let q_at = q_row0 + i * q.stride(1);
-            let o_at = o_row0 + i * d_out.stride(1);
+            let q_at = q_row0 + i * io.q.stride(1);
+            let o_at = o_row0 + i * io.d_out.stride(1);
             let stat_at = (b * heads + h) * seq + i;
             let mut s = f32::new(0.0);
             let mut dp = f32::new(0.0);
             if comptime!(cfg.rows_in_registers) {
                 #[unroll]
                 for c in 0..d {
-                    s += f32::cast_from(q[q_at + c]) * kr[c];
-                    dp += f32::cast_from(d_out[o_at + c]) * vr[c];
+                    s += f32::cast_from(io.q[q_at + c]) * kr[c];
+                    dp += f32::cast_from(io.d_out[o_at + c]) * vr[c];
                 }
             } else {
-                let (a, b) =
-                    dots_from_memory::<F>(q, q_at, k, k_at, d_out, o_at, v, v_at, steps, d);
+                let (a, b) = dots_from_memory::<F>(io, q_at, k_at, o_at, v_at, steps, d);
                 s = a;
                 dp = b;
             }
-            let p = (s * scale - row_max[stat_at]).exp() / row_sum[stat_at];
-            let ds = p * (dp - delta[stat_at]);
+            let p = (s * io.scale - io.row_max[stat_at]).exp() / io.row_sum[stat_at];
+            let ds = p * (dp - io.delta[stat_at]);
             #[unroll]
             for c in 0..dc {
                 if d0 + c < d {
-                    gk[c] += ds * f32::cast_from(q[q_at + d0 + c]);
-                    gv[c] += p * f32::cast_from(d_out[o_at + d0 + c]);
+                    gk[c] += ds * f32::cast_from(io.q[q_at + d0 + c]);
+                    gv[c] += p * f32::cast_from(io.d_out[o_at + d0 + c]);
                 }
             }
         }
@@ -335,7 +307,7 @@ pub fn attention_backward_kv<F: Float>(
         #[unroll]
         for c in 0..dc {
             if d0 + c < d {
-                dk[dk_at + d0 + c] = F::cast_from(gk[c] * scale);
+                dk[dk_at + d0 + c] = F::cast_from(gk[c] * io.scale);
                 dv[dv_at + d0 + c] = F::cast_from(gv[c]);
             }
         }

@@ -347,9 +347,24 @@ fn gemm<E: Float + CubeElement>(o: &mut Sink) {
 /// not main (CPU drivers run it), the one-unit-per-row dQ kernel at head dim 128, whose spills
 /// sit in its key loop: the table shows what the loop rule catches.
 fn backward(o: &mut Sink) {
-    use megabyte_kernels::attention::{attention_backward_kv, attention_backward_q};
+    use megabyte_kernels::attention::{
+        attention_backward_kv, attention_backward_q, BackwardIoCompilationArg,
+    };
     use megabyte_kernels::{activation, cross_entropy, embedding, layer_norm, optim, reduce};
     let dim = CubeDim::new_1d(256);
+    let io = || BackwardIoCompilationArg {
+        q: t(),
+        k: t(),
+        v: t(),
+        d_out: t(),
+        row_max: t(),
+        row_sum: t(),
+        delta: t(),
+        q_offset: (),
+        k_offset: (),
+        v_offset: (),
+        scale: (),
+    };
     let plans = plans::backward_plans(&o.profiles);
     let name = |p: &BackwardPlan| {
         format!(
@@ -383,11 +398,11 @@ fn backward(o: &mut Sink) {
             q.head_dim, q.splits
         );
         variant! { o, name_q, main, attention_backward_q::AttentionBackwardQ<f32, W>, dim;
-        t(), t(), t(), t(), t(), t(), t(), t(), (), (), (), (), (), q }
+        io(), t(), (), q }
         if main {
             let name_kv = format!("attention_backward_kv_d{}_s{}_f32", kv.head_dim, kv.splits);
             variant! { o, name_kv, true, attention_backward_kv::AttentionBackwardKv<f32, W>, dim;
-            t(), t(), t(), t(), t(), t(), t(), t(), t(), (), (), (), (), (), (), kv }
+            io(), t(), t(), (), (), kv }
         }
     }
     for act in [ActivationKind::Gelu, ActivationKind::Relu] {

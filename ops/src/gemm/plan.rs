@@ -1,151 +1,14 @@
-//! Launchers for the GEMM with a fused epilogue, its naive baseline, and the linear layer built
-//! on it.
-//!
-//! Operands: `a` is (M, K) or (batch, M, K), `b` is (K, N) or (batch, K, N), each a
-//! [`TensorView`] with any element strides, so a transpose is a view with swapped strides
-//! ([`TensorView::t`]) and a rank-2 operand is broadcast over the other's batch. The output
-//! (and the residual, when given) is a contiguous (M, N) or (batch, M, N) tensor; the bias is
-//! (N). Accumulation and the epilogue run in f32; the result is rounded once to E.
+//! The GEMM's planners: which main loop runs, its tiles and vector widths, and its grid.
 
 use cubecl::prelude::*;
 use megabyte_kernels::activation::ActivationKind;
-use megabyte_kernels::gemm::{
-    gemm as gemm_kernel, gemm_cmma as cmma_kernel, gemm_naive as naive_kernel, CmmaConfig,
-    GemmConfig, GemmIoLaunch, FRAGMENT, STAGE_VECTOR,
-};
+use megabyte_kernels::gemm::{CmmaConfig, GemmConfig, FRAGMENT};
 
-use crate::device::{ensure_dtype, launch_1d};
+use super::{GemmProblem, OP};
 use crate::element::FloatElement;
 use crate::error::OpError;
 use crate::profile::{DeviceProfile, Dtype};
-use crate::tensor::{Tensor, TensorView};
-
-const OP: &str = "gemm";
-
-/// What the GEMM applies to each output element, in this order:
-/// `act(scale · acc + bias[n]) + residual[b, m, n]`.
-pub struct Epilogue<'a, R: Runtime, E> {
-    pub scale: f32,
-    pub bias: Option<&'a Tensor<R, E>>,
-    pub activation: Option<ActivationKind>,
-    pub residual: Option<&'a Tensor<R, E>>,
-}
-
-impl<R: Runtime, E> Default for Epilogue<'_, R, E> {
-    fn default() -> Self {
-        Epilogue {
-            scale: 1.0,
-            bias: None,
-            activation: None,
-            residual: None,
-        }
-    }
-}
-
-impl<'a, R: Runtime, E> Epilogue<'a, R, E> {
-    /// No epilogue: out = A · B.
-    pub fn none() -> Self {
-        Self::default()
-    }
-
-    pub fn scale(self, scale: f32) -> Self {
-        Epilogue { scale, ..self }
-    }
-
-    pub fn bias(self, bias: &'a Tensor<R, E>) -> Self {
-        Epilogue {
-            bias: Some(bias),
-            ..self
-        }
-    }
-
-    pub fn activation(self, act: ActivationKind) -> Self {
-        Epilogue {
-            activation: Some(act),
-            ..self
-        }
-    }
-
-    pub fn residual(self, residual: &'a Tensor<R, E>) -> Self {
-        Epilogue {
-            residual: Some(residual),
-            ..self
-        }
-    }
-}
-
-/// The shape of a GEMM call, independent of data.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct GemmProblem {
-    pub batch: usize,
-    pub m: usize,
-    pub n: usize,
-    pub k: usize,
-}
-
-impl GemmProblem {
-    /// 2·M·N·K per batch entry.
-    pub fn flops(&self) -> f64 {
-        2.0 * self.batch as f64 * self.m as f64 * self.n as f64 * self.k as f64
-    }
-}
-
-/// An operand seen as rank 3 (batch, rows, cols), a broadcast batch having stride 0.
-pub(crate) fn operand<'a, R: Runtime, E>(
-    v: &TensorView<'a, R, E>,
-    batch: usize,
-) -> TensorView<'a, R, E> {
-    let r = v.shape.len();
-    let (rows, cols) = (v.shape[r - 2], v.shape[r - 1]);
-    let (bstride, rs, cs) = if r == 3 {
-        (v.strides[0], v.strides[1], v.strides[2])
-    } else {
-        (0, v.strides[0], v.strides[1])
-    };
-    TensorView {
-        tensor: v.tensor,
-        offset: v.offset,
-        shape: vec![batch, rows, cols],
-        strides: vec![bstride, rs, cs],
-    }
-}
-
-/// Validates a and b; returns the problem and the output shape.
-fn check_operands<R: Runtime, E>(
-    a: &TensorView<R, E>,
-    b: &TensorView<R, E>,
-) -> Result<(GemmProblem, Vec<usize>), OpError> {
-    for (name, t) in [("a", a), ("b", b)] {
-        if t.shape.len() != 2 && t.shape.len() != 3 {
-            return Err(OpError::shape(OP, name, &t.shape, vec![0; 2]));
-        }
-        if t.shape.contains(&0) {
-            return Err(OpError::empty(OP, name, t.shape.clone()));
-        }
-    }
-    let (ra, rb) = (a.shape.len(), b.shape.len());
-    let (m, k) = (a.shape[ra - 2], a.shape[ra - 1]);
-    let n = b.shape[rb - 1];
-    let batch = match (ra, rb) {
-        (3, 3) if a.shape[0] != b.shape[0] => {
-            return Err(OpError::shape(OP, "b", &b.shape, vec![a.shape[0], k, n]))
-        }
-        (3, _) => a.shape[0],
-        (_, 3) => b.shape[0],
-        _ => 1,
-    };
-    if b.shape[rb - 2] != k {
-        let mut expected = b.shape.clone();
-        expected[rb - 2] = k;
-        return Err(OpError::shape(OP, "b", &b.shape, expected));
-    }
-    let out_shape = if ra == 3 || rb == 3 {
-        vec![batch, m, n]
-    } else {
-        vec![m, n]
-    };
-    Ok((GemmProblem { batch, m, n, k }, out_shape))
-}
+use crate::tensor::TensorView;
 
 /// One operand of a GEMM call as the planner sees it: element strides (batch, rows, cols; a
 /// broadcast batch has stride 0) and the element offset of its first element.
@@ -172,7 +35,7 @@ impl OperandLayout {
         }
     }
 
-    fn of<R: Runtime, E>(v: &TensorView<R, E>) -> Self {
+    pub(super) fn of<R: Runtime, E>(v: &TensorView<R, E>) -> Self {
         OperandLayout {
             strides: [v.strides[0], v.strides[1], v.strides[2]],
             offset: v.offset,
@@ -351,6 +214,26 @@ fn operand_vectors(call: &GemmCall, profile: &DeviceProfile) -> OperandVectors {
     }
 }
 
+/// `$config { $fields }` (a [`GemmConfig`] or a [`CmmaConfig`]) with the fields both take from
+/// the call alike: the vector widths and directions [`operand_vectors`] picks and the epilogue
+/// stages.
+macro_rules! with_call {
+    ($config:ident { $($field:ident $(: $value:expr)?),* $(,)? }, $call:expr, $profile:expr) => {{
+        let v = operand_vectors($call, $profile);
+        $config {
+            $($field $(: $value)?,)*
+            vector_a: v.a,
+            a_along_k: v.a_along_k,
+            vector_b: v.b,
+            b_along_k: v.b_along_k,
+            vector_out: v.out,
+            bias: $call.bias,
+            activation: $call.activation,
+            residual: $call.residual,
+        }
+    }};
+}
+
 /// Which GEMM main loop runs. All compute the same function with the same epilogue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GemmKernel {
@@ -466,23 +349,18 @@ pub fn plan_tiled(
         _ if cubes(128, 64) < sms => (64, 64, 16, 8, 8),
         _ => (128, 64, 16, 16, 8),
     };
-    let v = operand_vectors(call, profile);
-    let cfg = GemmConfig {
-        block_m,
-        block_n,
-        block_k,
-        tile_m,
-        tile_n,
-        vector_a: v.a,
-        a_along_k: v.a_along_k,
-        vector_b: v.b,
-        b_along_k: v.b_along_k,
-        vector_out: v.out,
-        bias: call.bias,
-        activation: call.activation,
-        residual: call.residual,
-        registers: kind == GemmKernel::Registers,
-    };
+    let cfg = with_call!(
+        GemmConfig {
+            block_m,
+            block_n,
+            block_k,
+            tile_m,
+            tile_n,
+            registers: kind == GemmKernel::Registers,
+        },
+        call,
+        profile
+    );
     debug_assert!(cfg.is_valid(), "{cfg:?}");
     let smem = cfg.shared_words() * 4;
     if smem > profile.hardware.max_shared_memory_size {
@@ -493,6 +371,21 @@ pub fn plan_tiled(
 
 /// Units per plane the CMMA kernel is written for: a fragment is shared by one 32-lane warp.
 pub(crate) const CMMA_PLANE: usize = 32;
+
+/// The error of a tensor-core plan for `dtype` on a device without its fragments; `auto` is
+/// the kernel choice to use instead.
+pub(crate) fn no_cmma(op: &'static str, dtype: Dtype, auto: &str) -> OpError {
+    OpError::unsupported(
+        op,
+        "tensor-core fragments for element bytes",
+        dtype.bytes(),
+        format!(
+            "this device lists no 16x16x16 {} CMMA with f32 accumulation in 32-unit planes; \
+             use {auto}",
+            dtype.name()
+        ),
+    )
+}
 
 /// True when the device multiplies 16 × 16 × 16 fragments of E with f32 accumulation in
 /// 32-unit planes (CUDA tensor cores for f16 and bf16).
@@ -507,39 +400,25 @@ fn plan_cmma(
     emulated: bool,
 ) -> Result<CmmaConfig, OpError> {
     if !emulated && !profile.cmma(call.dtype) {
-        return Err(OpError::unsupported(
-            OP,
-            "tensor-core fragments for element bytes",
-            call.dtype.bytes(),
-            format!(
-                "this device lists no 16x16x16 {} CMMA with f32 accumulation in 32-unit planes; \
-                 use GemmKernel::Auto",
-                call.dtype.name()
-            ),
-        ));
+        return Err(no_cmma(OP, call.dtype, "GemmKernel::Auto"));
     }
     let p = &call.problem;
     // Few rows (generation): one plane-row of fragments; otherwise 2 × 2 planes of 32 × 32.
     let (block_m, planes_m) = if p.m <= FRAGMENT { (16, 1) } else { (64, 2) };
     let (block_n, planes_n) = if p.m <= FRAGMENT { (64, 4) } else { (64, 2) };
-    let v = operand_vectors(call, profile);
-    let mut cfg = CmmaConfig {
-        block_m,
-        block_n,
-        block_k: 2 * FRAGMENT,
-        planes_m,
-        planes_n,
-        plane_size: CMMA_PLANE,
-        vector_a: v.a,
-        a_along_k: v.a_along_k,
-        vector_b: v.b,
-        b_along_k: v.b_along_k,
-        vector_out: v.out,
-        bias: call.bias,
-        activation: call.activation,
-        residual: call.residual,
-        emulated,
-    };
+    let mut cfg = with_call!(
+        CmmaConfig {
+            block_m,
+            block_n,
+            block_k: 2 * FRAGMENT,
+            planes_m,
+            planes_n,
+            plane_size: CMMA_PLANE,
+            emulated,
+        },
+        call,
+        profile
+    );
     let max_smem = profile.hardware.max_shared_memory_size;
     if cfg.shared_bytes(call.dtype.bytes()) > max_smem {
         cfg.block_k = FRAGMENT;
@@ -550,154 +429,4 @@ fn plan_cmma(
     }
     debug_assert!(cfg.is_valid(), "{cfg:?}");
     Ok(cfg)
-}
-
-/// out = act(scale · a·b + bias) + residual, see the module docs for shapes. `out` must not
-/// alias `a`, `b` or the residual.
-pub fn gemm<R: Runtime, E: FloatElement>(
-    a: &TensorView<R, E>,
-    b: &TensorView<R, E>,
-    out: &Tensor<R, E>,
-    epilogue: &Epilogue<R, E>,
-) -> Result<(), OpError> {
-    gemm_with(GemmKernel::Auto, a, b, out, epilogue)
-}
-
-/// [`gemm`] with a chosen main loop.
-pub fn gemm_with<R: Runtime, E: FloatElement>(
-    kind: GemmKernel,
-    a: &TensorView<R, E>,
-    b: &TensorView<R, E>,
-    out: &Tensor<R, E>,
-    epilogue: &Epilogue<R, E>,
-) -> Result<(), OpError> {
-    let client = out.client();
-    ensure_dtype::<R, E>(client, OP)?;
-    let (p, out_shape) = check_operands(a, b)?;
-    out.expect_shape(OP, "out", &out_shape)?;
-    if let Some(bias) = epilogue.bias {
-        bias.expect_shape(OP, "bias", &[p.n])?;
-    }
-    if let Some(res) = epilogue.residual {
-        res.expect_shape(OP, "residual", &out_shape)?;
-    }
-    let a3 = operand(a, p.batch);
-    let b3 = operand(b, p.batch);
-    let out_view = out.view();
-    let out3 = operand(&out_view, p.batch);
-    let call = GemmCall {
-        problem: p,
-        dtype: E::DTYPE,
-        a: OperandLayout::of(&a3),
-        b: OperandLayout::of(&b3),
-        bias: epilogue.bias.is_some(),
-        activation: epilogue.activation,
-        residual: epilogue.residual.is_some(),
-    };
-    crate::record::note(|| crate::record::Planned::Gemm(call));
-    let plan = plan(kind, &call, &DeviceProfile::of(client))?;
-    let (count, dim) = (grid(&p, plan.block())?, plan.cube_dim());
-    // The operands; each kernel's vector sizes are types of its own, so each arm builds them.
-    macro_rules! io {
-        () => {
-            GemmIoLaunch::new(
-                a3.arg(),
-                b3.arg(),
-                epilogue.bias.unwrap_or(out).arg(),
-                epilogue.residual.map_or_else(|| out3.arg(), |r| r.arg()),
-                out3.arg(),
-                a3.offset,
-                b3.offset,
-                epilogue.scale,
-            )
-        };
-    }
-    match plan {
-        // SAFETY: as for the tiled kernel below; in addition every fragment's shared-memory
-        // rows lie inside the tiles (`CmmaConfig::is_valid`) and the device has the fragment
-        // shape (`plan_cmma` checks, unless emulated).
-        GemmPlan::Cmma(cfg) => unsafe {
-            cmma_kernel::launch_unchecked::<E, R>(
-                client,
-                count,
-                dim,
-                cfg.vector_a,
-                cfg.vector_b,
-                cfg.vector_out,
-                io!(),
-                cfg,
-            );
-        },
-        // SAFETY: operands were shape-checked and their views bounds-checked when made; vector
-        // widths divide every length, stride and offset they step over (see `plan`); loads
-        // outside (M, N, K) are masked in the kernel and stores outside (M, N) skipped; every
-        // unit of a cube reaches every barrier.
-        GemmPlan::Tiled(cfg) => unsafe {
-            gemm_kernel::launch_unchecked::<E, R>(
-                client,
-                count,
-                dim,
-                cfg.vector_a,
-                cfg.vector_b,
-                cfg.vector_out,
-                STAGE_VECTOR,
-                io!(),
-                cfg,
-            );
-        },
-    }
-    Ok(())
-}
-
-/// a·b into a new tensor (shapes as in [`gemm`]).
-pub fn matmul<R: Runtime, E: FloatElement>(
-    a: &TensorView<R, E>,
-    b: &TensorView<R, E>,
-) -> Result<Tensor<R, E>, OpError> {
-    let (_, shape) = check_operands(a, b)?;
-    let out = Tensor::empty(a.tensor.client(), &shape)?;
-    gemm(a, b, &out, &Epilogue::none())?;
-    Ok(out)
-}
-
-/// A linear layer over the last dim: x (rows, in) · weight (in, out) + bias, then the
-/// activation, into a new (rows, out) tensor.
-pub fn linear<R: Runtime, E: FloatElement>(
-    x: &Tensor<R, E>,
-    weight: &Tensor<R, E>,
-    bias: Option<&Tensor<R, E>>,
-    activation: Option<ActivationKind>,
-) -> Result<Tensor<R, E>, OpError> {
-    let (_, shape) = check_operands(&x.view(), &weight.view())?;
-    let out = Tensor::empty(x.client(), &shape)?;
-    let epi = Epilogue {
-        scale: 1.0,
-        bias,
-        activation,
-        residual: None,
-    };
-    gemm(&x.view(), &weight.view(), &out, &epi)?;
-    Ok(out)
-}
-
-/// The naive baseline: one unit per output element, f32 dot products, no epilogue.
-pub fn gemm_naive<R: Runtime, E: FloatElement>(
-    a: &TensorView<R, E>,
-    b: &TensorView<R, E>,
-    out: &Tensor<R, E>,
-) -> Result<(), OpError> {
-    let client = out.client();
-    ensure_dtype::<R, E>(client, OP)?;
-    let (p, out_shape) = check_operands(a, b)?;
-    out.expect_shape(OP, "out", &out_shape)?;
-    let a3 = operand(a, p.batch);
-    let b3 = operand(b, p.batch);
-    let out_view = out.view();
-    let out3 = operand(&out_view, p.batch);
-    // SAFETY: shapes checked; every unit guards on `out.len()` and reads inside the views.
-    unsafe {
-        launch_1d!(naive_kernel::launch_unchecked::<E, R>[client, out.len()]
-            a3.arg(), b3.arg(), out3.arg(), a3.offset, b3.offset);
-    }
-    Ok(())
 }
