@@ -134,21 +134,7 @@ pub fn block_backward(
     nh: usize,
 ) {
     let (n, hs, hidden) = (b * t, c / nh, w.fc1.bias.len());
-    let Activations {
-        x1,
-        mean1,
-        rstd1,
-        q,
-        k,
-        v,
-        y,
-        h_mid,
-        x2,
-        mean2,
-        rstd2,
-        u,
-        z,
-    } = Activations::of(h_in, w, act, b, t, c, nh);
+    let s = Activations::of(h_in, w, act, b, t, c, nh);
 
     // FFN sublayer: h_out = h_mid + fc2(act(fc1(LN2(h_mid)))).
     let mut dz = vec![0f32; n * hidden];
@@ -157,21 +143,21 @@ pub fn block_backward(
         &mut grads.fc2.weight,
         Some(&mut grads.fc2.bias),
         d_h,
-        &z,
+        &s.z,
         &w.fc2.weight,
         n,
         hidden,
         c,
     );
     let mut du = vec![0f32; n * hidden];
-    activation_backward(act, &mut du, &u, &dz);
+    activation_backward(act, &mut du, &s.u, &dz);
     let mut dx2 = vec![0f32; n * c];
     linear_backward(
         &mut dx2,
         &mut grads.fc1.weight,
         Some(&mut grads.fc1.bias),
         &du,
-        &x2,
+        &s.x2,
         &w.fc1.weight,
         n,
         c,
@@ -183,10 +169,10 @@ pub fn block_backward(
         &mut grads.ln2.weight,
         &mut grads.ln2.bias,
         &dx2,
-        &h_mid,
+        &s.h_mid,
         &w.ln2.weight,
-        &mean2,
-        &rstd2,
+        &s.mean2,
+        &s.rstd2,
         n,
         c,
     );
@@ -199,7 +185,7 @@ pub fn block_backward(
         &mut grads.proj.weight,
         Some(&mut grads.proj.bias),
         &d_mid,
-        &y,
+        &s.y,
         &w.proj.weight,
         n,
         c,
@@ -207,12 +193,12 @@ pub fn block_backward(
     );
     let (mut dq, mut dk, mut dv) = (vec![0f32; n * c], vec![0f32; n * c], vec![0f32; n * c]);
     attention_backward(
-        &mut dq, &mut dk, &mut dv, &dy, &q, &k, &v, b, t, nh, hs, true,
+        &mut dq, &mut dk, &mut dv, &dy, &s.q, &s.k, &s.v, b, t, nh, hs, true,
     );
     let mut dqkv = vec![0f32; n * 3 * c];
     for r in 0..n {
-        for (s, part) in [&dq, &dk, &dv].into_iter().enumerate() {
-            dqkv[r * 3 * c + s * c..][..c].copy_from_slice(&part[r * c..][..c]);
+        for (i, part) in [&dq, &dk, &dv].into_iter().enumerate() {
+            dqkv[r * 3 * c + i * c..][..c].copy_from_slice(&part[r * c..][..c]);
         }
     }
     let mut dx1 = vec![0f32; n * c];
@@ -221,7 +207,7 @@ pub fn block_backward(
         &mut grads.qkv.weight,
         Some(&mut grads.qkv.bias),
         &dqkv,
-        &x1,
+        &s.x1,
         &w.qkv.weight,
         n,
         c,
@@ -235,8 +221,8 @@ pub fn block_backward(
         &dx1,
         h_in,
         &w.ln1.weight,
-        &mean1,
-        &rstd1,
+        &s.mean1,
+        &s.rstd1,
         n,
         c,
     );

@@ -72,8 +72,9 @@ impl FlashCmmaConfig {
 }
 
 /// Stages rows `pos0..pos0 + rows` of one head of a (B, S, H, D) view into `smem` as F,
-/// row-major with row stride `dp` (D padded to a multiple of 16). Rows past `seq`, and the
-/// padding dims D..dp, stage as zero. `base` is the element offset of (b, row 0, h).
+/// row-major with row stride `dp` (D padded to a multiple of 16), with the cube's units in
+/// vectors of N = `cfg.vector`. Rows past `seq`, and the padding dims D..dp, stage as zero.
+/// `base` is the element offset of (b, row 0, h).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn stage_head_rows<F: Float, N: Size>(
@@ -84,11 +85,12 @@ fn stage_head_rows<F: Float, N: Size>(
     pos0: usize,
     seq: usize,
     #[comptime] rows: usize,
-    #[comptime] d: usize,
-    #[comptime] dp: usize,
-    #[comptime] nv: usize,
-    #[comptime] units: usize,
+    #[comptime] cfg: FlashCmmaConfig,
 ) {
+    let d = cfg.head_dim;
+    let dp = comptime!(cfg.padded_dim());
+    let nv = cfg.vector;
+    let units = comptime!(cfg.units());
     let per_row = comptime!(dp / nv);
     let tasks = comptime!(rows * dp / nv);
     for l in 0..comptime!(tasks.div_ceil(units)) {
@@ -126,7 +128,6 @@ pub fn flash_attention_cmma<F: Float, N: Size>(
     let f = FRAGMENT;
     let bq = comptime!(cfg.block_q());
     let bk = cfg.block_k;
-    let d = cfg.head_dim;
     let dp = comptime!(cfg.padded_dim());
     let nv = cfg.vector;
     let units = comptime!(cfg.units());
@@ -167,19 +168,7 @@ pub fn flash_attention_cmma<F: Float, N: Size>(
         let q_base = io.q_offset as usize + b * io.q.stride(0) + h * io.q.stride(2);
         let k_base = io.k_offset as usize + b * io.k.stride(0) + h * io.k.stride(2);
         let v_base = io.v_offset as usize + b * io.v.stride(0) + h * io.v.stride(2);
-        stage_head_rows::<F, N>(
-            &io.q,
-            &mut q_s,
-            q_base,
-            io.q.stride(1),
-            q0,
-            seq,
-            bq,
-            d,
-            dp,
-            nv,
-            units,
-        );
+        stage_head_rows::<F, N>(&io.q, &mut q_s, q_base, io.q.stride(1), q0, seq, bq, cfg);
         for l in 0..comptime!((bq * dp).div_ceil(units)) {
             let e = l * units + UNIT_POS as usize;
             if e < bq * dp {
@@ -196,32 +185,8 @@ pub fn flash_attention_cmma<F: Float, N: Size>(
         let mut tile = 0;
         while tile < n_tiles {
             let k0 = tile * bk;
-            stage_head_rows::<F, N>(
-                &io.k,
-                &mut k_s,
-                k_base,
-                io.k.stride(1),
-                k0,
-                seq,
-                bk,
-                d,
-                dp,
-                nv,
-                units,
-            );
-            stage_head_rows::<F, N>(
-                &io.v,
-                &mut v_s,
-                v_base,
-                io.v.stride(1),
-                k0,
-                seq,
-                bk,
-                d,
-                dp,
-                nv,
-                units,
-            );
+            stage_head_rows::<F, N>(&io.k, &mut k_s, k_base, io.k.stride(1), k0, seq, bk, cfg);
+            stage_head_rows::<F, N>(&io.v, &mut v_s, v_base, io.v.stride(1), k0, seq, bk, cfg);
             sync_cube();
 
             // S = Q Kᵀ for the plane's 16 rows: K is staged [key][d], which is Kᵀ column-major.

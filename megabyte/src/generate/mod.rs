@@ -75,12 +75,7 @@ pub trait StepDecoder {
 /// Checks that a call gives `len` = one item per batch row.
 fn one_per_row(len: usize, batch: usize) -> Result<(), Error> {
     if len != batch {
-        return Err(InputError::InputLength {
-            len,
-            batch,
-            seq: 1,
-        }
-        .into());
+        return Err(InputError::InputLength { len, batch, seq: 1 }.into());
     }
     Ok(())
 }
