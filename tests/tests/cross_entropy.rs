@@ -85,12 +85,12 @@ impl KernelCase for Case {
             nv_z.extend(z32.iter().map(|&z| round::<E>(z as f64)));
         }
         // Losses and lse are f32 outputs computed from E inputs: the f32 rule applies.
-        check::<f32>(&case, "loss", &read_f64(&loss), &nv_loss, &ref_loss)
+        check::<f32>(case, "loss", &read_f64(&loss), &nv_loss, &ref_loss)
             .unwrap_or_else(|e| panic!("{e}"));
-        check::<f32>(&case, "lse", &read_f64(&lse), &nv_lse, &ref_lse)
+        check::<f32>(case, "lse", &read_f64(&lse), &nv_lse, &ref_lse)
             .unwrap_or_else(|e| panic!("{e}"));
         if write_logits {
-            check::<E>(&case, "logits", &read_f64(&logits), &nv_z, &ref_z)
+            check::<E>(case, "logits", &read_f64(&logits), &nv_z, &ref_z)
                 .unwrap_or_else(|e| panic!("{e}"));
         }
     }

@@ -296,7 +296,7 @@ fn ptxas(tools: &Path, ptx: &str, dir: &Path, name: &str) -> Result<Resources, S
     let cubin = dir.join(format!("{name}.cubin"));
     std::fs::write(&ptx_path, ptx).map_err(|e| e.to_string())?;
     let log = run_tool(
-        &tools.join("nvidia/cuda_nvcc/bin/ptxas"),
+        tools.join("nvidia/cuda_nvcc/bin/ptxas"),
         &[
             "-arch=sm_90".as_ref(),
             "-v".as_ref(),
@@ -306,7 +306,7 @@ fn ptxas(tools: &Path, ptx: &str, dir: &Path, name: &str) -> Result<Resources, S
         ],
     )?;
     let sass = run_tool(
-        &tools.join("nvidia/cu13/bin/nvdisasm"),
+        tools.join("nvidia/cu13/bin/nvdisasm"),
         &["-c".as_ref(), cubin.as_os_str()],
     )?;
     std::fs::write(dir.join(format!("{name}.sass")), &sass).map_err(|e| e.to_string())?;

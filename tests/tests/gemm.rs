@@ -243,7 +243,7 @@ fn run_case<E: FloatElement>(client: &ComputeClient<TestRuntime>, c: Case, name:
             })
         })
         .collect();
-    check::<E>(&name, "out", &got, &naive, &reference).unwrap_or_else(|e| panic!("{e}"));
+    check::<E>(name, "out", &got, &naive, &reference).unwrap_or_else(|e| panic!("{e}"));
 }
 
 fn plain(m: usize, n: usize, k: usize) -> Case {

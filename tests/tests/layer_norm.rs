@@ -99,9 +99,9 @@ impl KernelCase for Case {
             nm.push(m);
             nr.push(s);
         }
-        check::<E>(&case, "out", &read_f64(&out), &no, &ro).unwrap_or_else(|e| panic!("{e}"));
-        check::<f32>(&case, "mean", &read_f64(&mean), &nm, &rm).unwrap_or_else(|e| panic!("{e}"));
-        check::<f32>(&case, "rstd", &read_f64(&rstd), &nr, &rr).unwrap_or_else(|e| panic!("{e}"));
+        check::<E>(case, "out", &read_f64(&out), &no, &ro).unwrap_or_else(|e| panic!("{e}"));
+        check::<f32>(case, "mean", &read_f64(&mean), &nm, &rm).unwrap_or_else(|e| panic!("{e}"));
+        check::<f32>(case, "rstd", &read_f64(&rstd), &nr, &rr).unwrap_or_else(|e| panic!("{e}"));
     }
 }
 

@@ -102,7 +102,7 @@ impl KernelCase for Case {
                 naive.push(round::<E>((dot + prev[o] + pos) as f64));
             }
         }
-        check::<E>(&case, "out", &read_f64(&out), &naive, &reference)
+        check::<E>(case, "out", &read_f64(&out), &naive, &reference)
             .unwrap_or_else(|e| panic!("{e}"));
     }
 }

@@ -52,7 +52,7 @@ impl KernelCase for Case {
         // implementation's one f32 add, rounded to E, is that value rounded to E.
         let reference: Vec<f64> = expected.iter().map(|&v| v as f64).collect();
         let naive: Vec<f64> = expected.iter().map(|&v| round::<E>(v as f64)).collect();
-        check::<E>(&case, "out", &read_f64(&out), &naive, &reference)
+        check::<E>(case, "out", &read_f64(&out), &naive, &reference)
             .unwrap_or_else(|e| panic!("{e}"));
     }
 }
