@@ -209,6 +209,14 @@ fn cached_decoding_matches_the_full_forward() {
     // step's stacks run as several launches (patch input and final LayerNorm, local input and
     // logits, split over layer ranges).
     decode_case(&wide_deep(), 1, 5, 14);
+    // Auto feeds a short prompt's patches through fused steps and a long one's (32 patches or
+    // more) through the one-pass blocks, then steps either way.
+    decode_case_with(&Config::tiny(), 2, 9, 15, DecodeKernel::Auto);
+    let long = Config {
+        context: 96,
+        ..config(2, 8, 16, (1, 1), (2, 2), 0)
+    };
+    decode_case_with(&long, 1, 70, 16, DecodeKernel::Auto);
 }
 
 /// Global stack 384 wide (6 heads) and 5 deep, local stack 256 wide (4 heads) and 9 deep.

@@ -28,6 +28,13 @@ const BATCH_HINT: &str = "decode fewer sequences at once (--samples)";
 const PREFILL_HINT: &str =
     "decode fewer sequences at once (--samples) or start from a shorter prompt";
 
+/// Most complete prompt patches that [`DecodeKernel::Auto`] feeds through the global stack
+/// as fused steps, one launch each; longer prompts go through the forward's blocks in one
+/// pass. Steps launch only the kernel that decoding launches anyway: on a CPU driver, where
+/// each new kernel is compiled at its first launch, the one-pass blocks cost seconds before
+/// the first byte.
+const STEP_PREFILL_PATCHES: usize = 32;
+
 /// How a decoding step runs the blocks of one stack.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum DecodeKernel {
@@ -45,6 +52,7 @@ pub enum DecodeKernel {
 pub struct Decoder<'m, R: Runtime, E: FloatElement> {
     model: &'m Model<R, E>,
     batch: usize,
+    kernel: DecodeKernel,
     /// Each stack's packed parameters, when its steps use the fused kernel.
     global_fused: Option<PackedStack<R, E>>,
     local_fused: Option<PackedStack<R, E>>,
@@ -63,6 +71,8 @@ pub struct Decoder<'m, R: Runtime, E: FloatElement> {
     local_in: Tensor<R, E>,
     local_row: Tensor<R, E>,
     logits: Tensor<R, E>,
+    /// Where host-sampled local steps write the argmax they compute anyway, (B, 1).
+    argmax: Tensor<R, u32>,
     loss: Tensor<R, f32>,
     lse: Tensor<R, f32>,
     targets: Tensor<R, u32>,
@@ -144,6 +154,7 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
         Ok(Decoder {
             model,
             batch,
+            kernel,
             global_fused,
             local_fused,
             global_fused_keys,
@@ -169,6 +180,7 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
             local_in: Tensor::empty(client, &[batch, p, dl])?,
             local_row: Tensor::empty(client, &[batch, dl])?,
             logits: Tensor::empty(client, &[batch, v])?,
+            argmax: Tensor::empty(client, &[batch, 1])?,
             loss: Tensor::empty(client, &[batch])?,
             lse: Tensor::empty(client, &[batch])?,
             targets: Tensor::from_ids(client, &vec![0; batch], &[batch])?,
@@ -187,20 +199,61 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
     }
 
     /// Restarts from `prompts` (one per batch row, all of the same length n, possibly 0) and
-    /// returns the logits (B, V) of byte n. The complete patches of the prompt go through the
-    /// global model in one pass that fills its cache; the bytes of the last, partial patch go
-    /// through the local model one by one.
+    /// returns the logits (B, V) of byte n. The pad and the complete patches of the prompt fill
+    /// the global cache as fused steps, one per patch (with [`DecodeKernel::Fused`], and with
+    /// `Auto` below 32 patches), or in one pass of the forward's blocks;
+    /// the bytes of the last, partial patch go through the local model one by one.
     pub fn start(&mut self, prompts: &[&[u8]]) -> Result<Vec<f32>, Error> {
         let cfg = self.model.config().clone();
         let (b, p) = (self.batch, cfg.patch);
         let n = check_start(prompts, b, cfg.context)?;
+        // Global positions 0 ..= kc from the kc complete patches.
+        let kc = n / p;
+        let by_steps = match self.kernel {
+            DecodeKernel::Fused => true,
+            DecodeKernel::Auto => kc < STEP_PREFILL_PATCHES,
+            DecodeKernel::Unfused => false,
+        };
+        if by_steps && self.global_fused.is_some() && kc < self.global_fused_keys {
+            self.global_pad_step()?;
+            for k in 1..=kc {
+                for (row, q) in prompts.iter().enumerate() {
+                    let patch = &q[(k - 1) * p..k * p];
+                    for (i, &x) in patch.iter().enumerate() {
+                        self.patch_bytes[row * p + i] = x as u32;
+                    }
+                }
+                self.global(k)?;
+            }
+        } else {
+            self.prefill(prompts, kc)?;
+        }
+
+        // The partial patch through the local model, then the logits of byte n.
+        self.patch_bytes.fill(0);
+        for (row, q) in prompts.iter().enumerate() {
+            for (i, &x) in q[kc * p..].iter().enumerate() {
+                self.patch_bytes[row * p + i] = x as u32;
+            }
+        }
+        let r = n - kc * p;
+        for i in 0..r {
+            self.local(i, false)?;
+        }
+        self.pos = n;
+        self.local(r, true)
+    }
+
+    /// Global positions 0 ..= kc from the first kc patches of `prompts` in one pass of the
+    /// forward's blocks, which fills the global cache and leaves the current patch's g.
+    fn prefill(&mut self, prompts: &[&[u8]], kc: usize) -> Result<(), Error> {
+        let cfg = self.model.config().clone();
+        let (b, p) = (self.batch, cfg.patch);
         let client = self.model.client().clone();
         let w = &self.model.w;
         let act = activation_kind(cfg.activation);
         let wg = cfg.global_width();
 
-        // Global positions 0 ..= kc from the kc complete patches, in one pass.
-        let kc = n / p;
         let history: Vec<u32> = prompts
             .iter()
             .flat_map(|q| q[..kc * p].iter().map(|&x| x as u32))
@@ -250,20 +303,43 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
             mean,
             rstd,
         )?;
+        Ok(())
+    }
 
-        // The partial patch through the local model, then the logits of byte n.
-        self.patch_bytes.fill(0);
-        for (row, q) in prompts.iter().enumerate() {
-            for (i, &x) in q[kc * p..].iter().enumerate() {
-                self.patch_bytes[row * p + i] = x as u32;
-            }
-        }
-        let r = n - kc * p;
-        for i in 0..r {
-            self.local(i, false)?;
-        }
-        self.pos = n;
-        self.local(r, true)
+    /// Global position 0, the pad (which reads no byte), as a fused step of the same launch
+    /// configuration as every other global step: its patch input reads the pad as a table of
+    /// P rows (ids 0 .. P) and adds zero positions.
+    fn global_pad_step(&mut self) -> Result<(), Error> {
+        let cfg = self.model.config();
+        let (b, p, dg, wg) = (self.batch, cfg.patch, cfg.d_global, cfg.global_width());
+        let client = self.model.client();
+        let w = &self.model.w;
+        let table = w.global_pad.clone().reshape(&[p, dg])?;
+        let zeros = Tensor::<R, E>::from_f32(client, &vec![0.0; p * dg], &[p, dg])?;
+        let slots: Vec<u32> = (0..b * p).map(|i| (i % p) as u32).collect();
+        let ids = Tensor::from_ids(client, &slots, &[b, p])?;
+        let input = StepInput::Patch(PatchInputStep {
+            embed: &table,
+            positions: &zeros,
+            ids: &ids,
+            first_byte: 0,
+        });
+        let stack = self.global_fused.as_ref().expect("checked by the caller");
+        let g = self.g.clone().reshape(&[b, wg])?;
+        let h = Tensor::<R, E>::empty(client, &[b, wg])?;
+        let cache = &self.global_cache[0];
+        let act = activation_kind(cfg.activation);
+        decode_stack(
+            &h,
+            stack,
+            &cache.k,
+            &cache.v,
+            0,
+            act,
+            &input,
+            &StepOutput::Norm(&g),
+        )?;
+        Ok(())
     }
 
     /// Appends one byte per batch row at the current position and returns the logits (B, V)
@@ -467,16 +543,21 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
     fn local_fused(&mut self, p: usize, want_logits: bool) -> Result<Vec<f32>, Error> {
         let (b, patch) = (self.batch, self.model.config().patch);
         let ids = Tensor::from_ids(self.model.client(), &self.patch_bytes, &[b, patch])?;
-        if !want_logits {
-            self.local_fused_step(p, &ids, None)?;
-            return Ok(Vec::new());
-        }
+        // The logits even when they are not read, and their argmax into a scratch slot: one
+        // launch configuration for every local step, of a prompt, sampled or greedy (each
+        // configuration is compiled at its first launch). The argmax also lands in this
+        // call's copy of the patch bytes, which is dropped.
         let w = &self.model.w;
-        let out = StepOutput::Logits {
+        let out = StepOutput::Argmax {
             table: w.head_table(),
             logits: &self.logits,
+            generated: &self.argmax,
+            at: 0,
         };
         self.launch_local(p, &ids, &out)?;
+        if !want_logits {
+            return Ok(Vec::new());
+        }
         Ok(self.logits.to_f32_vec()?)
     }
 
