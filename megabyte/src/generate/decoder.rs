@@ -217,12 +217,7 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
         if by_steps && self.global_fused.is_some() && kc < self.global_fused_keys {
             self.global_pad_step()?;
             for k in 1..=kc {
-                for (row, q) in prompts.iter().enumerate() {
-                    let patch = &q[(k - 1) * p..k * p];
-                    for (i, &x) in patch.iter().enumerate() {
-                        self.patch_bytes[row * p + i] = x as u32;
-                    }
-                }
+                self.load_patch(prompts, k - 1);
                 self.global(k)?;
             }
         } else {
@@ -230,18 +225,25 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
         }
 
         // The partial patch through the local model, then the logits of byte n.
-        self.patch_bytes.fill(0);
-        for (row, q) in prompts.iter().enumerate() {
-            for (i, &x) in q[kc * p..].iter().enumerate() {
-                self.patch_bytes[row * p + i] = x as u32;
-            }
-        }
+        self.load_patch(prompts, kc);
         let r = n - kc * p;
         for i in 0..r {
             self.local(i, false)?;
         }
         self.pos = n;
         self.local(r, true)
+    }
+
+    /// Sets `patch_bytes` to patch `patch` of each prompt: its bytes, zeros past the prompt's end.
+    fn load_patch(&mut self, prompts: &[&[u8]], patch: usize) {
+        let p = self.model.config().patch;
+        self.patch_bytes.fill(0);
+        for (row, q) in prompts.iter().enumerate() {
+            let bytes = &q[(patch * p).min(q.len())..((patch + 1) * p).min(q.len())];
+            for (i, &x) in bytes.iter().enumerate() {
+                self.patch_bytes[row * p + i] = x as u32;
+            }
+        }
     }
 
     /// Global positions 0 ..= kc from the first kc patches of `prompts` in one pass of the
@@ -311,7 +313,7 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
     /// P rows (ids 0 .. P) and adds zero positions.
     fn global_pad_step(&mut self) -> Result<(), Error> {
         let cfg = self.model.config();
-        let (b, p, dg, wg) = (self.batch, cfg.patch, cfg.d_global, cfg.global_width());
+        let (b, p, dg) = (self.batch, cfg.patch, cfg.d_global);
         let client = self.model.client();
         let w = &self.model.w;
         let table = w.global_pad.clone().reshape(&[p, dg])?;
@@ -324,9 +326,17 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
             ids: &ids,
             first_byte: 0,
         });
+        self.launch_global(0, &input)
+    }
+
+    /// The fused global step at global position k with its patch input: every global block
+    /// against the cache, the normalised output into `g`.
+    fn launch_global(&self, k: usize, input: &StepInput<R, E>) -> Result<(), Error> {
+        let cfg = self.model.config();
+        let (b, wg) = (self.batch, cfg.global_width());
         let stack = self.global_fused.as_ref().expect("checked by the caller");
         let g = self.g.clone().reshape(&[b, wg])?;
-        let h = Tensor::<R, E>::empty(client, &[b, wg])?;
+        let h = Tensor::<R, E>::empty(self.model.client(), &[b, wg])?;
         let cache = &self.global_cache[0];
         let act = activation_kind(cfg.activation);
         decode_stack(
@@ -334,9 +344,9 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
             stack,
             &cache.k,
             &cache.v,
-            0,
+            k,
             act,
-            &input,
+            input,
             &StepOutput::Norm(&g),
         )?;
         Ok(())
@@ -447,23 +457,14 @@ impl<'m, R: Runtime, E: FloatElement> Decoder<'m, R, E> {
         let client = self.model.client();
         let w = &self.model.w;
         let act = activation_kind(cfg.activation);
-        let fused = self
-            .global_fused
-            .as_ref()
-            .filter(|_| k < self.global_fused_keys);
-        if let Some(stack) = fused {
+        if self.global_fused.is_some() && k < self.global_fused_keys {
             let input = StepInput::Patch(PatchInputStep {
                 embed: &w.global_embed,
                 positions: &w.global_pos,
                 ids,
                 first_byte: (k - 1) * p,
             });
-            let g = self.g.clone().reshape(&[b, wg])?;
-            let h = Tensor::<R, E>::empty(client, &[b, wg])?;
-            let cache = &self.global_cache[0];
-            let out = StepOutput::Norm(&g);
-            decode_stack(&h, stack, &cache.k, &cache.v, k, act, &input, &out)?;
-            return Ok(());
+            return self.launch_global(k, &input);
         }
         let h = Tensor::<R, E>::empty(client, &[b, 1, wg])?;
         patch_embed_window(

@@ -220,64 +220,44 @@ impl<'m, M: DecodeModel> Generator<'m, M> {
     pub fn generate(
         &self,
         prompts: &[&[u8]],
-        on_byte: impl FnMut(usize, u8),
+        mut on_byte: impl FnMut(usize, u8),
     ) -> Result<Vec<Vec<u8>>, Error> {
-        let cfg = self.model.config();
-        let new_decoder = |batch| self.model.decoder(batch, self.kernel);
-        generate_with(
-            cfg.context,
-            cfg.vocab,
-            &self.options,
-            prompts,
-            on_byte,
-            new_decoder,
-        )
-    }
-}
-
-/// [`Generator::generate`]'s loop: checks the prompts against the context, groups them by
-/// length (first-appearance order), and decodes each group with a decoder of its size from
-/// `new_decoder`, sampling row i with seed `sampling.seed + i`.
-fn generate_with<D: StepDecoder>(
-    context: usize,
-    vocab: usize,
-    options: &GenerateOptions,
-    prompts: &[&[u8]],
-    mut on_byte: impl FnMut(usize, u8),
-    mut new_decoder: impl FnMut(usize) -> Result<D, Error>,
-) -> Result<Vec<Vec<u8>>, Error> {
-    for q in prompts {
-        if q.len().saturating_add(options.max_new) > context {
-            return Err(InputError::PromptTooLong {
-                prompt: q.len(),
-                new: options.max_new,
-                context,
+        let (context, vocab) = (self.model.config().context, self.model.config().vocab);
+        let options = &self.options;
+        for q in prompts {
+            if q.len().saturating_add(options.max_new) > context {
+                return Err(InputError::PromptTooLong {
+                    prompt: q.len(),
+                    new: options.max_new,
+                    context,
+                }
+                .into());
             }
-            .into());
         }
-    }
-    let mut outputs = vec![Vec::new(); prompts.len()];
-    if options.max_new == 0 {
-        return Ok(outputs);
-    }
-    let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
-    for (i, q) in prompts.iter().enumerate() {
-        match groups.iter_mut().find(|(n, _)| *n == q.len()) {
-            Some((_, rows)) => rows.push(i),
-            None => groups.push((q.len(), vec![i])),
+        let mut outputs = vec![Vec::new(); prompts.len()];
+        if options.max_new == 0 {
+            return Ok(outputs);
         }
+        // Group prompts by length, keeping first-appearance order.
+        let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
+        for (i, q) in prompts.iter().enumerate() {
+            match groups.iter_mut().find(|(n, _)| *n == q.len()) {
+                Some((_, rows)) => rows.push(i),
+                None => groups.push((q.len(), vec![i])),
+            }
+        }
+        for (_, rows) in groups {
+            let mut decoder = self.model.decoder(rows.len(), self.kernel)?;
+            let group = Group {
+                vocab,
+                options,
+                prompts,
+                rows: &rows,
+            };
+            group.decode(&mut decoder, &mut outputs, &mut on_byte)?;
+        }
+        Ok(outputs)
     }
-    for (_, rows) in groups {
-        let mut decoder = new_decoder(rows.len())?;
-        let group = Group {
-            vocab,
-            options,
-            prompts,
-            rows: &rows,
-        };
-        group.decode(&mut decoder, &mut outputs, &mut on_byte)?;
-    }
-    Ok(outputs)
 }
 
 /// Prompts of one length, decoded as one batch: `rows` are their indices in `prompts`.
