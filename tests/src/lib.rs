@@ -224,7 +224,8 @@ pub trait KernelCase: std::fmt::Debug {
 
 /// Runs every case in E on the test device (skipped outside CI when there is none); a case
 /// with an expected plan must launch it (planned with the device's own profile, as the
-/// launchers plan).
+/// launchers plan). With `MEGABYTE_CASE_TIMES` set, prints each case's wall time (run with
+/// `--nocapture`), to find what makes a test binary slow.
 pub fn run_cases<E: FloatElement, C: KernelCase>(
     cases: impl FnOnce(Dtype, &DeviceProfile) -> Vec<C>,
 ) {
@@ -233,21 +234,26 @@ pub fn run_cases<E: FloatElement, C: KernelCase>(
         let profile = DeviceProfile::of(&client);
         let cases = cases(dtype, &profile);
         assert!(!cases.is_empty(), "no {} cases", E::NAME);
+        let timed = std::env::var_os("MEGABYTE_CASE_TIMES").is_some();
         for case in cases {
             let name = format!("{} {case:?}", E::NAME);
-            let Some(expected) = case.expect() else {
+            let start = std::time::Instant::now();
+            if let Some(expected) = case.expect() {
+                let run = || case.run::<E>(&client, &name);
+                let ((), log) = megabyte_ops::record::recording_this_thread(run);
+                let launched: Vec<C::Plan> =
+                    log.iter().filter_map(|c| C::planned(c, &profile)).collect();
+                assert!(
+                    launched.contains(expected),
+                    "{name}: expected plan {expected:?} on {}, launched {launched:?}",
+                    profile.name
+                );
+            } else {
                 case.run::<E>(&client, &name);
-                continue;
-            };
-            let run = || case.run::<E>(&client, &name);
-            let ((), log) = megabyte_ops::record::recording_this_thread(run);
-            let launched: Vec<C::Plan> =
-                log.iter().filter_map(|c| C::planned(c, &profile)).collect();
-            assert!(
-                launched.contains(expected),
-                "{name}: expected plan {expected:?} on {}, launched {launched:?}",
-                profile.name
-            );
+            }
+            if timed {
+                eprintln!("case time {:8.2} s  {name}", start.elapsed().as_secs_f64());
+            }
         }
     });
 }

@@ -1,7 +1,7 @@
 //! CUDA device discovery through cudarc's driver API (`megabyte::cuda::devices`): where a
 //! driver and a device answer, every device has a name, a compute capability a CUDA 12 driver
 //! supports and some memory; elsewhere the reason is one line. Never a panic.
-#![cfg(feature = "cuda")]
+#![cfg(feature = "cuda-codegen")]
 
 #[test]
 fn discovery_lists_devices_or_gives_one_line_of_reason() {

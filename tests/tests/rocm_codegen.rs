@@ -20,7 +20,8 @@
 //!
 //! Needs `hipcc` (`scripts/install-rocm-tools.sh`: `apt-get install hipcc libamdhip64-dev`);
 //! without it the test skips, except under `CI=true`, where it fails. Run:
-//! `cargo test -p megabyte-tests --features rocm --test rocm_codegen`.
+//! `cargo test -p megabyte-tests --features rocm --test rocm_codegen` (`MEGABYTE_CODEGEN_ONLY=text`
+//! keeps only the variants whose name contains `text`, as in the CUDA check).
 #![cfg(feature = "rocm")]
 
 use std::path::{Path, PathBuf};
@@ -36,7 +37,8 @@ use megabyte_tests::plans::rocm_profiles;
 #[path = "codegen/variants.rs"]
 mod variants;
 use variants::{
-    assert_main_variants_clean, cpp_source, enumerate, once, plan_sections, run_tool, Variant, W,
+    assert_main_variants_clean, cpp_source, enumerate, once, par_map, plan_sections, run_tool,
+    Variant, W,
 };
 
 type HipCompiler = CppCompiler<HipDialect<WmmaIntrinsicCompiler>>;
@@ -296,23 +298,10 @@ fn compile_all() -> Option<Compiled> {
     let dir = target.join("rocm-codegen");
     std::fs::create_dir_all(&dir).unwrap();
 
-    // Two compilers at a time: hipcc is single-threaded.
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let done = std::sync::Mutex::new(Vec::new());
-    std::thread::scope(|s| {
-        for _ in 0..2 {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(v) = sources.get(i) else {
-                    break;
-                };
-                let outcome = compile_variant(&dir, v);
-                done.lock().unwrap().push((i, outcome));
-            });
-        }
-    });
-    let mut done = done.into_inner().unwrap();
-    done.sort_by_key(|(i, _)| *i);
+    let done: Vec<(usize, Outcome)> = par_map(&sources, |v| compile_variant(&dir, v))
+        .into_iter()
+        .enumerate()
+        .collect();
 
     // The other architectures, tried once on the source of the first variant gfx90a compiled.
     let mut other_archs = Vec::new();

@@ -14,6 +14,7 @@ use megabyte_ops::cross_entropy::CrossEntropyPlan;
 use megabyte_ops::gemm::GemmPlan;
 use megabyte_ops::layer_norm::LayerNormPlan;
 use megabyte_ops::{DeviceProfile, Dtype};
+use megabyte_tests::in_ci;
 use megabyte_tests::plans::{self, distinct, Planned};
 
 pub type W = WgpuRuntime;
@@ -67,7 +68,8 @@ impl Sink {
 }
 
 /// Every variant the planners give the presets' (and the tests' and benches') problems on
-/// `profiles`, for f32 (with the training kernels), f16 and bf16.
+/// `profiles`, for f32 (with the training kernels), f16 and bf16; outside CI,
+/// `MEGABYTE_CODEGEN_ONLY=text` keeps only the variants whose name contains `text`.
 pub fn enumerate(c: ComputeClient<W>, profiles: Vec<DeviceProfile>) -> Sink {
     let mut o = Sink {
         c,
@@ -101,6 +103,11 @@ pub fn enumerate(c: ComputeClient<W>, profiles: Vec<DeviceProfile>) -> Sink {
             "two variants named {}: their names must tell their plans apart",
             w[0]
         );
+    }
+    // For working on one kernel family; every variant is checked under CI.
+    if let Ok(only) = std::env::var("MEGABYTE_CODEGEN_ONLY") {
+        assert!(!in_ci(), "MEGABYTE_CODEGEN_ONLY is for local runs, not CI");
+        o.variants.retain(|v| v.name.contains(&only));
     }
     o
 }
@@ -493,6 +500,30 @@ pub fn once<T: Send + Sync>(
         Ok(all) => all.as_ref(),
         Err(message) => panic!("{message}"),
     }
+}
+
+/// `f` over `items` on every core (`std::thread::available_parallelism`), the results in the
+/// items' order: NVRTC, ptxas, nvdisasm and hipcc each use one core per variant, and a check
+/// compiles a few hundred variants.
+pub fn par_map<T: Sync, U: Send>(items: &[T], f: impl Fn(&T) -> U + Sync) -> Vec<U> {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let done = std::sync::Mutex::new(Vec::with_capacity(items.len()));
+    std::thread::scope(|s| {
+        for _ in 0..workers.min(items.len()) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(item) = items.get(i) else {
+                    break;
+                };
+                let out = f(item);
+                done.lock().unwrap().push((i, out));
+            });
+        }
+    });
+    let mut done = done.into_inner().unwrap();
+    done.sort_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, out)| out).collect()
 }
 
 /// Runs a tool: its stderr and stdout, as the result on success and as the error otherwise.
