@@ -285,9 +285,7 @@ fn first_error(log: &str) -> String {
 }
 
 fn compile_all() -> Option<Compiled> {
-    let Some(c) = megabyte_tests::client::<W>().filter(|_| tools()) else {
-        return None;
-    };
+    let c = megabyte_tests::client::<W>().filter(|_| tools())?;
     let mut sink = enumerate(c, rocm_profiles());
     let mut sources: Vec<Source> = std::mem::take(&mut sink.variants)
         .into_iter()
