@@ -29,7 +29,7 @@ use megabyte_tests::plans::cuda_profiles;
 mod variants;
 use variants::{
     assert_main_variants_clean, cpp_source, enumerate, once, par_map, plan_sections, run_tool,
-    Sink, W,
+    Sink, Source, W,
 };
 
 /// CUDA C++ for a kernel definition, as `cubecl-cuda` generates it at run time, and the
@@ -375,13 +375,11 @@ fn compile_all() -> Option<Compiled> {
          | variant | registers | shared bytes (static + dynamic) | spill stores | spill loads | local-memory instructions in loops |\n| --- | ---: | ---: | ---: | ---: | ---: |\n",
     );
     // CUDA C++ here, one variant after another; NVRTC, ptxas and nvdisasm on every core.
-    let sources: Vec<(String, bool, Result<(String, usize), String>)> = variants
+    let sources: Vec<Source> = variants
         .into_iter()
         .map(|v| (v.name, v.main, cuda_source(v.def)))
         .collect();
-    let compiled = par_map(&sources, |(name, _, source)| {
-        compile_variant(&tools, &dir, name, source)
-    });
+    let compiled = par_map(&sources, |v| compile_variant(&tools, &dir, v));
     let mut failures = Vec::new();
     let mut results = Vec::new();
     for ((name, main, _), (errors, resources)) in sources.into_iter().zip(compiled) {
@@ -405,8 +403,7 @@ fn compile_all() -> Option<Compiled> {
 fn compile_variant(
     tools: &Path,
     dir: &Path,
-    name: &str,
-    source: &Result<(String, usize), String>,
+    (name, _, source): &Source,
 ) -> (Vec<String>, Option<Resources>) {
     let (source, dynamic_shared) = match source {
         Ok(s) => s,

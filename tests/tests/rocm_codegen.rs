@@ -38,7 +38,7 @@ use megabyte_tests::plans::rocm_profiles;
 mod variants;
 use variants::{
     assert_main_variants_clean, cpp_source, enumerate, once, par_map, plan_sections, run_tool,
-    Variant, W,
+    Source, Variant, W,
 };
 
 type HipCompiler = CppCompiler<HipDialect<WmmaIntrinsicCompiler>>;
@@ -228,11 +228,6 @@ enum Outcome {
     Failed(String),
 }
 
-/// A variant's name, whether it is main, and its HIP source with its dynamic LDS (or why
-/// there is none): generated on one thread (kernel definitions are not `Send`), compiled on
-/// several.
-type Source = (String, bool, Result<(String, usize), String>);
-
 fn source(v: Variant) -> Source {
     (v.name, v.main, hip_source(v.def))
 }
@@ -296,15 +291,15 @@ fn compile_all() -> Option<Compiled> {
     let dir = target.join("rocm-codegen");
     std::fs::create_dir_all(&dir).unwrap();
 
-    let done: Vec<(usize, Outcome)> = par_map(&sources, |v| compile_variant(&dir, v))
-        .into_iter()
-        .enumerate()
-        .collect();
+    let done = par_map(&sources, |v| compile_variant(&dir, v));
 
     // The other architectures, tried once on the source of the first variant gfx90a compiled.
     let mut other_archs = Vec::new();
-    let first = done.iter().find(|(_, o)| matches!(o, Outcome::Compiled(_)));
-    if let Some((name, _, Ok((source, _)))) = first.map(|(i, _)| &sources[*i]) {
+    let first = sources
+        .iter()
+        .zip(&done)
+        .find(|(_, o)| matches!(o, Outcome::Compiled(_)));
+    if let Some(((name, _, Ok((source, _))), _)) = first {
         for arch in ["gfx1100", "gfx942"] {
             let reason = match compile(&dir, name, source, arch) {
                 Ok(_) => "compiles (add it to the check)".to_string(),
@@ -313,10 +308,10 @@ fn compile_all() -> Option<Compiled> {
             other_archs.push(format!("- {arch} ({name}): {reason}"));
         }
     }
-    let outcomes = done.into_iter().map(|(i, outcome)| {
-        let (name, main, _) = &sources[i];
-        (name.clone(), *main, outcome)
-    });
+    let outcomes = sources
+        .iter()
+        .zip(done)
+        .map(|((name, main, _), outcome)| (name.clone(), *main, outcome));
 
     let mut table = String::from(
         "# ROCm resources per kernel variant (gfx90a, Debian's ROCm 5.2)\n\n\

@@ -27,6 +27,11 @@ pub struct Variant {
     pub def: KernelDefinition,
 }
 
+/// A variant's name, whether it is main, and its C++ source with its dynamic shared memory in
+/// bytes (or why there is none): generated on one thread (kernel definitions are not `Send`),
+/// compiled on every core ([`par_map`]).
+pub type Source = (String, bool, Result<(String, usize), String>);
+
 pub fn t() -> TensorCompilationArg {
     TensorCompilationArg { inplace: None }
 }
